@@ -1,0 +1,34 @@
+# tinygptv-edge: every target sets itself up first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DIST   ?= dist
+
+.PHONY: setup test test-slow lint format clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 is pinned in the `export` extra (a CPU wheel); ggml-python builds ggml from source.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) $(DIST) .pytest_cache

@@ -1,0 +1,65 @@
+"""Typed errors shared by the exporters and the runtime. Messages say what was expected and what was found."""
+
+from __future__ import annotations
+
+
+class TinyGPTVError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(TinyGPTVError, ValueError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class CheckpointError(TinyGPTVError):
+    """A checkpoint cannot be read or does not match the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle was refused: it needs code execution, or torch is too old to load it safely."""
+
+
+class MissingKeysError(CheckpointError):
+    """Tensors the model needs are absent from the checkpoint(s)."""
+
+    def __init__(self, keys: list[str], source: str = ""):
+        self.keys = sorted(keys)
+        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        where = f" in {source}" if source else ""
+        super().__init__(f"missing {len(self.keys)} tensor(s){where}: {shown}")
+
+
+class UnexpectedKeysError(CheckpointError):
+    """Tensors in a checkpoint that no rule maps onto the model."""
+
+    def __init__(self, keys: list[str], source: str = ""):
+        self.keys = sorted(keys)
+        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        where = f" in {source}" if source else ""
+        super().__init__(f"{len(self.keys)} unexpected tensor(s){where}: {shown}")
+
+
+class ShapeMismatchError(CheckpointError):
+    """A tensor's shape differs from the model's."""
+
+    def __init__(self, name: str, expected: tuple[int, ...], got: tuple[int, ...], source: str = ""):
+        self.name, self.expected, self.got = name, tuple(expected), tuple(got)
+        where = f" in {source}" if source else ""
+        super().__init__(f"{name}{where}: expected shape {self.expected}, got {self.got}")
+
+
+class NonFiniteTensorError(CheckpointError):
+    """A tensor holds NaN or infinity."""
+
+    def __init__(self, name: str, count: int, source: str = ""):
+        self.name, self.count = name, count
+        where = f" in {source}" if source else ""
+        super().__init__(f"{name}{where}: {count} non-finite value(s)")
+
+
+class ExportError(TinyGPTVError):
+    """An export could not be completed or failed its verification."""
+
+
+class ImageError(TinyGPTVError, ValueError):
+    """An image cannot be used: unreadable, truncated, too large, or of a refused format."""
