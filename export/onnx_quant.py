@@ -160,7 +160,8 @@ def verify(fp32: Path, quantized: Path, pixels: np.ndarray, min_cosine: float) -
     cos = float(cosine_rows(got, want).min())
     if not cos >= min_cosine:
         raise QuantizationError(
-            f"quantized graph: expected cosine vs FP32 >= {min_cosine}, got {cos:.5f} on {len(pixels)} image(s); "
+            f"quantized graph: expected cosine vs FP32 >= {min_cosine}, got {cos:.5f} "
+            f"on {len(pixels)} image(s); "
             "not written (try another --method, --exclude nodes or --fallback-k)"
         )
     return cos, float(np.abs(got - want).max())

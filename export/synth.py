@@ -57,9 +57,7 @@ class Rand:
     def __init__(self, seed: int):
         self.seed = seed
 
-    def __call__(
-        self, name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0
-    ) -> torch.Tensor:
+    def __call__(self, name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + _stable_hash(name)) % (2**63))
         return torch.randn(shape, generator=g) * std + mean
 
@@ -125,10 +123,9 @@ def _phi_official_tensors(
             fused = t.reshape(lm.heads, 3, lm.head_dim, *t.shape[1:])  # (heads, 3, d, ...)
             if layout == "hf":
                 for j, proj in enumerate("qkv"):
-                    yield (
-                        official.replace("query_key_value", f"{proj}_proj"),
-                        fused[:, j].reshape(lm.hidden, *t.shape[1:]).contiguous(),
-                    )
+                    yield official.replace("query_key_value", f"{proj}_proj"), fused[:, j].reshape(
+                        lm.hidden, *t.shape[1:]
+                    ).contiguous()
                 continue
             if layout == "msft":
                 t = fused.transpose(0, 1).reshape(t.shape).contiguous()

@@ -163,9 +163,7 @@ class PhiModel(nn.Module):
         past = cache.length if cache is not None else 0
         T = inputs_embeds.shape[1]
         if past + T > self.cfg.max_positions:
-            raise ValueError(
-                f"sequence of {past + T} positions exceeds max_positions {self.cfg.max_positions}"
-            )
+            raise ValueError(f"sequence of {past + T} positions exceeds max_positions {self.cfg.max_positions}")
         positions = torch.arange(past, past + T, device=inputs_embeds.device)
         cos, sin = rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
         x = inputs_embeds
