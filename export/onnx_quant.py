@@ -111,6 +111,8 @@ def _run_static(
         # tensor (e.g. a softmax over few keys) and numpy raises
         "CalibTensorRangeSymmetric": False,
         "CalibPercentile": preset.percentile,
+        # not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the buffered outputs without
+        # computing their ranges when the limit is reached
         # no Q/DQ on MatMul/Conv outputs: the ops between them (LayerNorm, Softmax, GELU, residual
         # adds) read float tensors and run in float; DQ -> MatMul becomes MatMulIntegerToFloat
         "OpTypesToExcludeOutputQuantization": list(preset.op_types),
