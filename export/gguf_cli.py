@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth")
     src.add_argument("--stage-ckpt", help="TinyGPT-V_for_StageN.pth")
     src.add_argument("--stage", type=int, default=3, choices=[1, 2, 3, 4])
+    p.add_argument("--threads", type=int, help="quantizer threads (default: CPU count, at most 16)")
     p.add_argument("--pure", action="store_true", help="every weight at the level's type (no mix rules)")
     im = p.add_argument_group("importance matrix (quantized levels)")
     im.add_argument("--imatrix-images", help="folder of calibration images")
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
 
     try:
-        report = export_source(src, out, level.name, imatrix=imatrix, pure=args.pure, progress=progress)
+        report = export_source(
+            src, out, level.name, imatrix=imatrix, pure=args.pure, progress=progress, threads=args.threads
+        )
     finally:
         for bar in bars.values():
             bar.close()

@@ -156,15 +156,23 @@ def export_gguf(
     sha256: dict[str, str] | None = None,
     pure: bool = False,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> GGUFReport:
     """Write `model.language` (a TinyGPTV, LoRA merged) as GGUF at level `ftype` ("F32" ... "Q5_K_M").
 
     `imatrix`: an Imatrix (gguf_imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
     squared input; used by the quantized types only.
-    `sha256`: source file name -> hash, stored in the file. Returns what was written and verified.
+    `sha256`: source file name -> hash, stored in the file. `threads`: quantizer threads (default: the
+    CPU count, at most 16). Returns what was written and verified.
     """
     return export_source(
-        model_source(model, tokenizer, sha256), out_path, ftype, imatrix=imatrix, pure=pure, progress=progress
+        model_source(model, tokenizer, sha256),
+        out_path,
+        ftype,
+        imatrix=imatrix,
+        pure=pure,
+        progress=progress,
+        threads=threads,
     )
 
 
@@ -177,6 +185,7 @@ def export_source(
     imatrix_info: dict[str, int | str] | None = None,
     pure: bool = False,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> GGUFReport:
     """`export_gguf` for any LanguageSource; the file appears at `out_path` only once verified."""
     from gguf import GGUFWriter
@@ -203,7 +212,7 @@ def export_source(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, p in enumerate(plans):
-            data = quantize(gguf_array(src, p), p.qtype, (imatrix or {}).get(p.name))
+            data = quantize(gguf_array(src, p), p.qtype, (imatrix or {}).get(p.name), threads)
             w.write_tensor_data(data)
             if progress:
                 progress("write", i + 1, len(plans))
