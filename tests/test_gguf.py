@@ -300,6 +300,29 @@ def test_cli_export_with_imatrix(tiny, tiny_single, tmp_path):
     fields, _ = read(tmp_path / "x.gguf")
     assert fields["quantize.imatrix.chunks_count"] == 2
     assert main([*argv, "--imatrix-images", str(tmp_path / "none")]) == 2  # typed error -> exit 2
+    saved = tmp_path / "im.npz"
+    assert main([*argv, "--imatrix-images", str(images), "--imatrix-out", str(saved)]) == 0
+    first = (tmp_path / "x.gguf").read_bytes()
+    assert main([*argv, "--imatrix", str(saved)]) == 0  # reused: the same file
+    assert (tmp_path / "x.gguf").read_bytes() == first
+
+
+def test_cli_from_official_checkpoints(tiny, tmp_path):
+    from tinygptv_edge.cli import main
+
+    s = tiny.synth
+    argv = ["export-gguf", "--phi2", str(s.phi2), "--eva", str(s.eva), "--blip2", str(s.blip2)]
+    tiny.cfg.save(tmp_path / "config.json")
+    out = tmp_path / "lm.gguf"
+    more = ["--stage-ckpt", str(s.stage), "--config", str(tmp_path / "config.json"), "--out", str(out)]
+    assert main([*argv, *more, "-q", "F32"]) == 0
+    fields, tensors = read(out)
+    hashes = json.loads(fields[C.TINYGPTV_KEYS["source_sha256"]])
+    assert {s.stage.name, s.eva.name, s.blip2.name} <= set(hashes)
+    src = source_arrays(tiny.model)  # LoRA merged by the loader: the fixture's model exactly
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(src[name].shape), src[name], err_msg=name)
+    assert main([*argv[:3], "--out", str(out)]) == 2  # --eva and --blip2 missing
 
 
 # ---------------------------------------------------------------------------------------------
