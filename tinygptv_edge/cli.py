@@ -16,6 +16,8 @@ from tinygptv_edge.runtime.errors import TinyGPTVError
 # subcommand -> module with `register(subparsers)`
 COMMANDS = {
     "synth": "tinygptv_edge.export.synth_cli",
+    "train": "tinygptv_edge.export.train_cli",
+    "reference": "tinygptv_edge.export.reference_cli",
 }
 
 
