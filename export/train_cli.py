@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
             if done == 0:
                 print(f"generating {cfg.train_images} training images ...")
             return
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit="step"))
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="step")
+        bar = bars[stage]
         post = {"loss": f"{info['loss']:.3f}", "batch_exact": f"{info['exact']:.2f}"}
         if "val" in info:
             post["val_exact"] = f"{info['val']:.3f}"
