@@ -18,6 +18,8 @@ COMMANDS = {
     "synth": "tinygptv_edge.export.synth_cli",
     "export-onnx": "tinygptv_edge.export.onnx_cli",
     "export-gguf": "tinygptv_edge.export.gguf_cli",
+    "train": "tinygptv_edge.export.train_cli",
+    "reference": "tinygptv_edge.export.reference_cli",
 }
 
 
