@@ -63,3 +63,35 @@ class ExportError(TinyGPTVError):
 
 class ImageError(TinyGPTVError, ValueError):
     """An image cannot be used: unreadable, truncated, too large, or of a refused format."""
+
+
+class ImageFormatError(ImageError):
+    """An image file is in a format outside the allow-list (or in no format Pillow knows)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image exceeds the pixel or byte cap (a decompression-bomb guard)."""
+
+
+class ModelFileError(TinyGPTVError):
+    """A model file is missing, unreadable, or lacks what the runtime needs."""
+
+
+class ModelMismatchError(ModelFileError):
+    """The vision and language files do not fit together (embedding width, image token count)."""
+
+
+class PromptOverflowError(TinyGPTVError, ValueError):
+    """A prompt (with its image tokens) does not fit in the decoder's context."""
+
+    def __init__(self, needed: int, n_ctx: int, n_past: int = 0):
+        self.needed, self.n_ctx, self.n_past = needed, n_ctx, n_past
+        held = f" ({n_past} already in the conversation)" if n_past else ""
+        super().__init__(
+            f"prompt needs {needed} token positions{held} but the context holds {n_ctx}; "
+            "shorten the question, start a new conversation, or raise n_ctx"
+        )
+
+
+class PipelineBusyError(TinyGPTVError, RuntimeError):
+    """A pipeline call was made while another is running (same thread, or the wait timed out)."""
