@@ -24,7 +24,9 @@ class MissingKeysError(CheckpointError):
 
     def __init__(self, keys: list[str], source: str = ""):
         self.keys = sorted(keys)
-        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        shown = ", ".join(self.keys[:20]) + (
+            f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else ""
+        )
         where = f" in {source}" if source else ""
         super().__init__(f"missing {len(self.keys)} tensor(s){where}: {shown}")
 
@@ -34,7 +36,9 @@ class UnexpectedKeysError(CheckpointError):
 
     def __init__(self, keys: list[str], source: str = ""):
         self.keys = sorted(keys)
-        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        shown = ", ".join(self.keys[:20]) + (
+            f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else ""
+        )
         where = f" in {source}" if source else ""
         super().__init__(f"{len(self.keys)} unexpected tensor(s){where}: {shown}")
 
@@ -63,6 +67,27 @@ class ExportError(TinyGPTVError):
 
 class ImageError(TinyGPTVError, ValueError):
     """An image cannot be used: unreadable, truncated, too large, or of a refused format."""
+
+
+class ParityError(ExportError):
+    """An exported graph disagrees with the PyTorch reference; `failures` lists every failed check."""
+
+    def __init__(self, failures: list[str], where: str = ""):
+        self.failures = list(failures)
+        head = f"parity check failed for {where}" if where else "parity check failed"
+        super().__init__(f"{head} ({len(self.failures)} problem(s)):\n  " + "\n  ".join(self.failures))
+
+
+class CalibrationError(TinyGPTVError, ValueError):
+    """Calibration data cannot be used: no images, non-finite values or a wrong shape."""
+
+
+class QuantizationError(ExportError):
+    """A quantized graph could not be built or failed its checks (non-finite outputs, too far from FP32)."""
+
+
+class OutputPathError(ExportError):
+    """An output location cannot be created or written."""
 
 
 class ImageFormatError(ImageError):
