@@ -165,7 +165,7 @@ def _unidentified(data: bytes, limits: ImageLimits) -> ImageError:
         try:
             if accept(head):
                 allowed = ", ".join(limits.formats)
-                return ImageFormatError(f"the data looks like {fmt}, a format not allowed; allowed: {allowed}")
+                return ImageFormatError(f"data looks like {fmt}, a format not allowed; allowed: {allowed}")
         except Exception:  # a plugin's sniffing function failing on odd bytes just means "not this one"
             continue
     return ImageFormatError(f"not an image in an allowed format ({', '.join(limits.formats)}), or corrupt")

@@ -7,9 +7,10 @@ import gc
 import sys
 
 
-def release_heap() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
-    gc.collect()
+def release_heap(collect: bool = False) -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise); `collect` runs the GC first."""
+    if collect:
+        gc.collect()
     if sys.platform.startswith("linux"):
         import ctypes
 

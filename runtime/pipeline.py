@@ -102,7 +102,7 @@ class Pipeline:
     def __init__(
         self,
         vision: str | Path | VisionEncoder | None,
-        language,  # str | Path | runtime.decoder.Decoder
+        language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
         n_ctx: int = 2048,
         n_threads: int | None = None,
         kv_type: str = "f16",
@@ -113,8 +113,11 @@ class Pipeline:
     ):
         if not isinstance(image_cache_size, int) or image_cache_size < 0:
             raise ConfigError(f"image_cache_size: expected an integer >= 0, got {image_cache_size!r}")
-        if low_memory and not isinstance(language, (str, Path)):
-            raise ConfigError("low_memory needs the language model as a path (it is closed and reopened)")
+        reopenable = isinstance(language, (str, Path)) or callable(language)
+        if low_memory and not reopenable:
+            raise ConfigError(
+                "low_memory needs the language model as a path or factory (it is closed and reopened)"
+            )
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
         self._decoder_args = dict(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
@@ -125,8 +128,12 @@ class Pipeline:
         if isinstance(vision, (str, Path)):
             vision = VisionEncoder(vision, n_threads, low_memory=low_memory)
         self.vision = vision
-        self._language_path = Path(language) if isinstance(language, (str, Path)) else None
-        self._decoder = language if self._language_path is None else self._open_decoder()
+        if isinstance(language, (str, Path)):
+            path = Path(language)
+            self._factory = lambda: _open_decoder(path, **self._decoder_args)
+        else:
+            self._factory = language if callable(language) else None
+        self._decoder = language if self._factory is None else self._factory()
         d = self._decoder
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
@@ -173,14 +180,9 @@ class Pipeline:
         self.close()
 
     # -- models ----------------------------------------------------------------------------------
-    def _open_decoder(self):
-        from .decoder import Decoder  # the ggml half; imported on use
-
-        return Decoder(self._language_path, **self._decoder_args)
-
     def _decoder_ready(self):
         if self._decoder is None:
-            self._decoder = self._open_decoder()
+            self._decoder = self._factory()
             self._cached = []
         return self._decoder
 
@@ -280,7 +282,7 @@ class Pipeline:
             try:
                 self._decoder.reset()
             except Exception:
-                self._decoder = None if self._language_path is not None else self._decoder
+                self._decoder = None if self._factory is not None else self._decoder
 
 
 class Chat:
@@ -444,3 +446,9 @@ def _history_ids(ids: list[int], stream: AnswerStream, token_bytes: TokenBytes) 
         kept.append(t)
     leftover = token_bytes(ids)[used:target].decode("utf-8", errors="replace")
     return kept, leftover
+
+
+def _open_decoder(path: Path, **kwargs):
+    from .decoder import Decoder  # the ggml half; imported on use
+
+    return Decoder(path, **kwargs)

@@ -99,7 +99,8 @@ class VisionEncoder:
     def release(self) -> None:
         """Drop the session (its weights and buffers); the next `embed` loads it again."""
         self._session = None
-        release_heap()
+        if self.low_memory:
+            release_heap()
 
     def close(self) -> None:
         self.release()
