@@ -63,3 +63,22 @@ class ExportError(TinyGPTVError):
 
 class ImageError(TinyGPTVError, ValueError):
     """An image cannot be used: unreadable, truncated, too large, or of a refused format."""
+
+
+class GGUFFormatError(CheckpointError, ValueError):
+    """A GGUF file is truncated or corrupt: bad magic, counts, lengths, offsets or duplicate names."""
+
+
+class GGUFModelError(CheckpointError, ValueError):
+    """A well-formed GGUF that is not the model the runtime expects: architecture, keys or tensor types."""
+
+
+class ContextOverflowError(TinyGPTVError, ValueError):
+    """More positions were asked of the decoder than its context holds."""
+
+    def __init__(self, n_past: int, n_new: int, n_ctx: int):
+        self.n_past, self.n_new, self.n_ctx = n_past, n_new, n_ctx
+        super().__init__(
+            f"context overflow: {n_past} cached + {n_new} new token(s) = {n_past + n_new} positions, "
+            f"but the context holds {n_ctx}"
+        )
