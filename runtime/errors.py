@@ -106,17 +106,24 @@ class ModelMismatchError(ModelFileError):
     """The vision and language files do not fit together (embedding width, image token count)."""
 
 
-class PromptOverflowError(TinyGPTVError, ValueError):
-    """A prompt (with its image tokens) does not fit in the decoder's context."""
-
-    def __init__(self, needed: int, n_ctx: int, n_past: int = 0):
-        self.needed, self.n_ctx, self.n_past = needed, n_ctx, n_past
-        held = f" ({n_past} already in the conversation)" if n_past else ""
-        super().__init__(
-            f"prompt needs {needed} token positions{held} but the context holds {n_ctx}; "
-            "shorten the question, start a new conversation, or raise n_ctx"
-        )
-
-
 class PipelineBusyError(TinyGPTVError, RuntimeError):
     """A pipeline call was made while another is running (same thread, or the wait timed out)."""
+
+
+class GGUFFormatError(CheckpointError, ValueError):
+    """A GGUF file is truncated or corrupt: bad magic, counts, lengths, offsets or duplicate names."""
+
+
+class GGUFModelError(CheckpointError, ValueError):
+    """A well-formed GGUF that is not the model the runtime expects: architecture, keys or tensor types."""
+
+
+class ContextOverflowError(TinyGPTVError, ValueError):
+    """More positions were asked of the decoder than its context holds."""
+
+    def __init__(self, n_past: int, n_new: int, n_ctx: int):
+        self.n_past, self.n_new, self.n_ctx = n_past, n_new, n_ctx
+        super().__init__(
+            f"context overflow: {n_past} cached + {n_new} new token(s) = {n_past + n_new} positions, "
+            f"but the context holds {n_ctx}"
+        )

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import PromptConfig
 from .detok import AnswerStream, TokenBytes
-from .errors import ConfigError, ModelMismatchError, PipelineBusyError, PromptOverflowError
+from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
 from .images import ImageLimits, ImageSource, load_image
 from .memory import release_heap
 from .preprocess import preprocess
@@ -103,7 +103,7 @@ class Pipeline:
         self,
         vision: str | Path | VisionEncoder | None,
         language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
-        n_ctx: int = 2048,
+        n_ctx: int | None = None,  # None: the model's trained context (2048 for TinyGPT-V)
         n_threads: int | None = None,
         kv_type: str = "f16",
         low_memory: bool = False,
@@ -120,7 +120,7 @@ class Pipeline:
             )
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
-        self._decoder_args = dict(n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
+        self._decoder_args = dict(n_ctx=n_ctx or 2048, n_threads=n_threads, kv_type=kv_type)
         self._gate = _Gate(busy_timeout)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self.image_cache_size = image_cache_size
@@ -130,6 +130,10 @@ class Pipeline:
         self.vision = vision
         if isinstance(language, (str, Path)):
             path = Path(language)
+            if not path.is_file():
+                raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
+            if n_ctx is None:
+                self._decoder_args["n_ctx"] = trained_context(path)
             self._factory = lambda: _open_decoder(path, **self._decoder_args)
         else:
             self._factory = language if callable(language) else None
@@ -367,8 +371,8 @@ class Turn:
             if i < len(keys):
                 positions += [(keys[i], r) for r in range(pipe.image_tokens)]
         if len(positions) + 1 > pipe.n_ctx:
-            held = len(chat.positions)
-            raise PromptOverflowError(len(positions) - held + 1, pipe.n_ctx, held)
+            held = len(chat.positions)  # +1: room for at least one answer token
+            raise ContextOverflowError(held, len(positions) - held + 1, pipe.n_ctx)
 
         logits = pipe._prefill(positions, images, timings)
         sampler = Sampler(self.sampling)
@@ -452,3 +456,15 @@ def _open_decoder(path: Path, **kwargs):
     from .decoder import Decoder  # the ggml half; imported on use
 
     return Decoder(path, **kwargs)
+
+
+def trained_context(path: Path) -> int:
+    """The context length the GGUF states (read from its header; no weights are touched)."""
+    from .decoder_model import read_hparams
+    from .gguf_file import GGUFFile
+
+    gf = GGUFFile.open(path)
+    try:
+        return read_hparams(gf).n_ctx_train
+    finally:
+        gf.close()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tinygptv_edge.runtime.config import PromptConfig
-from tinygptv_edge.runtime.errors import PromptOverflowError
+from tinygptv_edge.runtime.errors import ContextOverflowError
 
 
 class RefDecoder:
@@ -39,7 +39,7 @@ class RefDecoder:
     def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
         x = torch.from_numpy(np.asarray(embeds, dtype=np.float32))[None]  # (1, T, H)
         if self.n_past + x.shape[1] > self.n_ctx:
-            raise PromptOverflowError(x.shape[1], self.n_ctx, self.n_past)
+            raise ContextOverflowError(self.n_past, x.shape[1], self.n_ctx)
         self.evaluated += x.shape[1]
         logits = self.lm(x, self.cache)[0]  # (T, V)
         return (logits if all_logits else logits[-1]).numpy()

@@ -16,11 +16,11 @@ from PIL import Image
 
 from tinygptv_edge.runtime.errors import (
     ConfigError,
+    ContextOverflowError,
     ImageError,
     ModelFileError,
     ModelMismatchError,
     PipelineBusyError,
-    PromptOverflowError,
 )
 from tinygptv_edge.runtime.pipeline import Pipeline
 from tinygptv_edge.runtime.preprocess import preprocess
@@ -303,9 +303,10 @@ def test_prompt_overflow_is_typed_and_pipeline_stays_usable(make_any, tiny):
     pipe = make_any()
     chat = pipe.chat(GREEDY)
     first = chat.ask("short", photo(2))
-    with pytest.raises(PromptOverflowError, match=r"context holds 256") as e:
+    with pytest.raises(ContextOverflowError, match=r"context holds 256") as e:
         chat.ask("word " * 300)
-    assert e.value.n_ctx == 256 and e.value.needed > 256 - e.value.n_past
+    assert e.value.n_ctx == 256 and e.value.n_past == len(chat.positions)
+    assert e.value.n_past + e.value.n_new > 256 and e.value.n_new > 300
     assert chat.turns == 1  # the failed turn was not added
     with pytest.raises(ImageError):
         chat.ask("bad image", b"not an image")
