@@ -71,6 +71,7 @@ def _pipes(kind, tiny, files):
     made = []
 
     def make(**kw):
+        kw.setdefault("n_threads", 1)  # ggml's spinning workers crawl on a shared 2-core machine
         pipe = Pipeline(vision=kw.pop("vision", onnx_path), language=kw.pop("language", language), **kw)
         made.append(pipe)
         return pipe
