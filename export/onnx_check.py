@@ -67,18 +67,26 @@ def sample_pixels(image_size: int, batch: int, seed: int) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def _check_signature(sess, cfg, failures: list[str]) -> None:
-    ins, outs = sess.get_inputs(), sess.get_outputs()
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _check_signature(path: Path, cfg, failures: list[str]) -> None:
+    """Input/output names and declared shapes as runtime/contract.py says."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ins, outs = list(graph.input), list(graph.output)
     S, Q, H = cfg.vision.image_size, cfg.qformer.num_query_tokens, cfg.projection.out_features
     want_in, want_out = [BATCH_AXIS, 3, S, S], [BATCH_AXIS, Q, H]
     if [i.name for i in ins] != [VISION_INPUT]:
         failures.append(f"inputs: expected [{VISION_INPUT!r}], got {[i.name for i in ins]}")
-    elif list(ins[0].shape) != want_in:
-        failures.append(f"{VISION_INPUT} shape: expected {want_in}, got {list(ins[0].shape)}")
+    elif _dims(ins[0]) != want_in:
+        failures.append(f"{VISION_INPUT} shape: expected {want_in}, got {_dims(ins[0])}")
     if [o.name for o in outs] != [VISION_OUTPUT]:
         failures.append(f"outputs: expected [{VISION_OUTPUT!r}], got {[o.name for o in outs]}")
-    elif list(outs[0].shape) != want_out:
-        failures.append(f"{VISION_OUTPUT} shape: expected {want_out}, got {list(outs[0].shape)}")
+    elif _dims(outs[0]) != want_out:
+        failures.append(f"{VISION_OUTPUT} shape: expected {want_out}, got {_dims(outs[0])}")
 
 
 def check_parity(model: TinyGPTV, onnx_path: str | Path, cfg: ParityConfig | None = None) -> ParityReport:
@@ -90,7 +98,7 @@ def check_parity(model: TinyGPTV, onnx_path: str | Path, cfg: ParityConfig | Non
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     failures: list[str] = []
-    _check_signature(sess, model.cfg, failures)
+    _check_signature(Path(onnx_path), model.cfg, failures)
     report = ParityReport()
     if failures:
         raise ParityError(failures, str(onnx_path))

@@ -150,6 +150,26 @@ def name_weights(model: onnx.ModelProto) -> int:
     return renamed
 
 
+def fix_io_shapes(model: onnx.ModelProto, cfg: TinyGPTVConfig) -> None:
+    """Declare the contract's shapes: (batch,3,S,S) in, (batch,Q,H) out.
+
+    The tracer leaves the query axis symbolic (it flows from `query_tokens.expand`), although it
+    is fixed by the config.
+    """
+    S, Q, H = cfg.vision.image_size, cfg.qformer.num_query_tokens, cfg.projection.out_features
+    for value, dims in (
+        (model.graph.input[0], (BATCH_AXIS, 3, S, S)),
+        (model.graph.output[0], (BATCH_AXIS, Q, H)),
+    ):
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            if isinstance(d, str):
+                shape.dim.add().dim_param = d
+            else:
+                shape.dim.add().dim_value = d
+
+
 def merge_external_data(model: onnx.ModelProto, src_dir: Path, data_path: Path) -> None:
     """Stream the exporter's one-file-per-tensor external data into the single file `data_path`.
 
@@ -219,6 +239,9 @@ def export_vision(
 ) -> ExportResult:
     """Export `model.vision` to `out_dir/cfg.file_name`, check parity, then publish atomically.
 
+    `model` is a TinyGPTV, or any module with the same `.vision` (VisionTower) and `.cfg`
+    (the benchmark exports a full-size tower without building the language model).
+
     `sources` maps checkpoint file names to their sha256 (recorded in metadata_props).
     Raises ParityError (nothing written) when onnxruntime and torch disagree.
     """
@@ -239,6 +262,7 @@ def export_vision(
         say("naming weights and writing metadata")
         proto = onnx.load(str(raw_dir / "vision.onnx"), load_external_data=False)
         name_weights(proto)
+        fix_io_shapes(proto, model.cfg)
         set_metadata(proto, vision_metadata(model.cfg, sources or {}))
         proto.producer_name = "tinygptv-edge"
         staged = tmp / cfg.file_name
