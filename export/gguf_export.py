@@ -6,7 +6,7 @@
     GGUFWriter: header, metadata (gguf_meta), tensor infos
         |  per tensor: fetch -> finite check -> qkv rows (heads,3,d) -> (3,heads,d) -> quantize -> write
         v
-    OUT.tmp  --verify: re-read, name/shape/type, dequantize vs source within REL_BOUND-->  rename to OUT
+    OUT.tmp  --verify: re-read, name/shape/type, dequantize vs source within BOUNDS-->  rename to OUT
 
 Only one tensor (and its quantized bytes) is held at a time beyond what the source holds.
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,9 +34,9 @@ from tinygptv_edge.runtime.errors import (
 )
 
 from .gguf_quant import (
-    ABS_FLOOR,
+    BOUNDS,
     DEFAULT_LEVEL,
-    REL_BOUND,
+    F16_MAX,
     Level,
     Q,
     fit_type,
@@ -45,6 +46,9 @@ from .gguf_quant import (
     wanted_type,
 )
 from .gguf_source import LanguageSource, expected_shapes, model_source
+
+if TYPE_CHECKING:
+    from .gguf_imatrix import Imatrix
 
 # progress(phase, done, total): phase is "write" or "verify", counted in tensors
 Progress = Callable[[str, int, int], None]
@@ -131,6 +135,12 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
     bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
         raise NonFiniteTensorError(plan.source, bad, src.label)
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    if plan.qtype != Q.F32 and peak > F16_MAX:
+        raise ExportError(
+            f"{plan.source} in {src.label}: |value| up to {peak:.4g} exceeds the fp16 range ({F16_MAX}) "
+            f"that {plan.qtype.name} stores; export this level with --pure F32 or rescale the weights"
+        )
     if ".attn_qkv." in plan.name:
         a = qkv_to_gguf(a, src.cfg.language.heads)
     return a
@@ -142,14 +152,15 @@ def export_gguf(
     out_path: str | Path,
     ftype: str = DEFAULT_LEVEL,
     *,
-    imatrix: Mapping[str, np.ndarray] | None = None,
+    imatrix: Imatrix | Mapping[str, np.ndarray] | None = None,
     sha256: dict[str, str] | None = None,
     pure: bool = False,
     progress: Progress | None = None,
 ) -> GGUFReport:
     """Write `model.language` (a TinyGPTV, LoRA merged) as GGUF at level `ftype` ("F32" ... "Q5_K_M").
 
-    `imatrix`: GGUF weight name -> (n_per_row,) mean squared input (see gguf_imatrix.collect_imatrix).
+    `imatrix`: an Imatrix (gguf_imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
+    squared input; used by the quantized types only.
     `sha256`: source file name -> hash, stored in the file. Returns what was written and verified.
     """
     return export_source(
@@ -162,7 +173,7 @@ def export_source(
     out_path: str | Path,
     ftype: str = DEFAULT_LEVEL,
     *,
-    imatrix: Mapping[str, np.ndarray] | None = None,
+    imatrix: Imatrix | Mapping[str, np.ndarray] | None = None,
     imatrix_info: dict[str, int | str] | None = None,
     pure: bool = False,
     progress: Progress | None = None,
@@ -170,8 +181,12 @@ def export_source(
     """`export_gguf` for any LanguageSource; the file appears at `out_path` only once verified."""
     from gguf import GGUFWriter
 
+    from .gguf_imatrix import Imatrix
     from .gguf_meta import write_metadata
 
+    if isinstance(imatrix, Imatrix):
+        imatrix_info = {**imatrix.info(), **(imatrix_info or {})}
+        imatrix = imatrix.values
     level = get_level(ftype)
     plans = plan_tensors(src, level, pure)
     imatrix = _check_imatrix(imatrix, plans) if imatrix is not None and level.quantized else None
@@ -193,7 +208,7 @@ def export_source(
             if progress:
                 progress("write", i + 1, len(plans))
         w.close()
-        report.max_rel_error = verify_gguf(tmp, src, plans, progress)
+        report.max_rel_error = verify_gguf(tmp, src, plans, progress, imatrix)
         os.replace(tmp, out)
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e}") from e
@@ -206,11 +221,12 @@ def export_source(
 def _temp_path(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
+        tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "xb"):  # the usual file mode (mkstemp would make it 0600)
+            pass
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e}") from e
-    return Path(name)
+    return tmp
 
 
 def _check_imatrix(imatrix: Mapping[str, np.ndarray], plans: list[TensorPlan]) -> dict[str, np.ndarray]:
@@ -230,11 +246,16 @@ def _check_imatrix(imatrix: Mapping[str, np.ndarray], plans: list[TensorPlan]) -
 
 
 def verify_gguf(
-    path: str | Path, src: LanguageSource, plans: list[TensorPlan], progress: Progress | None = None
+    path: str | Path,
+    src: LanguageSource,
+    plans: list[TensorPlan],
+    progress: Progress | None = None,
+    imatrix: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Re-read `path`: every tensor's name, shape and type as planned, and its values within bound.
+    """Re-read `path`: every tensor's name, shape and type as planned, and its values within BOUNDS.
 
-    Returns GGUF name -> max over rows of (max |dequant - source|) / (max |source|).
+    Returns GGUF name -> the measured error (row: max |err| / max |source|; with an imatrix entry:
+    the weighted relative RMS of the tensor).
     """
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -258,17 +279,36 @@ def verify_gguf(
             )
         deq = dequantize(t.data, p.qtype).reshape(p.shape).astype(np.float32)
         ref = gguf_array(src, p)
-        rows_ref, rows_deq = ref.reshape(-1, p.shape[-1]), deq.reshape(-1, p.shape[-1])
-        err = np.abs(rows_deq - rows_ref).max(axis=1)
-        scale = np.abs(rows_ref).max(axis=1)
-        bad = err > REL_BOUND[p.qtype] * scale + ABS_FLOOR
-        if not np.isfinite(deq).all() or bad.any():
-            row = int(np.argmax(bad)) if bad.any() else -1
-            raise ExportError(
-                f"{path}: {p.name} ({p.qtype.name}) dequantizes outside its bound: row {row} error "
-                f"{float(err[row]):.3g} > {REL_BOUND[p.qtype]} x row max {float(scale[row]):.3g}"
-            )
-        errors[p.name] = float((err / np.maximum(scale, 1e-30)).max())
+        im = (imatrix or {}).get(p.name)
+        errors[p.name] = _check_values(p, deq, ref, im, path)
         if progress:
             progress("verify", i + 1, len(plans))
     return errors
+
+
+def _check_values(p: TensorPlan, deq: np.ndarray, ref: np.ndarray, im: np.ndarray | None, path) -> float:
+    """Raise ExportError when `deq` is not within the type's bound of `ref`; return the error measured."""
+    bound = BOUNDS[p.qtype]
+    if not np.isfinite(deq).all():
+        raise ExportError(f"{path}: {p.name} ({p.qtype.name}) dequantizes to non-finite values")
+    rows_ref, rows_deq = ref.reshape(-1, p.shape[-1]), deq.reshape(-1, p.shape[-1])
+    diff = (rows_deq - rows_ref).astype(np.float64)
+    if im is not None and p.qtype != Q.F32:
+        den = float((im * rows_ref.astype(np.float64) ** 2).sum())
+        err = float(np.sqrt((im * diff**2).sum() / den)) if den > 0 else 0.0
+        if err > bound.weighted:
+            raise ExportError(
+                f"{path}: {p.name} ({p.qtype.name}) imatrix-weighted relative error {err:.3g} "
+                f"exceeds its bound {bound.weighted}"
+            )
+        return err
+    err_rows = np.abs(diff).max(axis=1)
+    scale = np.abs(rows_ref).max(axis=1).astype(np.float64)
+    bad = err_rows > bound.row_max * scale + bound.floor
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ExportError(
+            f"{path}: {p.name} ({p.qtype.name}) row {row} dequantizes {err_rows[row]:.3g} away from the "
+            f"source; expected at most {bound.row_max} x row max {scale[row]:.3g} + {bound.floor}"
+        )
+    return float((err_rows / np.maximum(scale, 1e-30)).max())
