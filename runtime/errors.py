@@ -24,7 +24,9 @@ class MissingKeysError(CheckpointError):
 
     def __init__(self, keys: list[str], source: str = ""):
         self.keys = sorted(keys)
-        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        shown = ", ".join(self.keys[:20]) + (
+            f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else ""
+        )
         where = f" in {source}" if source else ""
         super().__init__(f"missing {len(self.keys)} tensor(s){where}: {shown}")
 
@@ -34,7 +36,9 @@ class UnexpectedKeysError(CheckpointError):
 
     def __init__(self, keys: list[str], source: str = ""):
         self.keys = sorted(keys)
-        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        shown = ", ".join(self.keys[:20]) + (
+            f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else ""
+        )
         where = f" in {source}" if source else ""
         super().__init__(f"{len(self.keys)} unexpected tensor(s){where}: {shown}")
 

@@ -282,7 +282,11 @@ class GGUFFile:
 
 
 def _check_tensors(
-    path: Path, infos: list[tuple[str, tuple[int, ...], int, int]], alignment: int, data_offset: int, size: int
+    path: Path,
+    infos: list[tuple[str, tuple[int, ...], int, int]],
+    alignment: int,
+    data_offset: int,
+    size: int,
 ) -> dict[str, TensorInfo]:
     """Types known, shapes whole blocks, offsets aligned, extents inside the file and disjoint."""
     tensors: dict[str, TensorInfo] = {}
