@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from _decoder_gguf import randomize_norms, write_gguf
-
 from tinygptv_edge.runtime.config import LanguageConfig
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
