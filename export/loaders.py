@@ -203,7 +203,9 @@ def iter_phi2(
                 continue
             if key in table:
                 canonical = table[key]
-                if layout == "msft" and canonical.endswith(("query_key_value.weight", "query_key_value.bias")):
+                if layout == "msft" and canonical.endswith(
+                    ("query_key_value.weight", "query_key_value.bias")
+                ):
                     t = msft_to_fused(t, cfg.heads)
                 yield canonical, t
                 continue
@@ -212,7 +214,9 @@ def iter_phi2(
                 i, which, param = int(m[1]), "qkv".index(m[2]), m[3]
                 if i >= cfg.layers:
                     raise UnexpectedKeysError([name], source)
-                slot = pending.setdefault(f"language.layers.{i}.self_attn.query_key_value.{param}", [None] * 3)
+                slot = pending.setdefault(
+                    f"language.layers.{i}.self_attn.query_key_value.{param}", [None] * 3
+                )
                 slot[which] = t
                 continue
             raise UnexpectedKeysError([name], source)
@@ -234,7 +238,9 @@ def _phi_table(layout: str, layers: range) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def iter_eva(path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_eva(
+    path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary
+) -> Iterator[tuple[str, torch.Tensor]]:
     """eva_vit_g.pth: a plain state dict; blocks >= depth are ignored by rule; pos_embed resized."""
     sd = tensor_dict(load_pickle(path), path)
     yield from _eva_tensors(sd, "", cfg, summary, str(path))
@@ -265,7 +271,9 @@ def _resize_pos_embed(t: torch.Tensor, cfg: TinyGPTVConfig, summary: LoadSummary
     return t
 
 
-def iter_blip2(path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_blip2(
+    path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary
+) -> Iterator[tuple[str, torch.Tensor]]:
     """blip2_pretrained_flant5xxl.pth: {'model': state_dict}; only the query path is taken."""
     sd = tensor_dict(load_pickle(path), path, wrapper="model")
     table = qformer_table(cfg)
@@ -408,7 +416,9 @@ def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[Ph
     for k in col.missing():
         col.tensors[k] = _initial_value(k, shapes[k])
         summary.defaulted.append(k)
-    model.load_state_dict({k[len("language.") :]: v for k, v in col.tensors.items()}, strict=True, assign=True)
+    model.load_state_dict(
+        {k[len("language.") :]: v for k, v in col.tensors.items()}, strict=True, assign=True
+    )
     return model.eval(), summary
 
 

@@ -57,7 +57,9 @@ class Rand:
     def __init__(self, seed: int):
         self.seed = seed
 
-    def __call__(self, name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0) -> torch.Tensor:
+    def __call__(
+        self, name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0
+    ) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + _stable_hash(name)) % (2**63))
         return torch.randn(shape, generator=g) * std + mean
 
@@ -123,9 +125,10 @@ def _phi_official_tensors(
             fused = t.reshape(lm.heads, 3, lm.head_dim, *t.shape[1:])  # (heads, 3, d, ...)
             if layout == "hf":
                 for j, proj in enumerate("qkv"):
-                    yield official.replace("query_key_value", f"{proj}_proj"), fused[:, j].reshape(
-                        lm.hidden, *t.shape[1:]
-                    ).contiguous()
+                    yield (
+                        official.replace("query_key_value", f"{proj}_proj"),
+                        fused[:, j].reshape(lm.hidden, *t.shape[1:]).contiguous(),
+                    )
                 continue
             if layout == "msft":
                 t = fused.transpose(0, 1).reshape(t.shape).contiguous()
@@ -248,8 +251,8 @@ def synthesize(
     say = progress or (lambda _msg: None)
     kept: dict[str, torch.Tensor] = {}
 
-    def value(canonical: str) -> torch.Tensor:
-        t = canonical_init(canonical, shapes[canonical], rand)
+    def value(canonical: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        t = canonical_init(canonical, shape or shapes[canonical], rand)
         if keep:
             kept[canonical] = t
         return t
@@ -292,8 +295,8 @@ def _eva_state_dict(cfg, shapes, rand, value, dtype) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     pre_grid = v.pretrain_image_size // v.patch_size
     for official, canonical in N.expand(N.EVA_GLOBAL + N.EVA_BLOCK, range(v.depth)).items():
-        if official == "pos_embed":
-            t = rand(canonical, (1, 1 + pre_grid**2, v.width), std=0.02)  # stored at pretraining size
+        if official == "pos_embed":  # stored at the pretraining size
+            t = value(canonical, (1, 1 + pre_grid**2, v.width))
         else:
             t = value(canonical)
         sd[official] = t.to(dtype)

@@ -31,9 +31,17 @@ def run(args: argparse.Namespace) -> int:
         steps.update(1)
 
     res = synthesize(
-        args.out, cfg, seed=args.seed, phi_layout=args.phi_layout, peft_style=args.peft_style,
-        dtype=dtype, progress=progress,
+        args.out,
+        cfg,
+        seed=args.seed,
+        phi_layout=args.phi_layout,
+        peft_style=args.peft_style,
+        dtype=dtype,
+        progress=progress,
     )
     steps.close()
-    print(f"wrote {res.phi2}, {res.eva.name}, {res.blip2.name}, {res.stage.name} in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {res.phi2}, {res.eva.name}, {res.blip2.name}, {res.stage.name} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return 0

@@ -66,7 +66,8 @@ class VisionConfig:
             raise ConfigError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
             raise ConfigError(
-                f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"VisionConfig: image_size {self.image_size} is not a multiple of "
+                f"patch_size {self.patch_size}"
             )
         if self.stored_depth < self.depth:
             raise ConfigError(f"VisionConfig: stored_depth {self.stored_depth} < depth {self.depth}")
@@ -179,29 +180,33 @@ IMAGE_PLACEHOLDER = "<ImageHere>"
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """How a question becomes the decoder's prompt; generation stops at `separator`."""
+    """How a question becomes the decoder's prompt; generation stops at `separator` (end_sym).
+
+    A turn is `user_template.format(question=...) + assistant_prefix`; the image goes where
+    IMAGE_PLACEHOLDER stands. Stages 1-3 follow conversation.py (SeparatorStyle.SINGLE, "###");
+    stage 4 follows its training template 'Instruct: {} /n Output: '.
+    """
 
     system: str = SYSTEM_PROMPT
     separator: str = "###"
-    # `{question}` is the user's text; the image goes where IMAGE_PLACEHOLDER stands.
-    user_template: str = "Human: <Img><ImageHere></Img> {question}"
-    text_user_template: str = "Human: {question}"
+    user_template: str = "Human: <Img><ImageHere></Img> {question}###"
+    text_user_template: str = "Human: {question}###"
     assistant_prefix: str = "Assistant: "
 
     def first_turn(self, question: str, with_image: bool = True) -> str:
-        """The full prompt of a conversation's first turn (conversation.py, SeparatorStyle.SINGLE)."""
+        """The full prompt of a conversation's first turn."""
         head = f"{self.system}{self.separator}" if self.system else ""
         return head + self.turn(question, with_image)
 
     def turn(self, question: str, with_image: bool = True) -> str:
         template = self.user_template if with_image else self.text_user_template
-        return template.format(question=question) + self.separator + self.assistant_prefix
+        return template.format(question=question) + self.assistant_prefix
 
 
 STAGE4_PROMPT = PromptConfig(
     system="",
     separator="###",
-    user_template="<Img><ImageHere></Img> Instruct: {question} /n Output: ",
+    user_template="Instruct: <Img><ImageHere></Img> {question} /n Output: ",
     text_user_template="Instruct: {question} /n Output: ",
     assistant_prefix="",
 )
@@ -238,7 +243,8 @@ class TinyGPTVConfig:
             raise ConfigError(f"TinyGPTVConfig.stage: expected 1, 2, 3 or 4, got {self.stage!r}")
         if self.qformer.vision_width != self.vision.width:
             raise ConfigError(
-                f"Q-Former cross-attention width {self.qformer.vision_width} != vision width {self.vision.width}"
+                f"Q-Former cross-attention width {self.qformer.vision_width} "
+                f"!= vision width {self.vision.width}"
             )
         if self.projection.in_features != self.qformer.hidden:
             raise ConfigError(

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinygptv_edge.runtime.config import LanguageConfig
@@ -107,11 +106,10 @@ class PhiAttention(nn.Module):
         q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, heads, T, head_dim), fp32
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(layer, k, v)
         S = k.shape[2]
+        past = S - T  # positions already in the cache before this call
         att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, T, S)
         # query t (absolute position past + t) sees keys 0..past+t
         causal = torch.ones(T, S, dtype=torch.bool, device=h.device).tril(diagonal=past)
@@ -163,7 +161,9 @@ class PhiModel(nn.Module):
         past = cache.length if cache is not None else 0
         T = inputs_embeds.shape[1]
         if past + T > self.cfg.max_positions:
-            raise ValueError(f"sequence of {past + T} positions exceeds max_positions {self.cfg.max_positions}")
+            raise ValueError(
+                f"sequence of {past + T} positions exceeds max_positions {self.cfg.max_positions}"
+            )
         positions = torch.arange(past, past + T, device=inputs_embeds.device)
         cos, sin = rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
         x = inputs_embeds
