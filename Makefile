@@ -32,3 +32,11 @@ format: setup
 
 clean:
 	rm -rf $(VENV) $(DIST) .pytest_cache
+
+# Language model as GGUF in $(DIST)/: GGUF_LEVEL (default Q4_0), GGUF_MODEL (single-checkpoint folder;
+# default: the shipped model), GGUF_ARGS (more flags, e.g. --imatrix-images DIR).
+GGUF_LEVEL ?= Q4_0
+.PHONY: export-gguf
+export-gguf: setup
+	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
+		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
