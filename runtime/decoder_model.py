@@ -119,7 +119,9 @@ def read_hparams(gf: GGUFFile) -> HParams:
 
     n_head, n_head_kv = i("head_count"), i("head_count_kv")
     if n_head_kv != n_head:
-        raise GGUFModelError(f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}")
+        raise GGUFModelError(
+            f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}"
+        )
     try:
         return HParams(
             n_vocab=i("vocab_size"),

@@ -99,7 +99,7 @@ def buft_supports_matmul(ggml, ctx, dev, buft, w) -> bool:
 
 @dataclass
 class Weights:
-    """Every GGUF tensor as a ggml tensor: `mapped` point into the file, `repacked` live in a repack buffer."""
+    """Every GGUF tensor as a ggml tensor: `mapped` ones point into the file, `repacked` ones live apart."""
 
     tensors: dict[str, object]
     mapped: list[str]

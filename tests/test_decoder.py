@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from _decoder_gguf import randomize_norms, write_gguf
-
 from tinygptv_edge.runtime.config import LanguageConfig
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
@@ -41,13 +40,21 @@ def wide(tok_json, tmp_path_factory):
     from tinygptv_edge.export.model.phi import PhiModel
 
     cfg = LanguageConfig(
-        vocab_size=512, hidden=256, layers=2, heads=4, intermediate=512, max_positions=256, partial_rotary_factor=0.5
+        vocab_size=512,
+        hidden=256,
+        layers=2,
+        heads=4,
+        intermediate=512,
+        max_positions=256,
+        partial_rotary_factor=0.5,
     )
     torch.manual_seed(0)
     model = PhiModel(cfg).eval()
     randomize_norms(model)
     out = tmp_path_factory.mktemp("wide")
-    files = {t: write_gguf(out / f"wide.{t}.gguf", model, tok_json, t) for t in ("F32", "Q4_K", "Q5_K", "Q6_K")}
+    files = {
+        t: write_gguf(out / f"wide.{t}.gguf", model, tok_json, t) for t in ("F32", "Q4_K", "Q5_K", "Q6_K")
+    }
     return model, files
 
 
@@ -108,7 +115,9 @@ def test_f16_kv_close(phi, gguf_files):
     assert kl < 1e-4 and top1 == 1.0
 
 
-@pytest.mark.parametrize(("wtype", "max_kl", "min_top1"), [("F16", 1e-4, 1.0), ("Q8_0", 1e-3, 0.9), ("Q4_0", 0.05, 0.6)])
+@pytest.mark.parametrize(
+    ("wtype", "max_kl", "min_top1"), [("F16", 1e-4, 1.0), ("Q8_0", 1e-3, 0.9), ("Q4_0", 0.05, 0.6)]
+)
 def test_quantized_close(phi, gguf_files, wtype, max_kl, min_top1):
     with Decoder(gguf_files["F32"], n_ctx=64, n_threads=2) as dec:
         base = dec.eval_tokens(PROMPT, all_logits=True)
@@ -146,7 +155,9 @@ def test_embeddings_equal_tokens(gguf_files):
 
 def test_embed_tokens_matches_reference(phi, gguf_files):
     with Decoder(gguf_files["F32"], n_ctx=16) as dec:
-        np.testing.assert_array_equal(dec.embed_tokens(PROMPT), phi.embed_tokens.weight.detach().numpy()[PROMPT])
+        np.testing.assert_array_equal(
+            dec.embed_tokens(PROMPT), phi.embed_tokens.weight.detach().numpy()[PROMPT]
+        )
 
 
 def test_cache_decode_equals_recompute(gguf_files):
@@ -168,7 +179,9 @@ def test_mixed_embeddings_and_tokens(phi, gguf_files):
     img = rng.standard_normal((4, phi.cfg.hidden)).astype(np.float32) * 0.1
     head, tail = PROMPT[:5], PROMPT[5:9]
     with torch.no_grad():
-        embeds = torch.cat([phi.embed(torch.tensor(head)), torch.from_numpy(img), phi.embed(torch.tensor(tail))])
+        embeds = torch.cat(
+            [phi.embed(torch.tensor(head)), torch.from_numpy(img), phi.embed(torch.tensor(tail))]
+        )
         ref = phi(embeds[None])[0, -1].numpy()
     with Decoder(gguf_files["F32"], n_ctx=64, kv_type="f32") as dec:
         dec.eval_tokens(head)
@@ -179,7 +192,12 @@ def test_mixed_embeddings_and_tokens(phi, gguf_files):
 
 def test_metadata_read(tiny, gguf_files):
     with Decoder(gguf_files["Q4_0"], n_ctx=32) as dec:
-        assert (dec.n_embd, dec.n_vocab, dec.n_ctx, dec.image_tokens) == (64, tiny.cfg.language.vocab_size, 32, 4)
+        assert (dec.n_embd, dec.n_vocab, dec.n_ctx, dec.image_tokens) == (
+            64,
+            tiny.cfg.language.vocab_size,
+            32,
+            4,
+        )
         assert dec.prompt == tiny.cfg.prompt
         text = "Human: hello there###"
         assert dec.tokenizer.encode(text) == tiny.tokenizer.encode(text)
