@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import contract as C
 from .config import PromptConfig
 from .detok import AnswerStream, TokenBytes
 from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
@@ -468,3 +469,28 @@ def trained_context(path: Path) -> int:
         return read_hparams(gf).n_ctx_train
     finally:
         gf.close()
+
+
+def default_model_paths(
+    dist: str | Path = "dist", vision: str | Path | None = None, language: str | Path | None = None
+) -> tuple[Path, Path]:
+    """The given paths, or what `make export-onnx export-gguf` wrote to `dist` (INT8 and Q4_0 first)."""
+    dist = Path(dist)
+    if vision is None:
+        found = [dist / C.VISION_FILE_INT8, dist / C.VISION_FILE_FP32]
+        vision = next((p for p in found if p.is_file()), None)
+        if vision is None:
+            raise ModelFileError(
+                f"no vision model in {dist}/ (looked for {C.VISION_FILE_INT8}, {C.VISION_FILE_FP32}); "
+                "run `make export-onnx` or pass --vision"
+            )
+    if language is None:
+        preferred = dist / C.LANGUAGE_FILE.format(ftype="q4_0")
+        others = sorted(dist.glob(C.LANGUAGE_FILE.format(ftype="*")))
+        language = preferred if preferred.is_file() else (others[0] if others else None)
+        if language is None:
+            raise ModelFileError(
+                f"no language model in {dist}/ (looked for {C.LANGUAGE_FILE.format(ftype='*')}); "
+                "run `make export-gguf` or pass --language"
+            )
+    return Path(vision), Path(language)
