@@ -46,3 +46,14 @@ GGUF_LEVEL ?= Q4_0
 export-gguf: setup
 	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
 		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
+
+# Answer a question about an image with the models in $(DIST)/ (IMAGE=path PROMPT="question" [RUN_ARGS=--stream]).
+IMAGE  ?=
+PROMPT ?= Describe this image.
+.PHONY: run bench-pipeline
+run: setup
+	$(VENV)/bin/tinygptv-edge run --dist $(DIST) $(if $(IMAGE),--image $(IMAGE)) --prompt "$(PROMPT)" $(RUN_ARGS)
+
+# Full-size runtime benchmark (random weights): resident vs low-memory peak RSS, first token, tok/s.
+bench-pipeline: setup
+	$(PY) bench/pipeline.py

@@ -13,7 +13,10 @@ Random weights give the real sizes and speeds, not meaningful answers; the answe
 `--tokens` (no early separator or EOS stop: `min_new_tokens`-like by ignoring stops is not needed,
 random logits rarely produce them). Run from the repository root:
 
-    .venv/bin/python bench/pipeline.py --threads 2            # builds ~6 GB of files in .bench-pipeline/
+    .venv/bin/python bench/pipeline.py --threads 2            # builds ~3 GB of files in .bench-pipeline/
+    .venv/bin/python bench/pipeline.py --vision V.int8.onnx --language L.q4_0.gguf   # files already built
+
+Building the FP32 vision graph needs ~14 GB of RAM for a moment (torch model + ONNX serialization).
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tokens", type=int, default=32, help="new tokens per answer")
     p.add_argument("--calib", type=int, default=4, help="calibration images for the INT8 vision graph")
+    p.add_argument("--vision", help="use this INT8 vision ONNX instead of building one")
+    p.add_argument("--language", help="use this Q4_0 language GGUF instead of building one")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -158,8 +163,8 @@ def main() -> int:
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    vision = build_vision(work, args.calib, say)
-    language = build_language(work, say)
+    vision = Path(args.vision) if args.vision else build_vision(work, args.calib, say)
+    language = Path(args.language) if args.language else build_language(work, say)
     image = _photo(work / "question.jpg", 123)
     rows = {}
     for mode, low in (("resident", "0"), ("low-memory", "1")):

@@ -143,16 +143,24 @@ class Pipeline:
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
         self._token_bytes = TokenBytes(self.tokenizer)
-        if self.vision is not None:
-            if self.vision.embed_dim != self.n_embd:
-                raise ModelMismatchError(
-                    f"vision output width {self.vision.embed_dim} != decoder embedding width {self.n_embd}"
-                )
-            if self.vision.num_query_tokens != self.image_tokens:
-                raise ModelMismatchError(
-                    f"vision gives {self.vision.num_query_tokens} tokens per image, "
-                    f"the decoder expects {self.image_tokens}"
-                )
+        try:
+            self._check_fit()
+        except BaseException:
+            self._close()
+            raise
+
+    def _check_fit(self) -> None:
+        if self.vision is None:
+            return
+        if self.vision.embed_dim != self.n_embd:
+            raise ModelMismatchError(
+                f"vision output width {self.vision.embed_dim} != decoder embedding width {self.n_embd}"
+            )
+        if self.vision.num_query_tokens != self.image_tokens:
+            raise ModelMismatchError(
+                f"vision gives {self.vision.num_query_tokens} tokens per image, "
+                f"the decoder expects {self.image_tokens}"
+            )
 
     # -- public API ------------------------------------------------------------------------------
     def chat(self, sampling: SamplingConfig = GREEDY) -> Chat:
@@ -171,6 +179,14 @@ class Pipeline:
         return self.chat(sampling).stream(question, image)
 
     def close(self) -> None:
+        """Free both models (waits for a running turn; refused from inside one)."""
+        self._gate.acquire()
+        try:
+            self._close()
+        finally:
+            self._gate.release()
+
+    def _close(self) -> None:
         if self.vision is not None:
             self.vision.close()
         if self._decoder is not None:

@@ -158,12 +158,13 @@ def test_vision_width_must_match_decoder(make_any, files, tmp_path):
         make_any(vision=wrong)
 
 
-def test_missing_language_file(tmp_path, files):
-    pytest.importorskip("tinygptv_edge.runtime.decoder")
-    from tinygptv_edge.runtime.errors import TinyGPTVError
-
-    with pytest.raises(TinyGPTVError):
+def test_missing_model_files(tmp_path, files):
+    with pytest.raises(ModelFileError, match="language model not found"):
         Pipeline(vision=files[0], language=tmp_path / "missing.gguf")
+    with pytest.raises(ModelFileError, match="vision model not found"):
+        Pipeline(vision=tmp_path / "missing.onnx", language=files[1])
+    with pytest.raises(ConfigError, match="low_memory"):
+        Pipeline(vision=files[0], language=object(), low_memory=True)
 
 
 # -- answers ------------------------------------------------------------------------------------
