@@ -189,7 +189,12 @@ def test_decompression_bomb_header():
     data[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
     with pytest.raises(ImageTooLargeError):
         load_image(bytes(data))
-    with pytest.raises(ImageTooLargeError):  # even with a cap above Pillow's: its warning is an error
+    with pytest.raises(ImageTooLargeError):  # even with a cap above Pillow's: its error stands
+        load_image(bytes(data), ImageLimits(max_pixels=10**9))
+    ihdr = struct.pack(">IIBBBBB", 10000, 10000, 8, 0, 0, 0, 0)  # 100 MP: Pillow only warns
+    chunk = b"IHDR" + ihdr
+    data[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    with pytest.raises(ImageTooLargeError, match="decompression bomb"):  # the warning is an error
         load_image(bytes(data), ImageLimits(max_pixels=10**9))
 
 
