@@ -173,7 +173,9 @@ def _unidentified(data: bytes, limits: ImageLimits) -> ImageError:
 
 
 def _on_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")  # P/L/RGB + tRNS, LA, PA, premultiplied RGBa/La all become straight RGBA
+    if image.mode == "La":  # premultiplied grey: Pillow converts it only to LA
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")  # P/L/RGB + tRNS, LA, PA, premultiplied RGBa all become straight RGBA
     return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
 
 
