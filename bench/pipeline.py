@@ -123,7 +123,7 @@ def child(vision: str, language: str, image: str, low_memory: bool, threads: int
     from tinygptv_edge.runtime.sampling import SamplingConfig
 
     t0 = time.perf_counter()
-    pipe = Pipeline(vision, language, n_threads=threads, low_memory=low_memory)
+    pipe = Pipeline(vision, language, n_threads=threads, low_memory=low_memory)  # default n_ctx of the mode
     load_s = time.perf_counter() - t0
     rss_loaded = rss_bytes()
     ans = pipe.ask("Describe this image in detail.", image, SamplingConfig(max_new_tokens=tokens))
@@ -137,6 +137,7 @@ def child(vision: str, language: str, image: str, low_memory: bool, threads: int
         "prefill_tok_s": t.prefill_tok_s,
         "decode_tok_s": t.decode_tok_s,
         "new_tokens": len(ans.token_ids),
+        "n_ctx": pipe.n_ctx,
         "torch_imported": "torch" in sys.modules,
     }
     print(json.dumps(out))
@@ -177,7 +178,8 @@ def main() -> int:
             return 1
         rows[mode] = json.loads(res.stdout.strip().splitlines()[-1])
 
-    sizes = f"vision {vision.stat().st_size / GB:.2f} GB, language {language.stat().st_size / GB:.2f} GB"
+    vision_bytes = sum(p.stat().st_size for p in (vision, Path(f"{vision}.data")) if p.is_file())
+    sizes = f"vision {vision_bytes / GB:.2f} GB, language {language.stat().st_size / GB:.2f} GB"
     print(f"\nfull size, INT8 vision + Q4_0 language ({sizes}), threads={args.threads}, {args.tokens} tokens")
     print(f"{'metric':<22}{'resident':>12}{'low-memory':>12}{'low/res':>10}")
     for key, label in (
@@ -192,8 +194,9 @@ def main() -> int:
         a, b = rows["resident"][key], rows["low-memory"][key]
         print(f"{label:<22}{a:>12.2f}{b:>12.2f}{b / a if a else float('nan'):>10.2f}")
     for mode, limit in TARGETS.items():
-        peak = rows[mode]["peak_rss_gb"]
-        print(f"{mode}: peak RSS {peak:.2f} GB, target <= {limit} GB: {'PASS' if peak <= limit else 'FAIL'}")
+        peak, n_ctx = rows[mode]["peak_rss_gb"], rows[mode]["n_ctx"]
+        verdict = "PASS" if peak <= limit else "FAIL"
+        print(f"{mode} (n_ctx {n_ctx}): peak RSS {peak:.2f} GB, target <= {limit} GB: {verdict}")
     if any(r["torch_imported"] for r in rows.values()):
         print("warning: torch was imported by the runtime")
     return 0

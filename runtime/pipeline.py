@@ -41,6 +41,7 @@ from .sampling import GREEDY, Sampler, SamplingConfig
 from .vision import VisionEncoder
 
 Position = int | tuple[str, int]  # a token id, or (image key, embedding row)
+LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Pipeline:
         self,
         vision: str | Path | VisionEncoder | None,
         language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
-        n_ctx: int | None = None,  # None: the model's trained context (2048 for TinyGPT-V)
+        n_ctx: int | None = None,  # None: the model's (2048), or at most LOW_MEMORY_CTX in low-memory mode
         n_threads: int | None = None,
         kv_type: str = "f16",
         low_memory: bool = False,
@@ -133,8 +134,9 @@ class Pipeline:
             path = Path(language)
             if not path.is_file():
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
-            if n_ctx is None:
-                self._decoder_args["n_ctx"] = trained_context(path)
+            if n_ctx is None:  # low-memory: a 1024-position KV cache (f16: 320 MB instead of 640 MB)
+                trained = trained_context(path)
+                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX) if low_memory else trained
             self._factory = lambda: _open_decoder(path, **self._decoder_args)
         else:
             self._factory = language if callable(language) else None
