@@ -76,70 +76,92 @@ def _tower(size: str, seed: int):
     return m.eval(), cfg
 
 
-def _child(path: str, threads: int, runs: int, image_size: int) -> None:
-    """Time one graph at batch 1 and report JSON on stdout (run in a fresh process)."""
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would include the parent's peak, inherited through fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _session(path: str, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    t0 = time.perf_counter()
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    load_s = time.perf_counter() - t0
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _child(mode: str, paths: list[str], threads: int, runs: int, image_size: int) -> None:
+    """In a fresh process: `rss` loads one graph and runs it once; `time` interleaves the graphs'
+    runs (round robin) so that load from other processes hits all of them alike. Prints JSON."""
     x = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size)).astype(np.float32)
-    sess.run(None, {"pixel_values": x})  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+    if mode == "rss":
+        sess = _session(paths[0], threads)
         sess.run(None, {"pixel_values": x})
-        times.append(time.perf_counter() - t0)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        json.dumps(
-            {
-                "median_ms": 1e3 * statistics.median(times),
-                "min_ms": 1e3 * min(times),
-                "rss_mb": rss_mb,
-                "load_s": load_s,
-            }
-        )
-    )
+        print(json.dumps({"rss_mb": _peak_rss_mb()}))
+        return
+    sessions = [_session(p, threads) for p in paths]
+    for sess in sessions:
+        sess.run(None, {"pixel_values": x})  # warm-up
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(runs):
+        for sess, ts in zip(sessions, times, strict=True):
+            t0 = time.perf_counter()
+            sess.run(None, {"pixel_values": x})
+            ts.append(time.perf_counter() - t0)
+    print(json.dumps([{"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)} for ts in times]))
 
 
-def _measure(path: Path, threads: int, runs: int, image_size: int) -> dict:
+def _spawn(mode: str, paths: list[Path], args, image_size: int):
     cmd = [
         sys.executable,
         __file__,
         "--child",
-        str(path),
+        mode,
         "--threads",
-        str(threads),
+        str(args.threads),
         "--runs",
-        str(runs),
-        "--image-size",
-        str(image_size),
+        str(args.runs),
     ]
+    cmd += ["--image-size", str(image_size), *map(str, paths)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
-        raise RuntimeError(f"timing {path.name} failed:\n{res.stderr[-2000:]}")
+        raise RuntimeError(f"{mode} of {[p.name for p in paths]} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def bench_size(size: str, work: Path, args) -> list[dict]:
+def _build(size: str, work: Path, args, say) -> list[tuple[str, Path, float]]:
+    """Export and quantize (or, with --reuse, read back what an earlier run left in `work`)."""
     from tinygptv_edge.calib.presets import get_preset
     from tinygptv_edge.calib.reader import pixels_from_images
     from tinygptv_edge.export.onnx_check import ParityConfig
     from tinygptv_edge.export.onnx_export import ExportConfig, export_vision
-    from tinygptv_edge.export.onnx_quant import quantize_vision, quantize_vision_dynamic
+    from tinygptv_edge.export.onnx_quant import QUANT_META_KEY, quantize_vision, quantize_vision_dynamic
 
-    def say(msg: str) -> None:
-        print(f"[{size}] {msg}", file=sys.stderr, flush=True)
+    names = ["vision.fp32.onnx", "vision.int8.onnx"] + (["vision.int8-dynamic.onnx"] if args.dynamic else [])
+    if args.reuse and all((work / n).is_file() for n in names):
+        import onnx
 
+        from tinygptv_edge.export.onnx_export import read_metadata
+
+        say("reusing the graphs in " + str(work))
+        out = [("fp32", work / names[0], 1.0)]
+        for n in names[1:]:
+            info = json.loads(
+                read_metadata(onnx.load(str(work / n), load_external_data=False))[QUANT_META_KEY]
+            )
+            label = f"int8 {info['kind']}" + (
+                f" ({info['preset']['name']}, {info['preset']['method']})" if info["kind"] == "static" else ""
+            )
+            out.append((label, work / n, info["cosine_vs_fp32"]))
+        return out
     t0 = time.perf_counter()
     say("building the tower")
     model, cfg = _tower(size, args.seed)
-    # full size: fp32 sums over 39 blocks; parity is reported, the tolerance is the tiny one scaled
+    # full size: fp32 sums over 39 blocks; parity is reported, with a looser tolerance than tiny's
     parity = ParityConfig(batch_sizes=(1,), atol=1e-4 if size == "tiny" else 1e-2, min_cosine=0.9999)
     fp32 = export_vision(model, work, cfg=ExportConfig(parity=parity), progress=say)
     say(f"exported in {time.perf_counter() - t0:.0f} s; {fp32.parity.format()}")
@@ -152,16 +174,29 @@ def bench_size(size: str, work: Path, args) -> list[dict]:
     t1 = time.perf_counter()
     q = quantize_vision(fp32.path, pixels[:n_calib], preset, check=pixels[n_calib:], progress=say)
     say(f"quantized in {time.perf_counter() - t1:.0f} s; cosine vs FP32 on 2 held-out images {q.cosine:.5f}")
-    graphs = [("fp32", fp32.path, 1.0), (f"int8 static ({preset.name}, {preset.method})", q.path, q.cosine)]
+    out = [("fp32", fp32.path, 1.0), (f"int8 static ({preset.name}, {preset.method})", q.path, q.cosine)]
     if args.dynamic:
         d = quantize_vision_dynamic(fp32.path, preset, pixels[n_calib:])
-        graphs.append(("int8 dynamic", d.path, d.cosine))
+        out.append(("int8 dynamic", d.path, d.cosine))
+    return out
+
+
+def bench_size(size: str, work: Path, args) -> list[dict]:
+    from tinygptv_edge.runtime.config import full_config, tiny_config
+
+    def say(msg: str) -> None:
+        print(f"[{size}] {msg}", file=sys.stderr, flush=True)
+
+    graphs = _build(size, work, args, say)
+    image_size = (tiny_config() if size == "tiny" else full_config()).vision.image_size
+    say(f"timing {len(graphs)} graphs, interleaved")
+    timing = _spawn("time", [p for _, p, _ in graphs], args, image_size)
     rows = []
-    for name, path, cos in graphs:
-        say(f"timing {name}")
-        r = _measure(path, args.threads, args.runs, cfg.vision.image_size)
+    for (name, path, cos), t in zip(graphs, timing, strict=True):
+        say(f"peak RSS of {name}")
+        rss = _spawn("rss", [path], args, image_size)
         size_mb = sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 2**20
-        rows.append({"size": size, "graph": name, "cosine": cos, "file_mb": size_mb, **r})
+        rows.append({"size": size, "graph": name, "cosine": cos, "file_mb": size_mb, **t, **rss})
     return rows
 
 
@@ -176,11 +211,13 @@ def main() -> int:
     p.add_argument("--dynamic", action="store_true", help="also time the dynamic-INT8 baseline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="keep the graphs in this folder (default: a temp folder, removed)")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--reuse", action="store_true", help="with --work: time the graphs an earlier run left")
+    p.add_argument("--child", choices=["time", "rss"], help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        _child(args.child, args.threads, args.runs, args.image_size)
+        _child(args.child, args.paths, args.threads, args.runs, args.image_size)
         return 0
     rows = []
     for size in args.sizes.split(","):
