@@ -16,8 +16,6 @@ from .contract import (
     GGUF_TENSORS_BLOCK,
     GGUF_TENSORS_GLOBAL,
     GGUF_TOKEN_TYPE,
-    GGUF_TOKENIZER_KEYS,
-    GGUF_TOKENIZER_MODEL,
     TINYGPTV_KEYS,
     gguf_key,
 )
@@ -196,8 +194,8 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
     types = gf.fields.get("tokenizer.ggml.token_type")
     if types is not None and (types.item_type not in INT_TYPES or len(types.value) != len(tokens.value)):
         raise GGUFModelError(
-            f"{gf.path}: tokenizer.ggml.token_type: expected {len(tokens.value)} integers, got {types.type_name}"
-            f" of length {len(types.value) if types.item_type is not None else 1}"
+            f"{gf.path}: tokenizer.ggml.token_type: expected {len(tokens.value)} integers, "
+            f"got {types.type_name} of length {len(types.value) if types.item_type is not None else 1}"
         )
     try:
         tok = Tokenizer.from_vocab_merges(tokens.value, merges.value, bos, eos)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _decoder_gguf import randomize_norms
+
 from tinygptv_edge.export.gguf_export import export_gguf, export_source
 from tinygptv_edge.export.gguf_source import model_source
 from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
