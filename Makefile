@@ -40,3 +40,9 @@ GGUF_LEVEL ?= Q4_0
 export-gguf: setup
 	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
 		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
+
+.PHONY: bench-decoder
+# decoder speed/memory against stock llama.cpp (full size, random weights; see bench/decoder.py)
+bench-decoder: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/decoder.py
