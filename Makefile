@@ -57,3 +57,9 @@ run: setup
 # Full-size runtime benchmark (random weights): resident vs low-memory peak RSS, first token, tok/s.
 bench-pipeline: setup
 	$(PY) bench/pipeline.py
+
+.PHONY: bench-decoder
+# decoder speed/memory against stock llama.cpp (full size, random weights; see bench/decoder.py)
+bench-decoder: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/decoder.py

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from tinygptv_edge.runtime.config import LanguageConfig, PromptConfig
 from tinygptv_edge.runtime.contract import (
     CANONICAL_TO_GGUF_BLOCK,

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 from _decoder_gguf import write_gguf
+
+from tinygptv_edge.export.gguf_export import export_gguf
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
@@ -24,7 +26,7 @@ from tinygptv_edge.runtime.gguf_file import GGUFFile, GGUFLimits
 @pytest.fixture(scope="module")
 def valid(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad")
-    path = write_gguf(out / "valid.gguf", tiny.model.language, tiny.synth.phi2 / "tokenizer.json", "Q8_0")
+    path = export_gguf(tiny.model, tiny.tokenizer, out / "valid.gguf", "Q8_0").path
     return path, path.read_bytes()
 
 
@@ -157,6 +159,19 @@ def _model_variant(tiny, tmp_path, name, **kw):
     return write_gguf(
         tmp_path / f"{name}.gguf", tiny.model.language, tiny.synth.phi2 / "tokenizer.json", **kw
     )
+
+
+def test_own_writer_agrees_with_exporter(tiny, tmp_path, valid):
+    """The test-side writer (for the bad variants below) follows the same contract as the exporter."""
+    ours = GGUFFile.open(_model_variant(tiny, tmp_path, "ours", wtype="Q8_0"))
+    theirs = GGUFFile.open(valid[0])
+    assert {n: (t.shape, t.type.name) for n, t in ours.tensors.items()} == {
+        n: (t.shape, t.type.name) for n, t in theirs.tensors.items()
+    }
+    for name in ("blk.1.attn_qkv.weight", "output.bias", "blk.0.attn_k_norm.bias"):
+        np.testing.assert_array_equal(ours.tensor_bytes(name), theirs.tensor_bytes(name))
+    ours.close()
+    theirs.close()
 
 
 def test_model_level_errors(tiny, tmp_path, valid):
