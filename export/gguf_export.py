@@ -69,7 +69,7 @@ class GGUFReport:
     path: Path
     level: str
     tensors: list[TensorPlan]
-    max_rel_error: dict[str, float] = field(default_factory=dict)  # GGUF name -> max row error / row max
+    max_rel_error: dict[str, float] = field(default_factory=dict)  # GGUF name -> error (verify_gguf)
     imatrix_used: list[str] = field(default_factory=list)
 
     @property
@@ -132,6 +132,8 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         t = t.detach().to(torch.float32).cpu().numpy()
     a = np.asarray(t, dtype=np.float32)
+    if a.shape != plan.shape:
+        raise ShapeMismatchError(plan.source, plan.shape, a.shape, src.label)
     bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
         raise NonFiniteTensorError(plan.source, bad, src.label)
@@ -139,7 +141,7 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
     if plan.qtype != Q.F32 and peak > F16_MAX:
         raise ExportError(
             f"{plan.source} in {src.label}: |value| up to {peak:.4g} exceeds the fp16 range ({F16_MAX}) "
-            f"that {plan.qtype.name} stores; export this level with --pure F32 or rescale the weights"
+            f"that {plan.qtype.name} stores; export at F32 or rescale the weights"
         )
     if ".attn_qkv." in plan.name:
         a = qkv_to_gguf(a, src.cfg.language.heads)
