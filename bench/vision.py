@@ -240,6 +240,7 @@ def main() -> int:
             f"{r['size']:<5} {r['graph']:<32} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['rss_mb']:12.0f} "
             f"{r['file_mb']:8.1f} {r['cosine']:11.5f} {base['median_ms'] / r['median_ms']:8.2f}x"
         )
+    print(f"peak RSS of the export + quantization process: {_peak_rss_mb():.0f} MB")
     return 0
 
 

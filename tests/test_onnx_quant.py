@@ -227,3 +227,28 @@ def test_bad_quantization_inputs(fp32, pixels, tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputPathError, match="not writable"):
         Q.quantize_vision(fp32, pixels, get_preset("x86-vnni"), blocker / "int8.onnx")
+
+
+def test_streamed_sqnr_matches_onnxruntime_helpers(fp32, pixels, tmp_path):
+    """diagnose() keeps sums of squares per image; the result equals qdq_loss_debug on all images at once."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+    )
+
+    from tinygptv_edge.export.onnx_diag import diagnose
+
+    preset = get_preset("x86-vnni")
+    pre = Q._prepare(fp32, tmp_path)
+    qdq = tmp_path / "int8.onnx"
+    Q._run_static(pre, qdq, pixels, preset, [], tmp_path / "cache.json")
+    diag = diagnose(pre, qdq, pixels[:3], preset.op_types, tmp_path / "diag")
+    S = pixels.shape[-1]
+    acts_f = collect_activations(str(tmp_path / "diag" / "float.aug.onnx"), R.ArrayReader(pixels[:3], S))
+    acts_q = collect_activations(str(tmp_path / "diag" / "qdq.aug.onnx"), R.ArrayReader(pixels[:3], S))
+    want = compute_activation_error(create_activation_matching(acts_q, acts_f))
+    assert {r.tensor for r in diag.rows} == set(want)
+    for r in diag.rows:
+        assert r.qdq_sqnr == pytest.approx(want[r.tensor]["qdq_err"], abs=1e-4)
+        assert r.model_sqnr == pytest.approx(want[r.tensor]["xmodel_err"], abs=1e-4)
