@@ -58,3 +58,20 @@ DEMO_QUESTION ?= What colour is the circle?
 # Answer a question about the example image with the shipped model (PyTorch reference).
 demo: setup
 	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"
+
+# Answer a question about an image with the models in $(DIST)/ (IMAGE=path PROMPT="question" [RUN_ARGS=--stream]).
+IMAGE  ?=
+PROMPT ?= Describe this image.
+.PHONY: run bench-pipeline
+run: setup
+	$(VENV)/bin/tinygptv-edge run --dist $(DIST) $(if $(IMAGE),--image $(IMAGE)) --prompt "$(PROMPT)" $(RUN_ARGS)
+
+# Full-size runtime benchmark (random weights): resident vs low-memory peak RSS, first token, tok/s.
+bench-pipeline: setup
+	$(PY) bench/pipeline.py
+
+.PHONY: bench-decoder
+# decoder speed/memory against stock llama.cpp (full size, random weights; see bench/decoder.py)
+bench-decoder: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/decoder.py

@@ -20,6 +20,7 @@ COMMANDS = {
     "export-gguf": "tinygptv_edge.export.gguf_cli",
     "train": "tinygptv_edge.export.train_cli",
     "reference": "tinygptv_edge.export.reference_cli",
+    "run": "tinygptv_edge.runtime.cli",
 }
 
 
