@@ -7,15 +7,14 @@ forward up to 15x slower; binding the threads fixes it. The runtime sets these d
 
 Weights stay in the memory-mapped GGUF (no copy): a CPU buffer is laid over the mapping and each
 tensor points into it. Matmul weights that llama.cpp's CPU backend can repack for its SIMD kernels
-(Q4_0, Q4_K on x86/ARM; the buffer type is asked per tensor, never assumed) are copied into the
-repack buffer instead, and their mapped pages are dropped from memory.
+(Q4_0, Q4_K on x86/ARM; the buffer type is asked per tensor, never assumed) are read into the
+repack buffer instead, and norms/biases (small) are copied; neither is touched through the mapping.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from .gguf_file import TYPE_IDS, GGUFFile
 
 # OpenMP settings the runtime wants unless the user set them (see bench/decoder.py --omp).
 OMP_DEFAULTS = {"OMP_PROC_BIND": "true"}
-PAGE = mmap.PAGESIZE
+SMALL_TENSOR = 1 << 20  # bytes: copied instead of mapped
 
 
 def load_ggml():
@@ -126,8 +125,7 @@ class Weights:
 
 def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True) -> Weights:
     """Create the tensors, map them onto the file, and repack the matmul weights the CPU kernels accept."""
-    n = len(gf.tensors)
-    ctx = new_context(ggml, 3 * n + 8)  # tensors + the probe ops of `buft_supports_matmul`
+    ctx = new_context(ggml, len(gf.tensors) + 8)
     tensors = {}
     for name, info in gf.tensors.items():
         ne = (ctypes.c_int64 * len(info.shape))(*info.shape)
@@ -139,37 +137,65 @@ def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: boo
 
     to_repack: list[str] = []
     extras = extra_buffer_types(ggml, dev) if repack else []
-    for buft in extras[:1]:
-        to_repack = [n for n in matmul_weights if buft_supports_matmul(ggml, ctx, dev, buft, tensors[n])]
-    mapped = [n for n in tensors if n not in to_repack]
+    if extras:  # probe ops live in their own context: the repack buffer below takes all of `ctx`
+        probe = new_context(ggml, 2 * len(matmul_weights) + 8)
+        try:
+            to_repack = [
+                n for n in matmul_weights if buft_supports_matmul(ggml, probe, dev, extras[0], tensors[n])
+            ]
+        finally:
+            ggml.ggml_free(probe)
+    # small tensors (norms, biases) are copied: touching them through the mapping would fault in the
+    # page cache's large folios around them, i.e. megabytes of the neighbouring (repacked) weights
+    copied = [n for n in tensors if n not in to_repack and gf.tensors[n].nbytes < SMALL_TENSOR]
+    mapped = [n for n in tensors if n not in to_repack and n not in copied]
 
     base = gf.base_address
     buffers = []
     host = ggml.ggml_backend_cpu_buffer_from_ptr(base, gf.data.nbytes)
     buffers.append(host)
     for name in mapped:
-        status = ggml.ggml_backend_tensor_alloc(host, tensors[name], base + gf.tensors[name].offset)
-        if status != 0:
-            raise RuntimeError(f"ggml_backend_tensor_alloc failed for {name} (status {status})")
-    if to_repack:
-        buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, extras[0])
-        if not buf:
-            raise MemoryError("cannot allocate the repack buffer")
-        buffers.append(buf)
-        for name in sorted(to_repack, key=lambda n: gf.tensors[n].offset):
-            info = gf.tensors[name]
-            ggml.ggml_backend_tensor_set(tensors[name], base + info.offset, 0, info.nbytes)
-            _drop_pages(gf, info.offset, info.nbytes)
+        _check(ggml.ggml_backend_tensor_alloc(host, tensors[name], base + gf.tensors[name].offset), name)
+
+    cpu = ggml.ggml_backend_cpu_buffer_type()
+    align = ggml.ggml_backend_buft_get_alignment(cpu)
+    offsets, size = {}, 0
+    for name in copied:
+        offsets[name] = size
+        size += -(-gf.tensors[name].nbytes // align) * align
+    with open(gf.path, "rb") as f:
+        if copied:
+            small = ggml.ggml_backend_buft_alloc_buffer(cpu, size)
+            if not small:
+                raise MemoryError(f"cannot allocate {size} bytes for the small tensors")
+            buffers.append(small)
+            sbase = ggml.ggml_backend_buffer_get_base(small)
+            for name in copied:
+                _check(ggml.ggml_backend_tensor_alloc(small, tensors[name], sbase + offsets[name]), name)
+                _set_from_file(ggml, f, tensors[name], gf.tensors[name].offset, gf.tensors[name].nbytes)
+        if to_repack:
+            buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, extras[0])
+            if not buf:
+                raise MemoryError("cannot allocate the repack buffer")
+            buffers.append(buf)
+            for name in sorted(to_repack, key=lambda n: gf.tensors[n].offset):
+                _set_from_file(ggml, f, tensors[name], gf.tensors[name].offset, gf.tensors[name].nbytes)
     nbytes = sum(gf.tensors[n].nbytes for n in to_repack)
     return Weights(tensors, mapped, to_repack, ctx, buffers, nbytes)
 
 
-def _drop_pages(gf: GGUFFile, offset: int, nbytes: int) -> None:
-    """Release the mapped pages wholly inside [offset, offset + nbytes): their data now lives repacked."""
-    start = -(-offset // PAGE) * PAGE
-    end = (offset + nbytes) // PAGE * PAGE
-    if end > start and gf._mm is not None and hasattr(gf._mm, "madvise"):
-        gf._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"ggml_backend_tensor_alloc failed for {name} (status {status})")
+
+
+def _set_from_file(ggml, f, tensor, offset: int, nbytes: int) -> None:
+    """Read the bytes with pread (not through the mapping, so none of it stays resident) and hand them
+    to the tensor's buffer (the repack buffer converts them to its layout)."""
+    data = os.pread(f.fileno(), nbytes, offset)
+    if len(data) != nbytes:
+        raise OSError(f"short read of {nbytes} bytes at {offset}: the file changed on disk")
+    ggml.ggml_backend_tensor_set(tensor, data, 0, nbytes)
 
 
 @dataclass
