@@ -121,6 +121,8 @@ class Weights:
     ctx: int
     buffers: list[int] = field(default_factory=list)
     repacked_bytes: int = 0
+    qk_norms: list[tuple[object, object]] = field(default_factory=list)  # per layer (weight, bias) (D, 2H)
+    qk_ctx: int = 0
 
 
 def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True) -> Weights:
@@ -196,6 +198,32 @@ def _set_from_file(ggml, f, tensor, offset: int, nbytes: int) -> None:
     if len(data) != nbytes:
         raise OSError(f"short read of {nbytes} bytes at {offset}: the file changed on disk")
     ggml.ggml_backend_tensor_set(tensor, data, 0, nbytes)
+
+
+def add_qk_norms(ggml, w: Weights, n_layer: int, n_head: int, head_dim: int) -> None:
+    """Per layer, q_norm's and k_norm's weight and bias tiled over the heads: (D, 2H) F32, so that one
+    LayerNorm op serves q and k (ggml broadcasts a (D,) weight over all rows, not over half)."""
+    ctx = new_context(ggml, 2 * n_layer)
+    pairs = [
+        tuple(ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F32, head_dim, 2 * n_head) for _ in range(2))
+        for _ in range(n_layer)
+    ]
+    buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml.ggml_backend_cpu_buffer_type())
+    if not buf:
+        raise MemoryError("cannot allocate the q/k norm tables")
+    for i, pair in enumerate(pairs):
+        for t, kind in zip(pair, ("weight", "bias"), strict=True):
+            rows = []
+            for which in ("q", "k"):
+                src = np.empty(head_dim, dtype=np.float32)
+                ggml.ggml_backend_tensor_get(
+                    w.tensors[f"blk.{i}.attn_{which}_norm.{kind}"], src.ctypes.data, 0, src.nbytes
+                )
+                rows.append(np.tile(src, (n_head, 1)))
+            table = np.ascontiguousarray(np.concatenate(rows))  # (2H, D)
+            ggml.ggml_backend_tensor_set(t, table.ctypes.data, 0, table.nbytes)
+    w.qk_norms, w.qk_ctx = pairs, ctx
+    w.buffers.append(buf)
 
 
 @dataclass
