@@ -189,7 +189,7 @@ def worker_ours(a) -> dict:
         "matmul_bytes": sum(
             t.nbytes for n, t in dec._gf.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight"
         ),
-        "omp": {k: os.environ.get(k) for k in ("OMP_PROC_BIND", "OMP_WAIT_POLICY")},
+        "omp": {k: os.environ[k] for k in ("OMP_PROC_BIND", "OMP_WAIT_POLICY") if k in os.environ},
     }
     dec.close()
     return out
@@ -239,8 +239,11 @@ def run_worker(kind: str, model: Path, a, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model)]
     cmd += ["--threads", str(a.threads), "--ctx", str(a.ctx), "--pp", str(a.pp), "--tg", str(a.tg)]
     cmd += ["--reps", str(a.reps)]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
-    env = {**base, **({"OMP_PROC_BIND": "true"} if kind == "llama" else {}), **(env or {})}
+    from tinygptv_edge.runtime.ggml_runtime import OMP_DEFAULTS, OMP_KEYS
+
+    base = {k: v for k, v in os.environ.items() if k not in OMP_KEYS}
+    # both sides under the runtime's OpenMP defaults (llama.cpp also runs on OpenMP), unless `env`
+    env = {**base, **(OMP_DEFAULTS if env is None else env)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
         return {"error": f"exit {res.returncode}: {res.stderr.strip()[-800:]}"}
@@ -309,9 +312,10 @@ def main(argv=None) -> None:
         print(f"load s                ours {r_ours['load_s']:.1f}   llama.cpp {r_llama['load_s']:.1f}")
         if a.omp:
             for env in (
-                {},  # the runtime's default (OMP_PROC_BIND=true)
                 {"OMP_PROC_BIND": "false"},  # OpenMP's default: unbound, spinning
-                {"OMP_PROC_BIND": "false", "OMP_WAIT_POLICY": "passive"},
+                {"OMP_PROC_BIND": "true"},
+                {"OMP_WAIT_POLICY": "passive"},  # the runtime's default
+                {"OMP_PROC_BIND": "true", "OMP_WAIT_POLICY": "passive"},
             ):
                 r = run_worker("ours", ours, argparse.Namespace(**{**vars(a), "pp": 16, "reps": 1}), env)
                 print(f"omp {env}: generation {r.get('tg_tok_s', float('nan')):.2f} tok/s")

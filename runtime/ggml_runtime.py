@@ -1,9 +1,11 @@
 """ggml plumbing for the decoder: OpenMP defaults, weight placement (mapped or repacked), the KV cache.
 
 Import ggml only through `load_ggml()`: ggml's CPU backend runs on OpenMP, which reads its settings
-once, when the library is loaded. With the default (spinning, unbound) threads a 2-vCPU VM ran a
-forward up to 15x slower; binding the threads fixes it. The runtime sets these defaults itself
-(the user's environment wins where it says otherwise).
+once, when the library is loaded. With OpenMP's default (threads spin at every barrier, unbound) a
+2-vCPU VM shared with other jobs ran a forward up to 15x slower. Measured there (8-layer Q4_0,
+2 threads, generation tok/s): spinning unbound 1.0, OMP_PROC_BIND=true 16, OMP_WAIT_POLICY=passive
+26, both 14. The runtime sets OMP_WAIT_POLICY=passive itself, unless the user set any OpenMP
+wait/bind variable (then theirs stand; on an idle machine OMP_PROC_BIND=true may be the better pick).
 
 Weights stay in the memory-mapped GGUF (no copy): a CPU buffer is laid over the mapping and each
 tensor points into it. Matmul weights that llama.cpp's CPU backend can repack for its SIMD kernels
@@ -23,16 +25,16 @@ import numpy as np
 
 from .gguf_file import TYPE_IDS, GGUFFile
 
-# OpenMP settings the runtime wants unless the user set them (see bench/decoder.py --omp).
-OMP_DEFAULTS = {"OMP_PROC_BIND": "true"}
+# OpenMP settings the runtime wants unless the user set one of OMP_KEYS (see bench/decoder.py --omp).
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive"}
+OMP_KEYS = ("OMP_WAIT_POLICY", "OMP_PROC_BIND", "GOMP_SPINCOUNT", "OMP_PLACES")
 SMALL_TENSOR = 1 << 20  # bytes: copied instead of mapped
 
 
 def load_ggml():
     """Import ggml-python with the runtime's OpenMP defaults in place (they only count before loading)."""
-    if "ggml" not in sys.modules:
-        for key, value in OMP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+    if "ggml" not in sys.modules and not any(k in os.environ for k in OMP_KEYS):
+        os.environ.update(OMP_DEFAULTS)
     import ggml
 
     _fix_pointer_returns(ggml)
