@@ -216,7 +216,7 @@ class Decoder:
         pos = np.arange(p0, p0 + T, dtype=np.int32)
         mask = np.full((T, n_kv), -np.inf, dtype=np.float32)  # query t sees slots 0..p0+t
         mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
-        v_idx = (np.arange(E, dtype=np.int64)[None, :] * self.n_ctx + pos[:, None]).reshape(-1)
+        v_idx = (np.arange(E, dtype=np.int64)[:, None] * self.n_ctx + pos[None, :]).reshape(-1)  # (E, T)
         for t, a in (
             (g.inp, inp),
             (g.pos, pos),

@@ -39,7 +39,7 @@ class Graph:
     inp: object  # token ids (I32, T) or embeddings (F32, E x T)
     pos: object  # I32 (T,)
     k_idx: object  # I64 (T,): cache slot of each new position
-    v_idx: object  # I64 (E*T,): slot * 1 + channel * n_ctx in the transposed V cache
+    v_idx: object  # I64 (E*T,): [e*T + t] = e * n_ctx + slot(t), in the transposed V cache
     mask: object  # F32 (n_kv, T)
     out: object  # F32 logits (n_vocab, R)
     rows: int
@@ -102,11 +102,13 @@ def build_graph(
         qk = name(_rope(ggml, ctx, qk, pos, hp), f"/blk.{i}/qk_rope")  # (D, 2H, T) contiguous
         q = ggml.ggml_view_3d(ctx, qk, D, H, T, D * 4, 2 * E * 4, 0)  # (D, H, T)
         k = ggml.ggml_view_2d(ctx, qk, E, T, 2 * E * 4, E * 4)  # (E, T), rows strided
-        v = ggml.ggml_view_3d(ctx, qkv, D, H, T, D * 4, nb1, 2 * E * 4)
+        v = ggml.ggml_view_2d(ctx, qkv, E, T, nb1, 2 * E * 4)  # (E, T)
 
         # write the new keys/values into their cache slots; the attention reads through these nodes
         ck = ggml.ggml_set_rows(ctx, kv.k[i], k, k_idx)
-        v_rows = ggml.ggml_reshape_2d(ctx, ggml.ggml_cont(ctx, v), 1, E * T)  # one value per row
+        # one value per row, channel-major (row e*T + t): consecutive writes land side by side in the
+        # transposed cache instead of one cache page apart
+        v_rows = ggml.ggml_reshape_2d(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), 1, E * T)
         cv = ggml.ggml_set_rows(ctx, ggml.ggml_reshape_2d(ctx, kv.v[i], 1, E * kv.n_ctx), v_rows, v_idx)
 
         K = ggml.ggml_view_3d(ctx, ck, D, n_kv, H, ck.contents.nb[1], D * kv_es, 0)  # (D, n_kv, H)
