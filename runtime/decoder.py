@@ -29,7 +29,14 @@ from .decoder_model import (
 )
 from .errors import ConfigError, ContextOverflowError
 from .ggml_graph import Graph, build_graph, free_graph
-from .ggml_runtime import KV_TYPES, default_threads, load_ggml, new_kv_cache, place_weights
+from .ggml_runtime import (
+    KV_TYPES,
+    add_qk_norms,
+    default_threads,
+    load_ggml,
+    new_kv_cache,
+    place_weights,
+)
 from .gguf_file import GGUFFile
 from .tokenizer import Tokenizer
 
@@ -87,6 +94,7 @@ class Decoder:
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
         matmul = {f"blk.{i}.{n}" for i in range(hp.n_layer) for n in MATMUL_WEIGHTS} | {"output.weight"}
         self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
+        add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, n_ctx, kv_type)
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self._closed = False
@@ -158,6 +166,8 @@ class Decoder:
         for buf in self._w.buffers:
             ggml.ggml_backend_buffer_free(buf)
         ggml.ggml_free(self._w.ctx)
+        if self._w.qk_ctx:
+            ggml.ggml_free(self._w.qk_ctx)
         ggml.ggml_backend_free(self._backend)
         self._gf.close()
 
@@ -206,7 +216,7 @@ class Decoder:
         pos = np.arange(p0, p0 + T, dtype=np.int32)
         mask = np.full((T, n_kv), -np.inf, dtype=np.float32)  # query t sees slots 0..p0+t
         mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
-        v_idx = (np.arange(E, dtype=np.int64)[None, :] * self.n_ctx + pos[:, None]).reshape(-1)
+        v_idx = (np.arange(E, dtype=np.int64)[:, None] * self.n_ctx + pos[None, :]).reshape(-1)  # (E, T)
         for t, a in (
             (g.inp, inp),
             (g.pos, pos),

@@ -8,8 +8,8 @@ tensors, so a graph is built once and reused for the next 256 positions of decod
     per layer i:                                                    /blk.i/...
         h    = LayerNorm(x) * w + b                                 attn_norm
         qkv  = W_qkv h + b                  (3E, T) rows (3, H, D)  attn_qkv
-        q, k = LayerNorm_D(q), LayerNorm_D(k)   (D, H, T), shared   attn_q_norm, attn_k_norm
-        q, k = rope_neox(q, pos), rope_neox(k, pos)   first n_rot dims
+        q, k = LayerNorm_D(q), LayerNorm_D(k)   one op on (D, 2H, T)   attn_q_norm, attn_k_norm
+        q, k = rope_neox(q, pos), rope_neox(k, pos)   first n_rot dims, one op
         cache_k[:, slots] <- k ;  cache_v[slots, :] <- v            (V stored transposed)
         a    = softmax(K^T q / sqrt(D) + mask) over n_kv slots      fp32 scores
         o    = RMSNorm(W_o (V a) + b_o) * w                         attn_output, attn_post_norm
@@ -39,7 +39,7 @@ class Graph:
     inp: object  # token ids (I32, T) or embeddings (F32, E x T)
     pos: object  # I32 (T,)
     k_idx: object  # I64 (T,): cache slot of each new position
-    v_idx: object  # I64 (E*T,): slot * 1 + channel * n_ctx in the transposed V cache
+    v_idx: object  # I64 (E*T,): [e*T + t] = e * n_ctx + slot(t), in the transposed V cache
     mask: object  # F32 (n_kv, T)
     out: object  # F32 logits (n_vocab, R)
     rows: int
@@ -94,17 +94,21 @@ def build_graph(
         )
         qkv = name(linear(h, p + "attn_qkv.weight", p + "attn_qkv.bias"), f"/blk.{i}/attn_qkv")  # (3E, T)
         nb1 = qkv.contents.nb[1]
-        q = ggml.ggml_view_3d(ctx, qkv, D, H, T, D * 4, nb1, 0)  # (D, H, T)
-        k = ggml.ggml_view_3d(ctx, qkv, D, H, T, D * 4, nb1, E * 4)
-        v = ggml.ggml_view_3d(ctx, qkv, D, H, T, D * 4, nb1, 2 * E * 4)
-        q = layer_norm(q, p + "attn_q_norm.weight", p + "attn_q_norm.bias", hp.eps_qk)
-        k = layer_norm(k, p + "attn_k_norm.weight", p + "attn_k_norm.bias", hp.eps_qk)
-        q = _rope(ggml, ctx, q, pos, hp)
-        k = name(_rope(ggml, ctx, k, pos, hp), f"/blk.{i}/k")
+        # q and k heads side by side (D, 2H, T): one LayerNorm (q's weights on the first H heads,
+        # k's on the next H: `w.qk_norms`) and one rope for both, fewer ops than two of each
+        qk = ggml.ggml_view_3d(ctx, qkv, D, 2 * H, T, D * 4, nb1, 0)
+        wn, bn = w.qk_norms[i]
+        qk = ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, qk, hp.eps_qk), wn), bn)
+        qk = name(_rope(ggml, ctx, qk, pos, hp), f"/blk.{i}/qk_rope")  # (D, 2H, T) contiguous
+        q = ggml.ggml_view_3d(ctx, qk, D, H, T, D * 4, 2 * E * 4, 0)  # (D, H, T)
+        k = ggml.ggml_view_2d(ctx, qk, E, T, 2 * E * 4, E * 4)  # (E, T), rows strided
+        v = ggml.ggml_view_2d(ctx, qkv, E, T, nb1, 2 * E * 4)  # (E, T)
 
         # write the new keys/values into their cache slots; the attention reads through these nodes
-        ck = ggml.ggml_set_rows(ctx, kv.k[i], ggml.ggml_reshape_2d(ctx, k, E, T), k_idx)
-        v_rows = ggml.ggml_reshape_2d(ctx, ggml.ggml_cont(ctx, v), 1, E * T)  # one value per row
+        ck = ggml.ggml_set_rows(ctx, kv.k[i], k, k_idx)
+        # one value per row, channel-major (row e*T + t): consecutive writes land side by side in the
+        # transposed cache instead of one cache page apart
+        v_rows = ggml.ggml_reshape_2d(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), 1, E * T)
         cv = ggml.ggml_set_rows(ctx, ggml.ggml_reshape_2d(ctx, kv.v[i], 1, E * kv.n_ctx), v_rows, v_idx)
 
         K = ggml.ggml_view_3d(ctx, ck, D, n_kv, H, ck.contents.nb[1], D * kv_es, 0)  # (D, n_kv, H)

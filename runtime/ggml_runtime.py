@@ -1,21 +1,22 @@
 """ggml plumbing for the decoder: OpenMP defaults, weight placement (mapped or repacked), the KV cache.
 
 Import ggml only through `load_ggml()`: ggml's CPU backend runs on OpenMP, which reads its settings
-once, when the library is loaded. With the default (spinning, unbound) threads a 2-vCPU VM ran a
-forward up to 15x slower; binding the threads fixes it. The runtime sets these defaults itself
-(the user's environment wins where it says otherwise).
+once, when the library is loaded. With OpenMP's default (threads spin at every barrier, unbound) a
+2-vCPU VM shared with other jobs ran a forward up to 15x slower. Measured there (8-layer Q4_0,
+2 threads, generation tok/s): spinning unbound 1.0, OMP_PROC_BIND=true 16, OMP_WAIT_POLICY=passive
+26, both 14. The runtime sets OMP_WAIT_POLICY=passive itself, unless the user set any OpenMP
+wait/bind variable (then theirs stand; on an idle machine OMP_PROC_BIND=true may be the better pick).
 
 Weights stay in the memory-mapped GGUF (no copy): a CPU buffer is laid over the mapping and each
 tensor points into it. Matmul weights that llama.cpp's CPU backend can repack for its SIMD kernels
-(Q4_0, Q4_K on x86/ARM; the buffer type is asked per tensor, never assumed) are copied into the
-repack buffer instead, and their mapped pages are dropped from memory.
+(Q4_0, Q4_K on x86/ARM; the buffer type is asked per tensor, never assumed) are read into the
+repack buffer instead, and norms/biases (small) are copied; neither is touched through the mapping.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,16 +25,16 @@ import numpy as np
 
 from .gguf_file import TYPE_IDS, GGUFFile
 
-# OpenMP settings the runtime wants unless the user set them (see bench/decoder.py --omp).
-OMP_DEFAULTS = {"OMP_PROC_BIND": "true"}
-PAGE = mmap.PAGESIZE
+# OpenMP settings the runtime wants unless the user set one of OMP_KEYS (see bench/decoder.py --omp).
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive"}
+OMP_KEYS = ("OMP_WAIT_POLICY", "OMP_PROC_BIND", "GOMP_SPINCOUNT", "OMP_PLACES")
+SMALL_TENSOR = 1 << 20  # bytes: copied instead of mapped
 
 
 def load_ggml():
     """Import ggml-python with the runtime's OpenMP defaults in place (they only count before loading)."""
-    if "ggml" not in sys.modules:
-        for key, value in OMP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+    if "ggml" not in sys.modules and not any(k in os.environ for k in OMP_KEYS):
+        os.environ.update(OMP_DEFAULTS)
     import ggml
 
     _fix_pointer_returns(ggml)
@@ -122,12 +123,13 @@ class Weights:
     ctx: int
     buffers: list[int] = field(default_factory=list)
     repacked_bytes: int = 0
+    qk_norms: list[tuple[object, object]] = field(default_factory=list)  # per layer (weight, bias) (D, 2H)
+    qk_ctx: int = 0
 
 
 def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True) -> Weights:
     """Create the tensors, map them onto the file, and repack the matmul weights the CPU kernels accept."""
-    n = len(gf.tensors)
-    ctx = new_context(ggml, 3 * n + 8)  # tensors + the probe ops of `buft_supports_matmul`
+    ctx = new_context(ggml, len(gf.tensors) + 8)
     tensors = {}
     for name, info in gf.tensors.items():
         ne = (ctypes.c_int64 * len(info.shape))(*info.shape)
@@ -139,37 +141,91 @@ def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: boo
 
     to_repack: list[str] = []
     extras = extra_buffer_types(ggml, dev) if repack else []
-    for buft in extras[:1]:
-        to_repack = [n for n in matmul_weights if buft_supports_matmul(ggml, ctx, dev, buft, tensors[n])]
-    mapped = [n for n in tensors if n not in to_repack]
+    if extras:  # probe ops live in their own context: the repack buffer below takes all of `ctx`
+        probe = new_context(ggml, 2 * len(matmul_weights) + 8)
+        try:
+            to_repack = [
+                n for n in matmul_weights if buft_supports_matmul(ggml, probe, dev, extras[0], tensors[n])
+            ]
+        finally:
+            ggml.ggml_free(probe)
+    # small tensors (norms, biases) are copied: touching them through the mapping would fault in the
+    # page cache's large folios around them, i.e. megabytes of the neighbouring (repacked) weights
+    copied = [n for n in tensors if n not in to_repack and gf.tensors[n].nbytes < SMALL_TENSOR]
+    mapped = [n for n in tensors if n not in to_repack and n not in copied]
 
     base = gf.base_address
     buffers = []
     host = ggml.ggml_backend_cpu_buffer_from_ptr(base, gf.data.nbytes)
     buffers.append(host)
     for name in mapped:
-        status = ggml.ggml_backend_tensor_alloc(host, tensors[name], base + gf.tensors[name].offset)
-        if status != 0:
-            raise RuntimeError(f"ggml_backend_tensor_alloc failed for {name} (status {status})")
-    if to_repack:
-        buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, extras[0])
-        if not buf:
-            raise MemoryError("cannot allocate the repack buffer")
-        buffers.append(buf)
-        for name in sorted(to_repack, key=lambda n: gf.tensors[n].offset):
-            info = gf.tensors[name]
-            ggml.ggml_backend_tensor_set(tensors[name], base + info.offset, 0, info.nbytes)
-            _drop_pages(gf, info.offset, info.nbytes)
+        _check(ggml.ggml_backend_tensor_alloc(host, tensors[name], base + gf.tensors[name].offset), name)
+
+    cpu = ggml.ggml_backend_cpu_buffer_type()
+    align = ggml.ggml_backend_buft_get_alignment(cpu)
+    offsets, size = {}, 0
+    for name in copied:
+        offsets[name] = size
+        size += -(-gf.tensors[name].nbytes // align) * align
+    with open(gf.path, "rb") as f:
+        if copied:
+            small = ggml.ggml_backend_buft_alloc_buffer(cpu, size)
+            if not small:
+                raise MemoryError(f"cannot allocate {size} bytes for the small tensors")
+            buffers.append(small)
+            sbase = ggml.ggml_backend_buffer_get_base(small)
+            for name in copied:
+                _check(ggml.ggml_backend_tensor_alloc(small, tensors[name], sbase + offsets[name]), name)
+                _set_from_file(ggml, f, tensors[name], gf.tensors[name].offset, gf.tensors[name].nbytes)
+        if to_repack:
+            buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, extras[0])
+            if not buf:
+                raise MemoryError("cannot allocate the repack buffer")
+            buffers.append(buf)
+            for name in sorted(to_repack, key=lambda n: gf.tensors[n].offset):
+                _set_from_file(ggml, f, tensors[name], gf.tensors[name].offset, gf.tensors[name].nbytes)
     nbytes = sum(gf.tensors[n].nbytes for n in to_repack)
     return Weights(tensors, mapped, to_repack, ctx, buffers, nbytes)
 
 
-def _drop_pages(gf: GGUFFile, offset: int, nbytes: int) -> None:
-    """Release the mapped pages wholly inside [offset, offset + nbytes): their data now lives repacked."""
-    start = -(-offset // PAGE) * PAGE
-    end = (offset + nbytes) // PAGE * PAGE
-    if end > start and gf._mm is not None and hasattr(gf._mm, "madvise"):
-        gf._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"ggml_backend_tensor_alloc failed for {name} (status {status})")
+
+
+def _set_from_file(ggml, f, tensor, offset: int, nbytes: int) -> None:
+    """Read the bytes with pread (not through the mapping, so none of it stays resident) and hand them
+    to the tensor's buffer (the repack buffer converts them to its layout)."""
+    data = os.pread(f.fileno(), nbytes, offset)
+    if len(data) != nbytes:
+        raise OSError(f"short read of {nbytes} bytes at {offset}: the file changed on disk")
+    ggml.ggml_backend_tensor_set(tensor, data, 0, nbytes)
+
+
+def add_qk_norms(ggml, w: Weights, n_layer: int, n_head: int, head_dim: int) -> None:
+    """Per layer, q_norm's and k_norm's weight and bias tiled over the heads: (D, 2H) F32, so that one
+    LayerNorm op serves q and k (ggml broadcasts a (D,) weight over all rows, not over half)."""
+    ctx = new_context(ggml, 2 * n_layer)
+    pairs = [
+        tuple(ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F32, head_dim, 2 * n_head) for _ in range(2))
+        for _ in range(n_layer)
+    ]
+    buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml.ggml_backend_cpu_buffer_type())
+    if not buf:
+        raise MemoryError("cannot allocate the q/k norm tables")
+    for i, pair in enumerate(pairs):
+        for t, kind in zip(pair, ("weight", "bias"), strict=True):
+            rows = []
+            for which in ("q", "k"):
+                src = np.empty(head_dim, dtype=np.float32)
+                ggml.ggml_backend_tensor_get(
+                    w.tensors[f"blk.{i}.attn_{which}_norm.{kind}"], src.ctypes.data, 0, src.nbytes
+                )
+                rows.append(np.tile(src, (n_head, 1)))
+            table = np.ascontiguousarray(np.concatenate(rows))  # (2H, D)
+            ggml.ggml_backend_tensor_set(t, table.ctypes.data, 0, table.nbytes)
+    w.qk_norms, w.qk_ctx = pairs, ctx
+    w.buffers.append(buf)
 
 
 @dataclass

@@ -15,7 +15,11 @@ import numpy as np
 import torch
 
 from tinygptv_edge.runtime.config import LanguageConfig, PromptConfig
-from tinygptv_edge.runtime.contract import (
+from tinygptv_edge.runtime.ggml_runtime import load_ggml
+
+load_ggml()  # before anything else loads ggml: its OpenMP settings only count at load time
+
+from tinygptv_edge.runtime.contract import (  # noqa: E402
     CANONICAL_TO_GGUF_BLOCK,
     CANONICAL_TO_GGUF_GLOBAL,
     GGUF_ARCH,
