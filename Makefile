@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DIST   ?= dist
 
-.PHONY: setup test test-slow lint format clean export-onnx train-default demo
+.PHONY: setup test test-slow lint format clean export-onnx train-default demo demo-reference
 
 setup: $(STAMP)
 
@@ -55,8 +55,14 @@ train-default: setup
 DEMO_IMAGE    ?= export/data/example.png
 DEMO_QUESTION ?= What colour is the circle?
 
-# Answer a question about the example image with the shipped model (PyTorch reference).
-demo: setup
+# The README's first command: set up, export both graphs from the shipped model (INT8 vision,
+# Q4_0 language) into $(DIST)/, then answer a question about the example image with the runtime
+# (onnxruntime + ggml, no torch), printing the answer and its timings.
+demo: export-onnx export-gguf
+	$(VENV)/bin/tinygptv-edge run --dist $(DIST) --image $(DEMO_IMAGE) --prompt "$(DEMO_QUESTION)" --json
+
+# The same question answered by the PyTorch reference (no export).
+demo-reference: setup
 	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"
 
 # Answer a question about an image with the models in $(DIST)/ (IMAGE=path PROMPT="question" [RUN_ARGS=--stream]).
