@@ -202,6 +202,15 @@ def verify(fp32: Path, quantized: Path, pixels: np.ndarray, min_cosine: float) -
     return cos, float(np.abs(got - want).max())
 
 
+def _verify_and_publish(fp32, staged, final, check, preset, info: dict) -> tuple[float, float]:
+    """Check the staged INT8 graph against FP32, stamp its metadata, and move it into place."""
+    cos, max_abs = verify(fp32, staged, check, preset.min_cosine)
+    meta = read_metadata(onnx.load(str(fp32), load_external_data=False))
+    meta[QUANT_META_KEY] = json.dumps({**info, "cosine_vs_fp32": round(cos, 6)})
+    _publish(staged, final, meta)
+    return cos, max_abs
+
+
 def _publish(staged: Path, final: Path, meta: dict[str, str]) -> None:
     """Write metadata into `staged` (weights untouched), then rename it (and its .data) into place."""
     proto = onnx.load(str(staged), load_external_data=False)
@@ -277,11 +286,8 @@ def quantize_vision(
             if diagnostics_dir is not None:
                 diag.write(diagnostics_dir)
         say("verifying against FP32")
-        cos, max_abs = verify(fp32, staged, check, preset.min_cosine)
-        meta = read_metadata(onnx.load(str(fp32), load_external_data=False))
         info = {"kind": "static", "preset": preset.to_dict(), "excluded": excluded, "fallback": fallback}
-        meta[QUANT_META_KEY] = json.dumps({**info, "cosine_vs_fp32": round(cos, 6)})
-        _publish(staged, final, meta)
+        cos, max_abs = _verify_and_publish(fp32, staged, final, check, preset, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
     finally:
@@ -324,11 +330,8 @@ def quantize_vision_dynamic(
             )
         except (ValueError, RuntimeError, AssertionError) as e:
             raise QuantizationError(f"onnxruntime quantize_dynamic failed: {e}") from e
-        cos, max_abs = verify(fp32, staged, check, preset.min_cosine)
-        meta = read_metadata(onnx.load(str(fp32), load_external_data=False))
         info = {"kind": "dynamic", "preset": preset.to_dict(), "excluded": excluded}
-        meta[QUANT_META_KEY] = json.dumps({**info, "cosine_vs_fp32": round(cos, 6)})
-        _publish(staged, final, meta)
+        cos, max_abs = _verify_and_publish(fp32, staged, final, check, preset, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
     finally:
