@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DIST   ?= dist
 
-.PHONY: setup test test-slow lint format clean
+.PHONY: setup test test-slow lint format clean export-onnx
 
 setup: $(STAMP)
 
@@ -32,3 +32,9 @@ format: setup
 
 clean:
 	rm -rf $(VENV) $(DIST) .pytest_cache
+
+# Vision graph: dist/vision.fp32.onnx + dist/vision.int8.onnx from the shipped model.
+# CALIB_IMAGES=DIR picks the calibration images (default: synthetic VQA images in dist/calib-images).
+CALIB_IMAGES ?=
+export-onnx: setup
+	$(PY) -m tinygptv_edge export-onnx --out $(DIST) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))

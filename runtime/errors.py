@@ -67,3 +67,24 @@ class ExportError(TinyGPTVError):
 
 class ImageError(TinyGPTVError, ValueError):
     """An image cannot be used: unreadable, truncated, too large, or of a refused format."""
+
+
+class ParityError(ExportError):
+    """An exported graph disagrees with the PyTorch reference; `failures` lists every failed check."""
+
+    def __init__(self, failures: list[str], where: str = ""):
+        self.failures = list(failures)
+        head = f"parity check failed for {where}" if where else "parity check failed"
+        super().__init__(f"{head} ({len(self.failures)} problem(s)):\n  " + "\n  ".join(self.failures))
+
+
+class CalibrationError(TinyGPTVError, ValueError):
+    """Calibration data cannot be used: no images, non-finite values or a wrong shape."""
+
+
+class QuantizationError(ExportError):
+    """A quantized graph could not be built or failed its checks (non-finite outputs, too far from FP32)."""
+
+
+class OutputPathError(ExportError):
+    """An output location cannot be created or written."""

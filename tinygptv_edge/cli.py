@@ -16,6 +16,7 @@ from tinygptv_edge.runtime.errors import TinyGPTVError
 # subcommand -> module with `register(subparsers)`
 COMMANDS = {
     "synth": "tinygptv_edge.export.synth_cli",
+    "export-onnx": "tinygptv_edge.export.onnx_cli",
 }
 
 

@@ -1,0 +1,85 @@
+"""INT8 quantization settings of the vision graph: one validated dataclass, named presets per target CPU.
+
+    preset        activations  weights  reduce_range   why
+    x86-vnni      uint8        int8     no             VNNI (vpdpbusd) multiplies u8 x s8 at full rate
+    x86-avx2      uint8        int8     yes            no VNNI: 7-bit weights avoid s16 saturation
+    arm           int8         int8     no             ARM dot-product kernels take s8 x s8, symmetric
+
+Only MatMul, Gemm and Conv are quantized by default (QDQ, per-channel weights); LayerNorm, Softmax
+and GELU stay in float between them. Exclusions are node-name globs on the exported graph
+(`/vision/qformer/*`, `/vision/encoder/blocks.0/attn/*`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tinygptv_edge.runtime.errors import ConfigError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+QUANT_TYPES = ("uint8", "int8")
+QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass(frozen=True)
+class QuantPreset:
+    """Static QDQ quantization of the vision graph for one target."""
+
+    name: str = "x86-vnni"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_symmetric: bool = False
+    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    method: str = "minmax"  # one of CALIBRATION_METHODS
+    percentile: float = 99.999  # for method "percentile"
+    exclude: tuple[str, ...] = ()  # node-name globs kept in float
+    fallback_k: int = 0  # the k most sensitive nodes (lowest SQNR) kept in float
+    min_cosine: float = 0.99  # a quantized graph under this cosine vs FP32 is refused
+    max_images: int = 64  # calibration images used at most
+
+    def __post_init__(self) -> None:
+        if self.activation_type not in QUANT_TYPES:
+            raise ConfigError(f"activation_type: expected one of {QUANT_TYPES}, got {self.activation_type!r}")
+        if self.weight_type not in QUANT_TYPES:
+            raise ConfigError(f"weight_type: expected one of {QUANT_TYPES}, got {self.weight_type!r}")
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"method: expected one of {CALIBRATION_METHODS}, got {self.method!r}")
+        bad = [op for op in self.op_types if op not in QUANTIZABLE_OPS]
+        if not self.op_types or bad:
+            raise ConfigError(
+                f"op_types: expected a non-empty subset of {QUANTIZABLE_OPS}, got {self.op_types!r}"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile: expected in (50, 100], got {self.percentile!r}")
+        if not isinstance(self.fallback_k, int) or self.fallback_k < 0:
+            raise ConfigError(f"fallback_k: expected an integer >= 0, got {self.fallback_k!r}")
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ConfigError(f"min_cosine: expected in (0, 1], got {self.min_cosine!r}")
+        if not isinstance(self.max_images, int) or self.max_images < 1:
+            raise ConfigError(f"max_images: expected a positive integer, got {self.max_images!r}")
+        if any(not isinstance(p, str) or not p for p in self.exclude):
+            raise ConfigError(f"exclude: expected non-empty node-name globs, got {self.exclude!r}")
+
+    def replace(self, **changes) -> QuantPreset:
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, QuantPreset] = {
+    "x86-vnni": QuantPreset(name="x86-vnni"),
+    "x86-avx2": QuantPreset(name="x86-avx2", reduce_range=True),
+    "arm": QuantPreset(name="arm", activation_type="int8", activation_symmetric=True),
+}
+
+
+def get_preset(name: str, **overrides) -> QuantPreset:
+    """A named preset with some fields changed (`get_preset('arm', method='entropy')`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"quantization preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

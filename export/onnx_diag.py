@@ -1,0 +1,133 @@
+"""Where INT8 hurts: SQNR of every quantized activation, from onnxruntime's `qdq_loss_debug`.
+
+    float pre.onnx --save every tensor--> activations_fp32 --+
+    qdq   int8.onnx --save every tensor--> activations_qdq  --+--> per activation X:
+        qdq_sqnr   = SQNR(X before Q, X after Q->DQ)      local noise of quantizing X alone
+        model_sqnr = SQNR(X in FP32 graph, X after Q->DQ)  everything upstream included
+    node score = lowest qdq_sqnr among its quantized inputs; the k lowest are the "most sensitive"
+
+SQNR = 20 log10(|x| / |x - y|) in dB; higher is better.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from tinygptv_edge.runtime.errors import OutputPathError
+
+DQ_SUFFIX = "_DequantizeLinear_Output"
+REPORT_JSON = "sqnr.json"
+REPORT_TABLE = "sqnr.txt"
+
+
+@dataclass
+class TensorSqnr:
+    tensor: str
+    qdq_sqnr: float  # dB
+    model_sqnr: float  # dB
+    nodes: list[str] = field(default_factory=list)  # quantized nodes reading this activation
+
+
+@dataclass
+class Diagnostics:
+    rows: list[TensorSqnr]  # sorted by qdq_sqnr, worst first
+    images: int
+
+    def node_scores(self) -> dict[str, float]:
+        """Quantized node -> lowest qdq SQNR of its inputs."""
+        scores: dict[str, float] = {}
+        for r in self.rows:
+            for n in r.nodes:
+                scores[n] = min(scores.get(n, np.inf), r.qdq_sqnr)
+        return scores
+
+    def most_sensitive(self, k: int) -> list[str]:
+        scores = self.node_scores()
+        return sorted(scores, key=lambda n: (scores[n], n))[:k]
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "unit": "dB", "tensors": [asdict(r) for r in self.rows]}
+
+    def table(self) -> str:
+        width = max([len(r.tensor) for r in self.rows] + [6])
+        lines = [f"{'tensor':<{width}}  {'qdq dB':>8}  {'model dB':>8}  nodes", "-" * (width + 30)]
+        lines += [
+            f"{r.tensor:<{width}}  {r.qdq_sqnr:8.2f}  {r.model_sqnr:8.2f}  {', '.join(r.nodes)}"
+            for r in self.rows
+        ]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: str | Path) -> tuple[Path, Path]:
+        """`sqnr.json` and `sqnr.txt` in `folder`, each written to a temp file and renamed."""
+        folder = Path(folder)
+        out = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in (
+                (REPORT_JSON, json.dumps(self.to_dict(), indent=1)),
+                (REPORT_TABLE, self.table()),
+            ):
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, folder / name)
+                out.append(folder / name)
+        except OSError as e:
+            raise OutputPathError(f"cannot write diagnostics to {folder}: {e}") from e
+        return out[0], out[1]
+
+
+def _quantized_consumers(qdq: onnx.ModelProto, op_types: tuple[str, ...]) -> dict[str, list[str]]:
+    """Activation name -> names of `op_types` nodes that read it through a DequantizeLinear."""
+    weights = {t.name for t in qdq.graph.initializer}
+    dq_src = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    q_src = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    out: dict[str, list[str]] = {}
+    for node in qdq.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for name in node.input:
+            quantized = dq_src.get(name)
+            if quantized is None or quantized in weights:
+                continue
+            act = q_src.get(quantized, quantized)
+            out.setdefault(act, []).append(node.name)
+    return out
+
+
+def diagnose(
+    float_path: Path, qdq_path: Path, pixels: np.ndarray, op_types: tuple[str, ...], work: Path
+) -> Diagnostics:
+    """Per-activation SQNR of the QDQ graph vs the float graph on `pixels` (N,3,S,S)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    from tinygptv_edge.calib.reader import ArrayReader
+
+    work.mkdir(parents=True, exist_ok=True)
+    large = any(p.with_name(p.name + ".data").exists() for p in (float_path, qdq_path))
+    aug_f, aug_q = work / "float.aug.onnx", work / "qdq.aug.onnx"
+    modify_model_output_intermediate_tensors(str(float_path), str(aug_f), save_as_external_data=large)
+    modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q), save_as_external_data=large)
+    S = pixels.shape[-1]
+    acts_f = collect_activations(str(aug_f), ArrayReader(pixels, S))
+    acts_q = collect_activations(str(aug_q), ArrayReader(pixels, S))
+    errors = compute_activation_error(create_activation_matching(acts_q, acts_f))
+    consumers = _quantized_consumers(onnx.load(str(qdq_path), load_external_data=False), op_types)
+    rows = [
+        TensorSqnr(name, float(e["qdq_err"]), float(e.get("xmodel_err", np.nan)), consumers.get(name, []))
+        for name, e in errors.items()
+    ]
+    rows.sort(key=lambda r: (r.qdq_sqnr, r.tensor))
+    return Diagnostics(rows, len(pixels))
