@@ -38,3 +38,11 @@ clean:
 CALIB_IMAGES ?=
 export-onnx: setup
 	$(PY) -m tinygptv_edge export-onnx --out $(DIST) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))
+
+# Language model as GGUF in $(DIST)/: GGUF_LEVEL (default Q4_0), GGUF_MODEL (single-checkpoint folder;
+# default: the shipped model), GGUF_ARGS (more flags, e.g. --imatrix-images DIR).
+GGUF_LEVEL ?= Q4_0
+.PHONY: export-gguf
+export-gguf: setup
+	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
+		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)

@@ -122,3 +122,31 @@ def gguf_key(name: str, arch: str = GGUF_ARCH) -> str:
 
 def gguf_tensor_names(n_layers: int) -> list[str]:
     return GGUF_TENSORS_GLOBAL + [t.format(i=i) for i in range(n_layers) for t in GGUF_TENSORS_BLOCK]
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF general metadata and the tokenizer inside the file (llama.cpp key names). Written here so
+# the runtime reads them without the `gguf` package (an export-only dependency).
+# ---------------------------------------------------------------------------------------------
+GGUF_GENERAL_KEYS = {
+    "architecture": "general.architecture",  # == GGUF_ARCH
+    "name": "general.name",
+    "file_type": "general.file_type",  # llama.cpp LlamaFileType of the level (uint32)
+    "quantization_version": "general.quantization_version",  # GGML_QNT_VERSION (2)
+    "level": "tinygptv.gguf.level",  # the level's name as requested: "Q4_0", "Q4_K_M", ...
+}
+
+GGUF_TOKENIZER_KEYS = {
+    "model": "tokenizer.ggml.model",  # "gpt2": byte-level BPE
+    "pre": "tokenizer.ggml.pre",  # pre-tokenizer regex family: "gpt-2"
+    "tokens": "tokenizer.ggml.tokens",  # id-ordered; padded to vocab_size with "[PADn]" (type UNUSED)
+    "token_type": "tokenizer.ggml.token_type",  # int32 per token: 1 normal, 3 control, 4 user, 5 unused
+    "merges": "tokenizer.ggml.merges",  # "a b" strings, rank order
+    "bos_id": "tokenizer.ggml.bos_token_id",
+    "eos_id": "tokenizer.ggml.eos_token_id",
+    "pad_id": "tokenizer.ggml.padding_token_id",
+    "add_bos": "tokenizer.ggml.add_bos_token",  # true: BOS goes first, as in training
+    "add_eos": "tokenizer.ggml.add_eos_token",  # false
+}
+GGUF_TOKENIZER_MODEL = "gpt2"
+GGUF_TOKEN_TYPE = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}

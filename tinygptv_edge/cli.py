@@ -17,6 +17,7 @@ from tinygptv_edge.runtime.errors import TinyGPTVError
 COMMANDS = {
     "synth": "tinygptv_edge.export.synth_cli",
     "export-onnx": "tinygptv_edge.export.onnx_cli",
+    "export-gguf": "tinygptv_edge.export.gguf_cli",
 }
 
 

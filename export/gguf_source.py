@@ -1,0 +1,126 @@
+"""Where the GGUF exporter reads the language model from: tensors by canonical name, one at a time.
+
+Two sources:
+  - `model_source`: a loaded reference model (TinyGPTV, LoRA merged by the loaders);
+  - `single_source`: the project's single-checkpoint folder, streamed from its memory-mapped
+    safetensors file without building the model (the full size never sits in RAM as a whole).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig
+from tinygptv_edge.runtime.errors import CheckpointError, UnexpectedKeysError
+from tinygptv_edge.runtime.tokenizer import Tokenizer
+
+from . import names as N
+
+
+@dataclass
+class LanguageSource:
+    """The language model of one TinyGPT-V: config, tokenizer, and tensors fetched by canonical name."""
+
+    cfg: TinyGPTVConfig
+    tokenizer: Tokenizer
+    shapes: dict[str, tuple[int, ...]]  # canonical name ("language.*") -> shape, in source order
+    fetch: Callable[[str], torch.Tensor]
+    label: str  # where the tensors come from, for error messages
+    sha256: dict[str, str] = field(default_factory=dict)  # source file name -> sha256
+
+
+def expected_shapes(cfg: LanguageConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape the language model must have (PhiModel's parameters)."""
+    H, I, V, d = cfg.hidden, cfg.intermediate, cfg.vocab_size, cfg.head_dim
+    out = {
+        "language.embed_tokens.weight": (V, H),
+        "language.final_layernorm.weight": (H,),
+        "language.final_layernorm.bias": (H,),
+        "language.lm_head.weight": (V, H),
+        "language.lm_head.bias": (V,),
+    }
+    layer = {
+        "input_layernorm.weight": (H,),
+        "input_layernorm.bias": (H,),
+        "self_attn.query_key_value.weight": (3 * H, H),
+        "self_attn.query_key_value.bias": (3 * H,),
+        "self_attn.q_layernorm.weight": (d,),
+        "self_attn.q_layernorm.bias": (d,),
+        "self_attn.k_layernorm.weight": (d,),
+        "self_attn.k_layernorm.bias": (d,),
+        "self_attn.dense.weight": (H, H),
+        "self_attn.dense.bias": (H,),
+        "post_layernorm.weight": (H,),
+        "mlp.fc1.weight": (I, H),
+        "mlp.fc1.bias": (I,),
+        "mlp.fc2.weight": (H, I),
+        "mlp.fc2.bias": (H,),
+    }
+    for i in range(cfg.layers):
+        out.update({f"language.layers.{i}.{k}": v for k, v in layer.items()})
+    return out
+
+
+def model_source(
+    model, tokenizer: Tokenizer, sha256: dict[str, str] | None = None, cfg: TinyGPTVConfig | None = None
+) -> LanguageSource:
+    """A loaded TinyGPTV (or a bare PhiModel with `cfg`): its `.language` parameters."""
+    language = getattr(model, "language", model)
+    cfg = cfg or getattr(model, "cfg", None)
+    if not isinstance(cfg, TinyGPTVConfig):
+        raise CheckpointError("model_source: pass a TinyGPTV, or a PhiModel together with its TinyGPTVConfig")
+    sd = {f"language.{k}": v for k, v in language.state_dict().items()}
+    return LanguageSource(
+        cfg=cfg,
+        tokenizer=tokenizer,
+        shapes={k: tuple(v.shape) for k, v in sd.items()},
+        fetch=lambda name: sd[name].detach(),
+        label="reference model",
+        sha256=dict(sha256 or {}),
+    )
+
+
+def single_source(folder: str | Path, with_hash: bool = True) -> LanguageSource:
+    """The single-checkpoint folder (`export/single.py`), language tensors streamed by name."""
+    from safetensors import SafetensorError, safe_open
+
+    from .single import CONFIG, WEIGHTS, file_sha256
+
+    folder = Path(folder)
+    cfg = TinyGPTVConfig.load(folder / CONFIG)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS} in {folder}")
+    layers = range(cfg.language.layers)
+    table = {
+        N.SINGLE_LM_PREFIX + k: v
+        for k, v in {**N.expand(N.PHI_GLOBAL), **N.expand(N.PHI_LAYER, layers)}.items()
+    }
+    try:
+        handle = safe_open(str(weights), framework="pt")
+        official = {}
+        for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+            if not name.startswith(N.SINGLE_LM_PREFIX):
+                continue  # vision, Q-Former, projections: not the language model
+            if name not in table:
+                raise UnexpectedKeysError([name], str(weights))
+            official[table[name]] = name
+        shapes = {c: tuple(handle.get_slice(o).get_shape()) for c, o in official.items()}
+    except SafetensorError as e:
+        raise CheckpointError(f"cannot read {weights}: {e}") from e
+
+    def fetch(canonical: str) -> torch.Tensor:
+        return handle.get_tensor(official[canonical])
+
+    return LanguageSource(
+        cfg=cfg,
+        tokenizer=Tokenizer.from_file(folder),
+        shapes=shapes,
+        fetch=fetch,
+        label=str(weights),
+        sha256={WEIGHTS: file_sha256(weights)} if with_hash else {},
+    )
