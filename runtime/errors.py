@@ -88,3 +88,42 @@ class QuantizationError(ExportError):
 
 class OutputPathError(ExportError):
     """An output location cannot be created or written."""
+
+
+class ImageFormatError(ImageError):
+    """An image file is in a format outside the allow-list (or in no format Pillow knows)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image exceeds the pixel or byte cap (a decompression-bomb guard)."""
+
+
+class ModelFileError(TinyGPTVError):
+    """A model file is missing, unreadable, or lacks what the runtime needs."""
+
+
+class ModelMismatchError(ModelFileError):
+    """The vision and language files do not fit together (embedding width, image token count)."""
+
+
+class PipelineBusyError(TinyGPTVError, RuntimeError):
+    """A pipeline call was made while another is running (same thread, or the wait timed out)."""
+
+
+class GGUFFormatError(CheckpointError, ValueError):
+    """A GGUF file is truncated or corrupt: bad magic, counts, lengths, offsets or duplicate names."""
+
+
+class GGUFModelError(CheckpointError, ValueError):
+    """A well-formed GGUF that is not the model the runtime expects: architecture, keys or tensor types."""
+
+
+class ContextOverflowError(TinyGPTVError, ValueError):
+    """More positions were asked of the decoder than its context holds."""
+
+    def __init__(self, n_past: int, n_new: int, n_ctx: int):
+        self.n_past, self.n_new, self.n_ctx = n_past, n_new, n_ctx
+        super().__init__(
+            f"context overflow: {n_past} cached + {n_new} new token(s) = {n_past + n_new} positions, "
+            f"but the context holds {n_ctx}"
+        )

@@ -3,7 +3,8 @@
     RGB -> Resize((S, S), bicubic, PIL) -> ToTensor (/255) -> Normalize(mean, std)   # (3, S, S)
 
 This is the one implementation: the runtime, the calibration readers and the reference checks
-all call `preprocess`.
+all call `preprocess`. Non-RGB modes go through `images.to_rgb` (alpha on white, 16-bit scaled, ...);
+for RGB and L images that is exactly TinyGPT-V's `.convert('RGB')`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ import numpy as np
 from PIL import Image
 
 from .config import PreprocessConfig
+from .images import to_rgb
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Plain RGB conversion (what torchvision's pipeline sees after `.convert('RGB')`)."""
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

@@ -1,0 +1,251 @@
+"""The TinyGPT-V language decoder on ggml: a `tinygptv-phi2` GGUF in, logits out (no torch).
+
+    with Decoder("language.q4_0.gguf", n_ctx=2048, n_threads=2) as dec:
+        logits = dec.eval_tokens([dec.tokenizer.bos_id, *dec.tokenizer.encode("Hello")])
+        logits = dec.eval_embeddings(image_embeds)   # (T, n_embd) float32, appended to the cache
+        dec.truncate(3)                              # forget positions >= 3
+
+Calls append to the KV cache. Long inputs are evaluated in batches of `n_batch` positions. The
+interface is fixed in notes/RUNTIME_API.md (the pipeline codes against it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .config import PromptConfig
+from .decoder_model import (
+    HParams,
+    check_tensors,
+    read_hparams,
+    read_image_tokens,
+    read_prompt,
+    read_tokenizer,
+)
+from .errors import ConfigError, ContextOverflowError
+from .ggml_graph import Graph, build_graph, free_graph
+from .ggml_runtime import KV_TYPES, default_threads, load_ggml, new_kv_cache, place_weights
+from .gguf_file import GGUFFile
+from .tokenizer import Tokenizer
+
+KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
+GRAPH_CACHE = 6  # built graphs kept (LRU)
+MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+class Decoder:
+    """Modified Phi-2 over a memory-mapped GGUF, with an F16 (or F32) KV cache of `n_ctx` positions."""
+
+    tokenizer: Tokenizer
+    prompt: PromptConfig
+    hparams: HParams
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        kv_type: str = "f16",
+        n_batch: int = 256,
+        repack: bool = True,
+    ):
+        if kv_type not in KV_TYPES:
+            raise ConfigError(f"kv_type: expected one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        for label, v in (("n_ctx", n_ctx), ("n_batch", n_batch)):
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{label}: expected a positive integer, got {v!r}")
+        if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
+            raise ConfigError(f"n_threads: expected a positive integer or None, got {n_threads!r}")
+        self._closed = True
+        self._gf = GGUFFile.open(path)
+        try:
+            self.hparams = hp = read_hparams(self._gf)
+            check_tensors(self._gf, hp)
+            self.tokenizer = read_tokenizer(self._gf, hp.n_vocab)
+            self.prompt = read_prompt(self._gf)
+            self.image_tokens = read_image_tokens(self._gf)
+        except BaseException:
+            self._gf.close()
+            raise
+        if n_ctx > hp.n_ctx_train:
+            self._gf.close()
+            raise ConfigError(f"n_ctx {n_ctx} exceeds the model's trained context of {hp.n_ctx_train}")
+        self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
+        self.n_threads = n_threads or default_threads()
+        self.n_batch = n_batch
+        self.kv_type = kv_type
+        self.n_past = 0
+
+        self._ggml = ggml = load_ggml()
+        self._dev = ggml.ggml_backend_dev_by_type(ggml.GGML_BACKEND_DEVICE_TYPE_CPU)
+        self._backend = ggml.ggml_backend_dev_init(self._dev, None)
+        ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
+        matmul = {f"blk.{i}.{n}" for i in range(hp.n_layer) for n in MATMUL_WEIGHTS} | {"output.weight"}
+        self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
+        self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, n_ctx, kv_type)
+        self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def repacked(self) -> list[str]:
+        """Names of the weights living in llama.cpp's repacked CPU buffer."""
+        return list(self._w.repacked)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self._gf.tensors.values())
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._kv.nbytes
+
+    def eval_tokens(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append token ids to the cache; logits (n_vocab,) of the last one, or (T, n_vocab)."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"ids: expected a non-empty 1-D sequence of integers, got shape {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= self.n_vocab)]
+        if bad.size:
+            raise ConfigError(f"token id {int(bad[0])} is outside the vocabulary of {self.n_vocab}")
+        return self._eval(arr.astype(np.int32), False, all_logits)
+
+    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append (T, n_embd) float32 embeddings (e.g. image tokens); same return as `eval_tokens`."""
+        arr = np.asarray(embeds)
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != self.n_embd:
+            raise ConfigError(f"embeds: expected shape (T > 0, {self.n_embd}), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ConfigError(f"embeds: expected floating point values, got {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ConfigError("embeds: contains NaN or infinity")
+        return self._eval(arr, True, all_logits)
+
+    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        """(T, n_embd) float32 rows of token_embd, dequantized by ggml."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"ids: expected a non-empty 1-D sequence of integers, got shape {arr.shape}")
+        if ((arr < 0) | (arr >= self.n_vocab)).any():
+            raise ConfigError(f"token ids must be in [0, {self.n_vocab}), got {arr.min()}..{arr.max()}")
+        return self._embed(arr.astype(np.int32))
+
+    def truncate(self, n_past: int) -> None:
+        """Forget cache positions >= n_past."""
+        if not isinstance(n_past, int) or not 0 <= n_past <= self.n_past:
+            raise ConfigError(f"truncate: expected 0 <= n_past <= {self.n_past}, got {n_past!r}")
+        self.n_past = n_past
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        ggml = self._ggml
+        for g in self._graphs.values():
+            free_graph(ggml, g)
+        self._graphs.clear()
+        ggml.ggml_backend_buffer_free(self._kv.buffer)
+        ggml.ggml_free(self._kv.ctx)
+        for buf in self._w.buffers:
+            ggml.ggml_backend_buffer_free(buf)
+        ggml.ggml_free(self._w.ctx)
+        ggml.ggml_backend_free(self._backend)
+        self._gf.close()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------------------------------
+    def _eval(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:
+        if self._closed:
+            raise ConfigError("the decoder is closed")
+        T = len(inp)
+        if self.n_past + T > self.n_ctx:
+            raise ContextOverflowError(self.n_past, T, self.n_ctx)
+        outs = []
+        for s in range(0, T, self.n_batch):
+            chunk = inp[s : s + self.n_batch]
+            outs.append(self._run(chunk, embeddings, all_logits))
+        return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def _graph(self, T: int, n_kv: int, embeddings: bool, all_logits: bool) -> Graph:
+        key = (T, n_kv, embeddings, all_logits)
+        g = self._graphs.get(key)
+        if g is None:
+            g = build_graph(self._ggml, self.hparams, self._w, self._kv, T, n_kv, embeddings, all_logits)
+            self._graphs[key] = g
+            while len(self._graphs) > GRAPH_CACHE:
+                free_graph(self._ggml, self._graphs.popitem(last=False)[1])
+        else:
+            self._graphs.move_to_end(key)
+        return g
+
+    def _run(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:
+        """One batch of T positions at n_past..n_past+T-1 -> logits (R, n_vocab)."""
+        ggml, E, T, p0 = self._ggml, self.n_embd, len(inp), self.n_past
+        n_kv = min(self.n_ctx, -(-(p0 + T) // KV_PAD) * KV_PAD)
+        all_logits = all_logits and T > 1
+        g = self._graph(T, n_kv, embeddings, all_logits)
+
+        pos = np.arange(p0, p0 + T, dtype=np.int32)
+        mask = np.full((T, n_kv), -np.inf, dtype=np.float32)  # query t sees slots 0..p0+t
+        mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
+        v_idx = (np.arange(E, dtype=np.int64)[None, :] * self.n_ctx + pos[:, None]).reshape(-1)
+        for t, a in (
+            (g.inp, inp),
+            (g.pos, pos),
+            (g.k_idx, pos.astype(np.int64)),
+            (g.v_idx, v_idx),
+            (g.mask, mask),
+        ):
+            ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
+        status = ggml.ggml_backend_graph_compute(self._backend, g.gf)
+        if status != 0:
+            raise RuntimeError(f"ggml graph compute failed with status {status}")
+        self.n_past = p0 + T
+        out = np.empty((g.rows, self.n_vocab), dtype=np.float32)
+        ggml.ggml_backend_tensor_get(g.out, out.ctypes.data, 0, out.nbytes)
+        return out
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        from .ggml_runtime import new_context
+
+        ggml, T = self._ggml, len(ids)
+        ctx = new_context(ggml, 4, 8)
+        galloc = None
+        try:
+            inp = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I32, T)
+            ggml.ggml_set_input(inp)
+            rows = ggml.ggml_get_rows(ctx, self._w.tensors["token_embd.weight"], inp)
+            ggml.ggml_set_output(rows)
+            gf = ggml.ggml_new_graph_custom(ctx, 8, False)
+            ggml.ggml_build_forward_expand(gf, rows)
+            galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_cpu_buffer_type())
+            if not ggml.ggml_gallocr_alloc_graph(galloc, gf):
+                raise MemoryError("cannot allocate the embedding lookup")
+            ggml.ggml_backend_tensor_set(inp, ids.ctypes.data, 0, ids.nbytes)
+            ggml.ggml_backend_graph_compute(self._backend, gf)
+            out = np.empty((T, self.n_embd), dtype=np.float32)
+            ggml.ggml_backend_tensor_get(rows, out.ctypes.data, 0, out.nbytes)
+            return out
+        finally:
+            if galloc is not None:
+                ggml.ggml_gallocr_free(galloc)
+            ggml.ggml_free(ctx)

@@ -1,0 +1,207 @@
+"""What the decoder reads from a `tinygptv-phi2` GGUF: hyperparameters, tensor table, tokenizer, prompt.
+
+Everything is checked here, in Python, before a byte reaches ggml: the architecture, the presence and
+kind of every key, the presence, shape and type of every tensor (runtime/contract.py names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import PromptConfig
+from .contract import GGUF_ARCH, GGUF_TENSORS_BLOCK, GGUF_TENSORS_GLOBAL, TINYGPTV_KEYS, gguf_key
+from .errors import (
+    ConfigError,
+    GGUFModelError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+)
+from .gguf_file import STRING, GGUFFile, TensorInfo
+from .tokenizer import Tokenizer
+
+# ggml types a matmul weight may have; norms and biases are F32 (contract)
+WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # GGUF integer value types
+FLOAT_TYPES = (6, 12)
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Language model sizes as the GGUF states them (`{arch}.*` keys)."""
+
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_ff: int
+    n_ctx_train: int
+    n_rot: int
+    rope_base: float
+    eps_norm: float  # input / final LayerNorm
+    eps_qk: float  # q/k LayerNorm over head_dim
+    eps_rms: float  # post-attention RMSNorm
+
+    def __post_init__(self) -> None:
+        for name in ("n_vocab", "n_embd", "n_layer", "n_head", "n_ff", "n_ctx_train"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"HParams.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"HParams: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_rot <= 0 or self.n_rot % 2 or self.n_rot > self.head_dim:
+            raise ConfigError(f"HParams: rope dims {self.n_rot} must be even and in 2..{self.head_dim}")
+        if not self.rope_base > 0:
+            raise ConfigError(f"HParams: rope freq_base must be > 0, got {self.rope_base}")
+        for name in ("eps_norm", "eps_qk", "eps_rms"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"HParams.{name}: expected 0 < eps < 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """GGUF tensor name -> ggml shape (ne0 first = input features of a matmul weight)."""
+        E, F, V, D = self.n_embd, self.n_ff, self.n_vocab, self.head_dim
+        glob = {
+            "token_embd.weight": (E, V),
+            "output_norm.weight": (E,),
+            "output_norm.bias": (E,),
+            "output.weight": (E, V),
+            "output.bias": (V,),
+        }
+        block = {
+            "attn_norm.weight": (E,),
+            "attn_norm.bias": (E,),
+            "attn_qkv.weight": (E, 3 * E),
+            "attn_qkv.bias": (3 * E,),
+            "attn_q_norm.weight": (D,),
+            "attn_q_norm.bias": (D,),
+            "attn_k_norm.weight": (D,),
+            "attn_k_norm.bias": (D,),
+            "attn_output.weight": (E, E),
+            "attn_output.bias": (E,),
+            "attn_post_norm.weight": (E,),
+            "ffn_up.weight": (E, F),
+            "ffn_up.bias": (F,),
+            "ffn_down.weight": (F, E),
+            "ffn_down.bias": (E,),
+        }
+        assert set(glob) == set(GGUF_TENSORS_GLOBAL)
+        assert {t.removeprefix("blk.{i}.") for t in GGUF_TENSORS_BLOCK} == set(block)
+        shapes = dict(glob)
+        for i in range(self.n_layer):
+            shapes.update({f"blk.{i}.{k}": v for k, v in block.items()})
+        return shapes
+
+
+def _get(gf: GGUFFile, key: str, kinds: tuple[int, ...], what: str):
+    f = gf.fields.get(key)
+    if f is None:
+        raise GGUFModelError(f"{gf.path}: missing metadata key {key!r} ({what})")
+    if f.type not in kinds or f.item_type is not None:
+        raise GGUFModelError(f"{gf.path}: key {key!r}: expected {what}, got {f.type_name}")
+    return f.value
+
+
+def read_hparams(gf: GGUFFile) -> HParams:
+    arch = gf.fields.get("general.architecture")
+    if arch is None or arch.type != STRING:
+        raise GGUFModelError(f"{gf.path}: missing string key 'general.architecture'")
+    if arch.value != GGUF_ARCH:
+        raise GGUFModelError(f"{gf.path}: architecture: expected {GGUF_ARCH!r}, got {arch.value!r}")
+
+    def i(name: str) -> int:
+        return int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
+
+    def f(name: str) -> float:
+        return float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
+
+    n_head, n_head_kv = i("head_count"), i("head_count_kv")
+    if n_head_kv != n_head:
+        raise GGUFModelError(f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}")
+    try:
+        return HParams(
+            n_vocab=i("vocab_size"),
+            n_embd=i("embedding_length"),
+            n_layer=i("block_count"),
+            n_head=n_head,
+            n_ff=i("feed_forward_length"),
+            n_ctx_train=i("context_length"),
+            n_rot=i("rope_dimension_count"),
+            rope_base=f("rope_freq_base"),
+            eps_norm=f("layer_norm_epsilon"),
+            eps_qk=f("qk_norm_epsilon"),
+            eps_rms=f("layer_norm_rms_epsilon"),
+        )
+    except ConfigError as e:
+        raise GGUFModelError(f"{gf.path}: {e}") from e
+
+
+def check_tensors(gf: GGUFFile, hp: HParams) -> dict[str, TensorInfo]:
+    """Every contract tensor present with its shape; matmul weights of a supported type, the rest F32."""
+    shapes = hp.tensor_shapes()
+    missing = [n for n in shapes if n not in gf.tensors]
+    if missing:
+        raise MissingKeysError(missing, str(gf.path))
+    extra = [n for n in gf.tensors if n not in shapes]
+    if extra:
+        raise UnexpectedKeysError(extra, str(gf.path))
+    for name, shape in shapes.items():
+        t = gf.tensors[name]
+        if t.shape != shape:
+            raise ShapeMismatchError(name, shape, t.shape, str(gf.path))
+        allowed = WEIGHT_TYPES if len(shape) == 2 else ("F32",)
+        if t.type.name not in allowed:
+            raise GGUFModelError(f"{gf.path}: tensor {name!r}: expected type in {allowed}, got {t.type.name}")
+    return dict(gf.tensors)
+
+
+def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
+    model = _get(gf, "tokenizer.ggml.model", (STRING,), "a string")
+    if model != "gpt2":
+        raise GGUFModelError(f"{gf.path}: tokenizer.ggml.model: expected 'gpt2', got {model!r}")
+    tokens, merges = gf.fields.get("tokenizer.ggml.tokens"), gf.fields.get("tokenizer.ggml.merges")
+    for key, f in (("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.merges", merges)):
+        if f is None or f.item_type != STRING:
+            got = "nothing" if f is None else f.type_name
+            raise GGUFModelError(f"{gf.path}: {key}: expected an array of strings, got {got}")
+    if not 0 < len(tokens.value) <= n_vocab:
+        raise GGUFModelError(
+            f"{gf.path}: tokenizer.ggml.tokens: expected 1..{n_vocab} tokens, got {len(tokens.value)}"
+        )
+    bos = int(_get(gf, "tokenizer.ggml.bos_token_id", INT_TYPES, "an integer"))
+    eos = int(_get(gf, "tokenizer.ggml.eos_token_id", INT_TYPES, "an integer"))
+    for name, v in (("bos", bos), ("eos", eos)):
+        if not 0 <= v < len(tokens.value):
+            raise GGUFModelError(f"{gf.path}: {name} id {v} is outside the vocabulary of {len(tokens.value)}")
+    bad = next((m for m in merges.value if m.count(" ") != 1), None)
+    if bad is not None:
+        raise GGUFModelError(f"{gf.path}: tokenizer merge {bad!r}: expected 'left right'")
+    try:
+        return Tokenizer.from_vocab_merges(tokens.value, merges.value, bos, eos)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise GGUFModelError(f"{gf.path}: cannot rebuild the tokenizer: {e}") from e
+
+
+PROMPT_FIELDS = {  # PromptConfig field -> TINYGPTV_KEYS entry
+    "system": "prompt_system",
+    "separator": "prompt_separator",
+    "user_template": "prompt_user_template",
+    "text_user_template": "prompt_text_user_template",
+    "assistant_prefix": "prompt_assistant_prefix",
+}
+
+
+def read_prompt(gf: GGUFFile) -> PromptConfig:
+    values = {
+        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
+    }
+    return PromptConfig(**values)
+
+
+def read_image_tokens(gf: GGUFFile) -> int:
+    n = int(_get(gf, TINYGPTV_KEYS["image_tokens"], INT_TYPES, "an integer"))
+    if n <= 0:
+        raise GGUFModelError(f"{gf.path}: {TINYGPTV_KEYS['image_tokens']}: expected > 0, got {n}")
+    return n

@@ -1,0 +1,150 @@
+"""Test helper: write a reference PhiModel as a `tinygptv-phi2` GGUF following runtime/contract.py.
+
+Used until the GGUF exporter (issue 4) is on this branch; written independently of it so that the two
+sides are checked against the contract, not against each other's code. Quantization goes through
+ggml's own `ggml_quantize_chunk` (the `gguf` package has no K-quant quantizer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinygptv_edge.runtime.config import LanguageConfig, PromptConfig
+from tinygptv_edge.runtime.contract import (
+    CANONICAL_TO_GGUF_BLOCK,
+    CANONICAL_TO_GGUF_GLOBAL,
+    GGUF_ARCH,
+    TINYGPTV_KEYS,
+    gguf_key,
+)
+
+
+def quantize(arr: np.ndarray, type_name: str) -> np.ndarray:
+    """(rows, n) float32 -> raw bytes (rows, row_size) of ggml type `type_name`."""
+    from tinygptv_edge.runtime.ggml_runtime import load_ggml
+
+    ggml = load_ggml()
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    rows, n = arr.shape
+    type_id = getattr(ggml, f"GGML_TYPE_{type_name}")
+    row_size = ggml.ggml_row_size(type_id, n)
+    out = np.empty((rows, row_size), dtype=np.uint8)
+    written = ggml.ggml_quantize_chunk(
+        type_id, arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.ctypes.data, 0, rows, n, None
+    )
+    assert written == out.nbytes
+    return out
+
+
+def phi_gguf_tensors(phi) -> dict[str, np.ndarray]:
+    """GGUF name -> float32 array (numpy order), qkv rows reordered (heads, 3, D) -> (3, heads, D)."""
+    cfg: LanguageConfig = phi.cfg
+    sd = {f"language.{k}": v.detach().float().numpy() for k, v in phi.state_dict().items()}
+    out = {}
+    for canon, name in CANONICAL_TO_GGUF_GLOBAL.items():
+        out[name] = sd[canon]
+    for i in range(cfg.layers):
+        for canon, name in CANONICAL_TO_GGUF_BLOCK.items():
+            a = sd[canon.format(i=i)]
+            if "query_key_value" in canon:
+                a = a.reshape(cfg.heads, 3, cfg.head_dim, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+            out[name.format(i=i)] = a
+    return out
+
+
+def write_gguf(
+    path: Path,
+    phi,
+    tokenizer_json: Path,
+    wtype: str = "F32",
+    prompt: PromptConfig | None = None,
+    image_tokens: int = 4,
+    arch: str = GGUF_ARCH,
+    override: dict[str, np.ndarray] | None = None,
+    skip: tuple[str, ...] = (),
+) -> Path:
+    """Write `phi` with matmul weights (and token_embd) in `wtype`; norms and biases F32."""
+    import gguf
+
+    cfg: LanguageConfig = phi.cfg
+    prompt = prompt or PromptConfig()
+    w = gguf.GGUFWriter(str(path), arch)
+    ints = {
+        "context_length": cfg.max_positions,
+        "embedding_length": cfg.hidden,
+        "block_count": cfg.layers,
+        "feed_forward_length": cfg.intermediate,
+        "head_count": cfg.heads,
+        "head_count_kv": cfg.heads,
+        "rope_dimension_count": cfg.rotary_dim,
+        "vocab_size": cfg.vocab_size,
+    }
+    for k, v in ints.items():
+        w.add_uint32(gguf_key(k, arch), v)
+    floats = {
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "qk_norm_epsilon": cfg.qk_norm_eps,
+        "layer_norm_rms_epsilon": cfg.post_norm_eps,
+        "rope_freq_base": cfg.rope_theta,
+    }
+    for k, v in floats.items():
+        w.add_float32(gguf_key(k, arch), v)
+    w.add_uint32(TINYGPTV_KEYS["stage"], 3)
+    w.add_uint32(TINYGPTV_KEYS["image_tokens"], image_tokens)
+    for field, key in (
+        ("system", "prompt_system"),
+        ("separator", "prompt_separator"),
+        ("user_template", "prompt_user_template"),
+        ("text_user_template", "prompt_text_user_template"),
+        ("assistant_prefix", "prompt_assistant_prefix"),
+    ):
+        w.add_string(TINYGPTV_KEYS[key], getattr(prompt, field))
+
+    tok = json.loads(Path(tokenizer_json).read_text())
+    vocab = tok["model"]["vocab"]
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    eot = vocab["<|endoftext|>"]
+    w.add_bos_token_id(eot)
+    w.add_eos_token_id(eot)
+
+    tensors = phi_gguf_tensors(phi)
+    tensors.update(override or {})
+    for name, a in tensors.items():
+        if name in skip:
+            continue
+        if a.ndim == 2 and wtype != "F32" and a.dtype == np.float32:
+            if wtype == "F16":
+                w.add_tensor(name, a.astype(np.float16))
+            else:
+                q = quantize(a, wtype)
+                w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType[wtype])
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def randomize_norms(phi, seed: int = 0) -> None:
+    """Give every norm weight/bias a non-trivial value so the test sees a wrong wiring."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in phi.named_parameters():
+            if "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))

@@ -1,0 +1,206 @@
+"""The ggml decoder against the torch reference (export/model/phi.py) on tiny models.
+
+Layers of checks: F32 logits within 1e-3 of the logit range and 32 greedy tokens identical; F16/Q8_0/
+Q4_0 (and K-quants at hidden 256) close by KL divergence and top-1 agreement; embeddings input equals
+token input; KV-cache decoding equals a full recompute; truncate/reset rewind the cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _decoder_gguf import randomize_norms, write_gguf
+
+from tinygptv_edge.runtime.config import LanguageConfig
+from tinygptv_edge.runtime.decoder import Decoder
+from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
+
+PROMPT = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3, 200, 45, 18, 2]
+
+
+@pytest.fixture(scope="module")
+def phi(tiny):
+    return tiny.model.language
+
+
+@pytest.fixture(scope="module")
+def tok_json(tiny):
+    return tiny.synth.phi2 / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def gguf_files(phi, tok_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dec")
+    return {t: write_gguf(out / f"tiny.{t}.gguf", phi, tok_json, t) for t in ("F32", "F16", "Q8_0", "Q4_0")}
+
+
+@pytest.fixture(scope="module")
+def wide(tok_json, tmp_path_factory):
+    """hidden 256: K-quants (256-element blocks) apply to every matmul weight."""
+    from tinygptv_edge.export.model.phi import PhiModel
+
+    cfg = LanguageConfig(
+        vocab_size=512, hidden=256, layers=2, heads=4, intermediate=512, max_positions=256, partial_rotary_factor=0.5
+    )
+    torch.manual_seed(0)
+    model = PhiModel(cfg).eval()
+    randomize_norms(model)
+    out = tmp_path_factory.mktemp("wide")
+    files = {t: write_gguf(out / f"wide.{t}.gguf", model, tok_json, t) for t in ("F32", "Q4_K", "Q5_K", "Q6_K")}
+    return model, files
+
+
+def ref_logits(phi, ids) -> np.ndarray:
+    with torch.no_grad():
+        return phi(phi.embed(torch.tensor([ids]))).numpy()[0]  # (T, V)
+
+
+def kl_top1(p_logits: np.ndarray, q_logits: np.ndarray) -> tuple[float, float]:
+    """Mean KL(p || q) over positions and the top-1 agreement."""
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    return float(kl), float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean())
+
+
+def greedy_ref(phi, ids, steps):
+    out, ids = [], list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(phi(phi.embed(torch.tensor([ids])))[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def greedy_dec(dec, ids, steps):
+    out = []
+    logits = dec.eval_tokens(ids)
+    for _ in range(steps):
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        logits = dec.eval_tokens([nxt])
+    return out
+
+
+def test_f32_parity_and_greedy(phi, gguf_files):
+    ref = ref_logits(phi, PROMPT)
+    with Decoder(gguf_files["F32"], n_ctx=128, n_threads=2, kv_type="f32") as dec:
+        got = dec.eval_tokens(PROMPT, all_logits=True)
+        assert got.shape == ref.shape
+        err = np.abs(got - ref).max() / (ref.max() - ref.min())
+        assert err <= 1e-3, f"max abs diff {err:.2e} of the logit range"
+        dec.reset()
+        assert greedy_dec(dec, PROMPT[:4], 32) == greedy_ref(phi, PROMPT[:4], 32)
+
+
+def test_f16_kv_close(phi, gguf_files):
+    ref = ref_logits(phi, PROMPT)
+    with Decoder(gguf_files["F32"], n_ctx=128, n_threads=2) as dec:
+        got = dec.eval_tokens(PROMPT, all_logits=True)
+    assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= 5e-3
+    kl, top1 = kl_top1(ref, got)
+    assert kl < 1e-4 and top1 == 1.0
+
+
+@pytest.mark.parametrize(("wtype", "max_kl", "min_top1"), [("F16", 1e-4, 1.0), ("Q8_0", 1e-3, 0.9), ("Q4_0", 0.05, 0.6)])
+def test_quantized_close(phi, gguf_files, wtype, max_kl, min_top1):
+    with Decoder(gguf_files["F32"], n_ctx=64, n_threads=2) as dec:
+        base = dec.eval_tokens(PROMPT, all_logits=True)
+    with Decoder(gguf_files[wtype], n_ctx=64, n_threads=2) as dec:
+        got = dec.eval_tokens(PROMPT, all_logits=True)
+        if wtype == "Q4_0":
+            assert dec.repacked, "Q4_0 weights should go to the repack buffer on this CPU"
+    kl, top1 = kl_top1(base, got)
+    assert kl <= max_kl and top1 >= min_top1, (wtype, kl, top1)
+
+
+def test_wide_f32_and_kquants(wide):
+    model, files = wide
+    ref = ref_logits(model, PROMPT)
+    with Decoder(files["F32"], n_ctx=64, n_threads=2, kv_type="f32") as dec:
+        got = dec.eval_tokens(PROMPT, all_logits=True)
+    assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= 1e-3
+    for wtype in ("Q4_K", "Q5_K", "Q6_K"):
+        with Decoder(files[wtype], n_ctx=64, n_threads=2) as dec:
+            q = dec.eval_tokens(PROMPT, all_logits=True)
+        kl, top1 = kl_top1(got, q)
+        assert kl <= 0.05 and top1 >= 0.6, (wtype, kl, top1)
+
+
+def test_embeddings_equal_tokens(gguf_files):
+    for wtype in ("F32", "Q4_0"):
+        with Decoder(gguf_files[wtype], n_ctx=64, n_threads=2) as dec:
+            a = dec.eval_tokens(PROMPT, all_logits=True)
+            emb = dec.embed_tokens(PROMPT)
+            assert emb.shape == (len(PROMPT), dec.n_embd) and emb.dtype == np.float32
+            dec.reset()
+            b = dec.eval_embeddings(emb, all_logits=True)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_embed_tokens_matches_reference(phi, gguf_files):
+    with Decoder(gguf_files["F32"], n_ctx=16) as dec:
+        np.testing.assert_array_equal(dec.embed_tokens(PROMPT), phi.embed_tokens.weight.detach().numpy()[PROMPT])
+
+
+def test_cache_decode_equals_recompute(gguf_files):
+    with Decoder(gguf_files["Q8_0"], n_ctx=64, n_threads=2, n_batch=5) as dec:
+        full = dec.eval_tokens(PROMPT, all_logits=True)  # batches of 5, 5, 5, 1
+        dec.reset()
+        step = np.stack([dec.eval_tokens([t]) for t in PROMPT])
+        assert dec.n_past == len(PROMPT)
+        np.testing.assert_allclose(step, full, rtol=0, atol=1e-4 * (full.max() - full.min()))
+        # rewind and continue: equal to the same positions computed the first time
+        dec.truncate(6)
+        again = dec.eval_tokens(PROMPT[6:], all_logits=True)
+        np.testing.assert_allclose(again, full[6:], rtol=0, atol=1e-4 * (full.max() - full.min()))
+
+
+def test_mixed_embeddings_and_tokens(phi, gguf_files):
+    """An 'image' block of embeddings between token pieces, as the pipeline feeds it."""
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((4, phi.cfg.hidden)).astype(np.float32) * 0.1
+    head, tail = PROMPT[:5], PROMPT[5:9]
+    with torch.no_grad():
+        embeds = torch.cat([phi.embed(torch.tensor(head)), torch.from_numpy(img), phi.embed(torch.tensor(tail))])
+        ref = phi(embeds[None])[0, -1].numpy()
+    with Decoder(gguf_files["F32"], n_ctx=64, kv_type="f32") as dec:
+        dec.eval_tokens(head)
+        dec.eval_embeddings(img)
+        got = dec.eval_tokens(tail)
+    assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= 1e-3
+
+
+def test_metadata_read(tiny, gguf_files):
+    with Decoder(gguf_files["Q4_0"], n_ctx=32) as dec:
+        assert (dec.n_embd, dec.n_vocab, dec.n_ctx, dec.image_tokens) == (64, tiny.cfg.language.vocab_size, 32, 4)
+        assert dec.prompt == tiny.cfg.prompt
+        text = "Human: hello there###"
+        assert dec.tokenizer.encode(text) == tiny.tokenizer.encode(text)
+        assert dec.tokenizer.bos_id == tiny.tokenizer.bos_id
+
+
+def test_context_and_argument_errors(gguf_files):
+    with Decoder(gguf_files["F32"], n_ctx=16) as dec:
+        dec.eval_tokens(PROMPT[:10])
+        with pytest.raises(ContextOverflowError, match="10 cached \\+ 7 new"):
+            dec.eval_tokens(PROMPT[:7])
+        assert dec.n_past == 10
+        with pytest.raises(ConfigError, match="outside the vocabulary"):
+            dec.eval_tokens([dec.n_vocab])
+        with pytest.raises(ConfigError, match="expected shape"):
+            dec.eval_embeddings(np.zeros((2, 3), np.float32))
+        with pytest.raises(ConfigError, match="NaN"):
+            dec.eval_embeddings(np.full((1, dec.n_embd), np.nan, np.float32))
+        with pytest.raises(ConfigError, match="truncate"):
+            dec.truncate(11)
+    with pytest.raises(ConfigError, match="trained context"):
+        Decoder(gguf_files["F32"], n_ctx=100000)
+    with pytest.raises(ConfigError, match="kv_type"):
+        Decoder(gguf_files["F32"], kv_type="q8")

@@ -1,0 +1,369 @@
+"""The end-to-end runtime on the tiny model: ONNX vision + a decoder, against the PyTorch reference.
+
+Decoders: `ref` (the reference language model behind the Decoder interface, tests/pipeline_doubles.py)
+checks the pipeline's own logic; `ggml` (runtime/decoder.py on the exported F32 GGUF) is the real
+end-to-end parity and is skipped only while that module does not exist.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinygptv_edge.runtime.errors import (
+    ConfigError,
+    ContextOverflowError,
+    ImageError,
+    ModelFileError,
+    ModelMismatchError,
+    PipelineBusyError,
+)
+from tinygptv_edge.runtime.pipeline import Pipeline
+from tinygptv_edge.runtime.preprocess import preprocess
+from tinygptv_edge.runtime.sampling import SamplingConfig
+from tinygptv_edge.runtime.vision import VisionEncoder
+
+torch = pytest.importorskip("torch")
+from pipeline_doubles import RefDecoder, ScriptedDecoder  # noqa: E402
+
+N = 8  # new tokens per answer
+GREEDY = SamplingConfig(max_new_tokens=N)
+
+
+def photo(seed: int, size=(80, 60)) -> bytes:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tiny, tmp_path_factory):
+    """The tiny model exported: FP32 ONNX vision graph and (when the exporter exists) an F32 GGUF."""
+    from tinygptv_edge.export.gguf_export import export_gguf
+    from tinygptv_edge.export.onnx_export import export_vision
+
+    out = tmp_path_factory.mktemp("dist")
+    onnx_path = export_vision(tiny.model, out).path
+    gguf_path = out / "language.f32.gguf"
+    export_gguf(tiny.model, tiny.tokenizer, gguf_path, "F32")
+    return onnx_path, gguf_path
+
+
+def _has_ggml_decoder() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tinygptv_edge.runtime.decoder") is not None
+
+
+def _pipes(kind, tiny, files):
+    onnx_path, gguf_path = files
+    if kind == "ggml":
+        pytest.importorskip("tinygptv_edge.runtime.decoder")
+        language = gguf_path
+    else:
+        language = lambda: RefDecoder(tiny.model, tiny.tokenizer)  # noqa: E731
+    made = []
+
+    def make(**kw):
+        pipe = Pipeline(vision=kw.pop("vision", onnx_path), language=kw.pop("language", language), **kw)
+        made.append(pipe)
+        return pipe
+
+    return make, made
+
+
+@pytest.fixture(params=["ref", "ggml"])
+def make_pipe(request, tiny, files):
+    """Parity tests run on both decoders."""
+    make, made = _pipes(request.param, tiny, files)
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def make_any(tiny, files):
+    """Logic tests run once: on the ggml decoder when it exists, else on the reference stand-in."""
+    make, made = _pipes("ggml" if _has_ggml_decoder() else "ref", tiny, files)
+    yield make
+    for p in made:
+        p.close()
+
+
+def reference_tokens(tiny, prompt_embeds: torch.Tensor) -> list[int]:
+    tok = tiny.tokenizer
+    return tiny.model.generate(prompt_embeds, N, (tok.eos_id,), tok, tiny.cfg.prompt.separator)
+
+
+def pixels(tiny, data: bytes) -> torch.Tensor:
+    from tinygptv_edge.runtime.images import load_image
+
+    return torch.from_numpy(preprocess(load_image(data), tiny.cfg.preprocess))[None]
+
+
+# -- vision --------------------------------------------------------------------------------------
+
+
+def test_vision_encoder_matches_reference(tiny, files):
+    enc = VisionEncoder(files[0])
+    assert enc.preprocess_cfg == tiny.cfg.preprocess
+    assert (enc.num_query_tokens, enc.embed_dim) == (tiny.cfg.num_image_tokens, tiny.cfg.language.hidden)
+    px = torch.cat([pixels(tiny, photo(1)), pixels(tiny, photo(2))])
+    got = enc.embed(px.numpy())
+    assert got.shape == (2, enc.num_query_tokens, enc.embed_dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, tiny.model.embed_image(px).numpy(), atol=1e-4, rtol=1e-4)
+    enc.release()
+    assert not enc.loaded
+    np.testing.assert_array_equal(enc.embed(px.numpy()), got)  # reloaded on demand
+    with pytest.raises(ConfigError, match="pixel_values"):
+        enc.embed(np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_vision_file_errors(tmp_path, files):
+    with pytest.raises(ModelFileError, match="not found"):
+        VisionEncoder(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelFileError, match="cannot load"):
+        VisionEncoder(junk)
+    import onnx
+
+    proto = onnx.load(str(files[0]))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ModelFileError, match="metadata lacks"):
+        VisionEncoder(bare)
+
+
+def test_vision_width_must_match_decoder(make_any, files, tmp_path):
+    import onnx
+
+    from tinygptv_edge.runtime.contract import ONNX_META
+
+    proto = onnx.load(str(files[0]))
+    for p in proto.metadata_props:
+        if p.key == ONNX_META["embed_dim"]:
+            p.value = "80"
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(proto, str(wrong))
+    with pytest.raises(ModelMismatchError, match="vision output width 80 != decoder embedding width 64"):
+        make_any(vision=wrong)
+
+
+def test_missing_language_file(tmp_path, files):
+    pytest.importorskip("tinygptv_edge.runtime.decoder")
+    from tinygptv_edge.runtime.errors import TinyGPTVError
+
+    with pytest.raises(TinyGPTVError):
+        Pipeline(vision=files[0], language=tmp_path / "missing.gguf")
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def test_greedy_answer_equals_reference(make_pipe, tiny):
+    pipe = make_pipe()
+    data = photo(3)
+    ans = pipe.ask("what is in the picture?", data, GREEDY)
+    prompt = tiny.cfg.prompt.first_turn("what is in the picture?")
+    want = reference_tokens(tiny, tiny.model.prompt_embeds(prompt, tiny.tokenizer, pixels(tiny, data)))
+    assert list(ans.token_ids) == want
+    assert ans.stop in ("max_new_tokens", "separator", "eos")
+    assert ans.text == tiny.tokenizer.decode(want).split("###")[0].strip()
+    t = ans.timings
+    assert t.images == 1 and t.prefill_tokens > tiny.cfg.num_image_tokens and t.first_token_ms > 0
+
+
+def test_text_only_answer_equals_reference(make_pipe, tiny):
+    pipe = make_pipe()
+    ans = pipe.ask("say something", None, GREEDY)
+    prompt = tiny.cfg.prompt.first_turn("say something", with_image=False)
+    want = reference_tokens(tiny, tiny.model.prompt_embeds(prompt, tiny.tokenizer))
+    assert list(ans.token_ids) == want and ans.timings.images == 0
+
+
+def test_streaming_equals_non_streaming(make_pipe):
+    pipe = make_pipe()
+    data = photo(4)
+    turn = pipe.stream("describe it", data, GREEDY)
+    pieces = list(turn)
+    whole = pipe.ask("describe it", data, GREEDY)
+    assert "".join(pieces) == whole.text == turn.answer.text
+    assert turn.answer.token_ids == whole.token_ids
+
+
+def conversation_embeds(tiny, chat_turns) -> torch.Tensor:
+    """Reference embeddings of a whole conversation built from scratch: each turn's text (first turn
+    with BOS, later ones after the separator) with its image, and the tokens each answer produced."""
+    tok, cfg, model = tiny.tokenizer, tiny.cfg, tiny.model
+    parts = []
+    for i, (question, data, answer_ids) in enumerate(chat_turns):
+        if i == 0:
+            text = cfg.prompt.first_turn(question, data is not None)
+        else:
+            text = "###" + cfg.prompt.turn(question, data is not None)
+        before, _, after = text.partition("<ImageHere>")
+        ids = ([tok.bos_id] if i == 0 else []) + tok.encode(before)
+        parts.append(model.language.embed(torch.tensor(ids)))
+        if data is not None:
+            parts.append(model.embed_image(pixels(tiny, data))[0])
+            parts.append(model.language.embed(torch.tensor(tok.encode(after))))
+        if answer_ids is not None:
+            parts.append(model.language.embed(torch.tensor(list(answer_ids), dtype=torch.long)))
+    return torch.cat(parts)[None]
+
+
+def test_multi_turn_equals_fresh_run_on_concatenated_conversation(make_pipe, tiny):
+    pipe = make_pipe()
+    chat = pipe.chat(GREEDY)
+    questions = [
+        ("first question", photo(5)),
+        ("a text-only follow-up", None),
+        ("a second picture", photo(6)),
+    ]
+    answers = [chat.ask(q, img) for q, img in questions]
+    for k in (1, 2):  # turn k, fresh: all earlier turns with their answers, then turn k's question
+        history = [(q, img, a.token_ids) for (q, img), a in zip(questions[:k], answers[:k], strict=True)]
+        embeds = conversation_embeds(tiny, [*history, (*questions[k], None)])
+        assert list(answers[k].token_ids) == reference_tokens(tiny, embeds)
+    # the KV cache was reused: a later turn evaluates its own text (and the last answer token) only
+    turn2 = len(tiny.tokenizer.encode("###" + tiny.cfg.prompt.turn(questions[1][0], False)))
+    assert answers[1].timings.prefill_tokens <= turn2 + 1
+    assert answers[2].timings.prefill_tokens <= 40 + tiny.cfg.num_image_tokens
+
+
+def test_two_chats_interleaved_match_each_alone(make_any):
+    pipe = make_any()
+    a, b = pipe.chat(GREEDY), pipe.chat(GREEDY)
+    a1, b1 = a.ask("alpha", photo(7)), b.ask("beta", photo(8))
+    a2 = a.ask("alpha again")
+    solo = pipe.chat(GREEDY)
+    assert solo.ask("alpha", photo(7)).token_ids == a1.token_ids
+    assert solo.ask("alpha again").token_ids == a2.token_ids
+    assert b1.token_ids == pipe.ask("beta", photo(8), GREEDY).token_ids
+
+
+def test_image_cache(make_any):
+    pipe = make_any()
+    first = pipe.ask("q", photo(9), GREEDY)
+    again = pipe.ask("q", photo(9), GREEDY)
+    assert again.timings.images_cached == 1 and first.timings.images_cached == 0
+    assert again.token_ids == first.token_ids
+    off = make_any(image_cache_size=0)
+    assert off.ask("q", photo(9), GREEDY).timings.images_cached == 0
+
+
+def test_sampling_with_seed_is_reproducible(make_any):
+    pipe = make_any()
+    cfg = SamplingConfig(max_new_tokens=N, do_sample=True, top_p=0.9, repetition_penalty=1.05, seed=11)
+    assert pipe.ask("x", photo(1), cfg).token_ids == pipe.ask("x", photo(1), cfg).token_ids
+
+
+# -- stops and history --------------------------------------------------------------------------
+
+
+def test_stop_at_separator_and_history(tiny, files):
+    tok = tiny.tokenizer
+    answer, rest = tok.encode("a cat"), tok.encode("###Human: junk")
+    dec = ScriptedDecoder(tiny.model, tok, answer + rest)
+    pipe = Pipeline(vision=files[0], language=dec)
+    chat = pipe.chat(SamplingConfig(max_new_tokens=50))
+    a1 = chat.ask("what?", photo(1))
+    assert a1.stop == "separator" and a1.text == "a cat"
+    assert list(a1.token_ids[: len(answer)]) == answer and len(a1.token_ids) < len(answer + rest)
+    before = list(chat.positions)
+    assert before[-len(answer) :] == answer  # separator tokens are not part of the history
+    dec.script, dec.produced = [tok.eos_id], 0
+    a2 = chat.ask("more?")
+    assert a2.stop == "eos" and a2.token_ids == () and a2.text == ""
+    assert chat.positions == before + tok.encode("###" + tiny.cfg.prompt.turn("more?", False))
+
+
+def test_max_new_tokens_and_context_stop(tiny, files):
+    tok = tiny.tokenizer
+    dec = ScriptedDecoder(tiny.model, tok, tok.encode(" word") * 400, n_ctx=80)
+    pipe = Pipeline(vision=files[0], language=dec)
+    assert pipe.ask("q", None, SamplingConfig(max_new_tokens=3)).stop == "max_new_tokens"
+    dec.produced = 0
+    ans = pipe.ask("q", None, SamplingConfig(max_new_tokens=300))
+    assert ans.stop == "context" and dec.n_past == 80
+
+
+# -- errors, threads, memory --------------------------------------------------------------------
+
+
+def test_prompt_overflow_is_typed_and_pipeline_stays_usable(make_any, tiny):
+    pipe = make_any()
+    chat = pipe.chat(GREEDY)
+    first = chat.ask("short", photo(2))
+    with pytest.raises(ContextOverflowError, match=r"context holds 256") as e:
+        chat.ask("word " * 300)
+    assert e.value.n_ctx == 256 and e.value.n_past == len(chat.positions)
+    assert e.value.n_past + e.value.n_new > 256 and e.value.n_new > 300
+    assert chat.turns == 1  # the failed turn was not added
+    with pytest.raises(ImageError):
+        chat.ask("bad image", b"not an image")
+    again = pipe.ask("short", photo(2), GREEDY)
+    assert again.token_ids == first.token_ids
+
+
+def test_same_thread_reentry_is_refused_and_recovers(make_any):
+    pipe = make_any()
+    stream = pipe.stream("q", photo(3), SamplingConfig(max_new_tokens=N))
+    next(iter(stream), None)
+    with pytest.raises(PipelineBusyError, match="already runs a turn"):
+        pipe.ask("other", None, GREEDY)
+    stream.close()
+    assert stream.answer is not None and stream.answer.stop == "closed"
+    pipe.ask("other", None, GREEDY)
+
+
+def test_concurrent_calls_are_serialized(make_any):
+    pipe = make_any()
+    want = {i: pipe.ask(f"question {i}", photo(i), GREEDY).token_ids for i in range(3)}
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            streamed = pipe.stream(f"question {i}", photo(i), GREEDY)
+            text = "".join(streamed)
+            got[i] = (text, streamed.answer.token_ids)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and {i: g[1] for i, g in got.items()} == want
+    assert all(got[i][0] == pipe.ask(f"question {i}", photo(i), GREEDY).text for i in got)
+
+
+def test_busy_timeout_rejects_clearly(make_any):
+    pipe = make_any(busy_timeout=0.05)
+    stream = pipe.stream("q", None, GREEDY)
+    next(iter(stream), None)
+    err = []
+    t = threading.Thread(target=lambda: err.append(pytest.raises(PipelineBusyError, pipe.ask, "x")))
+    t.start()
+    t.join()
+    stream.close()
+    assert err and "busy" in str(err[0].value)
+
+
+def test_low_memory_mode_same_answers(make_any):
+    resident = make_any()
+    low = make_any(low_memory=True)
+    assert not low.vision.loaded
+    chat_r, chat_l = resident.chat(GREEDY), low.chat(GREEDY)
+    for q, img in (("one", photo(1)), ("two", None), ("three", photo(2))):
+        assert chat_l.ask(q, img).token_ids == chat_r.ask(q, img).token_ids
+        assert not low.vision.loaded  # released before decoding
