@@ -18,6 +18,7 @@ COMMANDS = {
     "synth": "tinygptv_edge.export.synth_cli",
     "export-onnx": "tinygptv_edge.export.onnx_cli",
     "export-gguf": "tinygptv_edge.export.gguf_cli",
+    "report": "tinygptv_edge.calib.report_cli",
 }
 
 
