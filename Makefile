@@ -46,3 +46,11 @@ GGUF_LEVEL ?= Q4_0
 export-gguf: setup
 	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
 		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
+
+# Accuracy report: every vision x language level of the shipped model vs fp32 + F32, on its VQA test split.
+# Builds the exports it needs into $(DIST)/report/artifacts (cached); writes report.{json,md,html}.
+# REPORT_ARGS: more flags, e.g. --max-size-mib 200, --cells axes, --vision int8-minmax --language Q4_K_M.
+REPORT_ARGS ?=
+.PHONY: report
+report: setup
+	$(VENV)/bin/tinygptv-edge report --out $(DIST)/report $(REPORT_ARGS)

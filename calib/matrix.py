@@ -131,17 +131,21 @@ class Runner:
         self.max_new_tokens = max_new_tokens
         self.ref_logits: list[np.ndarray] | None = None
 
-    def n_ctx(self, image_tokens: int) -> int:
+    def n_ctx(self, image_tokens: int, n_ctx_train: int) -> int:
+        """Positions one question needs, rounded up to 256 (at most the trained context)."""
         p = self.prep
-        need = len(p.prefix) + image_tokens + max(map(len, p.suffix))
-        need += max(max(map(len, p.target)), self.max_new_tokens) + 1
-        return -(-need // 256) * 256
+        width = max(len(s) + len(t) - 1 for s, t in zip(p.suffix, p.target, strict=True))
+        tail = max(width, max(map(len, p.suffix)) + self.max_new_tokens)
+        need = len(p.prefix) + image_tokens + tail + 1
+        if need > n_ctx_train:
+            raise ReportError(f"a question needs {need} positions, the model's context holds {n_ctx_train}")
+        return min(-(-need // 256) * 256, n_ctx_train)
 
-    def open(self, path: str, n_threads: int | None, n_ctx_train: int | None = None):
+    def open(self, path: str, n_threads: int | None):
         from tinygptv_edge.runtime.decoder import Decoder
 
-        probe = Decoder(path, n_ctx=256, n_threads=n_threads)
-        need = self.n_ctx(probe.image_tokens)
+        probe = Decoder(path, n_ctx=1, n_threads=n_threads)
+        need = self.n_ctx(probe.image_tokens, probe.hparams.n_ctx_train)
         probe.close()
         return Decoder(path, n_ctx=need, n_threads=n_threads)
 
@@ -151,13 +155,19 @@ class Runner:
         dec.reset()
         dec.eval_tokens(p.prefix)
         n0 = dec.n_past
+        width = max(len(s) + len(t) - 1 for s, t in zip(p.suffix, p.target, strict=True))
+        pad = dec.tokenizer.eos_id
         logits_all, answers = [], []
         for q in range(len(p.suffix)):
             dec.truncate(n0)
             dec.eval_embeddings(embeds[p.image_index[q]])
             n_prompt = dec.n_past + len(p.suffix[q])
-            target = p.target[q]
-            lg = dec.eval_tokens(p.suffix[q] + target[:-1], all_logits=True)[len(p.suffix[q]) - 1 :]
+            target, s = p.target[q], len(p.suffix[q])
+            ids = p.suffix[q] + target[:-1]
+            # padded to one length for every question: causal attention leaves the real positions
+            # unchanged, and one graph shape is built once instead of once per question length
+            ids += [pad] * (width - len(ids))
+            lg = dec.eval_tokens(ids, all_logits=True)[s - 1 : s - 1 + len(target)]
             logits_all.append(lg)  # (len(target), V)
             answers.append(self._greedy(dec, lg, target, n_prompt))
             if progress:

@@ -4,7 +4,8 @@
     python -m tinygptv_edge.calib.probe language FILE.gguf --threads N [--prompt T] [--decode D]
 
 prints one JSON object: load seconds, vision ms/image (median of K after one warm-up), prefill and
-decode tokens/s (a T-position prompt of token rows, then D greedy single-token steps), and
+decode tokens/s (a T-position prompt, then D greedy single-token steps; median of 3 rounds after
+one that builds the graphs), and
 peak RSS in MiB (`ru_maxrss`). Only runtime modules are imported (no torch).
 """
 
@@ -49,7 +50,7 @@ def probe_vision(path: str, threads: int, images: int) -> dict:
     return {"load_s": load, "ms_per_image": float(np.median(ms)), "peak_rss_mib": _peak_rss_mib()}
 
 
-def probe_language(path: str, threads: int, prompt: int, decode: int) -> dict:
+def probe_language(path: str, threads: int, prompt: int, decode: int, repeats: int = 3) -> dict:
     from tinygptv_edge.runtime.decoder import Decoder
 
     t0 = time.perf_counter()
@@ -57,17 +58,17 @@ def probe_language(path: str, threads: int, prompt: int, decode: int) -> dict:
     load = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     ids = rng.integers(0, dec.n_vocab, size=prompt).tolist()
-    dec.eval_tokens(ids[:8])  # warm-up (graph build)
-    dec.reset()
-    t0 = time.perf_counter()
-    logits = dec.eval_tokens(ids)
-    prefill = time.perf_counter() - t0
-    tok = int(np.argmax(logits))
-    dec.eval_tokens([tok])  # warm-up of the single-token graph
-    t0 = time.perf_counter()
-    for _ in range(decode):
-        tok = int(np.argmax(dec.eval_tokens([tok])))
-    dt = time.perf_counter() - t0
+    prefill, dt = [], []
+    for _ in range(repeats + 1):  # the first round builds the graphs and is not counted
+        dec.reset()
+        t0 = time.perf_counter()
+        tok = int(np.argmax(dec.eval_tokens(ids)))
+        prefill.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(decode):
+            tok = int(np.argmax(dec.eval_tokens([tok])))
+        dt.append(time.perf_counter() - t0)
+    prefill, dt = float(np.median(prefill[1:])), float(np.median(dt[1:]))
     dec.close()
     return {
         "load_s": load,

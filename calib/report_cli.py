@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-noise-floor", action="store_true", help="skip the 1-thread re-run of the reference")
     p.add_argument("--no-probe", action="store_true", help="skip the speed / peak-RSS probes")
+    p.add_argument("--render-only", action="store_true", help="re-render OUT/report.json (no measuring)")
     b = p.add_argument_group("budget for the recommendation")
     b.add_argument("--max-size-mib", type=float, help="total size (vision + language) at most")
     b.add_argument("--min-accuracy", type=float, help="exact match %% at least")
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
 
     t0 = time.perf_counter()
+    if args.render_only:
+        return _render_only(cfg)
     try:
         paths = make_report(cfg, progress)
     finally:
@@ -88,4 +91,24 @@ def run(args: argparse.Namespace) -> int:
     for p in paths.values():
         print(f"wrote {p}")
     print(f"{len(doc['cells'])} cells in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _render_only(cfg) -> int:
+    from pathlib import Path
+
+    from tinygptv_edge.runtime.errors import ReportError
+
+    from .report import recommend
+    from .report_run import write_outputs
+
+    src = Path(cfg.out) / "report.json"
+    if not src.is_file():
+        raise ReportError(f"--render-only: expected {src} from an earlier run, found none")
+    doc = json.loads(src.read_text())
+    doc["recommendation"] = recommend(doc["cells"], cfg.budget)  # a new budget applies at once
+    doc["budget"] = {k: getattr(cfg.budget, k) for k in ("max_size_mib", "min_accuracy", "max_drop")}
+    for p in write_outputs(doc, cfg.out).values():
+        print(f"wrote {p}")
+    print(doc["recommendation"]["text"])
     return 0

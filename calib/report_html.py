@@ -25,14 +25,15 @@ padding-bottom:4px}.sub{color:#5b6773;margin:0 0 16px}
 .rec{background:#eef7ee;border:1px solid #9cc99c;border-radius:6px;padding:12px 16px;font-size:15px}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}.grid img,.plot img{width:100%;height:auto;
 border:1px solid #e3e7ec;border-radius:4px}
-table{border-collapse:collapse;font-size:12.5px;margin:6px 0;width:100%}
+table{border-collapse:collapse;font-size:12px;margin:6px 0}
 th,td{border:1px solid #dde3ea;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#f3f6f9;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
+th{background:#f3f6f9;white-space:normal;vertical-align:bottom;max-width:90px}td:first-child,th:first-child{text-align:left}
 td.note{white-space:normal;text-align:left;color:#5b6773;min-width:200px}
 .wrap{overflow-x:auto}.ex{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}
 .card{border:1px solid #dde3ea;border-radius:6px;padding:8px;display:flex;gap:10px;align-items:flex-start}
 .card img{width:96px;height:96px;image-rendering:pixelated;border-radius:3px;flex:none}
-.card .q{font-weight:600}.bad{color:#b3261e}.good{color:#1e7b34}.muted{color:#5b6773;font-size:12px}
+.card>div{min-width:0;overflow-wrap:anywhere}.card .q{font-weight:600}
+.plot.wide{max-width:860px}.bad{color:#b3261e}.good{color:#1e7b34}.muted{color:#5b6773;font-size:12px}
 """
 
 
@@ -93,7 +94,7 @@ def plot_kl(doc: dict) -> str:
     plt = _plt()
     rows = [r for r in doc["cells"] if r["vision"] == REFERENCE_VISION and not r["reference"]]
     vis = [r for r in doc["cells"] if r["language"] == REFERENCE_LANGUAGE and not r["reference"]]
-    fig, axes = plt.subplots(1, 2, figsize=(8.8, 3.6), gridspec_kw={"width_ratios": [max(len(rows), 1),
+    fig, axes = plt.subplots(1, 2, figsize=(8.8, 3.2), gridspec_kw={"width_ratios": [max(len(rows), 1),
                              max(len(vis), 1)]})  # fmt: skip
     for ax, rs, title, key in ((axes[0], rows, "language levels (vision fp32)", "language"),
                                (axes[1], vis, "vision levels (language F32)", "vision")):  # fmt: skip
@@ -114,7 +115,7 @@ def plot_kl(doc: dict) -> str:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("KL(reference || level), nats")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Next-token KL divergence over reference answers", fontsize=11)
+    fig.suptitle("Next-token KL divergence over reference answers", fontsize=11, y=1.04)
     return _png(fig)
 
 
@@ -150,16 +151,32 @@ def _thumb(folder: Path, rel: str, size: int = 96) -> str:
         return ""
 
 
-def _table_html(head: list[str], rows: list[list[str]], note_col: str | None = None) -> str:
+def _heat(text: str, high_is_good: bool) -> str:
+    """A background from red (bad) to green (good) for a percentage cell ('' when not a number)."""
+    try:
+        v = float(text.rstrip("*"))
+    except ValueError:
+        return ""
+    t = min(max(v / 100.0, 0.0), 1.0)
+    hue = 120 * (t if high_is_good else 1 - t)
+    return f' style="background:hsl({hue:.0f},65%,86%)"'
+
+
+def _table_html(
+    head: list[str], rows: list[list[str]], note_col: str | None = None, heat: bool | None = None
+) -> str:
+    """`heat`: colour the value cells (True: high is good, False: low is good, None: no colour)."""
     if not head:
         return "<p class=muted>not measured</p>"
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = []
     for r in rows:
         tds = []
-        for h, c in zip(head, r, strict=True):
-            cls = ' class="note"' if h == note_col else ""
-            tds.append(f"<td{cls}>{html.escape(c)}</td>")
+        for i, (h, c) in enumerate(zip(head, r, strict=True)):
+            attr = ' class="note"' if h == note_col else ""
+            if heat is not None and i > 0:
+                attr += _heat(c, heat)
+            tds.append(f"<td{attr}>{html.escape(c)}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     return (
         f'<div class="wrap"><table><thead><tr>{th}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
@@ -185,8 +202,8 @@ def _examples(doc: dict) -> str:
     return f'<div class="ex">{"".join(cards)}</div>'
 
 
-def _img(alt: str, b64: str) -> str:
-    return f'<div class="plot"><img alt="{alt}" src="data:image/png;base64,{b64}"></div>'
+def _img(alt: str, b64: str, cls: str = "plot") -> str:
+    return f'<div class="{cls}"><img alt="{alt}" src="data:image/png;base64,{b64}"></div>'
 
 
 def render_html(doc: dict) -> str:
@@ -205,15 +222,15 @@ def render_html(doc: dict) -> str:
         _img("accuracy vs size", plot_accuracy_vs_size(doc)),
         _img("exact match per type", plot_types(doc)),
         "</div>",
-        _img("KL per level", plot_kl(doc)),
+        _img("KL per level", plot_kl(doc), "plot wide"),
         "<h2>Language levels (vision fp32)</h2>",
         _table_html(*R.language_rows(doc)),
         "<h2>Vision levels (language F32)</h2>",
         _table_html(*R.vision_rows(doc), note_col="note"),
         "<h2>Exact match % per cell (* Pareto front)</h2>",
-        _table_html(*R.matrix_rows(doc, "em")),
+        _table_html(*R.matrix_rows(doc, "em"), heat=True),
         "<h2>Answers flipped vs the reference, %</h2>",
-        _table_html(*R.matrix_rows(doc, "flip_rate")),
+        _table_html(*R.matrix_rows(doc, "flip_rate"), heat=False),
         "<h2>Worst examples</h2>",
         _examples(doc),
         "<h2>Noise floor</h2>",

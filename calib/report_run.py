@@ -127,8 +127,6 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     from . import probe as P
     from .matrix import choose_cells, prepare, run_matrix
     from .presets import get_preset
-    from .report_html import render_html
-    from .report_md import render_markdown
 
     say = progress or (lambda *_: None)
     out = Path(cfg.out)
@@ -221,6 +219,16 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     }
     doc = build_document(result, evalset, art_docs, cfg.budget, settings, provenance, cfg.n_boot, cfg.seed,
                          cfg.n_examples)  # fmt: skip
+    return write_outputs(doc, out)
+
+
+def write_outputs(doc: dict, out: str | Path) -> dict[str, Path]:
+    """report.json, report.md, report.html from the document, each verified before it replaces the old."""
+    from .report_html import render_html
+    from .report_md import render_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in FILES}
     _write_atomic(paths["report.json"], json.dumps(doc, indent=1), json.loads)
     _write_atomic(paths["report.md"], render_markdown(doc), lambda t: t.startswith("# "))
