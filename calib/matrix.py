@@ -74,7 +74,7 @@ class VisionAxis:
 class MatrixResult:
     vision: dict[str, VisionAxis] = field(default_factory=dict)
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
-    noise_cell: Cell | None = None  # the reference again with 1 thread
+    noise_cell: Cell | None = None  # the reference again at another thread count
     noise_vision: VisionAxis | None = None
     seconds: float = 0.0
 
@@ -128,7 +128,8 @@ class Runner:
 
     def __init__(self, prep: Prepared, max_new_tokens: int = 16):
         self.prep = prep
-        self.max_new_tokens = max_new_tokens
+        # an answer longer than the longest reference answer + 4 tokens cannot match any: stop there
+        self.max_new_tokens = min(max_new_tokens, max(map(len, prep.target)) + 4)
         self.ref_logits: list[np.ndarray] | None = None
 
     def n_ctx(self, image_tokens: int, n_ctx_train: int) -> int:
@@ -242,9 +243,10 @@ def run_matrix(
         embeds[v], ms = embed_all(vision_paths[v], prep.pixels, n_threads)
         res.vision[v] = vision_axis(v, embeds[REFERENCE_VISION], embeds[v], ms)
         say("vision levels", i + 1, len(needed))
+    other = 2 if n_threads == 1 else 1  # the noise floor: the reference at another thread count
     if noise_floor:
-        e1, ms = embed_all(vision_paths[REFERENCE_VISION], prep.pixels, 1)
-        res.noise_vision = vision_axis("fp32 (1 thread)", embeds[REFERENCE_VISION], e1, ms)
+        e1, ms = embed_all(vision_paths[REFERENCE_VISION], prep.pixels, other)
+        res.noise_vision = vision_axis(f"fp32 ({other} threads)", embeds[REFERENCE_VISION], e1, ms)
     runner = Runner(prep, max_new_tokens)
     total, done = len(cells) + int(noise_floor), 0
     for lang in [lang for lang in language_paths if any(c[1] == lang for c in cells)]:
@@ -259,9 +261,9 @@ def run_matrix(
         finally:
             dec.close()
         if lang == REFERENCE_LANGUAGE and noise_floor:
-            dec = runner.open(language_paths[lang], 1)
+            dec = runner.open(language_paths[lang], other)
             try:
-                res.noise_cell = runner.run(dec, "fp32 (1 thread)", "F32 (1 thread)", e1)
+                res.noise_cell = runner.run(dec, f"fp32 ({other} threads)", f"F32 ({other} threads)", e1)
             finally:
                 dec.close()
             done += 1

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-images", help="calibration image folder (default: VQA calibration split)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration images (INT8 ranges, imatrix)")
     p.add_argument("--preset", default="x86-vnni", help="INT8 preset (calib/presets.py)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="evaluation threads (default 1)")
+    p.add_argument("--probe-threads", type=int, default=2, help="threads of the speed probes (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         n_calib=args.n_calib,
         preset=args.preset,
         threads=args.threads,
+        probe_threads=args.probe_threads,
         max_new_tokens=args.max_new_tokens,
         n_boot=args.n_boot,
         seed=args.seed,

@@ -121,7 +121,7 @@ def noise_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     ax = n.get("vision_axis") or {}
     head = ["run", "embedding cosine min", "SQNR dB", "KL mean", "KL max", "same top-1 %", "flips %"]
     row = [
-        "reference again with 1 thread (vs the run's threads)",
+        f"reference again: {n['vision']} + {n['language']}",
         _f(ax.get("cosine_min"), ".6f"),
         _f(ax.get("sqnr_db"), ".1f", "inf (identical)"),
         _f(n["kl"]["mean"], ".2e"),
@@ -149,7 +149,8 @@ def render_markdown(doc: dict) -> str:
         f"Evaluation set: {e['questions']} questions on {e['images']} images ({', '.join(e['types'])}), "
         f"`{e['folder']}` (sha256 {e['sha256'][:16]}). Greedy answers, at most {s['max_new_tokens']} "
         f"tokens; KL is over the reference answer's tokens, teacher-forced with the image as prefix. "
-        f"CIs: paired bootstrap, {s['n_boot']} resamples, seed {s['seed']}. Threads: {s['threads']}.\n",
+        f"CIs: paired bootstrap, {s['n_boot']} resamples, seed {s['seed']}. Threads: {s['threads']} "
+        f"(speed probes: {s.get('probe_threads', '-')}, each level in its own process).\n",
         "## Recommendation\n",
         doc["recommendation"]["text"] + "\n",
         "## Language levels (vision fp32)\n",
