@@ -150,7 +150,8 @@ class Runner:
         probe.close()
         return Decoder(path, n_ctx=need, n_threads=n_threads)
 
-    def run(self, dec, vision: str, language: str, embeds: np.ndarray, progress=None) -> Cell:
+    def run(self, dec, vision: str, language: str, embeds: np.ndarray, n: int | None = None) -> Cell:
+        """One cell over the first `n` questions (all by default)."""
         p = self.prep
         t0 = time.perf_counter()
         dec.reset()
@@ -159,7 +160,7 @@ class Runner:
         width = max(len(s) + len(t) - 1 for s, t in zip(p.suffix, p.target, strict=True))
         pad = dec.tokenizer.eos_id
         logits_all, answers = [], []
-        for q in range(len(p.suffix)):
+        for q in range(min(n or len(p.suffix), len(p.suffix))):
             dec.truncate(n0)
             dec.eval_embeddings(embeds[p.image_index[q]])
             n_prompt = dec.n_past + len(p.suffix[q])
@@ -171,8 +172,6 @@ class Runner:
             lg = dec.eval_tokens(ids, all_logits=True)[s - 1 : s - 1 + len(target)]
             logits_all.append(lg)  # (len(target), V)
             answers.append(self._greedy(dec, lg, target, n_prompt))
-            if progress:
-                progress(q + 1, len(p.suffix))
         if self.ref_logits is None:
             self.ref_logits = logits_all
         cell = self._compare(vision, language, logits_all, answers)
@@ -199,7 +198,7 @@ class Runner:
     def _compare(self, vision: str, language: str, logits: list[np.ndarray], answers: list[str]) -> Cell:
         assert self.ref_logits is not None
         kl, top1, dp, nll, per_q = [], [], [], [], []
-        for q, (ref, got) in enumerate(zip(self.ref_logits, logits, strict=True)):
+        for q, (ref, got) in enumerate(zip(self.ref_logits[: len(logits)], logits, strict=True)):
             t = np.asarray(self.prep.target[q])
             k = M.kl_divergence(ref, got)
             kl.append(k)
@@ -231,6 +230,7 @@ def run_matrix(
     max_new_tokens: int = 16,
     noise_floor: bool = True,
     progress: Progress | None = None,
+    noise_questions: int = 60,
 ) -> MatrixResult:
     t_start = time.perf_counter()
     say = progress or (lambda *_: None)
@@ -263,7 +263,8 @@ def run_matrix(
         if lang == REFERENCE_LANGUAGE and noise_floor:
             dec = runner.open(language_paths[lang], other)
             try:
-                res.noise_cell = runner.run(dec, f"fp32 ({other} threads)", f"F32 ({other} threads)", e1)
+                name = f"({other} threads)"
+                res.noise_cell = runner.run(dec, f"fp32 {name}", f"F32 {name}", e1, noise_questions)
             finally:
                 dec.close()
             done += 1

@@ -54,17 +54,19 @@ def _pct(x: float) -> float:
 def summarize_cell(
     cell: Cell, ref: Cell, evalset: EvalSet, size_bytes: int, n_boot: int, seed: int
 ) -> dict[str, object]:
-    answers = [it.answer for it in evalset.items]
+    n = len(cell.answers)  # the noise floor may cover only the first questions
+    items = evalset.items[:n]
+    answers = [it.answer for it in items]
     em = M.exact_match(cell.answers, answers).astype(float)
-    em_ref = M.exact_match(ref.answers, answers).astype(float)
-    flip = M.flips(ref.answers, cell.answers).astype(float)
+    em_ref = M.exact_match(ref.answers[:n], answers).astype(float)
+    flip = M.flips(ref.answers[:n], cell.answers).astype(float)
     ci = M.bootstrap_mean(em, n_boot, seed)
     drop = M.paired_bootstrap(em_ref, em, n_boot, seed)
     fl = M.bootstrap_mean(flip, n_boot, seed)
-    by_type: dict[str, float] = {}
+    by_type: dict[str, float | None] = {}
     for t in evalset.types:
-        mask = np.array([it.qtype == t for it in evalset.items])
-        by_type[t] = _pct(em[mask].mean())
+        mask = np.array([it.qtype == t for it in items])
+        by_type[t] = _pct(em[mask].mean()) if mask.any() else None
     return {
         "vision": cell.vision,
         "language": cell.language,
@@ -81,9 +83,10 @@ def summarize_cell(
         "kl": M.summarize(cell.kl),
         "same_top1": _pct(cell.top1.mean()),
         "delta_p": float(cell.dp.mean()),
-        "ppl_ratio": M.perplexity_ratio(ref.nll, cell.nll),
+        "ppl_ratio": M.perplexity_ratio(ref.nll[: len(cell.nll)], cell.nll),
         "by_type": by_type,
         "seconds": round(cell.seconds, 3),
+        "questions": n,
     }
 
 

@@ -121,7 +121,7 @@ def noise_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     ax = n.get("vision_axis") or {}
     head = ["run", "embedding cosine min", "SQNR dB", "KL mean", "KL max", "same top-1 %", "flips %"]
     row = [
-        f"reference again: {n['vision']} + {n['language']}",
+        f"reference again: {n['vision']} + {n['language']}, first {n.get('questions', 'all')} questions",
         _f(ax.get("cosine_min"), ".6f"),
         _f(ax.get("sqnr_db"), ".1f", "inf (identical)"),
         _f(n["kl"]["mean"], ".2e"),
