@@ -102,32 +102,64 @@ def _quantized_consumers(qdq: onnx.ModelProto, op_types: tuple[str, ...]) -> dic
     return out
 
 
+def _saved_outputs(sess, feeds: dict) -> dict[str, list[np.ndarray]]:
+    """Run an augmented graph once: saved tensor name -> [flattened value] (collect_activations' shape)."""
+    from onnxruntime.quantization import qdq_loss_debug
+
+    postfix = getattr(qdq_loss_debug, "_TENSOR_SAVE_POSTFIX", "_ReshapedSavedOutput")
+    names = [o.name for o in sess.get_outputs()]
+    return {
+        n[: -len(postfix)]: [v]
+        for n, v in zip(names, sess.run(None, feeds), strict=True)
+        if n.endswith(postfix)
+    }
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    """20 log10(|x| / |x - y|) from sums of squares, clamped like onnxruntime's helper."""
+    eps = float(np.finfo(np.float32).eps)
+    return 10.0 * float(np.log10(max(signal, eps**2) / max(noise, eps**2)))
+
+
 def diagnose(
     float_path: Path, qdq_path: Path, pixels: np.ndarray, op_types: tuple[str, ...], work: Path
 ) -> Diagnostics:
-    """Per-activation SQNR of the QDQ graph vs the float graph on `pixels` (N,3,S,S)."""
+    """Per-activation SQNR of the QDQ graph vs the float graph on `pixels` (N,3,S,S).
+
+    Images are run one at a time and only sums of squares are kept, so memory holds one image's
+    activations (onnxruntime's `collect_activations` keeps every image's).
+    """
+    import onnxruntime as ort
     from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_activation_error,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
 
-    from tinygptv_edge.calib.reader import ArrayReader
+    from tinygptv_edge.runtime.contract import VISION_INPUT
 
     work.mkdir(parents=True, exist_ok=True)
     large = any(p.with_name(p.name + ".data").exists() for p in (float_path, qdq_path))
     aug_f, aug_q = work / "float.aug.onnx", work / "qdq.aug.onnx"
     modify_model_output_intermediate_tensors(str(float_path), str(aug_f), save_as_external_data=large)
     modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q), save_as_external_data=large)
-    S = pixels.shape[-1]
-    acts_f = collect_activations(str(aug_f), ArrayReader(pixels, S))
-    acts_q = collect_activations(str(aug_q), ArrayReader(pixels, S))
-    errors = compute_activation_error(create_activation_matching(acts_q, acts_f))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every saved tensor
+    opts.log_severity_level = 3
+    sess_f = ort.InferenceSession(str(aug_f), opts, providers=["CPUExecutionProvider"])
+    sess_q = ort.InferenceSession(str(aug_q), opts, providers=["CPUExecutionProvider"])
+    sums: dict[str, np.ndarray] = {}  # name -> [|pre|^2, |pre - post|^2, |float|^2, |float - post|^2]
+    for i in range(len(pixels)):
+        feeds = {VISION_INPUT: np.ascontiguousarray(pixels[i : i + 1], dtype=np.float32)}
+        match = create_activation_matching(_saved_outputs(sess_q, feeds), _saved_outputs(sess_f, feeds))
+        for name, m in match.items():
+            pre, post = m["pre_qdq"][0].astype(np.float64), m["post_qdq"][0].astype(np.float64)
+            ref = m["float"][0].astype(np.float64) if m.get("float") else pre
+            acc = sums.setdefault(name, np.zeros(4))
+            acc += [np.dot(pre, pre), np.sum((pre - post) ** 2), np.dot(ref, ref), np.sum((ref - post) ** 2)]
     consumers = _quantized_consumers(onnx.load(str(qdq_path), load_external_data=False), op_types)
     rows = [
-        TensorSqnr(name, float(e["qdq_err"]), float(e.get("xmodel_err", np.nan)), consumers.get(name, []))
-        for name, e in errors.items()
+        TensorSqnr(name, _sqnr(a[0], a[1]), _sqnr(a[2], a[3]), consumers.get(name, []))
+        for name, a in sums.items()
     ]
     rows.sort(key=lambda r: (r.qdq_sqnr, r.tensor))
     return Diagnostics(rows, len(pixels))

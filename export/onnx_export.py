@@ -239,6 +239,9 @@ def export_vision(
 ) -> ExportResult:
     """Export `model.vision` to `out_dir/cfg.file_name`, check parity, then publish atomically.
 
+    `model` is a TinyGPTV, or any module with the same `.vision` (VisionTower) and `.cfg`
+    (the benchmark exports a full-size tower without building the language model).
+
     `sources` maps checkpoint file names to their sha256 (recorded in metadata_props).
     Raises ParityError (nothing written) when onnxruntime and torch disagree.
     """

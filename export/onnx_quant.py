@@ -98,25 +98,54 @@ def _quant_types(preset: QuantPreset):
     return qt[preset.activation_type], qt[preset.weight_type], methods[preset.method]
 
 
+def _calibrate(pre: Path, pixels: np.ndarray, preset: QuantPreset, cache: Path, large: bool) -> None:
+    """Ranges (or histograms) of every tensor around the quantized ops, saved as a calibration cache.
+
+    One image per `collect_data` call: quantize_static would keep all images' intermediate outputs
+    at once (about 1.3 GB per image at full size); here only one image's are alive at a time.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    _, _, method = _quant_types(preset)
+    with tempfile.TemporaryDirectory(prefix="calib.", dir=cache.parent) as work:
+        calibrator = create_calibrator(
+            pre,
+            list(preset.op_types),
+            augmented_model_path=str(Path(work) / "augmented.onnx"),
+            calibrate_method=method,
+            use_external_data_format=large,
+            # ranges from the two-sided histogram: the one-sided (absolute) one cannot bin a
+            # near-constant tensor (e.g. a softmax over few keys) and numpy raises
+            extra_options={"symmetric": False, "percentile": preset.percentile},
+        )
+        for i in range(len(pixels)):
+            calibrator.collect_data(ArrayReader(pixels[i : i + 1], pixels.shape[-1]))
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+
+
 def _run_static(
     pre: Path, out: Path, pixels: np.ndarray, preset: QuantPreset, exclude: list[str], cache: Path
 ):
+    """quantize_static with the ranges of `cache` (calibrated first when it does not exist)."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     act, weight, method = _quant_types(preset)
+    large = _model_bytes(pre) > PROTOBUF_LIMIT // 2
     extra = {
         "ActivationSymmetric": preset.activation_symmetric,
         "WeightSymmetric": True,
-        # ranges from the two-sided histogram: the one-sided (absolute) one cannot bin a near-constant
-        # tensor (e.g. a softmax over few keys) and numpy raises
-        "CalibTensorRangeSymmetric": False,
-        "CalibPercentile": preset.percentile,
+        # no Q/DQ on MatMul/Conv outputs: the ops between them (LayerNorm, Softmax, GELU, residual
+        # adds) read float tensors and run in float; DQ -> MatMul becomes MatMulIntegerToFloat
+        "OpTypesToExcludeOutputQuantization": list(preset.op_types),
     }
     try:
+        if not cache.is_file():
+            _calibrate(pre, pixels, preset, cache, large)
         quantize_static(
             str(pre),
             str(out),
-            ArrayReader(pixels, pixels.shape[-1]),
+            None,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(preset.op_types),
             per_channel=preset.per_channel,
@@ -124,13 +153,13 @@ def _run_static(
             activation_type=act,
             weight_type=weight,
             nodes_to_exclude=exclude,
-            use_external_data_format=_model_bytes(pre) > PROTOBUF_LIMIT // 2,
+            use_external_data_format=large,
             calibrate_method=method,
             extra_options=extra,
             calibration_cache_path=str(cache),
         )
-    except (ValueError, RuntimeError, AssertionError) as e:
-        raise QuantizationError(f"onnxruntime quantize_static ({preset.method}) failed: {e}") from e
+    except (ValueError, RuntimeError, AssertionError, TypeError) as e:
+        raise QuantizationError(f"onnxruntime static quantization ({preset.method}) failed: {e}") from e
 
 
 def _session(path: Path):
@@ -156,6 +185,12 @@ def verify(fp32: Path, quantized: Path, pixels: np.ndarray, min_cosine: float) -
     if bad:
         raise QuantizationError(
             f"quantized graph: expected finite outputs, got {bad} NaN/inf value(s); not written"
+        )
+    bad = int(want.size - np.isfinite(want).sum())
+    if bad:
+        raise QuantizationError(
+            f"check images: the FP32 graph itself gives {bad} NaN/inf value(s), so INT8 cannot be verified; "
+            "expected check pixels the FP32 graph handles"
         )
     cos = float(cosine_rows(got, want).min())
     if not cos >= min_cosine:

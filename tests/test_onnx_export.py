@@ -163,3 +163,47 @@ def test_bad_export_config():
         E.ExportConfig(opset=13)
     with pytest.raises(ConfigError, match="atol"):
         ParityConfig(atol=0)
+
+
+def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
+    from tinygptv_edge.cli import main
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, im in enumerate(_images(4)):
+        im.save(imgs / f"{i}.png")
+    out = tmp_path / "dist"
+    args = ["export-onnx", "--single", str(tiny_single), "--out", str(out), "--calib-images", str(imgs)]
+    assert main([*args, "--dynamic", "--diagnostics", "--fallback-k", "1", "--method", "entropy"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["diagnostics", VISION_FILE_FP32, "vision.int8-dynamic.onnx", "vision.int8.onnx"]
+    assert sorted(p.name for p in (out / "diagnostics").iterdir()) == ["sqnr.json", "sqnr.txt"]
+    text = capsys.readouterr().out
+    assert "cosine vs FP32" in text and "kept in float" in text
+    meta = E.read_metadata(onnx.load(str(out / VISION_FILE_FP32), load_external_data=False))
+    from tinygptv_edge.export.single import file_sha256
+
+    assert json.loads(meta[ONNX_META["source_sha256"]]) == {
+        "model.safetensors": file_sha256(tiny_single / "model.safetensors")
+    }
+
+
+def test_cli_errors_are_typed(tmp_path, monkeypatch, capsys):
+    from tinygptv_edge.cli import main
+    from tinygptv_edge.export import default as D
+    from tinygptv_edge.export import onnx_cli
+
+    monkeypatch.setattr(D, "default_model_dir", lambda: tmp_path / "no-model")
+    assert main(["export-onnx", "--out", str(tmp_path / "o")]) == 2
+    assert "shipped default model is missing" in capsys.readouterr().err
+    assert main(["export-onnx", "--phi2", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "together" in capsys.readouterr().err
+
+    def no_vqa(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(onnx_cli.importlib, "import_module", no_vqa)
+    from tinygptv_edge.runtime.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="calib/vqa.py"):
+        onnx_cli.default_calibration_folder(tmp_path, 4)
