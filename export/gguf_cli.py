@@ -28,11 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth")
     src.add_argument("--stage-ckpt", help="TinyGPT-V_for_StageN.pth")
     src.add_argument("--stage", type=int, default=3, choices=[1, 2, 3, 4])
+    src.add_argument("--config", help="TinyGPTVConfig JSON for other sizes (default: real sizes)")
+    p.add_argument("--threads", type=int, help="quantizer threads (default: CPU count, at most 16)")
     p.add_argument("--pure", action="store_true", help="every weight at the level's type (no mix rules)")
     im = p.add_argument_group("importance matrix (quantized levels)")
     im.add_argument("--imatrix-images", help="folder of calibration images")
     im.add_argument("--prompts", help="text file, one question per line (default: a few generic questions)")
     im.add_argument("--answer-tokens", type=int, default=0, help="greedy answer tokens also counted")
+    im.add_argument("--imatrix-out", help="also save the collected importance matrix (.npz)")
+    im.add_argument("--imatrix", help="use a saved importance matrix (.npz) instead of collecting one")
     p.set_defaults(func=run)
 
 
@@ -49,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     src, model = _load_source(args, need_model=bool(args.imatrix_images))
     imatrix = None
-    if args.imatrix_images:
+    if args.imatrix:
+        from .gguf_imatrix import Imatrix
+
+        imatrix = Imatrix.load(args.imatrix)
+    elif args.imatrix_images:
         imatrix = _collect(args, model, src.tokenizer)
+        if args.imatrix_out:
+            imatrix.save(args.imatrix_out)
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, done: int, total: int) -> None:
@@ -60,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
 
     try:
-        report = export_source(src, out, level.name, imatrix=imatrix, pure=args.pure, progress=progress)
+        report = export_source(
+            src, out, level.name, imatrix=imatrix, pure=args.pure, progress=progress, threads=args.threads
+        )
     finally:
         for bar in bars.values():
             bar.close()
@@ -84,12 +96,20 @@ def _load_source(args: argparse.Namespace, need_model: bool):
     if any(official) or args.stage_ckpt:
         if not all(official):
             raise CheckpointError("official checkpoints need --phi2, --eva and --blip2 (and --stage-ckpt)")
+        from tinygptv_edge.runtime.config import TinyGPTVConfig
+        from tinygptv_edge.runtime.tokenizer import Tokenizer
+
         from .loaders import load_tinygptv
 
+        cfg = TinyGPTVConfig.load(args.config) if args.config else None
         model, _ = load_tinygptv(
-            phi2=args.phi2, eva=args.eva, blip2=args.blip2, stage=args.stage_ckpt, stage_num=args.stage
+            phi2=args.phi2,
+            eva=args.eva,
+            blip2=args.blip2,
+            stage=args.stage_ckpt,
+            stage_num=args.stage,
+            cfg=cfg,
         )
-        from tinygptv_edge.runtime.tokenizer import Tokenizer
 
         files = [Path(p) for p in (args.eva, args.blip2, args.stage_ckpt) if p]
         files += sorted(Path(args.phi2).glob("*.safetensors")) or sorted(Path(args.phi2).glob("*.bin"))

@@ -69,7 +69,7 @@ class GGUFReport:
     path: Path
     level: str
     tensors: list[TensorPlan]
-    max_rel_error: dict[str, float] = field(default_factory=dict)  # GGUF name -> max row error / row max
+    max_rel_error: dict[str, float] = field(default_factory=dict)  # GGUF name -> error (verify_gguf)
     imatrix_used: list[str] = field(default_factory=list)
 
     @property
@@ -132,6 +132,8 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         t = t.detach().to(torch.float32).cpu().numpy()
     a = np.asarray(t, dtype=np.float32)
+    if a.shape != plan.shape:
+        raise ShapeMismatchError(plan.source, plan.shape, a.shape, src.label)
     bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
         raise NonFiniteTensorError(plan.source, bad, src.label)
@@ -139,7 +141,7 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
     if plan.qtype != Q.F32 and peak > F16_MAX:
         raise ExportError(
             f"{plan.source} in {src.label}: |value| up to {peak:.4g} exceeds the fp16 range ({F16_MAX}) "
-            f"that {plan.qtype.name} stores; export this level with --pure F32 or rescale the weights"
+            f"that {plan.qtype.name} stores; export at F32 or rescale the weights"
         )
     if ".attn_qkv." in plan.name:
         a = qkv_to_gguf(a, src.cfg.language.heads)
@@ -156,15 +158,23 @@ def export_gguf(
     sha256: dict[str, str] | None = None,
     pure: bool = False,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> GGUFReport:
     """Write `model.language` (a TinyGPTV, LoRA merged) as GGUF at level `ftype` ("F32" ... "Q5_K_M").
 
     `imatrix`: an Imatrix (gguf_imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
     squared input; used by the quantized types only.
-    `sha256`: source file name -> hash, stored in the file. Returns what was written and verified.
+    `sha256`: source file name -> hash, stored in the file. `threads`: quantizer threads (default: the
+    CPU count, at most 16). Returns what was written and verified.
     """
     return export_source(
-        model_source(model, tokenizer, sha256), out_path, ftype, imatrix=imatrix, pure=pure, progress=progress
+        model_source(model, tokenizer, sha256),
+        out_path,
+        ftype,
+        imatrix=imatrix,
+        pure=pure,
+        progress=progress,
+        threads=threads,
     )
 
 
@@ -177,6 +187,7 @@ def export_source(
     imatrix_info: dict[str, int | str] | None = None,
     pure: bool = False,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> GGUFReport:
     """`export_gguf` for any LanguageSource; the file appears at `out_path` only once verified."""
     from gguf import GGUFWriter
@@ -203,7 +214,7 @@ def export_source(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, p in enumerate(plans):
-            data = quantize(gguf_array(src, p), p.qtype, (imatrix or {}).get(p.name))
+            data = quantize(gguf_array(src, p), p.qtype, (imatrix or {}).get(p.name), threads)
             w.write_tensor_data(data)
             if progress:
                 progress("write", i + 1, len(plans))
@@ -254,11 +265,11 @@ def verify_gguf(
 ) -> dict[str, float]:
     """Re-read `path`: every tensor's name, shape and type as planned, and its values within BOUNDS.
 
-    Returns GGUF name -> the measured error (row: max |err| / max |source|; with an imatrix entry:
-    the weighted relative RMS of the tensor).
+    Tensor data are read one tensor at a time (not through the reader's whole-file mapping, whose
+    touched pages would add up to the file size). Returns GGUF name -> the measured error (row max
+    |err| / max |source|; with an imatrix entry, the tensor's weighted relative RMS).
     """
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
         reader = GGUFReader(str(path))
@@ -270,45 +281,64 @@ def verify_gguf(
     got = [t.name for t in reader.tensors]
     if got != [p.name for p in plans]:
         raise ExportError(f"{path}: expected tensors {[p.name for p in plans][:5]}..., got {got[:5]}...")
+    layout = [(t, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    del reader
     errors = {}
-    for i, (t, p) in enumerate(zip(reader.tensors, plans, strict=True)):
-        shape = tuple(int(n) for n in reversed(t.shape))
-        if shape != p.shape or Q(t.tensor_type) != p.qtype:
-            raise ExportError(
-                f"{path}: {p.name} expected {p.qtype.name} {p.shape}, got {Q(t.tensor_type).name} {shape}"
-            )
-        deq = dequantize(t.data, p.qtype).reshape(p.shape).astype(np.float32)
-        ref = gguf_array(src, p)
-        im = (imatrix or {}).get(p.name)
-        errors[p.name] = _check_values(p, deq, ref, im, path)
-        if progress:
-            progress("verify", i + 1, len(plans))
+    with open(path, "rb") as f:
+        for i, ((t, offset, nbytes), p) in enumerate(zip(layout, plans, strict=True)):
+            shape = tuple(int(n) for n in reversed(t.shape))
+            if shape != p.shape or Q(t.tensor_type) != p.qtype or nbytes != p.nbytes:
+                raise ExportError(
+                    f"{path}: {p.name} expected {p.qtype.name} {p.shape} ({p.nbytes} bytes), got "
+                    f"{Q(t.tensor_type).name} {shape} ({nbytes} bytes)"
+                )
+            f.seek(offset)
+            raw = np.frombuffer(f.read(nbytes), dtype=np.uint8)
+            if raw.size != nbytes:
+                raise ExportError(f"{path}: {p.name} is truncated ({raw.size} of {nbytes} bytes)")
+            im = (imatrix or {}).get(p.name)
+            errors[p.name] = _check_values(p, raw, gguf_array(src, p), im, path)
+            if progress:
+                progress("verify", i + 1, len(plans))
     return errors
 
 
-def _check_values(p: TensorPlan, deq: np.ndarray, ref: np.ndarray, im: np.ndarray | None, path) -> float:
-    """Raise ExportError when `deq` is not within the type's bound of `ref`; return the error measured."""
-    bound = BOUNDS[p.qtype]
-    if not np.isfinite(deq).all():
-        raise ExportError(f"{path}: {p.name} ({p.qtype.name}) dequantizes to non-finite values")
-    rows_ref, rows_deq = ref.reshape(-1, p.shape[-1]), deq.reshape(-1, p.shape[-1])
-    diff = (rows_deq - rows_ref).astype(np.float64)
-    if im is not None and p.qtype != Q.F32:
-        den = float((im * rows_ref.astype(np.float64) ** 2).sum())
-        err = float(np.sqrt((im * diff**2).sum() / den)) if den > 0 else 0.0
-        if err > bound.weighted:
+def _check_values(p: TensorPlan, raw: np.ndarray, ref: np.ndarray, im: np.ndarray | None, path) -> float:
+    """Dequantize `raw` (gguf-py, independent of ggml) and hold it to the type's bound against `ref`.
+
+    Rows are checked in chunks so a large tensor needs no float64 copy of itself.
+    """
+    from gguf.quants import dequantize
+
+    bound, n = BOUNDS[p.qtype], p.shape[-1]
+    rows_raw, rows_ref = raw.reshape(-1, raw.size // ref.reshape(-1, n).shape[0]), ref.reshape(-1, n)
+    worst = num = den = 0.0
+    step = max(1, (1 << 22) // n)
+    for r0 in range(0, rows_ref.shape[0], step):
+        x = rows_ref[r0 : r0 + step]
+        d = dequantize(rows_raw[r0 : r0 + step], p.qtype).reshape(x.shape)
+        if not np.isfinite(d).all():
+            raise ExportError(f"{path}: {p.name} ({p.qtype.name}) dequantizes to non-finite values")
+        diff = (d - x).astype(np.float64)
+        if im is not None and p.qtype != Q.F32:
+            num += float((im * diff**2).sum())
+            den += float((im * x.astype(np.float64) ** 2).sum())
+            continue
+        err = np.abs(diff).max(axis=1)
+        scale = np.abs(x).max(axis=1).astype(np.float64)
+        bad = err > bound.row_max * scale + bound.floor
+        if bad.any():
+            row = int(np.argmax(bad))
             raise ExportError(
-                f"{path}: {p.name} ({p.qtype.name}) imatrix-weighted relative error {err:.3g} "
+                f"{path}: {p.name} ({p.qtype.name}) row {r0 + row} dequantizes {err[row]:.3g} away from "
+                f"the source; expected at most {bound.row_max} x row max {scale[row]:.3g} + {bound.floor}"
+            )
+        worst = max(worst, float((err / np.maximum(scale, 1e-30)).max()))
+    if im is not None and p.qtype != Q.F32:
+        worst = float(np.sqrt(num / den)) if den > 0 else 0.0
+        if worst > bound.weighted:
+            raise ExportError(
+                f"{path}: {p.name} ({p.qtype.name}) imatrix-weighted relative error {worst:.3g} "
                 f"exceeds its bound {bound.weighted}"
             )
-        return err
-    err_rows = np.abs(diff).max(axis=1)
-    scale = np.abs(rows_ref).max(axis=1).astype(np.float64)
-    bad = err_rows > bound.row_max * scale + bound.floor
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise ExportError(
-            f"{path}: {p.name} ({p.qtype.name}) row {row} dequantizes {err_rows[row]:.3g} away from the "
-            f"source; expected at most {bound.row_max} x row max {scale[row]:.3g} + {bound.floor}"
-        )
-    return float((err_rows / np.maximum(scale, 1e-30)).max())
+    return worst

@@ -13,8 +13,10 @@ and get none (as in llama.cpp).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,21 @@ class Imatrix:
     counts: dict[str, int]
     chunks: int  # calibration pairs run
     dataset: str = ""
+
+    def save(self, path: str | Path) -> None:
+        """An .npz file: one array per weight, plus the counts (reusable across levels)."""
+        meta = {"counts": self.counts, "chunks": self.chunks, "dataset": self.dataset}
+        np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **self.values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Imatrix:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(f["__meta__"].tobytes())
+                values = {k: f[k].astype(np.float32) for k in f.files if k != "__meta__"}
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"cannot read importance matrix {path}: {e}") from e
+        return cls(values, meta["counts"], meta["chunks"], meta.get("dataset", ""))
 
     def info(self) -> dict[str, int | str]:
         """The `quantize.imatrix.*` metadata llama.cpp writes."""

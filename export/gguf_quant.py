@@ -21,7 +21,9 @@ with an importance matrix ggml takes its weighted search path.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,10 +197,17 @@ def choose_type(level: Level, name: str, shape: tuple[int, ...], n_layers: int, 
 _F32P = ctypes.POINTER(ctypes.c_float)
 
 
-def quantize(data: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> np.ndarray:
+def default_threads() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def quantize(
+    data: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
     """(rows, n_per_row) float32 -> the tensor's bytes in `qtype`: uint8 (rows, row_nbytes), or F32/F16.
 
-    Quantized types go through `ggml_quantize_chunk`; `imatrix` (n_per_row,) weighs each column.
+    Quantized types go through `ggml_quantize_chunk` (rows split over `threads`; ctypes releases the
+    GIL); `imatrix` (n_per_row,) weighs each column.
     """
     import ggml
 
@@ -218,11 +227,20 @@ def quantize(data: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> n
         im_ptr = imatrix.ctypes.data_as(_F32P)
     nbytes = row_nbytes(qtype, n)
     out = np.empty((rows, nbytes), dtype=np.uint8)
-    written = ggml.ggml_quantize_chunk(
-        int(qtype), data.ctypes.data_as(_F32P), out.ctypes.data, 0, rows, n, im_ptr
-    )
+    src, dst = data.ctypes.data_as(_F32P), out.ctypes.data
+
+    def run(r0: int, count: int) -> int:
+        # `start` counts values; ggml offsets src by it and dst by start / n rows
+        return ggml.ggml_quantize_chunk(int(qtype), src, dst, r0 * n, count, n, im_ptr)
+
+    threads = threads or default_threads()
+    step = max(1, -(-rows // (4 * threads)), (1 << 16) // n)  # >= 64 Ki values a job
+    jobs = [(r0, min(step, rows - r0)) for r0 in range(0, rows, step)]
+    if threads == 1 or len(jobs) == 1:
+        written = sum(run(*j) for j in jobs)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            written = sum(pool.map(lambda j: run(*j), jobs))
     if written != out.nbytes:
-        raise ExportError(
-            f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.nbytes}"
-        )
+        raise ExportError(f"ggml_quantize_chunk wrote {written} bytes of {qtype.name}, expected {out.nbytes}")
     return out.reshape(*data.shape[:-1], nbytes)

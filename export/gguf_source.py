@@ -101,20 +101,22 @@ def single_source(folder: str | Path, with_hash: bool = True) -> LanguageSource:
         for k, v in {**N.expand(N.PHI_GLOBAL), **N.expand(N.PHI_LAYER, layers)}.items()
     }
     try:
-        handle = safe_open(str(weights), framework="pt")
-        official = {}
-        for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-            if not name.startswith(N.SINGLE_LM_PREFIX):
-                continue  # vision, Q-Former, projections: not the language model
-            if name not in table:
-                raise UnexpectedKeysError([name], str(weights))
-            official[table[name]] = name
-        shapes = {c: tuple(handle.get_slice(o).get_shape()) for c, o in official.items()}
+        with safe_open(str(weights), framework="pt") as handle:
+            official = {}
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if not name.startswith(N.SINGLE_LM_PREFIX):
+                    continue  # vision, Q-Former, projections: not the language model
+                if name not in table:
+                    raise UnexpectedKeysError([name], str(weights))
+                official[table[name]] = name
+            shapes = {c: tuple(handle.get_slice(o).get_shape()) for c, o in official.items()}
     except SafetensorError as e:
         raise CheckpointError(f"cannot read {weights}: {e}") from e
 
     def fetch(canonical: str) -> torch.Tensor:
-        return handle.get_tensor(official[canonical])
+        # a fresh mapping per tensor: pages read so far are unmapped again, so RSS stays one tensor
+        with safe_open(str(weights), framework="pt") as f:
+            return f.get_tensor(official[canonical])
 
     return LanguageSource(
         cfg=cfg,
