@@ -54,3 +54,9 @@ REPORT_ARGS ?=
 .PHONY: report
 report: setup
 	$(VENV)/bin/tinygptv-edge report --out $(DIST)/report $(REPORT_ARGS)
+
+.PHONY: bench-decoder
+# decoder speed/memory against stock llama.cpp (full size, random weights; see bench/decoder.py)
+bench-decoder: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/decoder.py

@@ -11,6 +11,7 @@ interface is fixed in notes/RUNTIME_API.md (the pipeline codes against it).
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,10 +168,8 @@ class Decoder:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------------------------------
     def _eval(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:

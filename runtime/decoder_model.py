@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers import AddedToken
+
 from .config import PromptConfig
-from .contract import GGUF_ARCH, GGUF_TENSORS_BLOCK, GGUF_TENSORS_GLOBAL, TINYGPTV_KEYS, gguf_key
+from .contract import (
+    GGUF_ARCH,
+    GGUF_TENSORS_BLOCK,
+    GGUF_TENSORS_GLOBAL,
+    GGUF_TOKEN_TYPE,
+    TINYGPTV_KEYS,
+    gguf_key,
+)
 from .errors import (
     ConfigError,
     GGUFModelError,
@@ -19,6 +28,8 @@ from .errors import (
 )
 from .gguf_file import STRING, GGUFFile, TensorInfo
 from .tokenizer import Tokenizer
+
+TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE["user_defined"]
 
 # ggml types a matmul weight may have; norms and biases are F32 (contract)
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
@@ -119,7 +130,9 @@ def read_hparams(gf: GGUFFile) -> HParams:
 
     n_head, n_head_kv = i("head_count"), i("head_count_kv")
     if n_head_kv != n_head:
-        raise GGUFModelError(f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}")
+        raise GGUFModelError(
+            f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}"
+        )
     try:
         return HParams(
             n_vocab=i("vocab_size"),
@@ -178,8 +191,22 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
     bad = next((m for m in merges.value if m.count(" ") != 1), None)
     if bad is not None:
         raise GGUFModelError(f"{gf.path}: tokenizer merge {bad!r}: expected 'left right'")
+    types = gf.fields.get("tokenizer.ggml.token_type")
+    if types is not None and (types.item_type not in INT_TYPES or len(types.value) != len(tokens.value)):
+        raise GGUFModelError(
+            f"{gf.path}: tokenizer.ggml.token_type: expected {len(tokens.value)} integers, "
+            f"got {types.type_name} of length {len(types.value) if types.item_type is not None else 1}"
+        )
     try:
-        return Tokenizer.from_vocab_merges(tokens.value, merges.value, bos, eos)
+        tok = Tokenizer.from_vocab_merges(tokens.value, merges.value, bos, eos)
+        if types is not None:  # added tokens match whole before BPE, as in the source tokenizer.json
+            added = [
+                AddedToken(tokens.value[i], special=bool(t == TOKEN_CONTROL), normalized=False)
+                for i, t in enumerate(types.value.tolist())
+                if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and i not in (bos, eos)
+            ]
+            tok.hf.add_tokens(added)
+        return tok
     except Exception as e:  # the tokenizers library raises its own exception types
         raise GGUFModelError(f"{gf.path}: cannot rebuild the tokenizer: {e}") from e
 

@@ -75,7 +75,13 @@ def build_graph(
     k_idx = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I64, T)
     v_idx = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I64, E * T)
     mask = ggml.ggml_new_tensor_2d(ctx, f32, n_kv, T)
-    for x_in, s in ((inp, "inp"), (pos, "inp_pos"), (k_idx, "inp_k_idx"), (v_idx, "inp_v_idx"), (mask, "mask")):
+    for x_in, s in (
+        (inp, "inp"),
+        (pos, "inp_pos"),
+        (k_idx, "inp_k_idx"),
+        (v_idx, "inp_v_idx"),
+        (mask, "mask"),
+    ):
         name(x_in, s)
         ggml.ggml_set_input(x_in)
 
@@ -83,7 +89,9 @@ def build_graph(
     kv_es = ggml.ggml_type_size(kv.type_id)
     for i in range(hp.n_layer):
         p = f"blk.{i}."
-        h = name(layer_norm(x, p + "attn_norm.weight", p + "attn_norm.bias", hp.eps_norm), f"/blk.{i}/attn_norm")
+        h = name(
+            layer_norm(x, p + "attn_norm.weight", p + "attn_norm.bias", hp.eps_norm), f"/blk.{i}/attn_norm"
+        )
         qkv = name(linear(h, p + "attn_qkv.weight", p + "attn_qkv.bias"), f"/blk.{i}/attn_qkv")  # (3E, T)
         nb1 = qkv.contents.nb[1]
         q = ggml.ggml_view_3d(ctx, qkv, D, H, T, D * 4, nb1, 0)  # (D, H, T)

@@ -14,6 +14,7 @@ repack buffer instead, and their mapped pages are dropped from memory.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import sys
@@ -36,7 +37,21 @@ def load_ggml():
     import ggml
 
     _fix_pointer_returns(ggml)
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = ggml.ggml_log_callback(_log)
+        ggml.ggml_log_set(_LOG_CALLBACK, None)
     return ggml
+
+
+_LOG = logging.getLogger("tinygptv_edge.ggml")
+_LOG_CALLBACK = None  # kept alive for as long as ggml may call it
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
+
+
+def _log(level: int, text: bytes, user_data) -> None:
+    """ggml's messages go to `logging` (its INFO chatter, e.g. each repacked tensor, as DEBUG)."""
+    _LOG.log(_LOG_LEVELS.get(level, logging.DEBUG), (text or b"").decode(errors="replace").rstrip())
 
 
 def _fix_pointer_returns(ggml) -> None:
@@ -99,7 +114,7 @@ def buft_supports_matmul(ggml, ctx, dev, buft, w) -> bool:
 
 @dataclass
 class Weights:
-    """Every GGUF tensor as a ggml tensor: `mapped` point into the file, `repacked` live in a repack buffer."""
+    """Every GGUF tensor as a ggml tensor: `mapped` ones point into the file, `repacked` ones live apart."""
 
     tensors: dict[str, object]
     mapped: list[str]

@@ -14,6 +14,7 @@ list or handing a bad pointer to C. This module needs no ggml and no `gguf` pack
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -274,15 +275,17 @@ class GGUFFile:
     def close(self) -> None:
         if self._mm is not None:
             self.data = np.empty(0, dtype=np.uint8)
-            try:
+            with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
                 self._mm.close()
-            except BufferError:  # a view is still alive; the mapping goes with it
-                pass
             self._mm = None
 
 
 def _check_tensors(
-    path: Path, infos: list[tuple[str, tuple[int, ...], int, int]], alignment: int, data_offset: int, size: int
+    path: Path,
+    infos: list[tuple[str, tuple[int, ...], int, int]],
+    alignment: int,
+    data_offset: int,
+    size: int,
 ) -> dict[str, TensorInfo]:
     """Types known, shapes whole blocks, offsets aligned, extents inside the file and disjoint."""
     tensors: dict[str, TensorInfo] = {}
@@ -316,7 +319,7 @@ def _check_tensors(
             )
         tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
     spans = sorted(tensors.values(), key=lambda t: t.offset)
-    for a, b in zip(spans, spans[1:]):
+    for a, b in zip(spans, spans[1:], strict=False):
         if a.offset + a.nbytes > b.offset:
             raise GGUFFormatError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the file")
     return tensors

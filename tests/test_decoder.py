@@ -10,12 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _decoder_gguf import randomize_norms, write_gguf
+from _decoder_gguf import randomize_norms
 
-from tinygptv_edge.runtime.config import LanguageConfig
+from tinygptv_edge.export.gguf_export import export_gguf, export_source
+from tinygptv_edge.export.gguf_source import model_source
+from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
 
+LEVELS = ("F32", "F16", "Q8_0", "Q4_0")
+WIDE_LEVELS = ("F32", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
 PROMPT = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3, 200, 45, 18, 2]
 
 
@@ -25,29 +29,33 @@ def phi(tiny):
 
 
 @pytest.fixture(scope="module")
-def tok_json(tiny):
-    return tiny.synth.phi2 / "tokenizer.json"
-
-
-@pytest.fixture(scope="module")
-def gguf_files(phi, tok_json, tmp_path_factory):
+def gguf_files(tiny, tmp_path_factory):
+    """The tiny model through the real exporter (issue 4), at each level the tests use."""
     out = tmp_path_factory.mktemp("dec")
-    return {t: write_gguf(out / f"tiny.{t}.gguf", phi, tok_json, t) for t in ("F32", "F16", "Q8_0", "Q4_0")}
+    return {t: export_gguf(tiny.model, tiny.tokenizer, out / f"tiny.{t}.gguf", t).path for t in LEVELS}
 
 
 @pytest.fixture(scope="module")
-def wide(tok_json, tmp_path_factory):
+def wide(tiny, tmp_path_factory):
     """hidden 256: K-quants (256-element blocks) apply to every matmul weight."""
     from tinygptv_edge.export.model.phi import PhiModel
 
-    cfg = LanguageConfig(
-        vocab_size=512, hidden=256, layers=2, heads=4, intermediate=512, max_positions=256, partial_rotary_factor=0.5
+    lang = LanguageConfig(
+        vocab_size=512,
+        hidden=256,
+        layers=2,
+        heads=4,
+        intermediate=512,
+        max_positions=256,
+        partial_rotary_factor=0.5,
     )
+    cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
     torch.manual_seed(0)
-    model = PhiModel(cfg).eval()
+    model = PhiModel(lang).eval()
     randomize_norms(model)
     out = tmp_path_factory.mktemp("wide")
-    files = {t: write_gguf(out / f"wide.{t}.gguf", model, tok_json, t) for t in ("F32", "Q4_K", "Q5_K", "Q6_K")}
+    src = model_source(model, tiny.tokenizer, cfg=cfg)
+    files = {t: export_source(src, out / f"wide.{t}.gguf", t, pure=t != "Q4_K_M").path for t in WIDE_LEVELS}
     return model, files
 
 
@@ -108,7 +116,9 @@ def test_f16_kv_close(phi, gguf_files):
     assert kl < 1e-4 and top1 == 1.0
 
 
-@pytest.mark.parametrize(("wtype", "max_kl", "min_top1"), [("F16", 1e-4, 1.0), ("Q8_0", 1e-3, 0.9), ("Q4_0", 0.05, 0.6)])
+@pytest.mark.parametrize(
+    ("wtype", "max_kl", "min_top1"), [("F16", 1e-4, 1.0), ("Q8_0", 1e-3, 0.9), ("Q4_0", 0.05, 0.6)]
+)
 def test_quantized_close(phi, gguf_files, wtype, max_kl, min_top1):
     with Decoder(gguf_files["F32"], n_ctx=64, n_threads=2) as dec:
         base = dec.eval_tokens(PROMPT, all_logits=True)
@@ -126,7 +136,7 @@ def test_wide_f32_and_kquants(wide):
     with Decoder(files["F32"], n_ctx=64, n_threads=2, kv_type="f32") as dec:
         got = dec.eval_tokens(PROMPT, all_logits=True)
     assert np.abs(got - ref).max() / (ref.max() - ref.min()) <= 1e-3
-    for wtype in ("Q4_K", "Q5_K", "Q6_K"):
+    for wtype in WIDE_LEVELS[1:]:
         with Decoder(files[wtype], n_ctx=64, n_threads=2) as dec:
             q = dec.eval_tokens(PROMPT, all_logits=True)
         kl, top1 = kl_top1(got, q)
@@ -146,7 +156,9 @@ def test_embeddings_equal_tokens(gguf_files):
 
 def test_embed_tokens_matches_reference(phi, gguf_files):
     with Decoder(gguf_files["F32"], n_ctx=16) as dec:
-        np.testing.assert_array_equal(dec.embed_tokens(PROMPT), phi.embed_tokens.weight.detach().numpy()[PROMPT])
+        np.testing.assert_array_equal(
+            dec.embed_tokens(PROMPT), phi.embed_tokens.weight.detach().numpy()[PROMPT]
+        )
 
 
 def test_cache_decode_equals_recompute(gguf_files):
@@ -168,7 +180,9 @@ def test_mixed_embeddings_and_tokens(phi, gguf_files):
     img = rng.standard_normal((4, phi.cfg.hidden)).astype(np.float32) * 0.1
     head, tail = PROMPT[:5], PROMPT[5:9]
     with torch.no_grad():
-        embeds = torch.cat([phi.embed(torch.tensor(head)), torch.from_numpy(img), phi.embed(torch.tensor(tail))])
+        embeds = torch.cat(
+            [phi.embed(torch.tensor(head)), torch.from_numpy(img), phi.embed(torch.tensor(tail))]
+        )
         ref = phi(embeds[None])[0, -1].numpy()
     with Decoder(gguf_files["F32"], n_ctx=64, kv_type="f32") as dec:
         dec.eval_tokens(head)
@@ -179,9 +193,14 @@ def test_mixed_embeddings_and_tokens(phi, gguf_files):
 
 def test_metadata_read(tiny, gguf_files):
     with Decoder(gguf_files["Q4_0"], n_ctx=32) as dec:
-        assert (dec.n_embd, dec.n_vocab, dec.n_ctx, dec.image_tokens) == (64, tiny.cfg.language.vocab_size, 32, 4)
+        assert (dec.n_embd, dec.n_vocab, dec.n_ctx, dec.image_tokens) == (
+            64,
+            tiny.cfg.language.vocab_size,
+            32,
+            4,
+        )
         assert dec.prompt == tiny.cfg.prompt
-        text = "Human: hello there###"
+        text = "Human: hello   there###\n\n  <|endoftext|> x"
         assert dec.tokenizer.encode(text) == tiny.tokenizer.encode(text)
         assert dec.tokenizer.bos_id == tiny.tokenizer.bos_id
 

@@ -1,0 +1,304 @@
+"""Decoder speed and memory, side by side with stock llama.cpp (not a test).
+
+    .venv/bin/python bench/decoder.py                       # full size, Q4_0 and Q4_K_M, 2 threads
+    .venv/bin/python bench/decoder.py --levels Q4_0 --layers 4 --reps 1    # a quick look
+
+Writes two GGUFs of identical dimensions and per-tensor types with random weights: ours
+(`tinygptv-phi2`) and a vanilla `phi2` for llama.cpp (llama-cpp-python, the `bench` extra). Each side
+runs in its own subprocess (the two ship different builds of libggml): prompt processing of
+`--pp` tokens in one batch, then `--tg` single-token steps; best of `--reps`. Also prints the
+effective weight bandwidth beside a measured memory copy, peak RSS against weights + KV cache, and
+(with --omp) our generation speed under OpenMP settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 51200
+# random weights: every quant block gets a sane fp16 scale (byte offset of d / dmin in the block)
+SCALE_FIELDS = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,)}
+
+
+# ---------------------------------------------------------------------------------------------
+# random GGUFs (export extra: gguf, the exporter's type table and tokenizer tables)
+# ---------------------------------------------------------------------------------------------
+def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from tinygptv_edge.export.gguf_meta import write_metadata
+    from tinygptv_edge.export.gguf_quant import choose_type, get_level, row_nbytes
+    from tinygptv_edge.export.tokenizer_train import train_bpe
+    from tinygptv_edge.runtime import contract as C
+    from tinygptv_edge.runtime.config import full_config
+    from tinygptv_edge.runtime.tokenizer import Tokenizer
+
+    cfg = full_config()
+    cfg = cfg.replace(language=dataclasses.replace(cfg.language, layers=layers))
+    L, lv = cfg.language, get_level(level)
+    ours, theirs = out / f"ours.{level}.L{layers}.gguf", out / f"phi2.{level}.L{layers}.gguf"
+    if ours.exists() and theirs.exists():
+        return ours, theirs
+    tok = Tokenizer(train_bpe(1000))
+    rng = np.random.default_rng(0)
+    cache: dict[tuple, np.ndarray] = {}
+
+    def data(name: str, shape: tuple[int, ...]):
+        q = choose_type(lv, name, shape, L.layers)
+        key = (q, shape)
+        if key not in cache:
+            if q == GGMLQuantizationType.F32:
+                arr = (1.0 if name.endswith("norm.weight") else 0.02) * rng.standard_normal(shape, np.float32)
+                if name.endswith("norm.weight"):
+                    arr = np.abs(arr)
+            elif q == GGMLQuantizationType.F16:
+                arr = (0.02 * rng.standard_normal(shape)).astype(np.float16)
+            else:
+                arr = rng.integers(0, 256, (shape[0], row_nbytes(q, shape[1])), dtype=np.uint8)
+                blk = {"Q4_0": 18, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q5_0": 22}[q.name]
+                v = arr.reshape(shape[0], -1, blk)
+                for off in SCALE_FIELDS[q.name]:
+                    v[..., off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+            cache[key] = arr
+        return cache[key], q
+
+    shapes = {  # GGUF name -> numpy shape (rows, n_per_row)
+        "token_embd.weight": (L.vocab_size, L.hidden),
+        "output_norm.weight": (L.hidden,),
+        "output_norm.bias": (L.hidden,),
+        "output.weight": (L.vocab_size, L.hidden),
+        "output.bias": (L.vocab_size,),
+    }
+    block = {
+        "attn_norm.weight": (L.hidden,),
+        "attn_norm.bias": (L.hidden,),
+        "attn_qkv.weight": (3 * L.hidden, L.hidden),
+        "attn_qkv.bias": (3 * L.hidden,),
+        "attn_q_norm.weight": (L.head_dim,),
+        "attn_q_norm.bias": (L.head_dim,),
+        "attn_k_norm.weight": (L.head_dim,),
+        "attn_k_norm.bias": (L.head_dim,),
+        "attn_output.weight": (L.hidden, L.hidden),
+        "attn_output.bias": (L.hidden,),
+        "attn_post_norm.weight": (L.hidden,),
+        "ffn_up.weight": (L.intermediate, L.hidden),
+        "ffn_up.bias": (L.intermediate,),
+        "ffn_down.weight": (L.hidden, L.intermediate),
+        "ffn_down.bias": (L.hidden,),
+    }
+    for i in range(L.layers):
+        shapes.update({f"blk.{i}.{k}": v for k, v in block.items()})
+    assert set(shapes) == set(C.gguf_tensor_names(L.layers))
+
+    for path, arch in ((ours, C.GGUF_ARCH), (theirs, "phi2")):
+        tmp = path.with_suffix(".tmp")
+        w = GGUFWriter(str(tmp), arch)
+        if arch == C.GGUF_ARCH:
+            write_metadata(w, cfg, tok, lv, {})
+        else:
+            _phi2_metadata(w, cfg, tok, lv)
+        for name, shape in shapes.items():
+            if arch == "phi2" and any(s in name for s in ("q_norm", "k_norm", "post_norm")):
+                continue
+            arr, q = data(name, shape)
+            w.add_tensor(name, arr, raw_dtype=q if arr.dtype == np.uint8 else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.rename(path)
+    return ours, theirs
+
+
+def _phi2_metadata(w, cfg, tok, lv) -> None:
+    """llama.cpp's `phi2` keys (src/llama-arch.cpp names) and the same tokenizer tables."""
+    from gguf import GGUFValueType as T
+
+    from tinygptv_edge.export.gguf_meta import tokenizer_tables
+
+    L = cfg.language
+    for key, value in {
+        "context_length": L.max_positions,
+        "embedding_length": L.hidden,
+        "feed_forward_length": L.intermediate,
+        "block_count": L.layers,
+        "attention.head_count": L.heads,
+        "attention.head_count_kv": L.heads,
+        "rope.dimension_count": L.rotary_dim,
+    }.items():
+        w.add_uint32(f"phi2.{key}", value)
+    w.add_float32("phi2.attention.layer_norm_epsilon", L.layer_norm_eps)
+    w.add_float32("phi2.rope.freq_base", L.rope_theta)
+    w.add_uint32("general.file_type", int(lv.file_type))
+    tt = tokenizer_tables(tok, L.vocab_size)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "gpt-2")
+    w.add_array("tokenizer.ggml.tokens", tt.tokens)
+    w.add_key_value("tokenizer.ggml.token_type", tt.types, T.ARRAY, sub_type=T.INT32)
+    w.add_array("tokenizer.ggml.merges", tt.merges)
+    w.add_uint32("tokenizer.ggml.bos_token_id", tt.bos_id)
+    w.add_uint32("tokenizer.ggml.eos_token_id", tt.eos_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (one per subprocess)
+# ---------------------------------------------------------------------------------------------
+def _peak_rss() -> int:
+    """VmHWM of this process (ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def worker_ours(a) -> dict:
+    from tinygptv_edge.runtime.decoder import Decoder
+
+    t0 = time.perf_counter()
+    dec = Decoder(a.model, n_ctx=a.ctx, n_threads=a.threads)
+    load = time.perf_counter() - t0
+    ids = np.random.default_rng(1).integers(0, 50000, a.pp + a.tg).tolist()
+    best_pp = best_tg = float("inf")
+    for _ in range(a.reps):
+        dec.reset()
+        t0 = time.perf_counter()
+        dec.eval_tokens(ids[: a.pp])
+        best_pp = min(best_pp, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for t in ids[a.pp : a.pp + a.tg]:
+            dec.eval_tokens([t])
+        best_tg = min(best_tg, time.perf_counter() - t0)
+    out = {
+        "load_s": load,
+        "pp_tok_s": a.pp / best_pp,
+        "tg_tok_s": a.tg / best_tg,
+        "peak_rss": _peak_rss(),
+        "weight_bytes": dec.weight_bytes,
+        "kv_bytes": dec.kv_bytes,
+        "repacked": len(dec.repacked),
+        "matmul_bytes": sum(
+            t.nbytes for n, t in dec._gf.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight"
+        ),
+        "omp": {k: os.environ.get(k) for k in ("OMP_PROC_BIND", "OMP_WAIT_POLICY")},
+    }
+    dec.close()
+    return out
+
+
+def worker_llama(a) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=str(a.model),
+        n_ctx=a.ctx,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_batch=max(a.pp, 512),
+        n_ubatch=max(a.pp, 512),
+        verbose=False,
+    )
+    load = time.perf_counter() - t0
+    ids = np.random.default_rng(1).integers(0, 50000, a.pp + a.tg).tolist()
+    best_pp = best_tg = float("inf")
+    for _ in range(a.reps):
+        llm.reset()
+        llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+        t0 = time.perf_counter()
+        llm.eval(ids[: a.pp])
+        best_pp = min(best_pp, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for t in ids[a.pp : a.pp + a.tg]:
+            llm.eval([t])
+        best_tg = min(best_tg, time.perf_counter() - t0)
+    return {"load_s": load, "pp_tok_s": a.pp / best_pp, "tg_tok_s": a.tg / best_tg, "peak_rss": _peak_rss()}
+
+
+def memcpy_gbs(nbytes: int = 1 << 29, reps: int = 5) -> float:
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def run_worker(kind: str, model: Path, a, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model)]
+    cmd += ["--threads", str(a.threads), "--ctx", str(a.ctx), "--pp", str(a.pp), "--tg", str(a.tg)]
+    cmd += ["--reps", str(a.reps)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    env = {**base, **({"OMP_PROC_BIND": "true"} if kind == "llama" else {}), **(env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if res.returncode != 0:
+        return {"error": f"exit {res.returncode}: {res.stderr.strip()[-800:]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", nargs="+", default=["Q4_0", "Q4_K_M"])
+    p.add_argument("--layers", type=int, default=32, help="fewer for a quick look (full size: 32)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--pp", type=int, default=128)
+    p.add_argument("--tg", type=int, default=64)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/tinygptv-bench"))
+    p.add_argument("--omp", action="store_true", help="also time our generation under OpenMP settings")
+    p.add_argument("--worker", choices=["ours", "llama"], help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker_ours(a) if a.worker == "ours" else worker_llama(a)))
+        return
+
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"threads {a.threads}, ctx {a.ctx}, pp {a.pp}, tg {a.tg}, layers {a.layers}, best of {a.reps}")
+    print(f"load average now: {os.getloadavg()[0]:.1f} (other jobs on this machine skew both sides)")
+    bw = memcpy_gbs()
+    print(f"memory copy: {bw:.1f} GB/s")
+    for level in a.levels:
+        ours, theirs = write_models(a.workdir, level, a.layers)
+        r_ours = run_worker("ours", ours, a)
+        r_llama = run_worker("llama", theirs, a)
+        print(f"\n== {level} ==")
+        if "error" in r_ours or "error" in r_llama:
+            print(f"ours: {r_ours}\nllama.cpp: {r_llama}")
+            continue
+        for key, label in (("pp_tok_s", f"prompt {a.pp} tok/s"), ("tg_tok_s", f"generation {a.tg} tok/s")):
+            ratio = r_ours[key] / r_llama[key]
+            print(f"{label:22s} ours {r_ours[key]:7.2f}   llama.cpp {r_llama[key]:7.2f}   ratio {ratio:.3f}")
+        eff = r_ours["matmul_bytes"] * r_ours["tg_tok_s"] / 1e9
+        print(f"weight bandwidth      ours {eff:.1f} GB/s of {bw:.1f} GB/s memory copy ({eff / bw:.0%})")
+        need = r_ours["weight_bytes"] + r_ours["kv_bytes"]
+        print(
+            f"peak RSS              ours {r_ours['peak_rss'] / 2**20:.0f} MiB, weights + KV "
+            f"{need / 2**20:.0f} MiB -> overhead {r_ours['peak_rss'] / need - 1:+.1%}; "
+            f"llama.cpp {r_llama['peak_rss'] / 2**20:.0f} MiB"
+        )
+        print(f"load s                ours {r_ours['load_s']:.1f}   llama.cpp {r_llama['load_s']:.1f}")
+        if a.omp:
+            for env in (
+                {},  # the runtime's default (OMP_PROC_BIND=true)
+                {"OMP_PROC_BIND": "false"},  # OpenMP's default: unbound, spinning
+                {"OMP_PROC_BIND": "false", "OMP_WAIT_POLICY": "passive"},
+            ):
+                r = run_worker("ours", ours, argparse.Namespace(**{**vars(a), "pp": 16, "reps": 1}), env)
+                print(f"omp {env}: generation {r.get('tg_tok_s', float('nan')):.2f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
