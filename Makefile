@@ -55,6 +55,17 @@ REPORT_ARGS ?=
 report: setup
 	$(VENV)/bin/tinygptv-edge report --out $(DIST)/report $(REPORT_ARGS)
 
+# Answer a question about an image with the models in $(DIST)/ (IMAGE=path PROMPT="question" [RUN_ARGS=--stream]).
+IMAGE  ?=
+PROMPT ?= Describe this image.
+.PHONY: run bench-pipeline
+run: setup
+	$(VENV)/bin/tinygptv-edge run --dist $(DIST) $(if $(IMAGE),--image $(IMAGE)) --prompt "$(PROMPT)" $(RUN_ARGS)
+
+# Full-size runtime benchmark (random weights): resident vs low-memory peak RSS, first token, tok/s.
+bench-pipeline: setup
+	$(PY) bench/pipeline.py
+
 .PHONY: bench-decoder
 # decoder speed/memory against stock llama.cpp (full size, random weights; see bench/decoder.py)
 bench-decoder: setup

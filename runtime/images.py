@@ -42,6 +42,7 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WHITE = (255, 255, 255, 255)
 # Pillow's reader errors: truncated data, bad headers, bad chunks, decompressors
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 # `warnings.catch_warnings` edits process-wide state: one reader at a time inside it
 _WARN_LOCK = threading.Lock()
 
@@ -81,7 +82,7 @@ def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.
             image = Image.open(io.BytesIO(data), formats=list(limits.formats))
         except UnidentifiedImageError:
             raise _unidentified(data, limits) from None
-        except Image.DecompressionBombError as e:
+        except _BOMB as e:
             raise ImageTooLargeError(f"image refused as a decompression bomb: {e}") from None
         except (Warning, *_READ_ERRORS) as e:
             raise ImageError(f"cannot read image header: {e}") from None
@@ -89,7 +90,7 @@ def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.
         try:
             image.load()
             image = _upright(image)
-        except Image.DecompressionBombError as e:
+        except _BOMB as e:
             raise ImageTooLargeError(f"image refused as a decompression bomb: {e}") from None
         except (Warning, *_READ_ERRORS) as e:
             raise ImageError(f"image data is truncated or corrupt ({image.format}): {e}") from None
@@ -172,7 +173,9 @@ def _unidentified(data: bytes, limits: ImageLimits) -> ImageError:
 
 
 def _on_white(image: Image.Image) -> Image.Image:
-    rgba = image.convert("RGBA")  # P/L/RGB + tRNS, LA, PA, premultiplied RGBa/La all become straight RGBA
+    if image.mode == "La":  # premultiplied grey: Pillow converts it only to LA
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")  # P/L/RGB + tRNS, LA, PA, premultiplied RGBa all become straight RGBA
     return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
 
 

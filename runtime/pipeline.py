@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import contract as C
 from .config import PromptConfig
 from .detok import AnswerStream, TokenBytes
 from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
@@ -40,6 +41,7 @@ from .sampling import GREEDY, Sampler, SamplingConfig
 from .vision import VisionEncoder
 
 Position = int | tuple[str, int]  # a token id, or (image key, embedding row)
+LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
 
 
 @dataclass
@@ -103,7 +105,7 @@ class Pipeline:
         self,
         vision: str | Path | VisionEncoder | None,
         language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
-        n_ctx: int | None = None,  # None: the model's trained context (2048 for TinyGPT-V)
+        n_ctx: int | None = None,  # None: the model's (2048), or at most LOW_MEMORY_CTX in low-memory mode
         n_threads: int | None = None,
         kv_type: str = "f16",
         low_memory: bool = False,
@@ -132,8 +134,9 @@ class Pipeline:
             path = Path(language)
             if not path.is_file():
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
-            if n_ctx is None:
-                self._decoder_args["n_ctx"] = trained_context(path)
+            if n_ctx is None:  # low-memory: a 1024-position KV cache (f16: 320 MB instead of 640 MB)
+                trained = trained_context(path)
+                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX) if low_memory else trained
             self._factory = lambda: _open_decoder(path, **self._decoder_args)
         else:
             self._factory = language if callable(language) else None
@@ -142,16 +145,24 @@ class Pipeline:
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
         self._token_bytes = TokenBytes(self.tokenizer)
-        if self.vision is not None:
-            if self.vision.embed_dim != self.n_embd:
-                raise ModelMismatchError(
-                    f"vision output width {self.vision.embed_dim} != decoder embedding width {self.n_embd}"
-                )
-            if self.vision.num_query_tokens != self.image_tokens:
-                raise ModelMismatchError(
-                    f"vision gives {self.vision.num_query_tokens} tokens per image, "
-                    f"the decoder expects {self.image_tokens}"
-                )
+        try:
+            self._check_fit()
+        except BaseException:
+            self._close()
+            raise
+
+    def _check_fit(self) -> None:
+        if self.vision is None:
+            return
+        if self.vision.embed_dim != self.n_embd:
+            raise ModelMismatchError(
+                f"vision output width {self.vision.embed_dim} != decoder embedding width {self.n_embd}"
+            )
+        if self.vision.num_query_tokens != self.image_tokens:
+            raise ModelMismatchError(
+                f"vision gives {self.vision.num_query_tokens} tokens per image, "
+                f"the decoder expects {self.image_tokens}"
+            )
 
     # -- public API ------------------------------------------------------------------------------
     def chat(self, sampling: SamplingConfig = GREEDY) -> Chat:
@@ -170,6 +181,14 @@ class Pipeline:
         return self.chat(sampling).stream(question, image)
 
     def close(self) -> None:
+        """Free both models (waits for a running turn; refused from inside one)."""
+        self._gate.acquire()
+        try:
+            self._close()
+        finally:
+            self._gate.release()
+
+    def _close(self) -> None:
         if self.vision is not None:
             self.vision.close()
         if self._decoder is not None:
@@ -468,3 +487,28 @@ def trained_context(path: Path) -> int:
         return read_hparams(gf).n_ctx_train
     finally:
         gf.close()
+
+
+def default_model_paths(
+    dist: str | Path = "dist", vision: str | Path | None = None, language: str | Path | None = None
+) -> tuple[Path, Path]:
+    """The given paths, or what `make export-onnx export-gguf` wrote to `dist` (INT8 and Q4_0 first)."""
+    dist = Path(dist)
+    if vision is None:
+        found = [dist / C.VISION_FILE_INT8, dist / C.VISION_FILE_FP32]
+        vision = next((p for p in found if p.is_file()), None)
+        if vision is None:
+            raise ModelFileError(
+                f"no vision model in {dist}/ (looked for {C.VISION_FILE_INT8}, {C.VISION_FILE_FP32}); "
+                "run `make export-onnx` or pass --vision"
+            )
+    if language is None:
+        preferred = dist / C.LANGUAGE_FILE.format(ftype="q4_0")
+        others = sorted(dist.glob(C.LANGUAGE_FILE.format(ftype="*")))
+        language = preferred if preferred.is_file() else (others[0] if others else None)
+        if language is None:
+            raise ModelFileError(
+                f"no language model in {dist}/ (looked for {C.LANGUAGE_FILE.format(ftype='*')}); "
+                "run `make export-gguf` or pass --language"
+            )
+    return Path(vision), Path(language)

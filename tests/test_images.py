@@ -189,7 +189,12 @@ def test_decompression_bomb_header():
     data[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
     with pytest.raises(ImageTooLargeError):
         load_image(bytes(data))
-    with pytest.raises(ImageTooLargeError):  # even with a cap above Pillow's: its warning is an error
+    with pytest.raises(ImageTooLargeError):  # even with a cap above Pillow's: its error stands
+        load_image(bytes(data), ImageLimits(max_pixels=10**9))
+    ihdr = struct.pack(">IIBBBBB", 10000, 10000, 8, 0, 0, 0, 0)  # 100 MP: Pillow only warns
+    chunk = b"IHDR" + ihdr
+    data[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    with pytest.raises(ImageTooLargeError, match="decompression bomb"):  # the warning is an error
         load_image(bytes(data), ImageLimits(max_pixels=10**9))
 
 
@@ -249,3 +254,26 @@ def test_limits_are_validated():
         ImageLimits(formats=())
     with pytest.raises(ConfigError, match="NOPE"):
         ImageLimits(formats=("NOPE",))
+
+
+@pytest.mark.parametrize("mode", ["RGBa", "La", "PA"])
+def test_other_alpha_modes_on_white(mode):
+    base = rgba_image()
+    x = np.asarray(base)
+    via = {"RGBa": "RGBA", "La": "LA", "PA": "RGBA"}[mode]  # Pillow's RGBA -> La drops alpha
+    im = base.convert(via).convert(mode)
+    got = np.asarray(to_rgb(im)).astype(np.float64)
+    straight = im.convert("LA") if mode == "La" else im  # Pillow un-premultiplies La only to LA
+    straight = np.asarray(straight.convert("RGBA")).astype(np.float64)  # straight alpha
+    want = on_white(straight[..., :3], straight[..., 3])
+    assert got.shape == x.shape[:2] + (3,) and np.abs(got - want).max() <= 1
+    assert (got[:, 0] == 255).all()  # alpha 0 column -> white
+
+
+def test_ycbcr_and_big_endian_sixteen_bit():
+    rgb = golden("square")
+    ycc = rgb.convert("YCbCr")
+    np.testing.assert_array_equal(np.asarray(to_rgb(ycc)), np.asarray(ycc.convert("RGB")))
+    x = np.array([[0, 300, 65535, 40000]], dtype=">u2")
+    im = Image.frombytes("I;16B", (4, 1), x.tobytes())
+    np.testing.assert_array_equal(np.asarray(to_rgb(im))[0, :, 0], [0, 1, 255, 156])

@@ -19,6 +19,7 @@ COMMANDS = {
     "export-onnx": "tinygptv_edge.export.onnx_cli",
     "export-gguf": "tinygptv_edge.export.gguf_cli",
     "report": "tinygptv_edge.calib.report_cli",
+    "run": "tinygptv_edge.runtime.cli",
 }
 
 
