@@ -348,4 +348,45 @@ def tiny_config(stage: int = 3, vocab_size: int = 512) -> TinyGPTVConfig:
     )
 
 
-PRESETS = {"full": full_config, "tiny": tiny_config}
+def small_config(vocab_size: int = 512) -> TinyGPTVConfig:
+    """The shipped default model (`make train-default`): trainable from scratch on a CPU in minutes.
+
+    Same code paths as the full model; 64 px images in an 8 x 8 patch grid. Language widths are
+    multiples of 256 so every GGUF type applies (K-quants need rows of 256); head_dim 64 with
+    partial rotary 0.5 (32 rotary dims).
+    """
+    vision = VisionConfig(
+        image_size=64,
+        patch_size=8,
+        width=128,
+        depth=3,
+        stored_depth=3,
+        heads=4,
+        mlp_hidden=512,
+        pretrain_image_size=64,
+    )
+    qformer = QFormerConfig(
+        hidden=128, layers=2, heads=4, intermediate=512, num_query_tokens=8, vision_width=128
+    )
+    language = LanguageConfig(
+        vocab_size=vocab_size,
+        hidden=256,
+        layers=3,
+        heads=4,
+        intermediate=512,
+        max_positions=512,
+        partial_rotary_factor=0.5,
+    )
+    return TinyGPTVConfig(
+        name="tinygptv-small",
+        stage=3,
+        vision=vision,
+        qformer=qformer,
+        projection=ProjectionConfig(in_features=128, mid_features=256, out_features=256),
+        language=language,
+        lora=LoraConfig(r=8, alpha=16.0),
+        prompt=PromptConfig(),
+    )
+
+
+PRESETS = {"full": full_config, "tiny": tiny_config, "small": small_config}

@@ -20,6 +20,8 @@ COMMANDS = {
     "export-gguf": "tinygptv_edge.export.gguf_cli",
     "report": "tinygptv_edge.calib.report_cli",
     "run": "tinygptv_edge.runtime.cli",
+    "train": "tinygptv_edge.export.train_cli",
+    "reference": "tinygptv_edge.export.reference_cli",
 }
 
 
