@@ -80,7 +80,7 @@ def vision_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
                 _f(r["kl"]["mean"], ".4f") if r else "-",
                 f"{r['em']:.1f} {_ci(*r['em_ci'])}" if r else "-",
                 _f(r["flip_rate"], ".1f") if r else "-",
-                _f(p.get("ms_per_image"), ".1f"),
+                _f(p.get("ms_per_image", ax.get("ms_per_image_in_run")), ".1f"),
                 _f(p.get("peak_rss_mib"), ".0f"),
                 a.get("note", "") or "",
             ]

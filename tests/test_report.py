@@ -149,3 +149,12 @@ def test_evalset_errors_name_the_problem(tmp_path, eval_dir):
             E.load_evalset(d)
     with pytest.raises(EvalSetError, match="expected questions.jsonl"):
         E.load_evalset(tmp_path)
+
+
+def test_vqa_split_as_evaluation_folder(tmp_path):
+    pytest.importorskip("tinygptv_edge.calib.vqa")
+    s = E.load_evalset(E.write_vqa_evalset(tmp_path / "vqa", n_images=2, split="test"))
+    assert len(s.images) == 2 and len(s.items) >= 2 * 5
+    assert {"colour", "count"} <= set(s.types)
+    again = E.load_evalset(E.write_vqa_evalset(tmp_path / "vqa2", n_images=2, split="test"))
+    assert again.sha256 == s.sha256  # deterministic by seed
