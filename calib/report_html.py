@@ -125,7 +125,7 @@ def plot_types(doc: dict) -> str:
     rows = [r for r in doc["cells"] if r["pareto"] or r["reference"]]
     rows.sort(key=lambda r: -r["size_bytes"])
     data = [[r["by_type"][t] for t in types] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 * len(types) + 3), 0.42 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(6.4, max(3.6, 0.45 * len(rows) + 1.8)))
     im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
@@ -133,7 +133,7 @@ def plot_types(doc: dict) -> str:
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="exact match %", shrink=0.8)
-    ax.set_title("Exact match % per question type (reference + Pareto front, largest first)", fontsize=10)
+    ax.set_title("Exact match % per question type\n(reference + Pareto front, largest first)", fontsize=10)
     return _png(fig)
 
 
@@ -215,7 +215,7 @@ def render_html(doc: dict) -> str:
         "<h1>Accuracy drop per quantization level</h1>",
         f'<p class="sub">Reference {REFERENCE_VISION} + {REFERENCE_LANGUAGE} · {e["questions"]} questions on '
         f"{e['images']} images · greedy answers (max {s['max_new_tokens']} tokens) · "
-        f"{s['threads']} threads · "
+        f"{s['threads']} thread{'s' if s['threads'] != 1 else ''} · "
         f"CIs: paired bootstrap ({s['n_boot']} resamples)</p>",
         f'<div class="rec"><b>Recommendation.</b> {html.escape(doc["recommendation"]["text"])}</div>',
         '<h2>Accuracy vs size, and KL divergence</h2><div class="grid">',
