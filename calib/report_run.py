@@ -231,6 +231,21 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     return write_outputs(doc, out)
 
 
+def strict_json(x):
+    """The document with NaN/infinity as null (JSON has neither) and numpy scalars as Python numbers."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
 def write_outputs(doc: dict, out: str | Path) -> dict[str, Path]:
     """report.json, report.md, report.html from the document, each verified before it replaces the old."""
     from .report_html import render_html
@@ -239,7 +254,8 @@ def write_outputs(doc: dict, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in FILES}
-    _write_atomic(paths["report.json"], json.dumps(doc, indent=1), json.loads)
+    doc = strict_json(doc)
+    _write_atomic(paths["report.json"], json.dumps(doc, indent=1, allow_nan=False), json.loads)
     _write_atomic(paths["report.md"], render_markdown(doc), lambda t: t.startswith("# "))
     _write_atomic(paths["report.html"], render_html(doc), _check_html)
     return paths
