@@ -130,7 +130,7 @@ def _describe(row: dict, ref: dict) -> str:
         f"exact match {row['em']:.1f}% (95% CI {row['em_ci'][0]:.1f}-{row['em_ci'][1]:.1f}) vs "
         f"{ref['em']:.1f}% for the reference, change {row['em_change']:+.1f} points "
         f"(CI {lo:+.1f} to {hi:+.1f}), answers flipped vs the reference {row['flip_rate']:.1f}%, "
-        f"mean KL {row['kl']['mean']:.4f} nats"
+        f"mean KL {row['kl']['mean']:.3g} nats"
     )
 
 

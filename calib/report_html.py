@@ -56,34 +56,36 @@ def _plt():
 
 
 def plot_accuracy_vs_size(doc: dict) -> str:
+    """Exact-match change vs the reference (paired 95% CI) against total size; Pareto front on EM."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     rows = doc["cells"]
     rec = doc["recommendation"].get("cell")
+    ax.axhline(0, color="#222", lw=0.8)
     for r in rows:
-        x = r["size_bytes"] / MIB
-        lo, hi = r["em_ci"]
+        x, y = r["size_bytes"] / MIB, r["em_change"]
+        lo, hi = r["em_change_ci"]
         colour = "#1f5fbf" if r["pareto"] else "#9aa5b1"
-        ax.errorbar(x, r["em"], yerr=[[r["em"] - lo], [hi - r["em"]]], fmt="o", ms=5, color=colour,
-                    ecolor=colour, alpha=0.85, capsize=2, lw=0.8)  # fmt: skip
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", ms=4.5, color=colour, ecolor=colour,
+                    alpha=0.8, capsize=2, lw=0.8)  # fmt: skip
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["size_bytes"])
-    ax.step([r["size_bytes"] / MIB for r in front], [r["em"] for r in front], where="post",
-            color="#1f5fbf", lw=1.2, label="Pareto front")  # fmt: skip
-    for r in front:
-        ax.annotate(r["name"], (r["size_bytes"] / MIB, r["em"]), textcoords="offset points",
-                    xytext=(4, -10), fontsize=7, color="#1f5fbf")  # fmt: skip
+    ax.step([r["size_bytes"] / MIB for r in front], [r["em_change"] for r in front], where="post",
+            color="#1f5fbf", lw=1.2, label="Pareto front (size, exact match)")  # fmt: skip
+    for i, r in enumerate(front):
+        ax.annotate(r["name"], (r["size_bytes"] / MIB, r["em_change"]), textcoords="offset points",
+                    xytext=(5, 8 if i % 2 else -12), fontsize=7, color="#1f5fbf")  # fmt: skip
     ref = next(r for r in rows if r["reference"])
-    ax.scatter([ref["size_bytes"] / MIB], [ref["em"]], marker="s", s=60, color="#222", zorder=5,
-               label="reference fp32 + F32")  # fmt: skip
+    ax.scatter([ref["size_bytes"] / MIB], [0], marker="s", s=60, color="#222", zorder=5,
+               label=f"reference fp32 + F32 ({ref['em']:.1f}% exact match)")  # fmt: skip
     if rec:
         r = next(r for r in rows if r["name"] == rec)
-        ax.scatter([r["size_bytes"] / MIB], [r["em"]], marker="*", s=220, color="#e8a400",
+        ax.scatter([r["size_bytes"] / MIB], [r["em_change"]], marker="*", s=220, color="#e8a400",
                    edgecolor="#222", zorder=6, label=f"recommended: {rec}")  # fmt: skip
     if doc["budget"].get("max_size_mib"):
         ax.axvline(doc["budget"]["max_size_mib"], color="#b3261e", ls="--", lw=1, label="size budget")
     ax.set_xscale("log")
     ax.set_xlabel("total size, vision + language (MiB, log scale)")
-    ax.set_ylabel("exact match % (95% CI)")
+    ax.set_ylabel("exact-match change vs reference, points\n(paired bootstrap 95% CI)")
     ax.set_title("Accuracy vs size")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
@@ -151,21 +153,20 @@ def _thumb(folder: Path, rel: str, size: int = 96) -> str:
         return ""
 
 
-def _heat(text: str, high_is_good: bool) -> str:
-    """A background from red (bad) to green (good) for a percentage cell ('' when not a number)."""
+def _heat(text: str, lo: float, hi: float) -> str:
+    """A background from red (at `lo`) to green (at `hi`; lo > hi flips it) for a numeric cell."""
     try:
         v = float(text.rstrip("*"))
     except ValueError:
         return ""
-    t = min(max(v / 100.0, 0.0), 1.0)
-    hue = 120 * (t if high_is_good else 1 - t)
-    return f' style="background:hsl({hue:.0f},65%,86%)"'
+    t = min(max((v - lo) / (hi - lo), 0.0), 1.0)
+    return f' style="background:hsl({120 * t:.0f},65%,86%)"'
 
 
 def _table_html(
-    head: list[str], rows: list[list[str]], note_col: str | None = None, heat: bool | None = None
+    head: list[str], rows: list[list[str]], note_col: str | None = None, heat: tuple | None = None
 ) -> str:
-    """`heat`: colour the value cells (True: high is good, False: low is good, None: no colour)."""
+    """`heat` = (red at, green at): colour the value cells on that scale."""
     if not head:
         return "<p class=muted>not measured</p>"
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
@@ -175,7 +176,7 @@ def _table_html(
         for i, (h, c) in enumerate(zip(head, r, strict=True)):
             attr = ' class="note"' if h == note_col else ""
             if heat is not None and i > 0:
-                attr += _heat(c, heat)
+                attr += _heat(c, *heat)
             tds.append(f"<td{attr}>{html.escape(c)}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     return (
@@ -196,7 +197,7 @@ def _examples(doc: dict) -> str:
             f"<div>expected: <b>{e(x['expected'])}</b></div>"
             f"<div>reference: {e(x['reference_answer']) or '<i>(empty)</i>'}</div>"
             f'<div class="{ok}">{e(x["cell"])}: {e(x["answer"]) or "<i>(empty)</i>"}</div>'
-            f'<div class="muted">{e(x["type"])} · KL {x["kl_mean"]:.4f}'
+            f'<div class="muted">{e(x["type"])} · KL {x["kl_mean"]:.3g}'
             f"{' · flipped' if x['flipped'] else ''}</div></div></div>"
         )
     return f'<div class="ex">{"".join(cards)}</div>'
@@ -208,6 +209,7 @@ def _img(alt: str, b64: str, cls: str = "plot") -> str:
 
 def render_html(doc: dict) -> str:
     e, s = doc["evalset"], doc["settings"]
+    ref_em = next(r["em"] for r in doc["cells"] if r["reference"])
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         "<title>TinyGPT-V edge: accuracy per quantization level</title>",
@@ -227,10 +229,11 @@ def render_html(doc: dict) -> str:
         _table_html(*R.language_rows(doc)),
         "<h2>Vision levels (language F32)</h2>",
         _table_html(*R.vision_rows(doc), note_col="note"),
-        "<h2>Exact match % per cell (* Pareto front)</h2>",
-        _table_html(*R.matrix_rows(doc, "em"), heat=True),
-        "<h2>Answers flipped vs the reference, %</h2>",
-        _table_html(*R.matrix_rows(doc, "flip_rate"), heat=False),
+        "<h2>Exact match % per cell (* Pareto front; green: as the reference, red: 10 points or more below)"
+        "</h2>",
+        _table_html(*R.matrix_rows(doc, "em"), heat=(ref_em - 10, ref_em)),
+        "<h2>Answers flipped vs the reference, % (red: 20% or more)</h2>",
+        _table_html(*R.matrix_rows(doc, "flip_rate"), heat=(20, 0)),
         "<h2>Worst examples</h2>",
         _examples(doc),
         "<h2>Noise floor</h2>",
