@@ -236,6 +236,11 @@ def render_html(doc: dict) -> str:
         _table_html(*R.matrix_rows(doc, "flip_rate"), heat=(20, 0)),
         "<h2>Worst examples</h2>",
         _examples(doc),
+        *(
+            ["<h2>Levels that could not be built</h2>", _table_html(*R.failed_rows(doc), note_col="error")]
+            if R.failed_rows(doc)[0]
+            else []
+        ),
         "<h2>Noise floor</h2>",
         _table_html(*R.noise_rows(doc)),
         "<h2>Provenance</h2>",

@@ -132,6 +132,17 @@ def noise_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     return head, [row]
 
 
+def failed_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Levels whose export failed: named with the error, never silently left out."""
+    rows = [
+        [half, level, a["error"]]
+        for half in ("vision", "language")
+        for level, a in doc["artifacts"][half].items()
+        if a.get("error")
+    ]
+    return (["half", "level", "error"], rows) if rows else ([], [])
+
+
 def table(head: list[str], rows: list[list[str]]) -> str:
     if not head:
         return ""
@@ -163,6 +174,8 @@ def render_markdown(doc: dict) -> str:
         table(*matrix_rows(doc, "flip_rate")),
         "## Exact match % per question type\n",
         table(*type_rows(doc)),
+        "## Levels that could not be built\n",
+        table(*failed_rows(doc)) or "none\n",
         "## Noise floor\n",
         table(*noise_rows(doc)) or "not measured\n",
         "## Worst examples\n",

@@ -158,3 +158,32 @@ def test_vqa_split_as_evaluation_folder(tmp_path):
     assert {"colour", "count"} <= set(s.types)
     again = E.load_evalset(E.write_vqa_evalset(tmp_path / "vqa2", n_images=2, split="test"))
     assert again.sha256 == s.sha256  # deterministic by seed
+
+
+def test_failed_level_is_reported_not_hidden(tiny_single, calib_dir, tmp_path, monkeypatch):
+    from tinygptv_edge.calib import artifacts as A
+    from tinygptv_edge.calib.levels import VISION_LEVELS
+    from tinygptv_edge.calib.presets import get_preset
+    from tinygptv_edge.calib.reader import load_folder
+    from tinygptv_edge.export import onnx_quant
+    from tinygptv_edge.export.single import load_single
+    from tinygptv_edge.runtime.errors import QuantizationError
+    from tinygptv_edge.runtime.tokenizer import Tokenizer
+
+    model, _ = load_single(tiny_single)
+    pixels = load_folder(calib_dir, model.cfg.preprocess, 4)
+    b = A.Builder(model, Tokenizer.from_file(tiny_single), {"model.safetensors": "x"}, tmp_path,
+                  A.Calibration(pixels, ["q"], "test"), get_preset("x86-vnni"))  # fmt: skip
+
+    def refuse(*_a, **_k):
+        raise QuantizationError("calibration collapsed (test)")
+
+    monkeypatch.setattr(onnx_quant, "quantize_vision", refuse)
+    art = b.vision(VISION_LEVELS["int8-entropy"])
+    assert art.error == "calibration collapsed (test)" and not art.path
+    assert b.vision(VISION_LEVELS["fp32"]).error == ""  # the reference still builds
+    doc = {"artifacts": {"vision": {"int8-entropy": art.to_dict()}, "language": {}}}
+    from tinygptv_edge.calib.report_md import failed_rows, table
+
+    text = table(*failed_rows(doc))
+    assert "int8-entropy" in text and "calibration collapsed" in text
