@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tinygptv_edge.runtime.errors import ReportError
+from tinygptv_edge.runtime.errors import ReportError, TinyGPTVError
 
 from . import metrics as M
 from .evalset import EvalSet
@@ -77,6 +77,7 @@ class MatrixResult:
     noise_cell: Cell | None = None  # the reference again at another thread count
     noise_vision: VisionAxis | None = None
     seconds: float = 0.0
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (half, level) -> why
 
 
 def prepare(evalset: EvalSet, tokenizer, prompt, preprocess_cfg) -> Prepared:
@@ -240,9 +241,16 @@ def run_matrix(
     embeds: dict[str, np.ndarray] = {}
     needed = [v for v in vision_paths if any(c[0] == v for c in cells)]
     for i, v in enumerate(needed):
-        embeds[v], ms = embed_all(vision_paths[v], prep.pixels, n_threads)
+        try:
+            embeds[v], ms = embed_all(vision_paths[v], prep.pixels, n_threads)
+        except TinyGPTVError as e:
+            if v == REFERENCE_VISION:
+                raise
+            res.failed[("vision", v)] = f"evaluation failed: {e}"
+            continue
         res.vision[v] = vision_axis(v, embeds[REFERENCE_VISION], embeds[v], ms)
         say("vision levels", i + 1, len(needed))
+    cells = [c for c in cells if c[0] in embeds]
     other = 2 if n_threads == 1 else 1  # the noise floor: the reference at another thread count
     if noise_floor:
         e1, ms = embed_all(vision_paths[REFERENCE_VISION], prep.pixels, other)
@@ -250,7 +258,13 @@ def run_matrix(
     runner = Runner(prep, max_new_tokens)
     total, done = len(cells) + int(noise_floor), 0
     for lang in [lang for lang in language_paths if any(c[1] == lang for c in cells)]:
-        dec = runner.open(language_paths[lang], n_threads)
+        try:
+            dec = runner.open(language_paths[lang], n_threads)
+        except TinyGPTVError as e:
+            if lang == REFERENCE_LANGUAGE:
+                raise
+            res.failed[("language", lang)] = f"evaluation failed: {e}"
+            continue
         try:
             for v, lv in cells:
                 if lv != lang:

@@ -204,6 +204,8 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     )
 
     art_docs = {h: {k: a.to_dict() for k, a in d.items()} for h, d in arts.items()}
+    for (half, level), why in result.failed.items():
+        art_docs[half][level]["error"] = why
     if cfg.probe:
         todo = [(h, k) for h in ("vision", "language") for k in art_docs[h] if not art_docs[h][k]["error"]]
         for i, (h, k) in enumerate(todo):

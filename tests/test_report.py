@@ -101,6 +101,26 @@ def test_report_end_to_end(tiny_single, eval_dir, calib_dir, tmp_path, capsys):
     doc2 = json.loads((out / "report.json").read_text())
     assert len(doc2["cells"]) == 3 and doc2["noise_floor"] is None
 
+    # a level that cannot be evaluated is recorded with its error; the others still run
+    from tinygptv_edge.calib import matrix as MX
+    from tinygptv_edge.runtime.decoder import Decoder
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes((arts / "language.q8_0.gguf").read_bytes()[:3000])
+    with Decoder(arts / "language.f32.gguf", n_ctx=64) as dec:
+        prep = MX.prepare(E.load_evalset(eval_dir, limit=2), dec.tokenizer, dec.prompt, tiny_cfg(tiny_single))
+    paths = {"F32": str(arts / "language.f32.gguf"), "bad": str(bad)}
+    res = MX.run_matrix(prep, {"fp32": str(arts / "vision.fp32.onnx")}, paths,
+                        MX.choose_cells(["fp32"], ["F32", "bad"], "full"), 1, noise_floor=False)  # fmt: skip
+    assert list(res.cells) == [("fp32", "F32")]
+    assert "evaluation failed" in res.failed[("language", "bad")]
+
+
+def tiny_cfg(folder: Path):
+    from tinygptv_edge.runtime.config import TinyGPTVConfig
+
+    return TinyGPTVConfig.load(folder / "config.json").preprocess
+
 
 def _row(name, size, em, lo_change=-1.0, kl=0.01, ref=False):
     return {"name": name, "vision": name.split("+")[0], "language": name.split("+")[-1], "reference": ref,
