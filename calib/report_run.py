@@ -22,7 +22,7 @@ import numpy as np
 
 from tinygptv_edge.runtime.errors import ReportError
 
-from .artifacts import Builder, Calibration
+from .artifacts import REPORT_GATE, Builder, Calibration
 from .evalset import load_evalset, write_vqa_evalset
 from .levels import LANGUAGE_LEVELS, REFERENCE_LANGUAGE, REFERENCE_VISION, VISION_LEVELS, pick
 from .report import Budget, build_document
@@ -221,7 +221,8 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
         "calibration_set": calib.source,
         "calibration_set_sha256": calib.sha256,
         "evalset_sha256": evalset.sha256,
-        "int8_preset": json.dumps(preset.to_dict(), sort_keys=True),
+        "int8_preset": json.dumps(preset.to_dict(), sort_keys=True) + " (method per level; the report "
+        f"builds with min_cosine {REPORT_GATE} so refused levels are measured too)",
         "git_commit": _git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
