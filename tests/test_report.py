@@ -207,3 +207,22 @@ def test_failed_level_is_reported_not_hidden(tiny_single, calib_dir, tmp_path, m
 
     text = table(*failed_rows(doc))
     assert "int8-entropy" in text and "calibration collapsed" in text
+
+
+@pytest.mark.slow
+def test_shipped_model_report(tmp_path):
+    """The shipped model: F16 and Q8_0 must stay within a hair of F32 (a broken export shows here)."""
+    from tinygptv_edge.calib.report_run import ReportConfig, make_report
+    from tinygptv_edge.export.default import default_model_dir
+
+    if not (default_model_dir() / "model.safetensors").is_file():
+        pytest.skip("the shipped default model is not there (make train-default)")
+    cfg = ReportConfig(out=str(tmp_path), n_images=20, vision="int8-minmax", language="F16,Q8_0",
+                       cells="axes", probe=False, n_boot=500)  # fmt: skip
+    doc = json.loads(make_report(cfg)["report.json"].read_text())
+    rows = {r["name"]: r for r in doc["cells"]}
+    ref = rows["fp32 + F32"]
+    assert ref["em"] > 50.0, "the shipped model should answer most synthetic questions"
+    for name in ("fp32 + F16", "fp32 + Q8_0"):
+        assert rows[name]["kl"]["mean"] < 1e-3 and rows[name]["flip_rate"] <= 3.0, rows[name]
+    assert rows["int8-minmax + F32"]["em_change_ci"][1] >= 0.0
