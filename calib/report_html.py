@@ -102,7 +102,9 @@ def plot_kl(doc: dict) -> str:
                                (axes[1], vis, "vision levels (language F32)", "vision")):  # fmt: skip
         names = [r[key] for r in rs]
         x = range(len(rs))
-        floor = 1e-9
+        # log axis: zeros (identical distributions) sit at a floor below the smallest measured value
+        positive = [v for r in rs for v in (r["kl"]["mean"], r["kl"]["max"]) if v and v > 0]
+        floor = min(positive) / 10 if positive else 1e-12
         ax.bar(x, [max(r["kl"]["mean"], floor) for r in rs], color="#1f5fbf", label="mean")
         ax.scatter(x, [max(r["kl"]["p99"], floor) for r in rs], marker="_", s=200, color="#b3261e",
                    label="p99", zorder=3)  # fmt: skip
@@ -234,7 +236,8 @@ def render_html(doc: dict) -> str:
         _table_html(*R.matrix_rows(doc, "em"), heat=(ref_em - 10, ref_em)),
         "<h2>Answers flipped vs the reference, % (red: 20% or more)</h2>",
         _table_html(*R.matrix_rows(doc, "flip_rate"), heat=(20, 0)),
-        "<h2>Worst examples</h2>",
+        "<h2>Worst examples</h2><p class=muted>Questions hurt most by any level: flipped answers first, "
+        "then the largest mean KL. The level's answer is green when it matches the expected answer.</p>",
         _examples(doc),
         *(
             ["<h2>Levels that could not be built</h2>", _table_html(*R.failed_rows(doc), note_col="error")]
