@@ -65,6 +65,14 @@ demo: export-onnx export-gguf
 demo-reference: setup
 	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"
 
+# Accuracy report: every vision x language level of the shipped model vs fp32 + F32, on its VQA test split.
+# Builds the exports it needs into $(DIST)/report/artifacts (cached); writes report.{json,md,html}.
+# REPORT_ARGS: more flags, e.g. --max-size-mib 200, --cells axes, --vision int8-minmax --language Q4_K_M.
+REPORT_ARGS ?=
+.PHONY: report
+report: setup
+	$(VENV)/bin/tinygptv-edge report --out $(DIST)/report $(REPORT_ARGS)
+
 # Answer a question about an image with the models in $(DIST)/ (IMAGE=path PROMPT="question" [RUN_ARGS=--stream]).
 IMAGE  ?=
 PROMPT ?= Describe this image.
@@ -81,3 +89,16 @@ bench-pipeline: setup
 bench-decoder: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/decoder.py
+
+
+# The shipped default model: train from scratch on the synthetic VQA set (about 30 min on 2 cores),
+# writing export/default_model/ (weights, config, tokenizer, training.json, loss curve).
+train-default: setup
+	$(PY) -m tinygptv_edge.cli train
+
+DEMO_IMAGE    ?= export/data/example.png
+DEMO_QUESTION ?= What colour is the circle?
+
+# Answer a question about the example image with the shipped model (PyTorch reference).
+demo: setup
+	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"

@@ -127,3 +127,11 @@ class ContextOverflowError(TinyGPTVError, ValueError):
             f"context overflow: {n_past} cached + {n_new} new token(s) = {n_past + n_new} positions, "
             f"but the context holds {n_ctx}"
         )
+
+
+class EvalSetError(ConfigError):
+    """An evaluation set (questions.jsonl + images) is missing, malformed or names absent images."""
+
+
+class ReportError(TinyGPTVError):
+    """The accuracy report cannot be produced: a level failed to build or evaluate, or bad options."""

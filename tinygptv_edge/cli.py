@@ -21,6 +21,10 @@ COMMANDS = {
     "train": "tinygptv_edge.export.train_cli",
     "reference": "tinygptv_edge.export.reference_cli",
     "run": "tinygptv_edge.runtime.cli",
+    "report": "tinygptv_edge.calib.report_cli",
+    "run": "tinygptv_edge.runtime.cli",
+    "train": "tinygptv_edge.export.train_cli",
+    "reference": "tinygptv_edge.export.reference_cli",
 }
 
 

@@ -1,0 +1,73 @@
+"""The quantization levels the report compares: a table per half of the model.
+
+    vision (ONNX)          fp32 | int8-<method> (static QDQ, per calibration method) | int8-dynamic
+    language (GGUF)        F32 | F16 | Q8_0 | Q5_K_M | Q4_K_M | Q4_0 | <level>+imat (importance matrix)
+
+The reference is fp32 x F32; every other cell is measured against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinygptv_edge.runtime.errors import ReportError
+
+from .presets import CALIBRATION_METHODS
+
+
+@dataclass(frozen=True)
+class VisionLevel:
+    name: str
+    kind: str  # "fp32" | "static" | "dynamic"
+    method: str = ""  # calibration method of a static level
+
+    @property
+    def file(self) -> str:
+        return f"vision.{self.name}.onnx"
+
+
+@dataclass(frozen=True)
+class LanguageLevel:
+    name: str
+    ftype: str  # export.gguf_quant level name
+    imatrix: bool = False
+
+    @property
+    def file(self) -> str:
+        return f"language.{self.name.lower().replace('+', '-')}.gguf"
+
+
+REFERENCE_VISION = "fp32"
+REFERENCE_LANGUAGE = "F32"
+
+VISION_LEVELS: dict[str, VisionLevel] = {
+    v.name: v
+    for v in (
+        VisionLevel("fp32", "fp32"),
+        *(VisionLevel(f"int8-{m}", "static", m) for m in CALIBRATION_METHODS),
+        VisionLevel("int8-dynamic", "dynamic"),
+    )
+}
+_PLAIN = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0")
+_WITH_IMATRIX = ("Q5_K_M", "Q4_K_M", "Q4_0")  # Q8_0 ignores an importance matrix in ggml
+LANGUAGE_LEVELS: dict[str, LanguageLevel] = {
+    lv.name: lv
+    for lv in (
+        *(LanguageLevel(f, f) for f in _PLAIN),
+        *(LanguageLevel(f"{f}+imat", f, True) for f in _WITH_IMATRIX),
+    )
+}
+
+
+def pick(names: str | list[str] | None, table: dict, reference: str, what: str) -> list:
+    """Levels by name (comma-separated or a list; None = all), the reference always first."""
+    if names is None:
+        chosen = list(table)
+    else:
+        chosen = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        chosen = [n for n in chosen if n]
+        bad = [n for n in chosen if n not in table]
+        if bad:
+            raise ReportError(f"{what} levels: expected names from {', '.join(table)}, got {', '.join(bad)}")
+    chosen = [reference] + [n for n in dict.fromkeys(chosen) if n != reference]
+    return [table[n] for n in chosen]

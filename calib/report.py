@@ -1,0 +1,265 @@
+"""From measured cells to the report's data: per-cell summaries, Pareto front, worst examples, advice.
+
+    MatrixResult (per-position arrays, answers) + Artifacts (bytes, bpw) + probes (speed, RSS)
+        --summarize_cell--> one row per cell: EM with CI, EM change vs reference (paired CI), flip rate,
+                            KL mean/median/p99/max, same-top-1, delta p, perplexity ratio, size
+        --pareto / recommend / worst_examples--> the JSON document every renderer reads
+
+The document is plain JSON (numbers, strings, lists); `render_markdown` and `report_html` read only it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinygptv_edge.runtime.errors import ReportError
+
+from . import metrics as M
+from .evalset import EvalSet
+from .levels import REFERENCE_LANGUAGE, REFERENCE_VISION
+from .matrix import Cell, MatrixResult, VisionAxis
+
+SCHEMA = 1
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the user can afford: total size (MiB), minimum exact match (%), maximum drop (points)."""
+
+    max_size_mib: float | None = None
+    min_accuracy: float | None = None
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_size_mib", "min_accuracy", "max_drop"):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ReportError(f"budget {name}: expected a number >= 0, got {v}")
+        if self.min_accuracy is not None and self.min_accuracy > 100:
+            raise ReportError(f"budget min_accuracy: expected a percentage <= 100, got {self.min_accuracy}")
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.max_size_mib, self.min_accuracy, self.max_drop))
+
+
+def _pct(x: float) -> float:
+    return 100.0 * float(x)
+
+
+def summarize_cell(
+    cell: Cell, ref: Cell, evalset: EvalSet, size_bytes: int, n_boot: int, seed: int
+) -> dict[str, object]:
+    n = len(cell.answers)  # the noise floor may cover only the first questions
+    items = evalset.items[:n]
+    answers = [it.answer for it in items]
+    em = M.exact_match(cell.answers, answers).astype(float)
+    em_ref = M.exact_match(ref.answers[:n], answers).astype(float)
+    flip = M.flips(ref.answers[:n], cell.answers).astype(float)
+    ci = M.bootstrap_mean(em, n_boot, seed)
+    drop = M.paired_bootstrap(em_ref, em, n_boot, seed)
+    fl = M.bootstrap_mean(flip, n_boot, seed)
+    by_type: dict[str, float | None] = {}
+    for t in evalset.types:
+        mask = np.array([it.qtype == t for it in items])
+        by_type[t] = _pct(em[mask].mean()) if mask.any() else None
+    return {
+        "vision": cell.vision,
+        "language": cell.language,
+        "name": f"{cell.vision} + {cell.language}",
+        "reference": cell.is_reference,
+        "size_bytes": int(size_bytes),
+        "em": _pct(ci.value),
+        "em_ci": [_pct(ci.low), _pct(ci.high)],
+        "em_change": _pct(drop.value),
+        "em_change_ci": [_pct(drop.low), _pct(drop.high)],
+        "em_change_significant": drop.excludes_zero(),
+        "flip_rate": _pct(fl.value),
+        "flip_ci": [_pct(fl.low), _pct(fl.high)],
+        "kl": M.summarize(cell.kl),
+        "same_top1": _pct(cell.top1.mean()),
+        "delta_p": float(cell.dp.mean()),
+        "ppl_ratio": M.perplexity_ratio(ref.nll[: len(cell.nll)], cell.nll),
+        "by_type": by_type,
+        "seconds": round(cell.seconds, 3),
+        "questions": n,
+    }
+
+
+def summarize_vision(ax: VisionAxis) -> dict[str, object]:
+    return {
+        "level": ax.level,
+        "cosine_mean": float(ax.cosine.mean()),
+        "cosine_min": float(ax.cosine.min()),
+        "sqnr_db": _finite(ax.sqnr_db),
+        "sqnr_db_worst_image": _finite(float(np.min(ax.sqnr_image))),
+        "ms_per_image_in_run": ax.ms_per_image,
+    }
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: identical outputs (infinite SQNR) are written as null."""
+    return float(x) if math.isfinite(x) else None
+
+
+def pareto(rows: list[dict]) -> list[str]:
+    """Names of the cells no other cell beats on both size (smaller) and exact match (higher)."""
+    front = []
+    for r in rows:
+        dominated = any(
+            o["size_bytes"] <= r["size_bytes"]
+            and o["em"] >= r["em"]
+            and (o["size_bytes"] < r["size_bytes"] or o["em"] > r["em"])
+            for o in rows
+        )
+        if not dominated:
+            front.append(r["name"])
+    return front
+
+
+def _describe(row: dict, ref: dict) -> str:
+    ratio = ref["size_bytes"] / row["size_bytes"] if row["size_bytes"] else math.nan
+    lo, hi = row["em_change_ci"]
+    return (
+        f"vision {row['vision']} + language {row['language']}: {row['size_bytes'] / MIB:.2f} MiB "
+        f"({ratio:.1f}x smaller than the reference's {ref['size_bytes'] / MIB:.2f} MiB), "
+        f"exact match {row['em']:.1f}% (95% CI {row['em_ci'][0]:.1f}-{row['em_ci'][1]:.1f}) vs "
+        f"{ref['em']:.1f}% for the reference, change {row['em_change']:+.1f} points "
+        f"(CI {lo:+.1f} to {hi:+.1f}), answers flipped vs the reference {row['flip_rate']:.1f}%, "
+        f"mean KL {row['kl']['mean']:.3g} nats"
+    )
+
+
+def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
+    """The best cell under the budget, with the rule that chose it and its numbers.
+
+    Size budget: the highest exact match that fits (ties: lower mean KL, then smaller). Accuracy budget
+    alone: the smallest cell that reaches it (ties: higher exact match). No budget: the smallest cell
+    whose exact-match change vs the reference is not significant (its 95% CI includes 0 or is above).
+    """
+    ref = next(r for r in rows if r["reference"])
+    ok = list(rows)
+    rules = []
+    if budget.max_size_mib is not None:
+        ok = [r for r in ok if r["size_bytes"] <= budget.max_size_mib * MIB]
+        rules.append(f"total size <= {budget.max_size_mib:g} MiB")
+    if budget.min_accuracy is not None:
+        ok = [r for r in ok if r["em"] >= budget.min_accuracy]
+        rules.append(f"exact match >= {budget.min_accuracy:g}%")
+    if budget.max_drop is not None:
+        ok = [r for r in ok if r["em_change"] >= -budget.max_drop]
+        rules.append(f"exact-match drop <= {budget.max_drop:g} points")
+    if not budget.given:
+        ok = [r for r in ok if r["em_change_ci"][1] >= 0]
+        rules.append("exact match not significantly below the reference (paired bootstrap, 95%)")
+    if not ok:
+        smallest = min(rows, key=lambda r: r["size_bytes"])
+        return {
+            "cell": None,
+            "rule": "; ".join(rules),
+            "text": f"No level meets {' and '.join(rules)}. The smallest measured is "
+            + _describe(smallest, ref)
+            + ".",
+        }
+    if budget.max_size_mib is not None:
+        best = max(ok, key=lambda r: (r["em"], -r["kl"]["mean"], -r["size_bytes"]))
+    else:
+        best = min(ok, key=lambda r: (r["size_bytes"], -r["em"]))
+    return {
+        "cell": best["name"],
+        "vision": best["vision"],
+        "language": best["language"],
+        "rule": "; ".join(rules),
+        "text": f"Under {' and '.join(rules)}: " + _describe(best, ref) + ".",
+    }
+
+
+def worst_examples(result: MatrixResult, evalset: EvalSet, k: int = 8) -> list[dict]:
+    """The k questions hurt most by any level: flipped answers first, then the largest mean KL."""
+    ref = result.cells[(REFERENCE_VISION, REFERENCE_LANGUAGE)]
+    best: dict[int, tuple] = {}
+    for cell in result.cells.values():
+        if cell.is_reference:
+            continue
+        for q, kl in enumerate(cell.kl_question):
+            flipped = M.normalize_answer(cell.answers[q]) != M.normalize_answer(ref.answers[q])
+            key = (flipped, float(kl))
+            if q not in best or key > best[q][0]:
+                best[q] = (key, cell)
+    ranked = sorted(best.items(), key=lambda kv: kv[1][0], reverse=True)[:k]
+    out = []
+    for q, ((flipped, kl), cell) in ranked:
+        it = evalset.items[q]
+        out.append(
+            {
+                "index": q,
+                "image": it.image,
+                "question": it.question,
+                "type": it.qtype,
+                "expected": it.answer,
+                "reference_answer": ref.answers[q],
+                "cell": f"{cell.vision} + {cell.language}",
+                "answer": cell.answers[q],
+                "flipped": flipped,
+                "kl_mean": kl,
+            }
+        )
+    return out
+
+
+def build_document(
+    result: MatrixResult,
+    evalset: EvalSet,
+    artifacts: dict[str, dict[str, dict]],  # "vision"/"language" -> level -> Artifact dict (+ probe)
+    budget: Budget,
+    settings: dict,
+    provenance: dict,
+    n_boot: int = 2000,
+    seed: int = 0,
+    n_examples: int = 8,
+) -> dict:
+    ref = result.cells.get((REFERENCE_VISION, REFERENCE_LANGUAGE))
+    if ref is None:
+        raise ReportError("the reference cell fp32 x F32 was not evaluated")
+    va, la = artifacts["vision"], artifacts["language"]
+    rows = []
+    for (v, lang), cell in result.cells.items():
+        size = va[v]["file_bytes"] + la[lang]["file_bytes"]
+        rows.append(summarize_cell(cell, ref, evalset, size, n_boot, seed))
+    front = set(pareto(rows))
+    for r in rows:
+        r["pareto"] = r["name"] in front
+    noise = None
+    if result.noise_cell is not None:
+        noise = summarize_cell(result.noise_cell, ref, evalset, 0, n_boot, seed)
+        noise["vision_axis"] = summarize_vision(result.noise_vision) if result.noise_vision else None
+    return {
+        "schema": SCHEMA,
+        "reference": {"vision": REFERENCE_VISION, "language": REFERENCE_LANGUAGE},
+        "settings": settings,
+        "provenance": provenance,
+        "evalset": {
+            "folder": str(evalset.folder),
+            "sha256": evalset.sha256,
+            "questions": len(evalset.items),
+            "images": len(evalset.images),
+            "types": evalset.types,
+        },
+        "artifacts": artifacts,
+        "vision_axis": [summarize_vision(ax) for ax in result.vision.values()],
+        "cells": rows,
+        "noise_floor": noise,
+        "recommendation": recommend(rows, budget),
+        "budget": {
+            "max_size_mib": budget.max_size_mib,
+            "min_accuracy": budget.min_accuracy,
+            "max_drop": budget.max_drop,
+        },
+        "examples": worst_examples(result, evalset, n_examples),
+        "answers": {r["name"]: c.answers for r, c in zip(rows, result.cells.values(), strict=True)},
+        "seconds": round(result.seconds, 2),
+    }

@@ -1,0 +1,116 @@
+"""`tinygptv-edge report`: accuracy drop per quantization level (JSON, Markdown, one HTML page).
+
+Default: the shipped model, its synthetic VQA test split, every vision level x every language level,
+written to dist/report/. `--vision` / `--language` / `--cells axes` / `--limit` shrink the run;
+`--max-size-mib`, `--min-accuracy`, `--max-drop` set the budget the recommendation must meet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tqdm import tqdm
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .levels import LANGUAGE_LEVELS, VISION_LEVELS
+
+    p = sub.add_parser("report", help="measure the accuracy drop of every quantization level")
+    p.add_argument("--out", default="dist/report", help="output folder (default: dist/report)")
+    p.add_argument("--model", help="single-checkpoint folder (default: the shipped model)")
+    p.add_argument("--eval-dir", help="evaluation folder: questions.jsonl + images (default: VQA test split)")
+    p.add_argument("--n-images", type=int, default=40, help="VQA test images when no --eval-dir")
+    p.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    p.add_argument("--vision", help=f"comma-separated vision levels (default all: {','.join(VISION_LEVELS)})")
+    p.add_argument(
+        "--language", help=f"comma-separated language levels (default all: {','.join(LANGUAGE_LEVELS)})"
+    )
+    p.add_argument("--cells", choices=["full", "axes"], default="full",
+                   help="full cross matrix, or only the fp32 row and the F32 column")  # fmt: skip
+    p.add_argument("--calib-images", help="calibration image folder (default: VQA calibration split)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration images (INT8 ranges, imatrix)")
+    p.add_argument("--preset", default="x86-vnni", help="INT8 preset (calib/presets.py)")
+    p.add_argument("--threads", type=int, default=1, help="evaluation threads (default 1)")
+    p.add_argument("--probe-threads", type=int, default=2, help="threads of the speed probes (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-noise-floor", action="store_true", help="skip the 1-thread re-run of the reference")
+    p.add_argument("--no-probe", action="store_true", help="skip the speed / peak-RSS probes")
+    p.add_argument("--render-only", action="store_true", help="re-render OUT/report.json (no measuring)")
+    b = p.add_argument_group("budget for the recommendation")
+    b.add_argument("--max-size-mib", type=float, help="total size (vision + language) at most")
+    b.add_argument("--min-accuracy", type=float, help="exact match %% at least")
+    b.add_argument("--max-drop", type=float, help="exact-match drop vs the reference, points, at most")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import Budget
+    from .report_run import ReportConfig, make_report
+
+    cfg = ReportConfig(
+        out=args.out,
+        model=args.model,
+        eval_dir=args.eval_dir,
+        n_images=args.n_images,
+        limit=args.limit,
+        vision=args.vision,
+        language=args.language,
+        cells=args.cells,
+        calib_images=args.calib_images,
+        n_calib=args.n_calib,
+        preset=args.preset,
+        threads=args.threads,
+        probe_threads=args.probe_threads,
+        max_new_tokens=args.max_new_tokens,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        noise_floor=not args.no_noise_floor,
+        probe=not args.no_probe,
+        budget=Budget(args.max_size_mib, args.min_accuracy, args.max_drop),
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        bar = bars.get(what) or bars.setdefault(what, tqdm(total=total, desc=what, unit="step"))
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    t0 = time.perf_counter()
+    if args.render_only:
+        return _render_only(cfg)
+    try:
+        paths = make_report(cfg, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    doc = json.loads(paths["report.json"].read_text())
+    print(doc["recommendation"]["text"])
+    for p in paths.values():
+        print(f"wrote {p}")
+    print(f"{len(doc['cells'])} cells in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _render_only(cfg) -> int:
+    from pathlib import Path
+
+    from tinygptv_edge.runtime.errors import ReportError
+
+    from .report import recommend
+    from .report_run import write_outputs
+
+    src = Path(cfg.out) / "report.json"
+    if not src.is_file():
+        raise ReportError(f"--render-only: expected {src} from an earlier run, found none")
+    doc = json.loads(src.read_text())
+    doc["recommendation"] = recommend(doc["cells"], cfg.budget)  # a new budget applies at once
+    doc["budget"] = {k: getattr(cfg.budget, k) for k in ("max_size_mib", "min_accuracy", "max_drop")}
+    for p in write_outputs(doc, cfg.out).values():
+        print(f"wrote {p}")
+    print(doc["recommendation"]["text"])
+    return 0

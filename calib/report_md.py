@@ -1,0 +1,200 @@
+"""The report document as Markdown tables (also reused, as rows, by the HTML page)."""
+
+from __future__ import annotations
+
+from .levels import REFERENCE_LANGUAGE, REFERENCE_VISION
+
+MIB = 2**20
+
+
+def _f(x, fmt: str = ".3f", none: str = "-") -> str:
+    if x is None:
+        return none
+    if isinstance(x, float) and x != x:  # NaN
+        return none
+    return format(x, fmt)
+
+
+def _ci(lo: float, hi: float, fmt: str = ".1f") -> str:
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _cost(doc: dict, half: str, level: str) -> dict:
+    return doc["artifacts"][half].get(level, {})
+
+
+def language_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    head = [
+        "language", "MiB", "bits/weight", "KL mean", "KL median", "KL p99", "KL max", "same top-1 %",
+        "delta p(ref)", "PPL ratio", "EM % [95% CI]", "EM change pts [CI]", "flips %",
+        "prefill tok/s", "decode tok/s", "peak RSS MiB",
+    ]  # fmt: skip
+    rows = []
+    for r in doc["cells"]:
+        if r["vision"] != REFERENCE_VISION:
+            continue
+        a = _cost(doc, "language", r["language"])
+        p = a.get("probe", {})
+        rows.append(
+            [
+                r["language"] + (" (reference)" if r["reference"] else ""),
+                _f(a.get("file_bytes", 0) / MIB, ".2f"),
+                _f(a.get("bpw"), ".2f"),
+                _f(r["kl"]["mean"], ".3g"),
+                _f(r["kl"]["median"], ".3g"),
+                _f(r["kl"]["p99"], ".3g"),
+                _f(r["kl"]["max"], ".3g"),
+                _f(r["same_top1"], ".1f"),
+                _f(r["delta_p"], "+.2e"),
+                _f(r["ppl_ratio"], ".5f"),
+                f"{r['em']:.1f} {_ci(*r['em_ci'])}",
+                f"{r['em_change']:+.1f} {_ci(*r['em_change_ci'], '+.1f')}",
+                _f(r["flip_rate"], ".1f"),
+                _f(p.get("prefill_tok_s"), ".0f"),
+                _f(p.get("decode_tok_s"), ".1f"),
+                _f(p.get("peak_rss_mib"), ".0f"),
+            ]
+        )
+    return head, rows
+
+
+def vision_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    head = [
+        "vision", "MiB", "bits/weight", "cosine mean", "cosine min", "SQNR dB", "worst image SQNR dB",
+        "KL mean (end to end)", "EM % [95% CI]", "flips %", "ms/image", "peak RSS MiB", "note",
+    ]  # fmt: skip
+    cells = {r["vision"]: r for r in doc["cells"] if r["language"] == REFERENCE_LANGUAGE}
+    rows = []
+    for ax in doc["vision_axis"]:
+        a = _cost(doc, "vision", ax["level"])
+        p, r = a.get("probe", {}), cells.get(ax["level"])
+        rows.append(
+            [
+                ax["level"] + (" (reference)" if ax["level"] == REFERENCE_VISION else ""),
+                _f(a.get("file_bytes", 0) / MIB, ".2f"),
+                _f(a.get("bpw"), ".2f"),
+                _f(ax["cosine_mean"], ".5f"),
+                _f(ax["cosine_min"], ".5f"),
+                _f(ax["sqnr_db"], ".1f", "inf"),
+                _f(ax["sqnr_db_worst_image"], ".1f", "inf"),
+                _f(r["kl"]["mean"], ".3g") if r else "-",
+                f"{r['em']:.1f} {_ci(*r['em_ci'])}" if r else "-",
+                _f(r["flip_rate"], ".1f") if r else "-",
+                _f(p.get("ms_per_image", ax.get("ms_per_image_in_run")), ".1f"),
+                _f(p.get("peak_rss_mib"), ".0f"),
+                a.get("note", "") or "",
+            ]
+        )
+    return head, rows
+
+
+def matrix_rows(doc: dict, key: str = "em") -> tuple[list[str], list[list[str]]]:
+    """Rows: vision levels; columns: language levels; values: `key` (em or flip_rate) in %."""
+    vis = list(dict.fromkeys(r["vision"] for r in doc["cells"]))
+    lang = list(dict.fromkeys(r["language"] for r in doc["cells"]))
+    by = {(r["vision"], r["language"]): r for r in doc["cells"]}
+    rows = []
+    for v in vis:
+        row = [v]
+        for lg in lang:
+            r = by.get((v, lg))
+            mark = "*" if r and r["pareto"] else ""
+            row.append(f"{r[key]:.1f}{mark}" if r else "")
+        rows.append(row)
+    return ["vision \\ language", *lang], rows
+
+
+def type_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    types = doc["evalset"]["types"]
+    rows = [
+        [r["name"], *(f"{r['by_type'][t]:.1f}" for t in types)]
+        for r in doc["cells"]
+        if r["pareto"] or r["reference"]
+    ]
+    return ["cell (reference + Pareto front)", *types], rows
+
+
+def noise_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    n = doc.get("noise_floor")
+    if not n:
+        return [], []
+    ax = n.get("vision_axis") or {}
+    head = ["run", "embedding cosine min", "SQNR dB", "KL mean", "KL max", "same top-1 %", "flips %"]
+    row = [
+        f"reference again: {n['vision']} + {n['language']}, first {n.get('questions', 'all')} questions",
+        _f(ax.get("cosine_min"), ".6f"),
+        _f(ax.get("sqnr_db"), ".1f", "inf (identical)"),
+        _f(n["kl"]["mean"], ".2e"),
+        _f(n["kl"]["max"], ".2e"),
+        _f(n["same_top1"], ".1f"),
+        _f(n["flip_rate"], ".1f"),
+    ]
+    return head, [row]
+
+
+def failed_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Levels whose export failed: named with the error, never silently left out."""
+    rows = [
+        [half, level, a["error"]]
+        for half in ("vision", "language")
+        for level, a in doc["artifacts"][half].items()
+        if a.get("error")
+    ]
+    return (["half", "level", "error"], rows) if rows else ([], [])
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    if not head:
+        return ""
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(doc: dict) -> str:
+    e, s, p = doc["evalset"], doc["settings"], doc["provenance"]
+    out = [
+        "# TinyGPT-V edge: accuracy drop per quantization level\n",
+        f"Reference: vision **{REFERENCE_VISION}** (ONNX) + language **{REFERENCE_LANGUAGE}** (GGUF). "
+        f"Evaluation set: {e['questions']} questions on {e['images']} images ({', '.join(e['types'])}), "
+        f"`{e['folder']}` (sha256 {e['sha256'][:16]}). Greedy answers, at most {s['max_new_tokens']} "
+        f"tokens; KL is over the reference answer's tokens, teacher-forced with the image as prefix. "
+        f"CIs: paired bootstrap, {s['n_boot']} resamples, seed {s['seed']}. Threads: {s['threads']} "
+        f"(speed probes: {s.get('probe_threads', '-')}, each level in its own process).\n",
+        "## Recommendation\n",
+        doc["recommendation"]["text"] + "\n",
+        "## Language levels (vision fp32)\n",
+        table(*language_rows(doc)),
+        "## Vision levels (language F32)\n",
+        table(*vision_rows(doc)),
+        "## End task: exact match % per cell (* = on the size/accuracy Pareto front)\n",
+        table(*matrix_rows(doc, "em")),
+        "## Answers flipped vs the reference, % per cell\n",
+        table(*matrix_rows(doc, "flip_rate")),
+        "## Exact match % per question type\n",
+        table(*type_rows(doc)),
+        "## Levels that could not be built\n",
+        table(*failed_rows(doc)) or "none\n",
+        "## Noise floor\n",
+        table(*noise_rows(doc)) or "not measured\n",
+        "## Worst examples\n",
+        table(
+            ["question", "type", "expected", "reference says", "level", "level says", "KL mean"],
+            [
+                [
+                    x["question"],
+                    x["type"],
+                    x["expected"],
+                    x["reference_answer"],
+                    x["cell"],
+                    x["answer"],
+                    f"{x['kl_mean']:.4f}",
+                ]
+                for x in doc["examples"]
+            ],
+        ),  # fmt: skip
+        "## Provenance\n",
+        table(["item", "value"], [[k, str(v)] for k, v in p.items()]),
+    ]
+    return "\n".join(out)
