@@ -90,15 +90,3 @@ bench-decoder: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/decoder.py
 
-
-# The shipped default model: train from scratch on the synthetic VQA set (about 30 min on 2 cores),
-# writing export/default_model/ (weights, config, tokenizer, training.json, loss curve).
-train-default: setup
-	$(PY) -m tinygptv_edge.cli train
-
-DEMO_IMAGE    ?= export/data/example.png
-DEMO_QUESTION ?= What colour is the circle?
-
-# Answer a question about the example image with the shipped model (PyTorch reference).
-demo: setup
-	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"

@@ -22,9 +22,6 @@ COMMANDS = {
     "reference": "tinygptv_edge.export.reference_cli",
     "run": "tinygptv_edge.runtime.cli",
     "report": "tinygptv_edge.calib.report_cli",
-    "run": "tinygptv_edge.runtime.cli",
-    "train": "tinygptv_edge.export.train_cli",
-    "reference": "tinygptv_edge.export.reference_cli",
 }
 
 
