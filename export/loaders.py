@@ -383,7 +383,9 @@ def _finish(
     col: Collector,
     tolerated: set[str],
     sources: str,
+    strip: str = "",
 ) -> None:
+    """Default the tolerated gaps, refuse any other, and load; `strip` is removed from every name."""
     missing = col.missing()
     hard = [k for k in missing if k not in tolerated]
     if hard:
@@ -391,12 +393,13 @@ def _finish(
     for k in missing:
         col.tensors[k] = _initial_value(k, col.shapes[k])
         col.summary.defaulted.append(k)
-    model.load_state_dict(col.tensors, strict=True, assign=True)
+    state = {k.removeprefix(strip): v for k, v in col.tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     model.eval()
 
 
-def _expand_names(templates: list[str], layers: int, prefix: str = "") -> set[str]:
-    return {prefix + t.format(i=i) for t in templates for i in range(layers)}
+def _expand_names(templates: list[str], layers: int) -> set[str]:
+    return {t.format(i=i) for t in templates for i in range(layers)}
 
 
 def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[PhiModel, LoadSummary]:
@@ -409,17 +412,8 @@ def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[Ph
     col = Collector(shapes, summary)
     for name, t in iter_phi2(folder, cfg, summary):
         col.put(name, t, str(folder))
-    tolerated = _expand_names(N.ADDED_NORMS, cfg.layers)
-    missing = [k for k in col.missing() if k not in tolerated]
-    if missing:
-        raise MissingKeysError(missing, str(folder))
-    for k in col.missing():
-        col.tensors[k] = _initial_value(k, shapes[k])
-        summary.defaulted.append(k)
-    model.load_state_dict(
-        {k[len("language.") :]: v for k, v in col.tensors.items()}, strict=True, assign=True
-    )
-    return model.eval(), summary
+    _finish(model, col, _expand_names(N.ADDED_NORMS, cfg.layers), str(folder), strip="language.")
+    return model, summary
 
 
 def load_tinygptv(
