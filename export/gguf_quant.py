@@ -207,9 +207,12 @@ def quantize(
     """(rows, n_per_row) float32 -> the tensor's bytes in `qtype`: uint8 (rows, row_nbytes), or F32/F16.
 
     Quantized types go through `ggml_quantize_chunk` (rows split over `threads`; ctypes releases the
-    GIL); `imatrix` (n_per_row,) weighs each column.
+    GIL); `imatrix` (n_per_row,) weighs each column. ggml is loaded through the runtime's
+    `load_ggml()`, so a decoder made later in the same process still gets its OpenMP defaults.
     """
-    import ggml
+    from tinygptv_edge.runtime.ggml_runtime import load_ggml
+
+    ggml = load_ggml()
 
     data = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == Q.F32:
