@@ -38,6 +38,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUNDS = ("plain", "gradient", "noisy", "striped")
 NUMBERS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
+LAYOUTS = ("grid", "free")
 QTYPES = ("colour", "shape", "count", "position", "relation", "exists", "caption")
 
 PHRASINGS = {
@@ -82,8 +83,11 @@ class VQAConfig:
     image_size: int = 128
     min_shapes: int = 1
     max_shapes: int = 4
+    layout: str = "grid"  # "grid": one shape per cell of a grid x grid layout, jittered; "free": anywhere
+    grid: int = 4
+    jitter: float = 0.03  # grid layout: centre offset from the cell centre, up to this
     min_radius: float = 0.08
-    max_radius: float = 0.15
+    max_radius: float = 0.13
     min_center_gap: float = 0.8  # centres at least this times (r1 + r2) apart: overlaps stay partial
     position_margin: float = 0.1  # |x - 0.5| (or y) at least this for a position question
     relation_margin: float = 0.12  # |x1 - x2| (or y) at least this for a relation question
@@ -95,6 +99,12 @@ class VQAConfig:
             raise ConfigError(
                 "VQAConfig: expected 1 <= min_shapes <= max_shapes <= 4, "
                 f"got {self.min_shapes}, {self.max_shapes}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"VQAConfig.layout: expected one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "grid" and not self.max_shapes <= self.grid * self.grid:
+            raise ConfigError(
+                f"VQAConfig: a {self.grid}x{self.grid} grid holds fewer than {self.max_shapes} shapes"
             )
         if not 0 < self.min_radius <= self.max_radius < 0.25:
             raise ConfigError(
@@ -143,9 +153,22 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def make_scene(rng: np.random.Generator, cfg: VQAConfig) -> Scene:
-    """Draw 1-4 shapes with distinct colours; centres far enough apart that overlaps stay partial."""
+    """Draw 1-4 shapes with distinct colours; centres far enough apart that overlaps stay partial.
+
+    The grid layout puts each shape in its own cell (jittered, so neighbours can still touch or
+    overlap a little); the free layout places centres anywhere.
+    """
     n = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
     colours = rng.choice(list(COLOURS), size=n, replace=False)
+    if cfg.layout == "grid":
+        cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
+        grid_shapes = []
+        for colour, cell in zip(colours, cells, strict=True):
+            r = float(rng.uniform(cfg.min_radius, cfg.max_radius))
+            row, col = divmod(int(cell), cfg.grid)
+            x, y = ((v + 0.5) / cfg.grid + float(rng.uniform(-cfg.jitter, cfg.jitter)) for v in (col, row))
+            grid_shapes.append(Shape(str(rng.choice(SHAPES)), str(colour), x, y, r))
+        return Scene(tuple(grid_shapes), str(rng.choice(BACKGROUNDS)))
     shapes: list[Shape] = []
     while len(shapes) < n:
         for _ in range(200):
@@ -183,9 +206,9 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _draw(draw: ImageDraw.ImageDraw, s: Shape, size: int) -> None:
+def _draw(draw: ImageDraw.ImageDraw, s: Shape, size: int, fill: tuple[int, ...] | int | None = None) -> None:
     cx, cy, r = s.x * size, s.y * size, s.r * size
-    fill = COLOURS[s.colour]
+    fill = COLOURS[s.colour] if fill is None else fill
     if s.kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif s.kind == "square":
@@ -211,6 +234,15 @@ def render(scene: Scene, cfg: VQAConfig, rng: np.random.Generator) -> Image.Imag
     for s in scene.shapes:
         _draw(draw, s, big)
     return img.resize((cfg.image_size, cfg.image_size), Image.Resampling.LANCZOS)
+
+
+def shape_mask(scene: Scene, size: int) -> np.ndarray:
+    """(size, size) uint8: 1 + the index of the shape on top at each pixel, 0 for background."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for i, s in enumerate(scene.shapes):
+        _draw(draw, s, size, fill=i + 1)
+    return np.asarray(img)
 
 
 def ask(scene: Scene, rng: np.random.Generator, cfg: VQAConfig) -> tuple[QA, ...]:
