@@ -1,8 +1,11 @@
 """Train the shipped default model from scratch on the synthetic VQA set (`make train-default`).
 
     seed --> tokenizer (byte-level BPE on prose + the VQA prompts and answers)
-         --> small_config() TinyGPT-V, initialised N(0, 0.02)
-         --> AdamW, linear warmup, cosine decay; each step: a batch of images with all their questions
+         --> small_config() TinyGPT-V: vision N(0, 1/fan_in) + 2-D sin-cos positions, decoder N(0, 0.02)
+         --> stage 1, vision pretraining: encoder + Q-Former + projections learn the scenes through
+             the linear heads of `train_scene.py` (the stand-in for a pretrained EVA and Q-Former)
+         --> stage 2, VQA: AdamW, linear warmup, cosine decay; each step a batch of images with some of
+             their questions; the answer loss plus the scene loss, the vision tower at a lower rate
          --> greedy exact match per question type (validation during training, test at the end)
          --> export/default_model/ (single-checkpoint folder) + training.json + loss curve
 
@@ -31,6 +34,16 @@ from tinygptv_edge.runtime.tokenizer import Tokenizer
 from .model.phi import RMSNorm
 from .model.tinygptv import TinyGPTV
 from .train_data import Encoded, encode_samples, exact_by_type, forward_rows, loss_and_exact
+from .train_scene import (
+    AnchorHeads,
+    SceneHeads,
+    SceneTargets,
+    anchor_loss,
+    find_anchors,
+    scene_accuracy,
+    scene_loss,
+    scene_targets,
+)
 
 METRICS = "training.json"
 LOSS_CSV = "loss.csv"
@@ -43,29 +56,41 @@ class TrainConfig:
     train_images: int = 6000
     val_images: int = 150
     test_images: int = 400
-    steps: int = 2400
+    pretrain_steps: int = 2000
+    pretrain_images_per_step: int = 32
+    pretrain_lr: float = 5e-4
+    steps: int = 4000
     images_per_step: int = 16
     questions_per_image: int = 2  # drawn at random from the image's 5-7 questions
     lr: float = 2e-3
+    vision_lr: float = 2e-4  # stage 2 rate of the (pretrained) vision tower
+    scene_weight: float = 1.0  # stage 2 weight of the scene loss next to the answer loss
+    anchor_weight: float = 1.0  # stage 2 weight of the word-anchor loss on the decoder's middle layer
+    anchor_layer: int = 1
     warmup: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     vocab_size: int = 512
     eval_every: int = 300
+    easy_weight: float = 0.4  # count and caption questions are drawn this much less often (learnt first)
     threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 thread ran 9x faster than 2 here
 
     def __post_init__(self) -> None:
         names = ("train_images", "val_images", "test_images", "steps", "images_per_step", "threads")
-        for name in (*names, "questions_per_image"):
+        for name in (*names, "questions_per_image", "pretrain_images_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"TrainConfig.lr: expected 0 < lr < 1, got {self.lr}")
-        if self.images_per_step > self.train_images:
-            raise ConfigError(
-                f"TrainConfig: images_per_step {self.images_per_step} > train_images {self.train_images}"
-            )
+        if self.pretrain_steps < 0 or self.scene_weight < 0:
+            raise ConfigError("TrainConfig: pretrain_steps and scene_weight must be >= 0")
+        for name in ("lr", "vision_lr", "pretrain_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}: expected 0 < {name} < 1, got {getattr(self, name)}")
+        for name in ("images_per_step", "pretrain_images_per_step"):
+            if getattr(self, name) > self.train_images:
+                raise ConfigError(
+                    f"TrainConfig: {name} {getattr(self, name)} > train_images {self.train_images}"
+                )
 
 
 @dataclass
@@ -75,6 +100,7 @@ class TrainResult:
     losses: list[float]
     val: list[tuple[int, dict[str, float]]]
     seconds: float
+    scene: dict[str, float]  # validation accuracies of the scene head after vision pretraining
 
 
 def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -> Tokenizer:
@@ -111,28 +137,86 @@ def init_weights(model: TinyGPTV) -> None:
                     nn.init.zeros_(m.bias)
     enc = model.vision.encoder
     nn.init.normal_(enc.cls_token, std=0.02)
-    nn.init.normal_(enc.pos_embed, std=0.2)  # patch features start near unit scale: make position visible
+    with torch.no_grad():  # smooth in x and y, unit scale like the patch features: position is readable
+        grid = enc.cfg.image_size // enc.cfg.patch_size
+        enc.pos_embed[0, 0].zero_()
+        enc.pos_embed[0, 1:] = sincos_2d(grid, enc.cfg.width)
     nn.init.normal_(model.vision.qformer.query_tokens, std=0.02)
     for block in enc.blocks:
         nn.init.zeros_(block.attn.q_bias)
         nn.init.zeros_(block.attn.v_bias)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) MAE-style position table, row-major: [sin(x w), cos(x w), sin(y w), cos(y w)]."""
+    w = 100.0 ** -(torch.arange(width // 4) / (width // 4))  # (width/4,) frequencies
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    xw, yw = x.flatten()[:, None] * w, y.flatten()[:, None] * w  # (grid^2, width/4)
+    return torch.cat([xw.sin(), xw.cos(), yw.sin(), yw.cos()], dim=1)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+def _param_groups(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, lr_scale: float = 1.0
+) -> list[dict]:
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale},
+    ]
 
 
-def encode_split(split: str, n: int, cfg: TrainConfig, model_cfg: TinyGPTVConfig, tok: Tokenizer) -> Encoded:
-    return encode_samples(iter_samples(split, n, cfg.seed, VQAConfig()), model_cfg, tok)
+def lr_at(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` (a multiplier of the peak rate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def pick_questions(rng: np.random.Generator, rows: np.ndarray, weight: np.ndarray, n: int) -> np.ndarray:
+    """Up to `n` of an image's question rows, without replacement, in proportion to `weight`."""
+    p = weight[rows] / weight[rows].sum()
+    return rng.choice(rows, size=min(n, len(rows)), replace=False, p=p)
+
+
+def encode_split(
+    split: str, n: int, cfg: TrainConfig, model_cfg: TinyGPTVConfig, tok: Tokenizer
+) -> tuple[Encoded, SceneTargets]:
+    scenes = []
+
+    def samples():
+        for s in iter_samples(split, n, cfg.seed, VQAConfig()):
+            scenes.append(s.scene)
+            yield s
+
+    encoded = encode_samples(samples(), model_cfg, tok)
+    return encoded, scene_targets(scenes, model_cfg)
+
+
+def pretrain_vision(
+    model: TinyGPTV,
+    heads: SceneHeads,
+    data: tuple[Encoded, SceneTargets],
+    cfg: TrainConfig,
+    progress: Callable[[str, int, int, dict], None],
+) -> None:
+    """Stage 1: the vision tower and the scene heads on the scene loss alone."""
+    pixels, targets = data[0].pixels, data[1]
+    named = list(model.vision.named_parameters()) + list(heads.named_parameters())
+    opt = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98))
+    order = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for step in range(cfg.pretrain_steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.pretrain_lr * lr_at(step, cfg.pretrain_steps, cfg.warmup, cfg.min_lr_ratio)
+        idx = torch.randint(0, len(pixels), (cfg.pretrain_images_per_step,), generator=order)
+        loss = scene_loss(heads(model, pixels[idx]), targets[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+        opt.step()
+        progress("pretrain", step + 1, cfg.pretrain_steps, {"loss": loss.item()})
 
 
 def train(
@@ -150,17 +234,31 @@ def train(
     tok = build_tokenizer(cfg, small_config(cfg.vocab_size), tok_dir)
     model_cfg = small_config(tok.vocab_size)
     progress("data", 0, 1, {})
-    train_set = encode_split("train", cfg.train_images, cfg, model_cfg, tok)
-    val_set = encode_split("validation", cfg.val_images, cfg, model_cfg, tok)
+    train_set, train_scenes = encode_split("train", cfg.train_images, cfg, model_cfg, tok)
+    val_set, val_scenes = encode_split("validation", cfg.val_images, cfg, model_cfg, tok)
     progress("data", 1, 1, {"rows": len(train_set.image)})
 
     model = TinyGPTV(model_cfg)
     init_weights(model)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    heads = SceneHeads(model_cfg)
+    pretrain_vision(model, heads, (train_set, train_scenes), cfg, progress)
+    scene = scene_accuracy(heads, model, val_set.pixels, val_scenes)
+    progress("scene", 1, 1, scene)
+
+    anchor_heads = AnchorHeads(model_cfg.language.hidden)
+    anchors = find_anchors(train_set.suffix, tok)
+    captured: list[torch.Tensor] = []
+    hook = model.language.layers[cfg.anchor_layer].register_forward_hook(lambda m, i, o: captured.append(o))
+    named = list(model.language.named_parameters()) + list(heads.named_parameters())
+    named += list(anchor_heads.named_parameters())
+    groups = _param_groups(named, cfg.weight_decay)
+    groups += _param_groups(list(model.vision.named_parameters()), cfg.weight_decay, cfg.vision_lr / cfg.lr)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     order = np.random.default_rng(cfg.seed)
     n_img = len(train_set.pixels)
     perm, pos = order.permutation(n_img), 0
     by_image = np.split(np.arange(len(train_set.image)), np.flatnonzero(np.diff(train_set.image.numpy())) + 1)
+    weight = np.array([cfg.easy_weight if t in ("count", "caption") else 1.0 for t in train_set.qtype])
     losses: list[float] = []
     val: list[tuple[int, dict[str, float]]] = []
     for step in range(cfg.steps):
@@ -169,16 +267,34 @@ def train(
         images = perm[pos : pos + cfg.images_per_step]
         pos += cfg.images_per_step
         rows = torch.tensor(
-            [r for i in images for r in order.permutation(by_image[i])[: cfg.questions_per_image]]
+            [r for i in images for r in pick_questions(order, by_image[i], weight, cfg.questions_per_image)]
         )
         model.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = cfg.lr * g["lr_scale"] * lr_at(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
+        captured.clear()
         logits, targets = forward_rows(model, train_set, rows, tok.eos_id)
         loss, exact = loss_and_exact(logits, targets)
+        total = loss
+        if cfg.anchor_weight:
+            hidden = captured[-1]  # (N, Q + width, H): the batch rows, after the prefix
+            total = total + cfg.anchor_weight * anchor_loss(
+                anchor_heads,
+                hidden,
+                rows.tolist(),
+                train_set.image,
+                anchors,
+                train_scenes,
+                model_cfg.qformer.num_query_tokens,
+            )
+        if cfg.scene_weight:
+            idx = torch.from_numpy(images)
+            total = total + cfg.scene_weight * scene_loss(
+                heads(model, train_set.pixels[idx]), train_scenes[idx]
+            )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        total.backward()
+        nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         losses.append(loss.item())
         info = {"loss": losses[-1], "exact": float(exact.float().mean())}
@@ -187,8 +303,9 @@ def train(
             val.append((step + 1, acc))
             info["val"] = acc["all"]
         progress("train", step + 1, cfg.steps, info)
+    hook.remove()
     model.eval()
-    return TrainResult(model, tok_dir, losses, val, time.perf_counter() - t0)
+    return TrainResult(model, tok_dir, losses, val, time.perf_counter() - t0, scene)
 
 
 @torch.no_grad()
@@ -263,6 +380,7 @@ def save_default(result: TrainResult, cfg: TrainConfig, test: dict, out: str | P
             "train_seconds": round(result.seconds, 1),
             "torch": torch.__version__,
             "final_loss": float(np.mean(result.losses[-20:])),
+            "scene_after_pretraining": result.scene,
             "validation": [{"step": s, **a} for s, a in result.val],
             "test_greedy_exact_match": test,
             "parameters": sum(p.numel() for p in result.model.parameters()),

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the small default TinyGPT-V on the synthetic VQA set")
     p.add_argument("--out", default=None, help="output folder (default: the shipped export/default_model/)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help="vision pretraining steps")
+    p.add_argument("--steps", type=int, default=d.steps, help="VQA training steps")
     p.add_argument("--train-images", type=int, default=d.train_images)
     p.add_argument("--test-images", type=int, default=d.test_images)
     p.add_argument("--threads", type=int, default=d.threads)
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         seed=args.seed,
         steps=args.steps,
+        pretrain_steps=args.pretrain_steps,
         train_images=args.train_images,
         test_images=args.test_images,
         threads=args.threads,
@@ -40,10 +42,16 @@ def run(args: argparse.Namespace) -> int:
             if done == 0:
                 print(f"generating {cfg.train_images} training images ...")
             return
+        if stage == "scene":
+            read = ", ".join(f"{k} {v:.3f}" for k, v in info.items())
+            tqdm.write(f"scene heads on validation images: {read}")
+            return
         if stage not in bars:
             bars[stage] = tqdm(total=total, desc=stage, unit="step")
         bar = bars[stage]
-        post = {"loss": f"{info['loss']:.3f}", "batch_exact": f"{info['exact']:.2f}"}
+        post = {"loss": f"{info['loss']:.3f}"}
+        if "exact" in info:
+            post["batch_exact"] = f"{info['exact']:.2f}"
         if "val" in info:
             post["val_exact"] = f"{info['val']:.3f}"
         bar.set_postfix(post, refresh=False)

@@ -105,12 +105,16 @@ def forward_rows(
 
 
 def loss_and_exact(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over answer tokens, and per row whether every answer token is the argmax.
+    """Cross-entropy over each row's answer tokens, averaged per row, then over rows; and per row
+    whether every answer token is the argmax.
 
-    A row is exact exactly when greedy decoding reproduces the answer and its separator.
+    Rows weigh the same whatever their answer's length (a caption is ~8 tokens, "left" is 2), so the
+    short answers that need the image most are not drowned out. A row is exact exactly when greedy
+    decoding reproduces the answer and its separator.
     """
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     mask = targets != IGNORE
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    loss = (ce.view_as(targets).sum(1) / mask.sum(1).clamp(min=1)).mean()
     hit = (logits.argmax(-1) == targets) | ~mask
     return loss, hit.all(dim=1)
 

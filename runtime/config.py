@@ -351,13 +351,14 @@ def tiny_config(stage: int = 3, vocab_size: int = 512) -> TinyGPTVConfig:
 def small_config(vocab_size: int = 512) -> TinyGPTVConfig:
     """The shipped default model (`make train-default`): trainable from scratch on a CPU in minutes.
 
-    Same code paths as the full model; 64 px images in an 8 x 8 patch grid. Language widths are
+    Same code paths as the full model; 64 px images in a 4 x 4 grid of 16 px patches, the cells
+    of the synthetic scenes' layout grid (`calib/vqa.py`). Language widths are
     multiples of 256 so every GGUF type applies (K-quants need rows of 256); head_dim 64 with
     partial rotary 0.5 (32 rotary dims).
     """
     vision = VisionConfig(
         image_size=64,
-        patch_size=8,
+        patch_size=16,
         width=128,
         depth=3,
         stored_depth=3,
