@@ -220,6 +220,6 @@ def test_make_demo_answers_the_example(tmp_path):
         ["make", "demo", f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True, text=True, timeout=1800
     )
     assert out.returncode == 0, out.stderr
-    # the demo asks for the colour of the one circle in test image 0
+    # the demo asks for the colour of the one circle in test image 0 and prints --json
     (circle,) = [sh for sh in vqa.sample("test", 0).scene.shapes if sh.kind == "circle"]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["answer"] == circle.colour  # the demo prints --json
+    assert json.loads(out.stdout.strip().splitlines()[-1])["answer"] == circle.colour
