@@ -245,6 +245,23 @@ class KVCache:
 KV_TYPES = {"f16": "F16", "f32": "F32"}
 
 
+def _reads_as_zero(ggml, buf) -> bool:
+    """Whether a fresh buffer already holds zeros, checked by reading only.
+
+    A large buffer comes from fresh anonymous pages: reading them maps the kernel's shared zero page
+    and adds nothing to the resident set, while clearing them would make the whole KV cache resident
+    at load time (~0.3 GB at full size) instead of as positions fill. Reused heap memory is cleared.
+    """
+    size = int(ggml.ggml_backend_buffer_get_size(buf))
+    base = ggml.ggml_backend_buffer_get_base(buf)
+    if not base or size == 0:
+        return False
+    words = np.ctypeslib.as_array((ctypes.c_uint64 * (size // 8)).from_address(base))
+    tail = np.ctypeslib.as_array((ctypes.c_uint8 * (size % 8)).from_address(base + size - size % 8))
+    step = 1 << 20  # 8 MiB at a time: no big temporary
+    return not any(words[i : i + step].any() for i in range(0, len(words), step)) and not tail.any()
+
+
 def new_kv_cache(ggml, n_layer: int, n_embd: int, n_ctx: int, kv_type: str) -> KVCache:
     type_id = TYPE_IDS[KV_TYPES[kv_type]]
     ctx = new_context(ggml, 2 * n_layer)
@@ -256,7 +273,8 @@ def new_kv_cache(ggml, n_layer: int, n_embd: int, n_ctx: int, kv_type: str) -> K
     buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml.ggml_backend_cpu_buffer_type())
     if not buf:
         raise MemoryError(f"cannot allocate a KV cache of {n_layer} x 2 x {n_embd} x {n_ctx} {kv_type}")
-    ggml.ggml_backend_buffer_clear(buf, 0)  # masked slots are read (times 0): they must be finite
+    if not _reads_as_zero(ggml, buf):  # masked slots are read (times 0): they must be finite
+        ggml.ggml_backend_buffer_clear(buf, 0)
     return KVCache(k, v, ctx, buf, type_id, n_ctx, int(ggml.ggml_backend_buffer_get_size(buf)))
 
 
