@@ -81,8 +81,9 @@ class TrainConfig:
         for name in (*names, "questions_per_image", "pretrain_images_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
-        if self.pretrain_steps < 0 or self.scene_weight < 0:
-            raise ConfigError("TrainConfig: pretrain_steps and scene_weight must be >= 0")
+        for name in ("pretrain_steps", "scene_weight", "anchor_weight", "anchor_layer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
         for name in ("lr", "vision_lr", "pretrain_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: expected 0 < {name} < 1, got {getattr(self, name)}")
@@ -233,6 +234,11 @@ def train(
     tok_dir = work_dir / "tokenizer"
     tok = build_tokenizer(cfg, small_config(cfg.vocab_size), tok_dir)
     model_cfg = small_config(tok.vocab_size)
+    if cfg.anchor_layer >= model_cfg.language.layers:
+        raise ConfigError(
+            f"TrainConfig.anchor_layer: expected < {model_cfg.language.layers} decoder layers, "
+            f"got {cfg.anchor_layer}"
+        )
     progress("data", 0, 1, {})
     train_set, train_scenes = encode_split("train", cfg.train_images, cfg, model_cfg, tok)
     val_set, val_scenes = encode_split("validation", cfg.val_images, cfg, model_cfg, tok)
@@ -247,8 +253,10 @@ def train(
 
     anchor_heads = AnchorHeads(model_cfg.language.hidden)
     anchors = find_anchors(train_set.suffix, tok)
-    captured: list[torch.Tensor] = []
-    hook = model.language.layers[cfg.anchor_layer].register_forward_hook(lambda m, i, o: captured.append(o))
+    captured: list[torch.Tensor] = []  # the anchor layer's output of each forward (only if it is used)
+    hook = model.language.layers[cfg.anchor_layer].register_forward_hook(
+        lambda m, i, o: captured.append(o) if cfg.anchor_weight else None
+    )
     named = list(model.language.named_parameters()) + list(heads.named_parameters())
     named += list(anchor_heads.named_parameters())
     groups = _param_groups(named, cfg.weight_decay)

@@ -223,3 +223,24 @@ def test_make_demo_answers_the_example(tmp_path):
     # the demo asks for the colour of the one circle in test image 0 and prints --json
     (circle,) = [sh for sh in vqa.sample("test", 0).scene.shapes if sh.kind == "circle"]
     assert json.loads(out.stdout.strip().splitlines()[-1])["answer"] == circle.colour
+
+
+def test_train_config_rejects_bad_settings(tmp_path):
+    from tinygptv_edge.export.train import TrainConfig, train
+
+    with pytest.raises(ConfigError, match="anchor_weight: expected >= 0"):
+        TrainConfig(anchor_weight=-1.0)
+    with pytest.raises(ConfigError, match="pretrain_images_per_step 32 > train_images 8"):
+        TrainConfig(train_images=8, images_per_step=4)
+    cfg = TrainConfig(
+        train_images=8,
+        val_images=2,
+        pretrain_steps=1,
+        pretrain_images_per_step=4,
+        steps=1,
+        images_per_step=4,
+        anchor_layer=3,
+        threads=1,
+    )
+    with pytest.raises(ConfigError, match="anchor_layer: expected < 3 decoder layers, got 3"):
+        train(cfg, tmp_path)
