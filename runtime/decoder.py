@@ -208,22 +208,15 @@ class Decoder:
 
     def _run(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:
         """One batch of T positions at n_past..n_past+T-1 -> logits (R, n_vocab)."""
-        ggml, E, T, p0 = self._ggml, self.n_embd, len(inp), self.n_past
+        ggml, T, p0 = self._ggml, len(inp), self.n_past
         n_kv = min(self.n_ctx, -(-(p0 + T) // KV_PAD) * KV_PAD)
         all_logits = all_logits and T > 1
         g = self._graph(T, n_kv, embeddings, all_logits)
 
         pos = np.arange(p0, p0 + T, dtype=np.int32)
-        mask = np.full((T, n_kv), -np.inf, dtype=np.float32)  # query t sees slots 0..p0+t
+        mask = np.full((T, n_kv), -np.inf, dtype=np.float16)  # query t sees slots 0..p0+t
         mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
-        v_idx = (np.arange(E, dtype=np.int64)[:, None] * self.n_ctx + pos[None, :]).reshape(-1)  # (E, T)
-        for t, a in (
-            (g.inp, inp),
-            (g.pos, pos),
-            (g.k_idx, pos.astype(np.int64)),
-            (g.v_idx, v_idx),
-            (g.mask, mask),
-        ):
+        for t, a in ((g.inp, inp), (g.pos, pos), (g.k_idx, pos.astype(np.int64)), (g.mask, mask)):
             ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
         status = ggml.ggml_backend_graph_compute(self._backend, g.gf)
         if status != 0:

@@ -10,12 +10,17 @@ tensors, so a graph is built once and reused for the next 256 positions of decod
         qkv  = W_qkv h + b                  (3E, T) rows (3, H, D)  attn_qkv
         q, k = LayerNorm_D(q), LayerNorm_D(k)   one op on (D, 2H, T)   attn_q_norm, attn_k_norm
         q, k = rope_neox(q, pos), rope_neox(k, pos)   first n_rot dims, one op
-        cache_k[:, slots] <- k ;  cache_v[slots, :] <- v            (V stored transposed)
-        a    = softmax(K^T q / sqrt(D) + mask) over n_kv slots      fp32 scores
+        cache_k[:, slots] <- k ;  cache_v[:, slots] <- v            (rows by position)
+        a    = softmax(K^T q / sqrt(D) + mask) over n_kv slots      flash attention, fp32 accumulators
         o    = RMSNorm(W_o (V a) + b_o) * w                         attn_output, attn_post_norm
         f    = W_down gelu_tanh(W_up h + b_up) + b_down             ffn_up, ffn_down
         x    = x + o + f
     logits = W_out (LayerNorm(x[:, rows]) * w + b) + b_out          (n_vocab, R)
+
+Attention is ggml's fused flash-attention op: it skips masked slots (whole 64x64 tiles of a prefill,
+single slots of a decode step) and runs a prefill of >= 64 tokens as tiled fp32 GEMMs. When only the
+last position's logits are wanted, the last layer computes its attention output and FFN for that
+position alone (its keys and values are still written for all T).
 """
 
 from __future__ import annotations
@@ -39,8 +44,7 @@ class Graph:
     inp: object  # token ids (I32, T) or embeddings (F32, E x T)
     pos: object  # I32 (T,)
     k_idx: object  # I64 (T,): cache slot of each new position
-    v_idx: object  # I64 (E*T,): [e*T + t] = e * n_ctx + slot(t), in the transposed V cache
-    mask: object  # F32 (n_kv, T)
+    mask: object  # F16 (n_kv, T): 0 where query t may attend slot j, -inf elsewhere
     out: object  # F32 logits (n_vocab, R)
     rows: int
 
@@ -73,15 +77,8 @@ def build_graph(
         x = ggml.ggml_get_rows(ctx, t["token_embd.weight"], inp)  # (E, T)
     pos = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I32, T)
     k_idx = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I64, T)
-    v_idx = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I64, E * T)
-    mask = ggml.ggml_new_tensor_2d(ctx, f32, n_kv, T)
-    for x_in, s in (
-        (inp, "inp"),
-        (pos, "inp_pos"),
-        (k_idx, "inp_k_idx"),
-        (v_idx, "inp_v_idx"),
-        (mask, "mask"),
-    ):
+    mask = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F16, n_kv, T)
+    for x_in, s in ((inp, "inp"), (pos, "inp_pos"), (k_idx, "inp_k_idx"), (mask, "mask")):
         name(x_in, s)
         ggml.ggml_set_input(x_in)
 
@@ -100,25 +97,29 @@ def build_graph(
         wn, bn = w.qk_norms[i]
         qk = ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, qk, hp.eps_qk), wn), bn)
         qk = name(_rope(ggml, ctx, qk, pos, hp), f"/blk.{i}/qk_rope")  # (D, 2H, T) contiguous
-        q = ggml.ggml_view_3d(ctx, qk, D, H, T, D * 4, 2 * E * 4, 0)  # (D, H, T)
         k = ggml.ggml_view_2d(ctx, qk, E, T, 2 * E * 4, E * 4)  # (E, T), rows strided
         v = ggml.ggml_view_2d(ctx, qkv, E, T, nb1, 2 * E * 4)  # (E, T)
 
         # write the new keys/values into their cache slots; the attention reads through these nodes
         ck = ggml.ggml_set_rows(ctx, kv.k[i], k, k_idx)
-        # one value per row, channel-major (row e*T + t): consecutive writes land side by side in the
-        # transposed cache instead of one cache page apart
-        v_rows = ggml.ggml_reshape_2d(ctx, ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, v)), 1, E * T)
-        cv = ggml.ggml_set_rows(ctx, ggml.ggml_reshape_2d(ctx, kv.v[i], 1, E * kv.n_ctx), v_rows, v_idx)
-
+        cv = ggml.ggml_set_rows(ctx, kv.v[i], v, k_idx)
         K = ggml.ggml_view_3d(ctx, ck, D, n_kv, H, ck.contents.nb[1], D * kv_es, 0)  # (D, n_kv, H)
-        Vt = ggml.ggml_view_3d(ctx, cv, n_kv, D, H, kv.n_ctx * kv_es, kv.n_ctx * D * kv_es, 0)  # (n_kv, D, H)
-        qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, T, H)
-        kq = ggml.ggml_mul_mat(ctx, K, qh)  # (n_kv, T, H)
-        ggml.ggml_mul_mat_set_prec(kq, ggml.GGML_PREC_F32)
-        kq = name(ggml.ggml_soft_max_ext(ctx, kq, mask, scale, 0.0), f"/blk.{i}/attn_probs")
-        o = ggml.ggml_mul_mat(ctx, Vt, kq)  # (D, T, H)
-        o = ggml.ggml_cont_2d(ctx, ggml.ggml_permute(ctx, o, 0, 2, 1, 3), E, T)  # (E, T)
+        V = ggml.ggml_view_3d(ctx, cv, D, n_kv, H, cv.contents.nb[1], D * kv_es, 0)  # (D, n_kv, H)
+
+        # queries from position t0 on (the last layer of a last-logits call needs only the last one)
+        t0 = T - 1 if i == hp.n_layer - 1 and not all_logits else 0
+        q = ggml.ggml_view_3d(ctx, qk, D, H, T - t0, D * 4, 2 * E * 4, t0 * 2 * E * 4)  # (D, H, T')
+        if t0:
+            h, x, m = (
+                ggml.ggml_view_2d(ctx, a, a.contents.ne[0], 1, a.contents.nb[1], t0 * a.contents.nb[1])
+                for a in (h, x, mask)
+            )
+        else:
+            m = mask
+        qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, T', H)
+        o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (D, H, T')
+        ggml.ggml_flash_attn_ext_set_prec(o, ggml.GGML_PREC_F32)
+        o = name(ggml.ggml_reshape_2d(ctx, o, E, T - t0), f"/blk.{i}/attn")  # (E, T')
         o = linear(o, p + "attn_output.weight", p + "attn_output.bias")
         o = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, o, hp.eps_rms), t[p + "attn_post_norm.weight"])
         o = name(o, f"/blk.{i}/attn_post_norm")
@@ -128,8 +129,6 @@ def build_graph(
         x = name(ggml.ggml_add(ctx, ggml.ggml_add(ctx, x, o), f), f"/blk.{i}/out")
 
     rows = T if all_logits else 1
-    if not all_logits and T > 1:
-        x = ggml.ggml_view_2d(ctx, x, E, 1, x.contents.nb[1], (T - 1) * x.contents.nb[1])
     x = layer_norm(x, "output_norm.weight", "output_norm.bias", hp.eps_norm)
     out = name(linear(x, "output.weight", "output.bias"), "logits")  # (n_vocab, rows)
     ggml.ggml_set_output(out)
@@ -140,7 +139,7 @@ def build_graph(
         ggml.ggml_gallocr_free(galloc)
         ggml.ggml_free(ctx)
         raise MemoryError(f"cannot allocate the compute buffer of a {T}-token graph")
-    return Graph(ctx, g, galloc, inp, pos, k_idx, v_idx, mask, out, rows)
+    return Graph(ctx, g, galloc, inp, pos, k_idx, mask, out, rows)
 
 
 def _rope(ggml, ctx, x, pos, hp: HParams):

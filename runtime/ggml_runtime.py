@@ -230,7 +230,7 @@ def add_qk_norms(ggml, w: Weights, n_layer: int, n_head: int, head_dim: int) -> 
 
 @dataclass
 class KVCache:
-    """Per layer: K as (n_embd, n_ctx) rows by position, V transposed as (n_ctx, n_embd)."""
+    """Per layer: K and V as (n_embd, n_ctx), one row per position."""
 
     k: list[object]
     v: list[object]
@@ -266,7 +266,7 @@ def new_kv_cache(ggml, n_layer: int, n_embd: int, n_ctx: int, kv_type: str) -> K
     type_id = TYPE_IDS[KV_TYPES[kv_type]]
     ctx = new_context(ggml, 2 * n_layer)
     k = [ggml.ggml_new_tensor_2d(ctx, type_id, n_embd, n_ctx) for _ in range(n_layer)]
-    v = [ggml.ggml_new_tensor_2d(ctx, type_id, n_ctx, n_embd) for _ in range(n_layer)]
+    v = [ggml.ggml_new_tensor_2d(ctx, type_id, n_embd, n_ctx) for _ in range(n_layer)]
     for i in range(n_layer):
         ggml.ggml_set_name(k[i], f"cache_k.{i}".encode())
         ggml.ggml_set_name(v[i], f"cache_v.{i}".encode())

@@ -7,6 +7,8 @@ token input; KV-cache decoding equals a full recompute; truncate/reset rewind th
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,43 @@ def test_wide_f32_and_kquants(wide):
             q = dec.eval_tokens(PROMPT, all_logits=True)
         kl, top1 = kl_top1(got, q)
         assert kl <= 0.05 and top1 >= 0.6, (wtype, kl, top1)
+
+
+@pytest.fixture(scope="module")
+def long_ctx(tiny, tmp_path_factory):
+    """A 1024-position context: long enough for each flash-attention path (see test below)."""
+    from tinygptv_edge.export.model.phi import PhiModel
+
+    lang = dataclasses.replace(tiny.model.language.cfg, max_positions=1024)
+    torch.manual_seed(1)
+    model = PhiModel(lang).eval()
+    randomize_norms(model)
+    src = model_source(model, tiny.tokenizer, cfg=tiny.cfg.replace(language=lang))
+    return model, export_source(src, tmp_path_factory.mktemp("long") / "long.F32.gguf", "F32").path
+
+
+@pytest.mark.parametrize(("kv_type", "tol"), [("f32", 1e-3), ("f16", 5e-3)])
+def test_attention_paths_match_reference(long_ctx, kv_type, tol):
+    """ggml's flash attention runs three ways: tiled GEMMs for >= 64 queries (with fully masked
+    64x64 tiles skipped), one query at a time for fewer, and split over the cache for a single query
+    attending >= 512 slots. Each against the reference; the last-logits graph (whose last layer
+    computes only the last position) against the all-logits one."""
+    model, path = long_ctx
+    ids = np.random.default_rng(2).integers(0, model.cfg.vocab_size, 600).tolist()
+    ref = ref_logits(model, ids)
+    span = ref.max() - ref.min()
+    with Decoder(path, n_ctx=1024, n_threads=2, kv_type=kv_type, n_batch=150) as dec:
+        got = dec.eval_tokens(ids[:150], all_logits=True)  # tiled: 150 queries, 3 tiles of 64
+        assert np.abs(got - ref[:150]).max() / span <= tol
+        dec.reset()
+        last = dec.eval_tokens(ids[:150])  # one query in the last layer: fp16 V sums at f16
+        np.testing.assert_allclose(last, got[-1], rtol=0, atol=(1e-5 if kv_type == "f32" else tol) * span)
+        dec.eval_tokens(ids[150:590])  # batches of 150, 150, 140: tiled, the cache partly filled
+        steps = np.stack([dec.eval_tokens([t]) for t in ids[590:]])  # n_kv 768: split over the cache
+        assert np.abs(steps - ref[590:]).max() / span <= tol
+        dec.truncate(40)
+        few = dec.eval_tokens(ids[40:60], all_logits=True)  # 20 queries: one at a time
+        assert np.abs(few - ref[40:60]).max() / span <= tol
 
 
 def test_embeddings_equal_tokens(gguf_files):
