@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kquant as kq
 from .config import PromptConfig
 from .decoder_model import (
     HParams,
@@ -60,6 +61,7 @@ class Decoder:
         kv_type: str = "f16",
         n_batch: int = 256,
         repack: bool = True,
+        kquant: bool = True,
     ):
         if kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type: expected one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -94,6 +96,9 @@ class Decoder:
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
         matmul = {f"blk.{i}.{n}" for i in range(hp.n_layer) for n in MATMUL_WEIGHTS} | {"output.weight"}
         self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
+        if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
+            mapped = matmul - set(self._w.repacked)
+            self._w.kquant = {n for n in mapped if kq.eligible(ggml, self._w.tensors[n])}
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, n_ctx, kv_type)
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
@@ -221,6 +226,8 @@ class Decoder:
         status = ggml.ggml_backend_graph_compute(self._backend, g.gf)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
+        if g.kq is not None:
+            g.kq.check()
         self.n_past = p0 + T
         out = np.empty((g.rows, self.n_vocab), dtype=np.float32)
         ggml.ggml_backend_tensor_get(g.out, out.ctypes.data, 0, out.nbytes)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .decoder_model import HParams
 from .ggml_runtime import KVCache, Weights, new_context
+from .kquant import MIN_TOKENS, KQuantOps
 
 NODES_PER_LAYER = 48
 
@@ -47,6 +48,7 @@ class Graph:
     mask: object  # F16 (n_kv, T): 0 where query t may attend slot j, -inf elsewhere
     out: object  # F32 logits (n_vocab, R)
     rows: int
+    kq: KQuantOps | None = None  # custom Q5_K/Q6_K matmul nodes (bound after allocation)
 
 
 def build_graph(
@@ -66,7 +68,11 @@ def build_graph(
     def layer_norm(x, wn: str, bn: str, eps: float):
         return ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, x, eps), t[wn]), t[bn])
 
+    kq = KQuantOps(ggml) if w.kquant else None
+
     def linear(x, wn: str, bn: str):
+        if kq is not None and wn in w.kquant and x.contents.ne[1] >= MIN_TOKENS:
+            return ggml.ggml_add(ctx, kq.matmul(ctx, t[wn], x), t[bn])
         return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, t[wn], x), t[bn])
 
     if embeddings:
@@ -139,7 +145,9 @@ def build_graph(
         ggml.ggml_gallocr_free(galloc)
         ggml.ggml_free(ctx)
         raise MemoryError(f"cannot allocate the compute buffer of a {T}-token graph")
-    return Graph(ctx, g, galloc, inp, pos, k_idx, mask, out, rows)
+    if kq is not None:
+        kq.bind()
+    return Graph(ctx, g, galloc, inp, pos, k_idx, mask, out, rows, kq if kq and kq.nodes else None)
 
 
 def _rope(ggml, ctx, x, pos, hp: HParams):

@@ -1,0 +1,94 @@
+"""The batched Q5_K/Q6_K matmul of runtime/kquant.c as a ggml custom op, for prompt batches.
+
+ggml-python 0.0.45 has no batched kernel for these types on x86 (it repacks only Q4_0/Q4_K), so a
+Q4_K_M prefill spent most of its time re-unpacking the Q5_K/Q6_K rows for every token. A graph node
+made by `KQuantOps.matmul` runs the C kernel on ggml's own threads instead; its arguments (data
+pointers) are bound once the graph's buffers are allocated. Used only where the kernel was built
+with AVX512-VNNI (`available()`), for batches of at least MIN_TOKENS; elsewhere ggml's mul_mat runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+try:
+    from . import _kquant
+except ImportError:  # not built (e.g. a source tree without the editable install)
+    _kquant = None
+
+TYPE_IDS = {"Q5_K": 13, "Q6_K": 14}  # ggml_type
+MIN_TOKENS = 16  # below one 16-token block the kernel would compute padding
+
+
+class KQArgs(ctypes.Structure):
+    """kq_args in kquant.c."""
+
+    _fields_ = [
+        ("type", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+        ("t", ctypes.c_int32),
+        ("w", ctypes.c_void_p),
+        ("x", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("ldx", ctypes.c_int64),
+        ("ldo", ctypes.c_int64),
+        ("status", ctypes.c_int32),
+    ]
+
+
+def available() -> bool:
+    return bool(_kquant is not None and _kquant.FAST)
+
+
+def eligible(ggml, w) -> bool:
+    """A weight the kernel takes: Q5_K/Q6_K, whole super-blocks per row, rows in tiles of ROWS."""
+    c = w.contents
+    return (
+        _kquant is not None
+        and c.type in TYPE_IDS.values()
+        and c.ne[0] % _kquant.QK == 0
+        and c.ne[1] % _kquant.ROWS == 0
+        and ggml.ggml_is_contiguous(w)
+    )
+
+
+_OP = None  # the C function as a ggml_custom_op_t, kept alive with the module
+
+
+class KQuantOps:
+    """The custom matmul nodes of one graph: make them, bind their pointers, check their status."""
+
+    def __init__(self, ggml):
+        global _OP
+        if _OP is None:
+            _OP = ggml.ggml_custom_op_t(_kquant.op_address())
+        self.ggml = ggml
+        self.nodes: list[tuple[KQArgs, object, object, object]] = []  # (args, w, x, out)
+
+    def matmul(self, ctx, w, x):
+        """W x for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like ggml_mul_mat."""
+        ggml = self.ggml
+        n, k, t = w.contents.ne[1], w.contents.ne[0], x.contents.ne[1]
+        args = KQArgs(type=w.contents.type, n=n, k=k, t=t)
+        srcs = (ctypes.POINTER(ggml.ggml_tensor) * 2)(w, x)
+        user = ctypes.cast(ctypes.pointer(args), ctypes.c_void_p)
+        out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, n, t, 1, 1, srcs, 2, _OP, -1, user)
+        self.nodes.append((args, w, x, out))
+        return out
+
+    def bind(self) -> None:
+        """Data pointers and row strides, once the graph allocator placed every tensor."""
+        for args, w, x, out in self.nodes:
+            args.w, args.x, args.out = w.contents.data, x.contents.data, out.contents.data
+            args.ldx, args.ldo = x.contents.nb[1] // 4, out.contents.nb[1] // 4
+            if x.contents.nb[0] != 4 or not all((args.w, args.x, args.out)):
+                raise RuntimeError("k-quant matmul: unallocated or non-contiguous operands")
+
+    def check(self) -> None:
+        for args, *_ in self.nodes:
+            if args.status:
+                status, args.status = args.status, 0
+                if status == -1:
+                    raise MemoryError("k-quant matmul: out of memory for its work buffers")
+                raise RuntimeError(f"k-quant matmul failed with status {status}")

@@ -1,0 +1,112 @@
+"""runtime/kquant.c: the batched Q5_K/Q6_K matmul against ggml's dequantization, and in the decoder."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from _decoder_gguf import quantize
+
+from tinygptv_edge.runtime import kquant
+from tinygptv_edge.runtime.ggml_runtime import load_ggml
+
+_kquant = pytest.importorskip("tinygptv_edge.runtime._kquant")
+PATHS = [False, True] if _kquant.FAST else [False]
+
+
+def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    ggml = load_ggml()
+    traits = ggml.ggml_get_type_traits(getattr(ggml, f"GGML_TYPE_{type_name}"))
+    out = np.empty(shape, np.float32)
+    traits.contents.to_float(
+        raw.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size
+    )
+    return out
+
+
+def run(type_name: str, raw: np.ndarray, n: int, k: int, x: np.ndarray, fast: bool) -> np.ndarray:
+    out = np.full((x.shape[0], n), np.nan, np.float32)
+    tid = kquant.TYPE_IDS[type_name]
+    ldx = x.strides[0] // 4
+    _kquant.matmul(tid, raw.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx, out.ctypes.data, n, fast)
+    return out
+
+
+@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize(("type_name", "n", "k"), [("Q5_K", 24, 512), ("Q6_K", 8, 768)])
+@pytest.mark.parametrize("t", [1, 16, 37])  # one token; one 16-token block; two pairs of blocks + a tail
+def test_matches_dequantized_weights(type_name, n, k, t, fast):
+    rng = np.random.default_rng(n + t)
+    w = rng.standard_normal((n, k)).astype(np.float32) * np.linspace(0.01, 0.2, k, dtype=np.float32)
+    raw = quantize(w, type_name)
+    x = rng.standard_normal((t, k + 5)).astype(np.float32)[:, :k]  # rows with a stride: ldx > k
+    ref = x.astype(np.float64) @ dequantize(raw, type_name, (n, k)).T.astype(np.float64)
+    got = run(type_name, raw, n, k, x, fast)
+    # the only approximation is int8 activations per 32 values: ~0.5% of the output scale
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max(), (type_name, t, fast)
+
+
+def test_fast_path_equals_plain_c():
+    if not _kquant.FAST:
+        pytest.skip("built without AVX512-VNNI")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 512)).astype(np.float32)
+    x = rng.standard_normal((40, 512)).astype(np.float32)
+    for type_name in kquant.TYPE_IDS:
+        raw = quantize(w, type_name)
+        a, b = run(type_name, raw, 16, 512, x, False), run(type_name, raw, 16, 512, x, True)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_rejects_what_it_cannot_compute():
+    x = np.zeros((4, 256), np.float32)
+    raw = quantize(np.ones((4, 256), np.float32), "Q5_K")
+    with pytest.raises(ValueError, match="unsupported matmul"):
+        run("Q5_K", raw, 4, 200, x, False)  # not whole super-blocks
+    with pytest.raises(ValueError, match="unsupported matmul"):
+        _kquant.matmul(8, raw.ctypes.data, 4, 256, x.ctypes.data, 4, 256, x.ctypes.data, 4, False)  # Q8_0
+
+
+def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
+    """A Q4_K_M model (Q5_K attn_qkv, Q6_K in ffn_down): a 40-token batch through the custom op
+    against ggml's own kernels; decode steps (1 token) stay on ggml's."""
+    if not kquant.available():
+        pytest.skip("the runtime uses the kernel only where it was built with AVX512-VNNI")
+    import torch
+    from _decoder_gguf import randomize_norms
+    from test_decoder import kl_top1
+
+    from tinygptv_edge.export.gguf_export import export_source
+    from tinygptv_edge.export.gguf_source import model_source
+    from tinygptv_edge.export.model.phi import PhiModel
+    from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
+    from tinygptv_edge.runtime.decoder import Decoder
+
+    lang = LanguageConfig(
+        vocab_size=512,
+        hidden=256,
+        layers=2,
+        heads=4,
+        intermediate=512,
+        max_positions=256,
+        partial_rotary_factor=0.5,
+    )
+    torch.manual_seed(3)
+    model = PhiModel(lang).eval()
+    randomize_norms(model)
+    cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
+    path = export_source(model_source(model, tiny.tokenizer, cfg=cfg), tmp_path / "m.gguf", "Q4_K_M").path
+    ids = np.random.default_rng(4).integers(0, 512, 40).tolist()
+    logits = {}
+    for on in (True, False):
+        with Decoder(path, n_ctx=64, n_threads=2, kquant=on) as dec:
+            used = dec._w.kquant
+            assert bool(used) == on and all(
+                n.endswith(("attn_qkv.weight", "ffn_down.weight", "output.weight")) for n in used
+            )
+            batch = dec.eval_tokens(ids, all_logits=True)
+            logits[on] = np.concatenate([batch, dec.eval_tokens(ids[:1])[None]])
+    kl, top1 = kl_top1(logits[False], logits[True])
+    assert kl < 1e-3 and top1 >= 0.95, (kl, top1)
