@@ -38,9 +38,11 @@
 #define QK 256      /* K-quant super-block */
 #define TB 16       /* tokens per block (one zmm of int32 / float lanes) */
 #define ROWS 4      /* weight rows per micro-tile */
-#define TYPE_Q5_K 13 /* ggml_type ids */
+#define TYPE_Q4_K 12 /* ggml_type ids */
+#define TYPE_Q5_K 13
 #define TYPE_Q6_K 14
 
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4k;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5k;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6k;
 
@@ -58,16 +60,29 @@ static float half_to_float(uint16_t h) {
 }
 
 /* ---- weights: one super-block -> 256 codes and per-group (a, b) ------------------------------ */
-static void unpack_q5k(const block_q5k *x, uint8_t *c, float *a, float *b) {
-    const float d = half_to_float(x->d), dmin = half_to_float(x->dmin);
-    const uint8_t *s = x->scales;
+static void scale_min_k4(const uint8_t *s, float d, float dmin, float *a, float *b) {
     for (int j = 0; j < 8; j++) { /* 6-bit scale and min of each 32-group, packed in 12 bytes */
         const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
         const int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
         a[j] = d * sc;
         b[j] = dmin * m;
     }
-    for (int j = 0; j < 4; j++) { /* 64 columns per 32 bytes of low nibbles; bit 2j / 2j+1 of qh */
+}
+
+static void unpack_q4k(const block_q4k *x, uint8_t *c, float *a, float *b) {
+    scale_min_k4(x->scales, half_to_float(x->d), half_to_float(x->dmin), a, b);
+    for (int j = 0; j < 4; j++) { /* 64 columns per 32 bytes: low nibbles, then high */
+        const uint8_t *lo = x->qs + 32 * j;
+        for (int l = 0; l < 32; l++) {
+            c[64 * j + l] = lo[l] & 15;
+            c[64 * j + 32 + l] = lo[l] >> 4;
+        }
+    }
+}
+
+static void unpack_q5k(const block_q5k *x, uint8_t *c, float *a, float *b) {
+    scale_min_k4(x->scales, half_to_float(x->d), half_to_float(x->dmin), a, b);
+    for (int j = 0; j < 4; j++) { /* as Q4_K, plus the fifth bit: bit 2j / 2j+1 of qh */
         const uint8_t *lo = x->qs + 32 * j;
         for (int l = 0; l < 32; l++) {
             c[64 * j + l] = (lo[l] & 15) | (((x->qh[l] >> (2 * j)) & 1) << 4);
@@ -108,6 +123,32 @@ static void free_acts(acts *p) {
     free(p->dq);
 }
 
+#if KQ_FAST
+/* 32 values of one token: the same rounding as the plain loop below (nearest even) */
+static inline int quantize32_fast(const float *x, int K, int G, int k0, int blk, int lane, acts *p) {
+    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi));
+    p->dx[((size_t)blk * (K / 32) + k0 / 32) * TB + lane] = dx;
+    const int s0 = _mm512_reduce_add_epi32(i0), s1 = _mm512_reduce_add_epi32(i1);
+    float *dq = p->dq + ((size_t)blk * (K / G) + k0 / G) * TB + lane;
+    if (G == 16) {
+        dq[0] = dx * (float)s0;
+        dq[TB] = dx * (float)s1;
+    } else {
+        dq[0] = dx * (float)(s0 + s1);
+    }
+    int32_t w[8]; /* 4 codes per word; word k/4 of this token sits at [k/4][TB][4] */
+    _mm_storeu_si128((__m128i *)w, _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128((__m128i *)(w + 4), _mm512_cvtepi32_epi8(i1));
+    int32_t *q = (int32_t *)(p->q + (size_t)blk * K * TB) + (size_t)(k0 / 4) * TB + lane;
+    for (int i = 0; i < 8; i++) q[(size_t)i * TB] = w[i];
+    return 1;
+}
+#endif
+
 static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int G) {
     p->K = K, p->T = T, p->G = G, p->nblk = (T + TB - 1) / TB;
     const size_t nq = (size_t)p->nblk * K * TB, ndx = (size_t)p->nblk * (K / 32) * TB,
@@ -127,6 +168,9 @@ static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int 
         const int blk = t / TB, lane = t % TB;
         int8_t *q = p->q + (size_t)blk * K * TB;
         for (int k0 = 0; k0 < K; k0 += 32) {
+#if KQ_FAST
+            if (quantize32_fast(x + k0, K, G, k0, blk, lane, p)) continue;
+#endif
             float amax = 0.0f;
             for (int l = 0; l < 32; l++) amax = fmaxf(amax, fabsf(x[k0 + l]));
             const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -213,9 +257,10 @@ static void tile_plain(const acts *p, int blk, int nb, const uint8_t *c, const f
 /* ---- one thread's share: out (T x N, row stride ldo) = X (T x K) W^T (W: N rows of K) ---------- */
 static int matmul(int type, const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
                   size_t ldo, int ith, int nth, int fast) {
-    if ((type != TYPE_Q5_K && type != TYPE_Q6_K) || K % QK || N % ROWS || T <= 0) return -2;
-    const int G = type == TYPE_Q5_K ? 32 : 16, ng = K / G, nsb = K / QK;
-    const size_t row_bytes = (size_t)nsb * (type == TYPE_Q5_K ? sizeof(block_q5k) : sizeof(block_q6k));
+    if ((type != TYPE_Q4_K && type != TYPE_Q5_K && type != TYPE_Q6_K) || K % QK || N % ROWS || T <= 0) return -2;
+    const int G = type == TYPE_Q6_K ? 16 : 32, ng = K / G, nsb = K / QK;
+    const size_t block = type == TYPE_Q4_K ? sizeof(block_q4k) : type == TYPE_Q5_K ? sizeof(block_q5k) : sizeof(block_q6k);
+    const size_t row_bytes = (size_t)nsb * block;
     const int ntiles = N / ROWS, per = (ntiles + nth - 1) / nth;
     const int t0 = ith * per, t1 = t0 + per < ntiles ? t0 + per : ntiles;
     if (t0 >= t1) return 0;
@@ -233,7 +278,9 @@ static int matmul(int type, const void *W, int N, int K, const float *X, int T, 
             const char *row = (const char *)W + (size_t)(tile * ROWS + r) * row_bytes;
             for (int sb = 0; sb < nsb; sb++) {
                 uint8_t *cr = c + (size_t)r * K + sb * QK;
-                if (type == TYPE_Q5_K)
+                if (type == TYPE_Q4_K)
+                    unpack_q4k((const block_q4k *)row + sb, cr, a + r * ng + sb * 8, b + r * ng + sb * 8);
+                else if (type == TYPE_Q5_K)
                     unpack_q5k((const block_q5k *)row + sb, cr, a + r * ng + sb * 8, b + r * ng + sb * 8);
                 else
                     unpack_q6k((const block_q6k *)row + sb, cr, a + r * ng + sb * 16, b + r * ng + sb * 16);

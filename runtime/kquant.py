@@ -16,7 +16,7 @@ try:
 except ImportError:  # not built (e.g. a source tree without the editable install)
     _kquant = None
 
-TYPE_IDS = {"Q5_K": 13, "Q6_K": 14}  # ggml_type
+TYPE_IDS = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}  # ggml_type
 MIN_TOKENS = 16  # below one 16-token block the kernel would compute padding
 
 
