@@ -48,7 +48,7 @@ class Graph:
     mask: object  # F16 (n_kv, T): 0 where query t may attend slot j, -inf elsewhere
     out: object  # F32 logits (n_vocab, R)
     rows: int
-    kq: KQuantOps | None = None  # custom Q5_K/Q6_K matmul nodes (bound after allocation)
+    kq: KQuantOps | None = None  # runtime/kquant.c matmul nodes (bound after allocation)
 
 
 def build_graph(

@@ -1,4 +1,4 @@
-/* Batched Q5_K / Q6_K matmul for prompt processing, run as a ggml custom op.
+/* Batched Q4_K / Q5_K / Q6_K matmul for prompt processing, run as a ggml custom op.
  *
  * ggml-python 0.0.45's ggml computes a Q5_K or Q6_K matmul over a batch one dot product at a time
  * (ggml_vec_dot_q5_K_q8_K): every weight row is unpacked again for every token. On x86 it repacks
@@ -6,9 +6,11 @@
  * (42% of the prefill work) took 58% of the prompt time. This kernel unpacks each weight row once
  * per call and runs the integer products with AVX512-VNNI across 16 tokens at a time.
  *
- * The math (per weight row, per group g of G columns: G = 32 for Q5_K, 16 for Q6_K):
- *     w[k] = a_g * c[k] - b_g            c: unsigned codes (Q5_K 0..31, Q6_K 0..63)
- *     Q5_K: a_g = d * sc_g, b_g = dmin * m_g;   Q6_K: a_g = d * sc_g, b_g = 32 * a_g
+ * Q4_K weights, repacked by ggml on x86, take this path only when not repacked (repack=False).
+ *
+ * The math (per weight row, per group g of G columns: G = 32 for Q4_K/Q5_K, 16 for Q6_K):
+ *     w[k] = a_g * c[k] - b_g            c: unsigned codes (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63)
+ *     Q4_K, Q5_K: a_g = d * sc_g, b_g = dmin * m_g;   Q6_K: a_g = d * sc_g, b_g = 32 * a_g
  * Activations x are quantized per 32 columns: x[k] ~ dx * q[k], q int8. Then
  *     sum_k w[k] x[k] = sum_g dx_g * (a_g * sum_{k in g} c[k] q[k] - b_g * sum_{k in g} q[k])
  * with the inner sums in int32 (vpdpbusd: unsigned codes times signed q).
@@ -17,8 +19,8 @@
  * [k/4][16 tokens][4], so one 64-byte load feeds 16 tokens x 4 columns to a vpdpbusd against one
  * weight row's 4 codes broadcast. A micro-tile is 4 weight rows x 32 tokens.
  *
- * Without AVX512-VNNI the same math runs in plain C (used by the tests; the runtime then keeps
- * ggml's own kernel, see FAST).
+ * Without AVX512-VNNI the same math runs in plain C, quantization included (the tests run both
+ * paths; without VNNI the runtime keeps ggml's own kernel, see FAST).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -125,7 +127,7 @@ static void free_acts(acts *p) {
 
 #if KQ_FAST
 /* 32 values of one token: the same rounding as the plain loop below (nearest even) */
-static inline int quantize32_fast(const float *x, int K, int G, int k0, int blk, int lane, acts *p) {
+static inline void quantize32_fast(const float *x, int K, int G, int k0, int blk, int lane, acts *p) {
     const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -145,11 +147,10 @@ static inline int quantize32_fast(const float *x, int K, int G, int k0, int blk,
     _mm_storeu_si128((__m128i *)(w + 4), _mm512_cvtepi32_epi8(i1));
     int32_t *q = (int32_t *)(p->q + (size_t)blk * K * TB) + (size_t)(k0 / 4) * TB + lane;
     for (int i = 0; i < 8; i++) q[(size_t)i * TB] = w[i];
-    return 1;
 }
 #endif
 
-static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int G) {
+static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int G, int fast) {
     p->K = K, p->T = T, p->G = G, p->nblk = (T + TB - 1) / TB;
     const size_t nq = (size_t)p->nblk * K * TB, ndx = (size_t)p->nblk * (K / 32) * TB,
                  ndq = (size_t)p->nblk * (K / G) * TB;
@@ -169,7 +170,10 @@ static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int 
         int8_t *q = p->q + (size_t)blk * K * TB;
         for (int k0 = 0; k0 < K; k0 += 32) {
 #if KQ_FAST
-            if (quantize32_fast(x + k0, K, G, k0, blk, lane, p)) continue;
+            if (fast) {
+                quantize32_fast(x + k0, K, G, k0, blk, lane, p);
+                continue;
+            }
 #endif
             float amax = 0.0f;
             for (int l = 0; l < 32; l++) amax = fmaxf(amax, fabsf(x[k0 + l]));
@@ -265,7 +269,7 @@ static int matmul(int type, const void *W, int N, int K, const float *X, int T, 
     const int t0 = ith * per, t1 = t0 + per < ntiles ? t0 + per : ntiles;
     if (t0 >= t1) return 0;
     acts p;
-    if (quantize_acts(&p, X, K, T, ldx, G)) return -1;
+    if (quantize_acts(&p, X, K, T, ldx, G, fast)) return -1;
     uint8_t *c = aligned_alloc(64, (size_t)ROWS * K);
     float *a = malloc(sizeof(float) * ROWS * ng), *b = malloc(sizeof(float) * ROWS * ng);
     if (!c || !a || !b) {

@@ -1,4 +1,4 @@
-"""The batched Q5_K/Q6_K matmul of runtime/kquant.c as a ggml custom op, for prompt batches.
+"""The batched K-quant matmul of runtime/kquant.c as a ggml custom op, for prompt batches.
 
 ggml-python 0.0.45 has no batched kernel for these types on x86 (it repacks only Q4_0/Q4_K), so a
 Q4_K_M prefill spent most of its time re-unpacking the Q5_K/Q6_K rows for every token. A graph node
@@ -42,7 +42,7 @@ def available() -> bool:
 
 
 def eligible(ggml, w) -> bool:
-    """A weight the kernel takes: Q5_K/Q6_K, whole super-blocks per row, rows in tiles of ROWS."""
+    """A weight the kernel takes: Q4_K/Q5_K/Q6_K, whole super-blocks per row, rows in tiles of ROWS."""
     c = w.contents
     return (
         _kquant is not None

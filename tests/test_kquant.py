@@ -48,6 +48,22 @@ def test_matches_dequantized_weights(type_name, n, k, t, fast):
     assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max(), (type_name, t, fast)
 
 
+@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("type_name", list(kquant.TYPE_IDS))
+def test_error_within_the_rounding_bound(type_name, fast):
+    """Exact weights, int8 activations (one scale dx per 32 values, rounded to nearest): each output
+    is off by at most sum over blocks of dx / 2 * sum |w| in the block."""
+    n, k, t = 16, 512, 37
+    rng = np.random.default_rng(5)
+    raw = quantize(rng.standard_normal((n, k)).astype(np.float32), type_name)
+    wd = dequantize(raw, type_name, (n, k)).astype(np.float64)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    dx = np.abs(x).reshape(t, k // 32, 32).max(-1) / 127  # (t, blocks)
+    bound = (dx / 2) @ np.abs(wd).reshape(n, k // 32, 32).sum(-1).T  # (t, n)
+    err = np.abs(run(type_name, raw, n, k, x, fast) - x.astype(np.float64) @ wd.T)
+    assert (err <= bound * 1.001 + 1e-4).all(), (type_name, fast, (err / bound).max())
+
+
 def test_fast_path_equals_plain_c():
     if not _kquant.FAST:
         pytest.skip("built without AVX512-VNNI")
