@@ -37,3 +37,43 @@ def tiny_single(tiny, tmp_path_factory) -> Path:
     from tinygptv_edge.export.single import save_single
 
     return save_single(tiny.model, tiny.synth.phi2, tmp_path_factory.mktemp("single") / "model")
+
+
+WIDE_LEVELS = ("F32", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
+
+
+def wide_source(tiny, seed: int):
+    """A random Phi at hidden 256, so K-quants (256-element blocks) apply to every matmul weight:
+    the model and its GGUF export source."""
+    from _decoder_gguf import randomize_norms
+
+    from tinygptv_edge.export.gguf_source import model_source
+    from tinygptv_edge.export.model.phi import PhiModel
+    from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
+
+    lang = LanguageConfig(
+        vocab_size=512,
+        hidden=256,
+        layers=2,
+        heads=4,
+        intermediate=512,
+        max_positions=256,
+        partial_rotary_factor=0.5,
+    )
+    cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
+    torch.manual_seed(seed)
+    model = PhiModel(lang).eval()
+    randomize_norms(model)
+    return model, model_source(model, tiny.tokenizer, cfg=cfg)
+
+
+@pytest.fixture(scope="session")
+def wide(tiny, tmp_path_factory):
+    """`wide_source` exported at WIDE_LEVELS (Q4_K_M as llama.cpp's mix: Q5_K attn_qkv, Q6_K in half
+    the ffn_down)."""
+    from tinygptv_edge.export.gguf_export import export_source
+
+    model, src = wide_source(tiny, seed=0)
+    out = tmp_path_factory.mktemp("wide")
+    files = {t: export_source(src, out / f"wide.{t}.gguf", t, pure=t != "Q4_K_M").path for t in WIDE_LEVELS}
+    return model, files

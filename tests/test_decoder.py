@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 from _decoder_gguf import randomize_norms
+from conftest import WIDE_LEVELS
 
 from tinygptv_edge.export.gguf_export import export_gguf, export_source
 from tinygptv_edge.export.gguf_source import model_source
-from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
 
 LEVELS = ("F32", "F16", "Q8_0", "Q4_0")
-WIDE_LEVELS = ("F32", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
 PROMPT = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3, 200, 45, 18, 2]
 
 
@@ -35,30 +34,6 @@ def gguf_files(tiny, tmp_path_factory):
     """The tiny model through the real exporter (issue 4), at each level the tests use."""
     out = tmp_path_factory.mktemp("dec")
     return {t: export_gguf(tiny.model, tiny.tokenizer, out / f"tiny.{t}.gguf", t).path for t in LEVELS}
-
-
-@pytest.fixture(scope="module")
-def wide(tiny, tmp_path_factory):
-    """hidden 256: K-quants (256-element blocks) apply to every matmul weight."""
-    from tinygptv_edge.export.model.phi import PhiModel
-
-    lang = LanguageConfig(
-        vocab_size=512,
-        hidden=256,
-        layers=2,
-        heads=4,
-        intermediate=512,
-        max_positions=256,
-        partial_rotary_factor=0.5,
-    )
-    cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
-    torch.manual_seed(0)
-    model = PhiModel(lang).eval()
-    randomize_norms(model)
-    out = tmp_path_factory.mktemp("wide")
-    src = model_source(model, tiny.tokenizer, cfg=cfg)
-    files = {t: export_source(src, out / f"wide.{t}.gguf", t, pure=t != "Q4_K_M").path for t in WIDE_LEVELS}
-    return model, files
 
 
 def ref_logits(phi, ids) -> np.ndarray:

@@ -90,30 +90,13 @@ def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
     against ggml's own kernels; decode steps (1 token) stay on ggml's."""
     if not kquant.available():
         pytest.skip("the runtime uses the kernel only where it was built with AVX512-VNNI")
-    import torch
-    from _decoder_gguf import randomize_norms
+    from conftest import wide_source
     from test_decoder import kl_top1
 
     from tinygptv_edge.export.gguf_export import export_source
-    from tinygptv_edge.export.gguf_source import model_source
-    from tinygptv_edge.export.model.phi import PhiModel
-    from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
     from tinygptv_edge.runtime.decoder import Decoder
 
-    lang = LanguageConfig(
-        vocab_size=512,
-        hidden=256,
-        layers=2,
-        heads=4,
-        intermediate=512,
-        max_positions=256,
-        partial_rotary_factor=0.5,
-    )
-    torch.manual_seed(3)
-    model = PhiModel(lang).eval()
-    randomize_norms(model)
-    cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
-    path = export_source(model_source(model, tiny.tokenizer, cfg=cfg), tmp_path / "m.gguf", "Q4_K_M").path
+    path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_K_M").path
     ids = np.random.default_rng(4).integers(0, 512, 40).tolist()
     logits = {}
     for on in (True, False):
