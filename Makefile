@@ -23,9 +23,15 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The layer rule (pyproject [tool.importlinter]): runtime <- export <- calib. import-linter walks one
+# folder tree per package, so the three folders are laid out under tinygptv_edge/ in build/layers first.
+LAYERS := build/layers
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	rm -rf $(LAYERS) && mkdir -p $(LAYERS)/tinygptv_edge
+	cp tinygptv_edge/*.py $(LAYERS)/tinygptv_edge/ && cp -r runtime export calib $(LAYERS)/tinygptv_edge/
+	cd $(LAYERS) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

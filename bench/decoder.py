@@ -37,9 +37,9 @@ SCALE_FIELDS = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_
 def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    from tinygptv_edge.export.gguf_meta import write_metadata
-    from tinygptv_edge.export.gguf_quant import choose_type, get_level, row_nbytes
-    from tinygptv_edge.export.tokenizer_train import train_bpe
+    from tinygptv_edge.export.checkpoints.tokenizer_train import train_bpe
+    from tinygptv_edge.export.gguf.meta import write_metadata
+    from tinygptv_edge.export.gguf.quant import choose_type, get_level, row_nbytes
     from tinygptv_edge.runtime import contract as C
     from tinygptv_edge.runtime.config import full_config
     from tinygptv_edge.runtime.tokenizer import Tokenizer
@@ -125,7 +125,7 @@ def _phi2_metadata(w, cfg, tok, lv) -> None:
     """llama.cpp's `phi2` keys (src/llama-arch.cpp names) and the same tokenizer tables."""
     from gguf import GGUFValueType as T
 
-    from tinygptv_edge.export.gguf_meta import tokenizer_tables
+    from tinygptv_edge.export.gguf.meta import tokenizer_tables
 
     L = cfg.language
     for key, value in {

@@ -19,8 +19,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from tinygptv_edge.export.gguf_export import export_source
-from tinygptv_edge.export.gguf_source import single_source
+from tinygptv_edge.export.gguf.export import export_source
+from tinygptv_edge.export.gguf.source import single_source
 folder, out, level, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or None
 t0 = time.perf_counter()
 report = export_source(single_source(folder), out, level, threads=threads)
@@ -38,9 +38,9 @@ def write_language_folder(folder: Path, seed: int = 0) -> None:
     import numpy as np
     import torch
 
-    from tinygptv_edge.export import names as N
-    from tinygptv_edge.export.gguf_source import expected_shapes
-    from tinygptv_edge.export.tokenizer_train import save_tokenizer, train_bpe
+    from tinygptv_edge.export.checkpoints import names as N
+    from tinygptv_edge.export.checkpoints.tokenizer_train import save_tokenizer, train_bpe
+    from tinygptv_edge.export.gguf.source import expected_shapes
     from tinygptv_edge.runtime.config import full_config
 
     cfg = full_config()

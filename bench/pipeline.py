@@ -48,10 +48,10 @@ def build_vision(work: Path, n_calib: int, say) -> Path:
     import torch
     from torch import nn
 
-    from tinygptv_edge.calib.presets import get_preset
     from tinygptv_edge.export.model.vision import VisionTower
-    from tinygptv_edge.export.onnx_export import export_vision
-    from tinygptv_edge.export.onnx_quant import quantize_vision
+    from tinygptv_edge.export.onnx.export import export_vision
+    from tinygptv_edge.export.onnx.presets import get_preset
+    from tinygptv_edge.export.onnx.quant import quantize_vision
     from tinygptv_edge.runtime.config import full_config
     from tinygptv_edge.runtime.images import load_image
     from tinygptv_edge.runtime.preprocess import preprocess
@@ -91,9 +91,9 @@ def build_vision(work: Path, n_calib: int, say) -> Path:
 def build_language(work: Path, say) -> Path:
     import torch
 
-    from tinygptv_edge.export.gguf_export import export_source
-    from tinygptv_edge.export.gguf_source import LanguageSource, expected_shapes
-    from tinygptv_edge.export.tokenizer_train import train_bpe
+    from tinygptv_edge.export.checkpoints.tokenizer_train import train_bpe
+    from tinygptv_edge.export.gguf.export import export_source
+    from tinygptv_edge.export.gguf.source import LanguageSource, expected_shapes
     from tinygptv_edge.runtime.config import full_config
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 

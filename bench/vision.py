@@ -135,17 +135,17 @@ def _spawn(mode: str, paths: list[Path], args, image_size: int):
 
 def _build(size: str, work: Path, args, say) -> list[tuple[str, Path, float]]:
     """Export and quantize (or, with --reuse, read back what an earlier run left in `work`)."""
-    from tinygptv_edge.calib.presets import get_preset
-    from tinygptv_edge.calib.reader import pixels_from_images
-    from tinygptv_edge.export.onnx_check import ParityConfig
-    from tinygptv_edge.export.onnx_export import ExportConfig, export_vision
-    from tinygptv_edge.export.onnx_quant import QUANT_META_KEY, quantize_vision, quantize_vision_dynamic
+    from tinygptv_edge.export.onnx.calib_data import pixels_from_images
+    from tinygptv_edge.export.onnx.check import ParityConfig
+    from tinygptv_edge.export.onnx.export import ExportConfig, export_vision
+    from tinygptv_edge.export.onnx.presets import get_preset
+    from tinygptv_edge.export.onnx.quant import QUANT_META_KEY, quantize_vision, quantize_vision_dynamic
 
     names = ["vision.fp32.onnx", "vision.int8.onnx"] + (["vision.int8-dynamic.onnx"] if args.dynamic else [])
     if args.reuse and all((work / n).is_file() for n in names):
         import onnx
 
-        from tinygptv_edge.export.onnx_export import read_metadata
+        from tinygptv_edge.export.onnx.export import read_metadata
 
         say("reusing the graphs in " + str(work))
         out = [("fp32", work / names[0], 1.0)]

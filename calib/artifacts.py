@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygptv_edge.export.onnx.presets import QuantPreset
 from tinygptv_edge.runtime.errors import TinyGPTVError
 
 from .levels import LanguageLevel, VisionLevel
 from .metrics import bits_per_weight
-from .presets import QuantPreset
 
 MANIFEST = "manifest.json"
 REPORT_GATE = 1e-6  # min_cosine used for the report's builds (the exporter's own gate is noted)
@@ -150,8 +150,8 @@ class Builder:
         return art
 
     def _build_vision(self, level: VisionLevel) -> Path:
-        from tinygptv_edge.export.onnx_export import ExportConfig, export_vision
-        from tinygptv_edge.export.onnx_quant import quantize_vision, quantize_vision_dynamic
+        from tinygptv_edge.export.onnx.export import ExportConfig, export_vision
+        from tinygptv_edge.export.onnx.quant import quantize_vision, quantize_vision_dynamic
 
         out = self.folder / level.file
         if level.kind == "fp32":
@@ -181,7 +181,7 @@ class Builder:
         return out
 
     def _sha(self, path: Path) -> str:
-        from tinygptv_edge.export.single import file_sha256
+        from tinygptv_edge.export.checkpoints.single import file_sha256
 
         return file_sha256(path)
 
@@ -201,7 +201,7 @@ class Builder:
 
     def imatrix(self):
         if self._imatrix is None:
-            from tinygptv_edge.export.gguf_imatrix import collect_imatrix
+            from tinygptv_edge.export.gguf.imatrix import collect_imatrix
 
             self.say(f"importance matrix over {len(self.calib.pixels)} calibration pairs")
             self._imatrix = collect_imatrix(
@@ -213,7 +213,7 @@ class Builder:
         return self._imatrix
 
     def _build_language(self, level: LanguageLevel) -> Path:
-        from tinygptv_edge.export.gguf_export import export_gguf
+        from tinygptv_edge.export.gguf.export import export_gguf
 
         out = self.folder / level.file
         settings = {"ftype": level.ftype, "imatrix": self.calib.sha256 if level.imatrix else None}

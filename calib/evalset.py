@@ -141,11 +141,11 @@ def write_evalset(folder: str | Path, rows) -> Path:
 
 
 def write_vqa_evalset(folder: str | Path, n_images: int, split: str = "test", seed: int = 0) -> Path:
-    """The synthetic VQA split (calib/vqa.py) as an evaluation folder: every question of `n_images`."""
+    """The synthetic VQA split (export/train/vqa.py) as an evaluation folder: every question of `n_images`."""
     try:
-        from . import vqa
+        from tinygptv_edge.export.train import vqa
     except ImportError as e:
         raise EvalSetError(
-            "the synthetic VQA generator (calib/vqa.py) is not available: give an evaluation folder"
+            "the synthetic VQA generator (export/train/vqa.py) is not available: give an evaluation folder"
         ) from e
     return write_evalset(folder, vqa.iter_vqa(split, n_images, seed))

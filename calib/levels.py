@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tinygptv_edge.export.onnx.presets import CALIBRATION_METHODS
 from tinygptv_edge.runtime.errors import ReportError
-
-from .presets import CALIBRATION_METHODS
 
 
 @dataclass(frozen=True)

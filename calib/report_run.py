@@ -95,17 +95,17 @@ def _git_commit() -> str:
 
 def calibration(cfg: ReportConfig, preprocess_cfg) -> Calibration:
     """Calibration images (+ questions for the imatrix): a folder, or the VQA calibration split."""
-    from .reader import load_folder
+    from tinygptv_edge.export.onnx.calib_data import load_folder
 
     if cfg.calib_images:
-        from tinygptv_edge.export.gguf_imatrix import DEFAULT_QUESTIONS
+        from tinygptv_edge.export.gguf.imatrix import DEFAULT_QUESTIONS
 
         pixels = load_folder(cfg.calib_images, preprocess_cfg, cfg.n_calib)
         return Calibration(pixels, list(DEFAULT_QUESTIONS), f"folder {cfg.calib_images}")
     try:
-        from . import vqa
+        from tinygptv_edge.export.train import vqa
     except ImportError as e:
-        raise ReportError("no --calib-images and no synthetic VQA generator (calib/vqa.py)") from e
+        raise ReportError("no --calib-images and no synthetic VQA generator (export/train/vqa.py)") from e
     from tinygptv_edge.runtime.preprocess import preprocess
 
     samples = list(vqa.iter_samples("calibration", cfg.n_calib, cfg.seed))
@@ -131,11 +131,11 @@ def _check_html(text: str) -> None:
 
 def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str, Path]:
     """Build, measure and write the report; returns {file name: path}."""
-    from tinygptv_edge.export.single import WEIGHTS, file_sha256, load_single
+    from tinygptv_edge.export.checkpoints.single import WEIGHTS, file_sha256, load_single
+    from tinygptv_edge.export.onnx.presets import get_preset
 
     from . import probe as P
     from .matrix import choose_cells, prepare, run_matrix
-    from .presets import get_preset
 
     say = progress or (lambda *_: None)
     out = Path(cfg.out)
@@ -147,7 +147,7 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     if cfg.model:
         folder = Path(cfg.model)
     else:
-        from tinygptv_edge.export.default import default_model_dir
+        from tinygptv_edge.export.checkpoints.default import default_model_dir
 
         folder = default_model_dir()
     if not (folder / WEIGHTS).is_file():

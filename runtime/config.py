@@ -352,7 +352,7 @@ def small_config(vocab_size: int = 512) -> TinyGPTVConfig:
     """The shipped default model (`make train-default`): trainable from scratch on a CPU in minutes.
 
     Same code paths as the full model; 64 px images in a 4 x 4 grid of 16 px patches, the cells
-    of the synthetic scenes' layout grid (`calib/vqa.py`). Language widths are
+    of the synthetic scenes' layout grid (`export/train/vqa.py`). Language widths are
     multiples of 256 so every GGUF type applies (K-quants need rows of 256); head_dim 64 with
     partial rotary 0.5 (32 rotary dims).
     """

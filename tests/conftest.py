@@ -20,8 +20,8 @@ class Tiny:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
-    from tinygptv_edge.export.loaders import load_tinygptv
-    from tinygptv_edge.export.synth import synth_preset, synthesize
+    from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
+    from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 
     cfg, dtype = synth_preset("tiny")
@@ -34,7 +34,7 @@ def tiny(tmp_path_factory) -> Tiny:
 @pytest.fixture(scope="session")
 def tiny_single(tiny, tmp_path_factory) -> Path:
     """The tiny model written as the project's single checkpoint folder."""
-    from tinygptv_edge.export.single import save_single
+    from tinygptv_edge.export.checkpoints.single import save_single
 
     return save_single(tiny.model, tiny.synth.phi2, tmp_path_factory.mktemp("single") / "model")
 
@@ -47,7 +47,7 @@ def wide_source(tiny, seed: int):
     the model and its GGUF export source."""
     from _decoder_gguf import randomize_norms
 
-    from tinygptv_edge.export.gguf_source import model_source
+    from tinygptv_edge.export.gguf.source import model_source
     from tinygptv_edge.export.model.phi import PhiModel
     from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
 
@@ -71,7 +71,7 @@ def wide_source(tiny, seed: int):
 def wide(tiny, tmp_path_factory):
     """`wide_source` exported at WIDE_LEVELS (Q4_K_M as llama.cpp's mix: Q5_K attn_qkv, Q6_K in half
     the ffn_down)."""
-    from tinygptv_edge.export.gguf_export import export_source
+    from tinygptv_edge.export.gguf.export import export_source
 
     model, src = wide_source(tiny, seed=0)
     out = tmp_path_factory.mktemp("wide")

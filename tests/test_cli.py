@@ -16,7 +16,7 @@ def test_synth_cli_writes_the_official_files(tmp_path, capsys):
 
 
 def test_cli_reports_typed_errors(tmp_path, capsys, monkeypatch):
-    from tinygptv_edge.export import synth
+    from tinygptv_edge.export.checkpoints import synth
 
     def boom(*a, **k):
         from tinygptv_edge.runtime.errors import ConfigError

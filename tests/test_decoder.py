@@ -15,8 +15,8 @@ import torch
 from _decoder_gguf import randomize_norms
 from conftest import WIDE_LEVELS
 
-from tinygptv_edge.export.gguf_export import export_gguf, export_source
-from tinygptv_edge.export.gguf_source import model_source
+from tinygptv_edge.export.gguf.export import export_gguf, export_source
+from tinygptv_edge.export.gguf.source import model_source
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _decoder_gguf import write_gguf
 
-from tinygptv_edge.export.gguf_export import export_gguf
+from tinygptv_edge.export.gguf.export import export_gguf
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import (
     CheckpointError,

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    from tinygptv_edge.export.default import default_model_dir, load_default
-    from tinygptv_edge.export.gguf_export import export_gguf
+    from tinygptv_edge.export.checkpoints.default import default_model_dir, load_default
+    from tinygptv_edge.export.gguf.export import export_gguf
     from tinygptv_edge.runtime.errors import CheckpointError
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tinygptv_edge.calib import vqa  # noqa: E402
+from tinygptv_edge.export.train import vqa  # noqa: E402
 from tinygptv_edge.runtime.errors import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_bad_inputs_raise_typed_errors():
 
 
 def test_training_is_deterministic_and_learns(tmp_path):
-    from tinygptv_edge.export.train import TrainConfig, train
+    from tinygptv_edge.export.train.loop import TrainConfig, train
 
     cfg = TrainConfig(
         train_images=8,
@@ -132,7 +132,7 @@ def test_training_is_deterministic_and_learns(tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from tinygptv_edge.export.default import default_model_dir, load_default
+    from tinygptv_edge.export.checkpoints.default import default_model_dir, load_default
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 
     model, summary = load_default()
@@ -142,7 +142,7 @@ def shipped():
 def test_shipped_model_loads_through_the_official_loader(shipped):
     from safetensors import safe_open
 
-    from tinygptv_edge.export.default import default_model_dir
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
     from tinygptv_edge.runtime.config import small_config
 
     model, tok, _ = shipped
@@ -157,7 +157,7 @@ def test_shipped_model_loads_through_the_official_loader(shipped):
 
 
 def test_shipped_metrics_meet_the_target():
-    from tinygptv_edge.export.default import default_model_dir
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
 
     metrics = json.loads((default_model_dir() / "training.json").read_text())
     table = metrics["test_greedy_exact_match"]
@@ -167,7 +167,7 @@ def test_shipped_metrics_meet_the_target():
 
 def test_reference_accuracy_on_the_first_test_images(shipped):
     """Recomputed here, not read from training.json: greedy answers of the PyTorch reference."""
-    from tinygptv_edge.export.train import evaluate_greedy
+    from tinygptv_edge.export.train.loop import evaluate_greedy
 
     model, tok, _ = shipped
     table = evaluate_greedy(model, tok, "test", n_images=25)
@@ -191,7 +191,7 @@ def test_reference_answers_fixed_test_questions(shipped):
 
 def test_batched_exact_match_equals_greedy_answers(shipped):
     """The training-time metric (teacher-forced argmax) agrees with real greedy decoding."""
-    from tinygptv_edge.export.train_data import encode_samples, forward_rows, loss_and_exact
+    from tinygptv_edge.export.train.data import encode_samples, forward_rows, loss_and_exact
     from tinygptv_edge.runtime.preprocess import preprocess
 
     model, tok, _ = shipped
@@ -226,7 +226,7 @@ def test_make_demo_answers_the_example(tmp_path):
 
 
 def test_train_config_rejects_bad_settings(tmp_path):
-    from tinygptv_edge.export.train import TrainConfig, train
+    from tinygptv_edge.export.train.loop import TrainConfig, train
 
     with pytest.raises(ConfigError, match="anchor_weight: expected >= 0"):
         TrainConfig(anchor_weight=-1.0)

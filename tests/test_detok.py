@@ -20,7 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    from tinygptv_edge.export.tokenizer_train import train_bpe
+    from tinygptv_edge.export.checkpoints.tokenizer_train import train_bpe
 
     hf = train_bpe(400)
     hf.add_tokens(["    "])  # a non-special added token, as Phi-2 has for runs of spaces

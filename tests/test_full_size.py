@@ -16,8 +16,8 @@ def _peak_rss_gib() -> float:
 
 
 def test_full_size_synthesizes_and_loads(tmp_path):
-    from tinygptv_edge.export.loaders import load_tinygptv
-    from tinygptv_edge.export.synth import synth_preset, synthesize
+    from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
+    from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
 
     cfg, dtype = synth_preset("full")
     t0 = time.perf_counter()

@@ -17,10 +17,10 @@ pytest.importorskip("ggml")
 from gguf import GGUFReader  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from tinygptv_edge.export.gguf_export import export_gguf, export_source, qkv_to_gguf  # noqa: E402
-from tinygptv_edge.export.gguf_imatrix import collect_imatrix  # noqa: E402
-from tinygptv_edge.export.gguf_quant import LEVELS, Q, fit_type, get_level, use_more_bits  # noqa: E402
-from tinygptv_edge.export.gguf_source import model_source, single_source  # noqa: E402
+from tinygptv_edge.export.gguf.export import export_gguf, export_source, qkv_to_gguf  # noqa: E402
+from tinygptv_edge.export.gguf.imatrix import collect_imatrix  # noqa: E402
+from tinygptv_edge.export.gguf.quant import LEVELS, Q, fit_type, get_level, use_more_bits  # noqa: E402
+from tinygptv_edge.export.gguf.source import model_source, single_source  # noqa: E402
 from tinygptv_edge.runtime import contract as C  # noqa: E402
 from tinygptv_edge.runtime.errors import (  # noqa: E402
     ConfigError,
@@ -202,7 +202,7 @@ def test_fallback_table():
 
 
 def test_threads_give_the_same_blocks():
-    from tinygptv_edge.export.gguf_quant import quantize as ggml_quantize
+    from tinygptv_edge.export.gguf.quant import quantize as ggml_quantize
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((600, 512)).astype(np.float32)
@@ -388,7 +388,7 @@ def test_unwritable_output(tiny, tmp_path):
 
 
 def test_verification_catches_bad_blocks(tiny, tmp_path, monkeypatch):
-    import tinygptv_edge.export.gguf_export as ge
+    import tinygptv_edge.export.gguf.export as ge
 
     real = ge.quantize
 

@@ -93,7 +93,7 @@ def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
     from conftest import wide_source
     from test_decoder import kl_top1
 
-    from tinygptv_edge.export.gguf_export import export_source
+    from tinygptv_edge.export.gguf.export import export_source
     from tinygptv_edge.runtime.decoder import Decoder
 
     path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_K_M").path

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from tinygptv_edge.export import names as N
-from tinygptv_edge.export.loaders import load_phi2, load_tinygptv
+from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv
+from tinygptv_edge.export.checkpoints.single import load_single
+from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
 from tinygptv_edge.export.model import lora as lora_ops
-from tinygptv_edge.export.single import load_single
-from tinygptv_edge.export.synth import synth_preset, synthesize
 from tinygptv_edge.runtime.errors import (
     ConfigError,
     MissingKeysError,

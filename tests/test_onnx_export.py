@@ -11,8 +11,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from tinygptv_edge.export import onnx_export as E  # noqa: E402
-from tinygptv_edge.export.onnx_check import ParityConfig, cosine_rows  # noqa: E402
+from tinygptv_edge.export.onnx import export as E  # noqa: E402
+from tinygptv_edge.export.onnx.check import ParityConfig, cosine_rows  # noqa: E402
 from tinygptv_edge.runtime.contract import (  # noqa: E402
     BATCH_AXIS,
     ONNX_META,
@@ -181,7 +181,7 @@ def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "cosine vs FP32" in text and "kept in float" in text
     meta = E.read_metadata(onnx.load(str(out / VISION_FILE_FP32), load_external_data=False))
-    from tinygptv_edge.export.single import file_sha256
+    from tinygptv_edge.export.checkpoints.single import file_sha256
 
     assert json.loads(meta[ONNX_META["source_sha256"]]) == {
         "model.safetensors": file_sha256(tiny_single / "model.safetensors")
@@ -190,8 +190,8 @@ def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
 
 def test_cli_errors_are_typed(tmp_path, monkeypatch, capsys):
     from tinygptv_edge.cli import main
-    from tinygptv_edge.export import default as D
-    from tinygptv_edge.export import onnx_cli
+    from tinygptv_edge.export.checkpoints import default as D
+    from tinygptv_edge.export.onnx import cli as onnx_cli
 
     monkeypatch.setattr(D, "default_model_dir", lambda: tmp_path / "no-model")
     assert main(["export-onnx", "--out", str(tmp_path / "o")]) == 2
@@ -205,5 +205,5 @@ def test_cli_errors_are_typed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(onnx_cli.importlib, "import_module", no_vqa)
     from tinygptv_edge.runtime.errors import CalibrationError
 
-    with pytest.raises(CalibrationError, match="calib/vqa.py"):
+    with pytest.raises(CalibrationError, match="export/train/vqa.py"):
         onnx_cli.default_calibration_folder(tmp_path, 4)

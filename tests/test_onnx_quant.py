@@ -10,10 +10,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from tinygptv_edge.calib import reader as R  # noqa: E402
-from tinygptv_edge.calib.presets import PRESETS, QuantPreset, get_preset  # noqa: E402
-from tinygptv_edge.export import onnx_quant as Q  # noqa: E402
-from tinygptv_edge.export.onnx_export import export_vision, read_metadata  # noqa: E402
+from tinygptv_edge.export.onnx import calib_data as R  # noqa: E402
+from tinygptv_edge.export.onnx import quant as Q  # noqa: E402
+from tinygptv_edge.export.onnx.export import export_vision, read_metadata  # noqa: E402
+from tinygptv_edge.export.onnx.presets import PRESETS, QuantPreset, get_preset  # noqa: E402
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8  # noqa: E402
 from tinygptv_edge.runtime.errors import (  # noqa: E402
     CalibrationError,
@@ -237,7 +237,7 @@ def test_streamed_sqnr_matches_onnxruntime_helpers(fp32, pixels, tmp_path):
         create_activation_matching,
     )
 
-    from tinygptv_edge.export.onnx_diag import diagnose
+    from tinygptv_edge.export.onnx.diag import diagnose
 
     preset = get_preset("x86-vnni")
     pre = Q._prepare(fp32, tmp_path)

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_phi_matches_transformers_without_the_added_norms(tmp_path):
-    from tinygptv_edge.export.loaders import load_phi2
-    from tinygptv_edge.export.synth import synth_preset, synthesize
+    from tinygptv_edge.export.checkpoints.loaders import load_phi2
+    from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
 
     cfg, dtype = synth_preset("tiny")
     res = synthesize(tmp_path, cfg, seed=3, phi_layout="hf", dtype=dtype)

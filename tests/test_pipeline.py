@@ -45,8 +45,8 @@ def photo(seed: int, size=(80, 60)) -> bytes:
 @pytest.fixture(scope="module")
 def files(tiny, tmp_path_factory):
     """The tiny model exported: FP32 ONNX vision graph and (when the exporter exists) an F32 GGUF."""
-    from tinygptv_edge.export.gguf_export import export_gguf
-    from tinygptv_edge.export.onnx_export import export_vision
+    from tinygptv_edge.export.gguf.export import export_gguf
+    from tinygptv_edge.export.onnx.export import export_vision
 
     out = tmp_path_factory.mktemp("dist")
     onnx_path = export_vision(tiny.model, out).path
@@ -375,9 +375,9 @@ def test_low_memory_mode_same_answers(make_any):
 def test_shipped_model_greedy_parity(tmp_path):
     """The shipped default model: FP32 ONNX + F32 GGUF answers equal the PyTorch reference's tokens."""
     pytest.importorskip("tinygptv_edge.runtime.decoder")
-    from tinygptv_edge.export.default import default_model_dir, load_default
-    from tinygptv_edge.export.gguf_export import export_gguf
-    from tinygptv_edge.export.onnx_export import export_vision
+    from tinygptv_edge.export.checkpoints.default import default_model_dir, load_default
+    from tinygptv_edge.export.gguf.export import export_gguf
+    from tinygptv_edge.export.onnx.export import export_vision
     from tinygptv_edge.runtime.images import load_image
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 

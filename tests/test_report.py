@@ -172,7 +172,7 @@ def test_evalset_errors_name_the_problem(tmp_path, eval_dir):
 
 
 def test_vqa_split_as_evaluation_folder(tmp_path):
-    pytest.importorskip("tinygptv_edge.calib.vqa")
+    pytest.importorskip("tinygptv_edge.export.train.vqa")
     s = E.load_evalset(E.write_vqa_evalset(tmp_path / "vqa", n_images=2, split="test"))
     assert len(s.images) == 2 and len(s.items) >= 2 * 5
     assert {"colour", "count"} <= set(s.types)
@@ -183,10 +183,10 @@ def test_vqa_split_as_evaluation_folder(tmp_path):
 def test_failed_level_is_reported_not_hidden(tiny_single, calib_dir, tmp_path, monkeypatch):
     from tinygptv_edge.calib import artifacts as A
     from tinygptv_edge.calib.levels import VISION_LEVELS
-    from tinygptv_edge.calib.presets import get_preset
-    from tinygptv_edge.calib.reader import load_folder
-    from tinygptv_edge.export import onnx_quant
-    from tinygptv_edge.export.single import load_single
+    from tinygptv_edge.export.checkpoints.single import load_single
+    from tinygptv_edge.export.onnx import quant as onnx_quant
+    from tinygptv_edge.export.onnx.calib_data import load_folder
+    from tinygptv_edge.export.onnx.presets import get_preset
     from tinygptv_edge.runtime.errors import QuantizationError
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 
@@ -213,7 +213,7 @@ def test_failed_level_is_reported_not_hidden(tiny_single, calib_dir, tmp_path, m
 def test_shipped_model_report(tmp_path):
     """The shipped model: F16 and Q8_0 must stay within a hair of F32 (a broken export shows here)."""
     from tinygptv_edge.calib.report_run import ReportConfig, make_report
-    from tinygptv_edge.export.default import default_model_dir
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
 
     if not (default_model_dir() / "model.safetensors").is_file():
         pytest.skip("the shipped default model is not there (make train-default)")

@@ -21,8 +21,8 @@ pytest.importorskip("tinygptv_edge.runtime.decoder")
 @pytest.fixture(scope="module")
 def dist(tiny, tmp_path_factory):
     """A dist/ folder as `make export-onnx export-gguf` leaves it (FP32 vision, Q8_0 language)."""
-    from tinygptv_edge.export.gguf_export import export_gguf
-    from tinygptv_edge.export.onnx_export import export_vision
+    from tinygptv_edge.export.gguf.export import export_gguf
+    from tinygptv_edge.export.onnx.export import export_vision
 
     out = tmp_path_factory.mktemp("cli") / "dist"
     out.mkdir()

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tinygptv_edge.export import safeio
+from tinygptv_edge.export.checkpoints import safeio
 from tinygptv_edge.runtime.errors import CheckpointError, UnsafeCheckpointError
 
 
@@ -53,7 +53,7 @@ def test_env_override_cannot_turn_weights_only_off(tmp_path):
     _malicious_zip(path, marker)
     code = (
         "import sys\n"
-        "from tinygptv_edge.export.safeio import load_pickle\n"
+        "from tinygptv_edge.export.checkpoints.safeio import load_pickle\n"
         "from tinygptv_edge.runtime.errors import UnsafeCheckpointError\n"
         f"try:\n    load_pickle({str(path)!r})\nexcept UnsafeCheckpointError:\n    sys.exit(3)\n"
     )

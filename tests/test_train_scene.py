@@ -1,4 +1,4 @@
-"""Scene supervision of the vision tower (export/train_scene.py) and the position table init."""
+"""Scene supervision of the vision tower (export/train/scene.py) and the position table init."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tinygptv_edge.calib import vqa  # noqa: E402
-from tinygptv_edge.export import train_scene as ts  # noqa: E402
-from tinygptv_edge.export.train import sincos_2d  # noqa: E402
+from tinygptv_edge.export.train import scene as ts  # noqa: E402
+from tinygptv_edge.export.train import vqa  # noqa: E402
+from tinygptv_edge.export.train.loop import sincos_2d  # noqa: E402
 from tinygptv_edge.runtime.config import small_config  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def test_sincos_2d_is_smooth_and_distinct():
 
 
 def test_word_anchors_find_the_named_shape():
-    from tinygptv_edge.export.default import default_model_dir
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(default_model_dir())

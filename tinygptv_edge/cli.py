@@ -15,13 +15,13 @@ from tinygptv_edge.runtime.errors import TinyGPTVError
 
 # subcommand -> module with `register(subparsers)`
 COMMANDS = {
-    "synth": "tinygptv_edge.export.synth_cli",
-    "export-onnx": "tinygptv_edge.export.onnx_cli",
-    "export-gguf": "tinygptv_edge.export.gguf_cli",
-    "train": "tinygptv_edge.export.train_cli",
-    "reference": "tinygptv_edge.export.reference_cli",
+    "synth": "tinygptv_edge.export.checkpoints.synth_cli",
+    "export-onnx": "tinygptv_edge.export.onnx.cli",
+    "export-gguf": "tinygptv_edge.export.gguf.cli",
+    "train": "tinygptv_edge.export.train.cli",
+    "reference": "tinygptv_edge.export.reference.cli",
     "run": "tinygptv_edge.runtime.cli",
-    "report": "tinygptv_edge.calib.report_cli",
+    "report": "tinygptv_edge.calib.cli",
 }
 
 

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygptv_edge.calib.vqa import BACKGROUNDS, COLOURS, NUMBERS, SHAPES, Scene, shape_mask
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.train.vqa import BACKGROUNDS, COLOURS, NUMBERS, SHAPES, Scene, shape_mask
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import ConfigError
-
-from .model.tinygptv import TinyGPTV
 
 IGNORE = -100
 MASK_SIZE = 256  # shapes are rasterised at this size to label patches

@@ -21,15 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tinygptv_edge.calib.presets import QuantPreset
-from tinygptv_edge.calib.reader import ArrayReader, check_pixels
+from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
+from tinygptv_edge.export.onnx.check import cosine_rows
+from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
+from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
+from tinygptv_edge.export.onnx.presets import QuantPreset
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import ConfigError, ExportError, OutputPathError, QuantizationError
-
-from .onnx_check import cosine_rows
-from .onnx_diag import Diagnostics, diagnose
-from .onnx_export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
 
 VISION_FILE_INT8_DYNAMIC = "vision.int8-dynamic.onnx"
 QUANT_META_KEY = "tinygptv.quantization"  # JSON: preset, method, excluded nodes, cosine vs FP32

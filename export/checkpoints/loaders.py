@@ -22,6 +22,18 @@ from pathlib import Path
 
 import torch
 
+from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.safeio import (
+    check_finite,
+    iter_safetensors,
+    load_pickle,
+    safetensors_keys,
+    tensor_dict,
+)
+from tinygptv_edge.export.model import lora as lora_ops
+from tinygptv_edge.export.model.phi import PhiModel
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.model.vision import interpolate_pos_embed
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig, full_config
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
@@ -30,13 +42,6 @@ from tinygptv_edge.runtime.errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-
-from . import names as N
-from .model import lora as lora_ops
-from .model.phi import PhiModel
-from .model.tinygptv import TinyGPTV
-from .model.vision import interpolate_pos_embed
-from .safeio import check_finite, iter_safetensors, load_pickle, safetensors_keys, tensor_dict
 
 
 @dataclass

@@ -30,8 +30,8 @@ def answer_image(
     max_new_tokens: int = 32,
 ) -> str:
     """Greedy first-turn answer of the model in `model_dir` (single-checkpoint folder)."""
-    from .default import default_model_dir
-    from .single import load_single
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
+    from tinygptv_edge.export.checkpoints.single import load_single
 
     folder = Path(model_dir) if model_dir is not None else default_model_dir()
     model, _ = load_single(folder)

@@ -24,16 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tinygptv_edge.runtime import contract as C
-from tinygptv_edge.runtime.errors import (
-    ExportError,
-    MissingKeysError,
-    NonFiniteTensorError,
-    ShapeMismatchError,
-    UnexpectedKeysError,
-)
-
-from .gguf_quant import (
+from tinygptv_edge.export.gguf.quant import (
     BOUNDS,
     DEFAULT_LEVEL,
     F16_MAX,
@@ -45,10 +36,18 @@ from .gguf_quant import (
     tensor_nbytes,
     wanted_type,
 )
-from .gguf_source import LanguageSource, expected_shapes, model_source
+from tinygptv_edge.export.gguf.source import LanguageSource, expected_shapes, model_source
+from tinygptv_edge.runtime import contract as C
+from tinygptv_edge.runtime.errors import (
+    ExportError,
+    MissingKeysError,
+    NonFiniteTensorError,
+    ShapeMismatchError,
+    UnexpectedKeysError,
+)
 
 if TYPE_CHECKING:
-    from .gguf_imatrix import Imatrix
+    from tinygptv_edge.export.gguf.imatrix import Imatrix
 
 # progress(phase, done, total): phase is "write" or "verify", counted in tensors
 Progress = Callable[[str, int, int], None]
@@ -192,8 +191,8 @@ def export_source(
     """`export_gguf` for any LanguageSource; the file appears at `out_path` only once verified."""
     from gguf import GGUFWriter
 
-    from .gguf_imatrix import Imatrix
-    from .gguf_meta import write_metadata
+    from tinygptv_edge.export.gguf.imatrix import Imatrix
+    from tinygptv_edge.export.gguf.meta import write_metadata
 
     if isinstance(imatrix, Imatrix):
         imatrix_info = {**imatrix.info(), **(imatrix_info or {})}

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .reference import answer_image
+    from tinygptv_edge.export.reference.answer import answer_image
 
     print(answer_image(args.image, args.question, args.model, args.max_new_tokens))
     return 0

@@ -17,7 +17,7 @@ def default_model_dir() -> Path:
 
 def load_default():
     """(TinyGPTV, LoadSummary) of the shipped model."""
-    from .single import load_single
+    from tinygptv_edge.export.checkpoints.single import load_single
 
     folder = default_model_dir()
     if not (folder / "model.safetensors").is_file():

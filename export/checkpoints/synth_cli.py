@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .synth import synth_preset, synthesize
+    from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
 
     cfg, dtype = synth_preset(args.size, args.stage)
     steps = tqdm(total=5, desc=f"synth {args.size}", unit="file")

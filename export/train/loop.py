@@ -26,15 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinygptv_edge.calib.vqa import VQAConfig, iter_samples, vocabulary_text
-from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
-from tinygptv_edge.runtime.errors import ConfigError
-from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-from .model.phi import RMSNorm
-from .model.tinygptv import TinyGPTV
-from .train_data import Encoded, encode_samples, exact_by_type, forward_rows, loss_and_exact
-from .train_scene import (
+from tinygptv_edge.export.model.phi import RMSNorm
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.train.data import (
+    Encoded,
+    encode_samples,
+    exact_by_type,
+    forward_rows,
+    loss_and_exact,
+)
+from tinygptv_edge.export.train.scene import (
     AnchorHeads,
     SceneHeads,
     SceneTargets,
@@ -44,6 +45,10 @@ from .train_scene import (
     scene_loss,
     scene_targets,
 )
+from tinygptv_edge.export.train.vqa import VQAConfig, iter_samples, vocabulary_text
+from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
+from tinygptv_edge.runtime.errors import ConfigError
+from tinygptv_edge.runtime.tokenizer import Tokenizer
 
 METRICS = "training.json"
 LOSS_CSV = "loss.csv"
@@ -106,7 +111,7 @@ class TrainResult:
 
 def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -> Tokenizer:
     """Train the BPE on the shipped prose plus full prompts and answers of the first training images."""
-    from .tokenizer_train import save_tokenizer, train_bpe
+    from tinygptv_edge.export.checkpoints.tokenizer_train import save_tokenizer, train_bpe
 
     lines = vocabulary_text()
     for s in iter_samples("train", min(cfg.train_images, 500), cfg.seed):
@@ -375,7 +380,7 @@ def write_loss_curve(losses: list[float], folder: Path, smooth: int = 20) -> Non
 
 def save_default(result: TrainResult, cfg: TrainConfig, test: dict, out: str | Path) -> Path:
     """The single-checkpoint folder plus training.json and the loss curve, written atomically."""
-    from .single import save_single
+    from tinygptv_edge.export.checkpoints.single import save_single
 
     out = Path(out)
     save_single(result.model, result.tokenizer_dir, out)

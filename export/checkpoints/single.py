@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
+from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.loaders import Collector, LoadSummary, qformer_table
+from tinygptv_edge.export.checkpoints.safeio import iter_safetensors
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, MissingKeysError, UnexpectedKeysError
-
-from . import names as N
-from .loaders import Collector, LoadSummary, qformer_table
-from .model.tinygptv import TinyGPTV
-from .safeio import iter_safetensors
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from tinygptv_edge.export.train.loop import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train the small default TinyGPT-V on the synthetic VQA set")
@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .default import default_model_dir
-    from .train import TrainConfig, evaluate_greedy, save_default, train
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
+    from tinygptv_edge.export.train.loop import TrainConfig, evaluate_greedy, save_default, train
 
     cfg = TrainConfig(
         seed=args.seed,

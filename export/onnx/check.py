@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.runtime.contract import BATCH_AXIS, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import ConfigError, ParityError
-
-from .model.tinygptv import TinyGPTV
 
 
 @dataclass(frozen=True)

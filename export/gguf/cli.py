@@ -12,9 +12,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tinygptv_edge.export.gguf.quant import DEFAULT_LEVEL, LEVELS
     from tinygptv_edge.runtime.contract import LANGUAGE_FILE
-
-    from .gguf_quant import DEFAULT_LEVEL, LEVELS
 
     p = sub.add_parser("export-gguf", help="write the language model (LoRA merged) as a GGUF file")
     p.add_argument("--level", "-q", default=DEFAULT_LEVEL, choices=list(LEVELS), help="quantization level")
@@ -41,10 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tinygptv_edge.export.gguf.export import export_source
+    from tinygptv_edge.export.gguf.quant import get_level
     from tinygptv_edge.runtime.contract import LANGUAGE_FILE
-
-    from .gguf_export import export_source
-    from .gguf_quant import get_level
 
     level = get_level(args.level)
     out = Path(args.out)
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     src, model = _load_source(args, need_model=bool(args.imatrix_images))
     imatrix = None
     if args.imatrix:
-        from .gguf_imatrix import Imatrix
+        from tinygptv_edge.export.gguf.imatrix import Imatrix
 
         imatrix = Imatrix.load(args.imatrix)
     elif args.imatrix_images:
@@ -88,18 +86,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_source(args: argparse.Namespace, need_model: bool):
     """(LanguageSource, TinyGPTV or None): streamed from a single folder unless the model is needed."""
+    from tinygptv_edge.export.gguf.source import model_source, single_source
     from tinygptv_edge.runtime.errors import CheckpointError
-
-    from .gguf_source import model_source, single_source
 
     official = [args.phi2, args.eva, args.blip2]
     if any(official) or args.stage_ckpt:
         if not all(official):
             raise CheckpointError("official checkpoints need --phi2, --eva and --blip2 (and --stage-ckpt)")
+        from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
         from tinygptv_edge.runtime.config import TinyGPTVConfig
         from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-        from .loaders import load_tinygptv
 
         cfg = TinyGPTVConfig.load(args.config) if args.config else None
         model, _ = load_tinygptv(
@@ -117,7 +113,7 @@ def _load_source(args: argparse.Namespace, need_model: bool):
     folder = Path(args.model) if args.model else _default_folder()
     if not need_model:
         return single_source(folder), None
-    from .single import load_single
+    from tinygptv_edge.export.checkpoints.single import load_single
 
     model, _ = load_single(folder)
     src = single_source(folder)
@@ -125,9 +121,8 @@ def _load_source(args: argparse.Namespace, need_model: bool):
 
 
 def _default_folder() -> Path:
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
     from tinygptv_edge.runtime.errors import CheckpointError
-
-    from .default import default_model_dir
 
     folder = default_model_dir()
     if not (folder / "model.safetensors").is_file():
@@ -136,7 +131,7 @@ def _default_folder() -> Path:
 
 
 def _hashes(files: list[Path]) -> dict[str, str]:
-    from .single import file_sha256
+    from tinygptv_edge.export.checkpoints.single import file_sha256
 
     return {f.name: file_sha256(f) for f in tqdm(files, desc="sha256", unit="file", leave=False)}
 
@@ -144,10 +139,9 @@ def _hashes(files: list[Path]) -> dict[str, str]:
 def _collect(args: argparse.Namespace, model, tokenizer):
     from PIL import Image
 
+    from tinygptv_edge.export.gguf.imatrix import DEFAULT_QUESTIONS, collect_imatrix
     from tinygptv_edge.runtime.errors import ConfigError, ImageError
     from tinygptv_edge.runtime.preprocess import preprocess
-
-    from .gguf_imatrix import DEFAULT_QUESTIONS, collect_imatrix
 
     folder = Path(args.imatrix_images)
     images = []

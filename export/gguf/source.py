@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
+from tinygptv_edge.export.checkpoints import names as N
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, UnexpectedKeysError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-from . import names as N
 
 
 @dataclass
@@ -85,10 +84,10 @@ def model_source(
 
 
 def single_source(folder: str | Path, with_hash: bool = True) -> LanguageSource:
-    """The single-checkpoint folder (`export/single.py`), language tensors streamed by name."""
+    """The single-checkpoint folder (`export/checkpoints/single.py`), language tensors streamed by name."""
     from safetensors import SafetensorError, safe_open
 
-    from .single import CONFIG, WEIGHTS, file_sha256
+    from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS, file_sha256
 
     folder = Path(folder)
     cfg = TinyGPTVConfig.load(folder / CONFIG)

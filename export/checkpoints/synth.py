@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
+from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.loaders import PHI_LAYOUTS, qformer_table
+from tinygptv_edge.export.checkpoints.tokenizer_train import save_tokenizer, train_bpe
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.runtime.config import TinyGPTVConfig, full_config, tiny_config
 from tinygptv_edge.runtime.errors import ConfigError
-
-from . import names as N
-from .loaders import PHI_LAYOUTS, qformer_table
-from .model.tinygptv import TinyGPTV
-from .tokenizer_train import save_tokenizer, train_bpe
 
 EVA_FILE = "eva_vit_g.pth"
 BLIP2_FILE = "blip2_pretrained_flant5xxl.pth"

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter
 
+from tinygptv_edge.export.gguf.quant import Level
 from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import ExportError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-from .gguf_quant import Level
 
 T = GGUFValueType
 

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="full cross matrix, or only the fp32 row and the F32 column")  # fmt: skip
     p.add_argument("--calib-images", help="calibration image folder (default: VQA calibration split)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration images (INT8 ranges, imatrix)")
-    p.add_argument("--preset", default="x86-vnni", help="INT8 preset (calib/presets.py)")
+    p.add_argument("--preset", default="x86-vnni", help="INT8 preset (export/onnx/presets.py)")
     p.add_argument("--threads", type=int, default=1, help="evaluation threads (default 1)")
     p.add_argument("--probe-threads", type=int, default=2, help="threads of the speed probes (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=16)

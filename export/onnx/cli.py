@@ -4,7 +4,7 @@ Source: `--single DIR` (the project's single checkpoint), or the official files 
 --blip2 [--stage]`), or nothing: the shipped default model. Output in `--out` (default `dist/`):
 vision.fp32.onnx, vision.int8.onnx (+ vision.int8-dynamic.onnx with --dynamic, SQNR tables with
 --diagnostics). Calibration images: `--calib-images DIR`, or by default images drawn by the
-synthetic VQA generator (`calib/vqa.py`) into OUT/calib-images.
+synthetic VQA generator (`export/train/vqa.py`) into OUT/calib-images.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ DEFAULT_CALIB_IMAGES = 32
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from tinygptv_edge.calib.presets import CALIBRATION_METHODS, PRESETS
+    from tinygptv_edge.export.onnx.presets import CALIBRATION_METHODS, PRESETS
 
     p = sub.add_parser("export-onnx", help="export the vision graph to ONNX (FP32 + INT8)")
     src = p.add_argument_group("source (default: the shipped model)")
@@ -54,10 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_source(args: argparse.Namespace):
     """(model, {file name: sha256}) from the chosen source."""
+    from tinygptv_edge.export.checkpoints.default import default_model_dir, load_default
+    from tinygptv_edge.export.checkpoints.single import WEIGHTS, file_sha256, load_single
     from tinygptv_edge.runtime.errors import ConfigError
-
-    from .default import default_model_dir, load_default
-    from .single import WEIGHTS, file_sha256, load_single
 
     official = [args.phi2, args.eva, args.blip2]
     if args.single and any(official):
@@ -68,7 +67,7 @@ def load_source(args: argparse.Namespace):
     if any(official):
         if not all(official):
             raise ConfigError("official source: expected --phi2, --eva and --blip2 together")
-        from .loaders import load_tinygptv
+        from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
 
         model, _ = load_tinygptv(
             phi2=args.phi2, eva=args.eva, blip2=args.blip2, stage=args.stage, stage_num=args.stage_num
@@ -87,10 +86,10 @@ def default_calibration_folder(out: Path, n: int) -> Path:
     if folder.is_dir() and any(folder.iterdir()):
         return folder
     try:
-        vqa = importlib.import_module("tinygptv_edge.calib.vqa")
+        vqa = importlib.import_module("tinygptv_edge.export.train.vqa")
     except ImportError as e:
         raise CalibrationError(
-            "no --calib-images given and the synthetic VQA generator (calib/vqa.py) is not available: "
+            "no --calib-images given and the synthetic VQA generator (export/train/vqa.py) is not available: "
             "expected a folder of calibration images"
         ) from e
     vqa.write_calibration_images(folder, n)
@@ -98,12 +97,11 @@ def default_calibration_folder(out: Path, n: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tinygptv_edge.calib.presets import get_preset
-    from tinygptv_edge.calib.reader import load_folder
-
-    from .onnx_check import ParityConfig
-    from .onnx_export import ExportConfig, export_vision
-    from .onnx_quant import preprocess_config, quantize_vision, quantize_vision_dynamic
+    from tinygptv_edge.export.onnx.calib_data import load_folder
+    from tinygptv_edge.export.onnx.check import ParityConfig
+    from tinygptv_edge.export.onnx.export import ExportConfig, export_vision
+    from tinygptv_edge.export.onnx.presets import get_preset
+    from tinygptv_edge.export.onnx.quant import preprocess_config, quantize_vision, quantize_vision_dynamic
 
     overrides = {"exclude": tuple(args.exclude), "fallback_k": args.fallback_k, "max_images": args.n_calib}
     if args.method:

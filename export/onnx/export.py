@@ -27,6 +27,8 @@ import onnx
 import torch
 from torch import nn
 
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.onnx.check import ParityConfig, ParityReport, check_parity
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.contract import (
     BATCH_AXIS,
@@ -36,9 +38,6 @@ from tinygptv_edge.runtime.contract import (
     VISION_OUTPUT,
 )
 from tinygptv_edge.runtime.errors import ExportError, OutputPathError
-
-from .model.tinygptv import TinyGPTV
-from .onnx_check import ParityConfig, ParityReport, check_parity
 
 PROTOBUF_LIMIT = 2 * 1024**3  # bytes; above this the weights go to external data
 MIN_OPSET = 17

@@ -20,14 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinygptv_edge.calib.vqa import Sample
+from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.train.vqa import Sample
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import ConfigError
 from tinygptv_edge.runtime.preprocess import preprocess
 from tinygptv_edge.runtime.prompt import split_prompt
 from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-from .model.tinygptv import TinyGPTV
 
 IGNORE = -100
 
