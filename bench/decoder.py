@@ -42,6 +42,7 @@ def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
     from tinygptv_edge.export.gguf.quant import choose_type, get_level, row_nbytes
     from tinygptv_edge.runtime import contract as C
     from tinygptv_edge.runtime.config import full_config
+    from tinygptv_edge.runtime.ggml_types import GGML_TYPES
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 
     cfg = full_config()
@@ -66,40 +67,15 @@ def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
                 arr = (0.02 * rng.standard_normal(shape)).astype(np.float16)
             else:
                 arr = rng.integers(0, 256, (shape[0], row_nbytes(q, shape[1])), dtype=np.uint8)
-                blk = {"Q4_0": 18, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q5_0": 22}[q.name]
+                blk = GGML_TYPES[int(q)].nbytes
                 v = arr.reshape(shape[0], -1, blk)
                 for off in SCALE_FIELDS[q.name]:
                     v[..., off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
             cache[key] = arr
         return cache[key], q
 
-    shapes = {  # GGUF name -> numpy shape (rows, n_per_row)
-        "token_embd.weight": (L.vocab_size, L.hidden),
-        "output_norm.weight": (L.hidden,),
-        "output_norm.bias": (L.hidden,),
-        "output.weight": (L.vocab_size, L.hidden),
-        "output.bias": (L.vocab_size,),
-    }
-    block = {
-        "attn_norm.weight": (L.hidden,),
-        "attn_norm.bias": (L.hidden,),
-        "attn_qkv.weight": (3 * L.hidden, L.hidden),
-        "attn_qkv.bias": (3 * L.hidden,),
-        "attn_q_norm.weight": (L.head_dim,),
-        "attn_q_norm.bias": (L.head_dim,),
-        "attn_k_norm.weight": (L.head_dim,),
-        "attn_k_norm.bias": (L.head_dim,),
-        "attn_output.weight": (L.hidden, L.hidden),
-        "attn_output.bias": (L.hidden,),
-        "attn_post_norm.weight": (L.hidden,),
-        "ffn_up.weight": (L.intermediate, L.hidden),
-        "ffn_up.bias": (L.intermediate,),
-        "ffn_down.weight": (L.hidden, L.intermediate),
-        "ffn_down.bias": (L.hidden,),
-    }
-    for i in range(L.layers):
-        shapes.update({f"blk.{i}.{k}": v for k, v in block.items()})
-    assert set(shapes) == set(C.gguf_tensor_names(L.layers))
+    # GGUF name -> numpy shape (rows, n_per_row)
+    shapes = C.language_shapes(L.layers, L.hidden, L.intermediate, L.vocab_size, L.heads)
 
     for path, arch in ((ours, C.GGUF_ARCH), (theirs, "phi2")):
         tmp = path.with_suffix(".tmp")
