@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygptv_edge.runtime.memory import peak_rss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 51200
 # random weights: every quant block gets a sane fp16 scale (byte offset of d / dmin in the block)
@@ -130,14 +132,6 @@ def _phi2_metadata(w, cfg, tok, lv) -> None:
 # ---------------------------------------------------------------------------------------------
 # workers (one per subprocess)
 # ---------------------------------------------------------------------------------------------
-def _peak_rss() -> int:
-    """VmHWM of this process (ru_maxrss would carry the parent's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def worker_ours(a) -> dict:
     from tinygptv_edge.runtime.decoder import Decoder
 
@@ -159,7 +153,7 @@ def worker_ours(a) -> dict:
         "load_s": load,
         "pp_tok_s": a.pp / best_pp,
         "tg_tok_s": a.tg / best_tg,
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss_bytes(),
         "weight_bytes": dec.weight_bytes,
         "kv_bytes": dec.kv_bytes,
         "repacked": len(dec.repacked),
@@ -200,7 +194,12 @@ def worker_llama(a) -> dict:
         for t in ids[a.pp : a.pp + a.tg]:
             llm.eval([t])
         best_tg = min(best_tg, time.perf_counter() - t0)
-    return {"load_s": load, "pp_tok_s": a.pp / best_pp, "tg_tok_s": a.tg / best_tg, "peak_rss": _peak_rss()}
+    return {
+        "load_s": load,
+        "pp_tok_s": a.pp / best_pp,
+        "tg_tok_s": a.tg / best_tg,
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 def memcpy_gbs(nbytes: int = 1 << 29, reps: int = 5) -> float:

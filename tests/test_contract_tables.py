@@ -39,7 +39,10 @@ def test_tensor_table_names_and_order():
     ]
     assert len(names) == 5 + 2 * 15 and len(set(names)) == len(names)
     assert names[5] == "blk.0.attn_norm.weight" and names[-1] == "blk.1.ffn_down.bias"
-    assert [t.gguf for t in C.language_tensors(1) if t.qkv] == ["blk.0.attn_qkv.weight", "blk.0.attn_qkv.bias"]
+    assert [t.gguf for t in C.language_tensors(1) if t.qkv] == [
+        "blk.0.attn_qkv.weight",
+        "blk.0.attn_qkv.bias",
+    ]
     shapes = C.language_shapes(1, n_embd=8, n_ff=32, n_vocab=50, n_head=2)
     assert shapes["blk.0.attn_qkv.weight"] == (24, 8) and shapes["blk.0.attn_q_norm.bias"] == (4,)
     assert shapes["blk.0.ffn_down.weight"] == (8, 32) and shapes["token_embd.weight"] == (50, 8)
