@@ -8,6 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .errors import FormatVersionError
+
+# ---------------------------------------------------------------------------------------------
+# FORMAT VERSIONS of the two files, stored in their metadata (ONNX_META / TINYGPTV_KEYS
+# "format_version"). A runtime reads files up to its own versions and refuses newer ones instead of
+# misreading them. Bump one when a reader of the previous version would misread a file written now
+# (a renamed or re-laid-out tensor, a changed key meaning); an added optional key needs no bump.
+# A file without the key was written before versions existed: it is version UNVERSIONED.
+# ---------------------------------------------------------------------------------------------
+ONNX_FORMAT_VERSION = 1
+GGUF_FORMAT_VERSION = 1
+UNVERSIONED = 1
+
+
+def check_format_version(found: int | None, supported: int, path: object) -> int:
+    """The file's format version (`found`; None: no key, so UNVERSIONED), refused when above `supported`."""
+    version = UNVERSIONED if found is None else found
+    if version > supported:
+        raise FormatVersionError(str(path), version, supported)
+    return version
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX vision graph: pixel_values (batch, 3, S, S) float32 -> image_embeds (batch, Q, H) float32
 # ---------------------------------------------------------------------------------------------
@@ -28,6 +50,7 @@ ONNX_META = {
     "embed_dim": "tinygptv.embed_dim",
     "source_sha256": "tinygptv.source_sha256",  # JSON object: file name -> sha256
     "config": "tinygptv.config",  # JSON of TinyGPTVConfig
+    "format_version": "tinygptv.format_version",  # integer as a string; see FORMAT VERSIONS below
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +86,7 @@ TINYGPTV_KEYS = {
     "prompt_text_user_template": "tinygptv.prompt.text_user_template",
     "prompt_assistant_prefix": "tinygptv.prompt.assistant_prefix",
     "source_sha256": "tinygptv.source_sha256",  # JSON object: file name -> sha256
+    "format_version": "tinygptv.format_version",  # uint32; see FORMAT VERSIONS below
 }
 
 # ---------------------------------------------------------------------------------------------

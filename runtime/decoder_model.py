@@ -13,9 +13,11 @@ from tokenizers import AddedToken
 from .config import PromptConfig
 from .contract import (
     GGUF_ARCH,
+    GGUF_FORMAT_VERSION,
     GGUF_TOKEN_TYPE,
     TINYGPTV_KEYS,
     WEIGHT_ROLES,
+    check_format_version,
     gguf_key,
     language_shapes,
     language_tensors,
@@ -83,12 +85,24 @@ def _get(gf: GGUFFile, key: str, kinds: tuple[int, ...], what: str):
     return f.value
 
 
+def read_format_version(gf: GGUFFile) -> int:
+    """The file's format version (1 when written before versions); FormatVersionError when too new."""
+    key = TINYGPTV_KEYS["format_version"]
+    found = None
+    if key in gf.fields:
+        found = int(_get(gf, key, INT_TYPES, "an integer"))
+        if found < 1:
+            raise GGUFModelError(f"{gf.path}: {key}: expected a format version >= 1, got {found}")
+    return check_format_version(found, GGUF_FORMAT_VERSION, gf.path)
+
+
 def read_hparams(gf: GGUFFile) -> HParams:
     arch = gf.fields.get("general.architecture")
     if arch is None or arch.type != STRING:
         raise GGUFModelError(f"{gf.path}: missing string key 'general.architecture'")
     if arch.value != GGUF_ARCH:
         raise GGUFModelError(f"{gf.path}: architecture: expected {GGUF_ARCH!r}, got {arch.value!r}")
+    read_format_version(gf)  # before anything a newer layout may have changed
 
     def i(name: str) -> int:
         return int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))

@@ -95,6 +95,7 @@ def write_metadata(
         w.add_key_value(C.gguf_key(key), value, vtype)
 
     K, P = C.TINYGPTV_KEYS, cfg.prompt
+    w.add_uint32(K["format_version"], C.GGUF_FORMAT_VERSION)
     w.add_uint32(K["stage"], cfg.stage)
     w.add_uint32(K["image_tokens"], cfg.num_image_tokens)
     w.add_string(K["prompt_system"], P.system)
