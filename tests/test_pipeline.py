@@ -22,7 +22,7 @@ from tinygptv_edge.runtime.errors import (
     ModelMismatchError,
     PipelineBusyError,
 )
-from tinygptv_edge.runtime.pipeline import Pipeline
+from tinygptv_edge.runtime.pipeline import Pipeline, Timings
 from tinygptv_edge.runtime.preprocess import preprocess
 from tinygptv_edge.runtime.sampling import SamplingConfig
 from tinygptv_edge.runtime.vision import VisionEncoder
@@ -260,6 +260,17 @@ def test_image_cache(make_any):
     assert again.token_ids == first.token_ids
     off = make_any(image_cache_size=0)
     assert off.ask("q", photo(9), GREEDY).timings.images_cached == 0
+
+
+def test_image_cache_on_disk_across_pipelines(make_any, tmp_path):
+    first = make_any(image_cache_dir=tmp_path).ask("q", photo(9), GREEDY)
+    assert first.timings.images_cached == 0 and len(list(tmp_path.glob("*.npy"))) == 1
+    restarted = make_any(image_cache_dir=tmp_path, image_cache_size=0)  # disk tier only
+    again = restarted.ask("q", photo(9), GREEDY)
+    assert again.timings.images_cached == 1 and again.token_ids == first.token_ids
+    with pytest.raises(PipelineBusyError, match="hold pipeline.gate"):
+        restarted.encode_image(photo(9), Timings())  # only inside a turn (or through embed_image)
+    np.testing.assert_array_equal(restarted.embed_image(photo(9)), make_any().embed_image(photo(9)))
 
 
 def test_sampling_with_seed_is_reproducible(make_any):
