@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .config import PromptConfig
+from .config import IMAGE_PLACEHOLDER, PromptConfig
 from .detok import AnswerStream, TokenBytes
 from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
 from .image_cache import ImageCache, file_sha256
@@ -41,7 +41,7 @@ from .memory import release_heap
 from .prefix_cache import Position, PrefixCache
 from .preprocess import preprocess
 from .prompt import split_prompt
-from .sampling import GREEDY, Sampler, SamplingConfig
+from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
 from .vision import VisionEncoder
 
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
@@ -74,8 +74,10 @@ class Timings:
 class Answer:
     text: str  # stripped, cut before the separator
     token_ids: tuple[int, ...]  # generated tokens (EOS not included)
-    stop: str  # "separator" | "eos" | "max_new_tokens" | "context" | "closed"
+    # "separator" | "eos" | "max_new_tokens" | "context" | "closed" | "cancelled" | "constraint"
+    stop: str
     timings: Timings = field(default_factory=Timings)
+    prompt_tokens: int = 0  # positions the turn's prompt filled (history, text, image rows)
 
 
 class Gate:
@@ -178,8 +180,9 @@ class Pipeline:
             )
 
     # -- public API ------------------------------------------------------------------------------
-    def chat(self, sampling: SamplingConfig = GREEDY) -> Chat:
-        return Chat(self, sampling)
+    def chat(self, sampling: SamplingConfig = GREEDY, prompt: PromptConfig | None = None) -> Chat:
+        """A new conversation; `prompt` overrides the model's template (e.g. another system prompt)."""
+        return Chat(self, sampling, prompt)
 
     def ask(
         self, question: str, image: ImageSource | None = None, sampling: SamplingConfig = GREEDY
@@ -215,6 +218,18 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def warm(self) -> int:
+        """Evaluate what every conversation starts with (BOS, system prompt, the first turn's head up to
+        its image) once, so the first turn reuses it; the number of positions now cached."""
+        text = self.prompt.first_turn("", with_image=self.vision is not None)
+        head = split_prompt(text, self.tokenizer, text.count(IMAGE_PLACEHOLDER)).texts[0]
+        self.gate.acquire()
+        try:
+            self.prefix.prefill(list(head), {})
+        finally:
+            self.gate.release()
+        return len(head)
 
     # -- images --------------------------------------------------------------------------------
     def embed_image(self, image: ImageSource) -> np.ndarray:
@@ -253,11 +268,18 @@ class Pipeline:
 
 
 class Chat:
-    """A conversation. `ask`/`stream` add a turn; turns may carry an image or be text only."""
+    """A conversation. `ask`/`stream` add a turn; turns may carry an image or be text only.
 
-    def __init__(self, pipeline: Pipeline, sampling: SamplingConfig = GREEDY):
+    `add_turn` records a past turn with a known answer (a conversation sent back whole, as HTTP
+    clients do) without generating; the next turn then reuses the KV cache it shares.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, sampling: SamplingConfig = GREEDY, prompt: PromptConfig | None = None
+    ):
         self.pipeline = pipeline
         self.sampling = sampling
+        self.prompt: PromptConfig = prompt or pipeline.prompt
         self.positions: list[Position] = []
         self.images: dict[str, np.ndarray] = {}
         self.turns = 0
@@ -272,16 +294,50 @@ class Chat:
         return turn.answer
 
     def stream(
-        self, question: str, image: ImageSource | None = None, sampling: SamplingConfig | None = None
+        self,
+        question: str,
+        image: ImageSource | None = None,
+        sampling: SamplingConfig | None = None,
+        constraint: TokenConstraint | None = None,
+        cancel: threading.Event | None = None,
     ) -> Turn:
-        return Turn(self, question, image, sampling or self.sampling)
+        """A turn as an iterator of text pieces. `constraint` masks each next token (and then the
+        separator no longer ends the answer: the constraint does); `cancel` set ends it at the next token."""
+        return Turn(self, question, image, sampling or self.sampling, constraint, cancel)
+
+    def add_turn(self, question: str, image: ImageSource | None = None, answer: str | list[int] = "") -> None:
+        """Record a finished turn whose answer is known (text, or the token ids it was generated as)."""
+        if not isinstance(question, str):
+            raise ConfigError(f"question: expected a string, got {type(question).__name__}")
+        pipe = self.pipeline
+        images, keys = dict(self.images), []
+        if image is not None:
+            pipe.gate.acquire()
+            try:
+                key, images[key] = pipe.encode_image(image, Timings())
+            finally:
+                pipe.gate.release()
+            keys.append(key)
+        ids = pipe.tokenizer.encode(answer) if isinstance(answer, str) else [int(t) for t in answer]
+        self.extend(self.next_positions(question, keys) + ids, images, self.prompt.separator)
 
     def prompt_text(self, question: str, with_image: bool) -> str:
         """The text this turn adds (the full first-turn prompt, or separator + the later-turn template)."""
-        prompt: PromptConfig = self.pipeline.prompt
         if self.turns == 0:
-            return prompt.first_turn(question, with_image)
-        return self.pending + prompt.turn(question, with_image)
+            return self.prompt.first_turn(question, with_image)
+        return self.pending + self.prompt.turn(question, with_image)
+
+    def next_positions(self, question: str, image_keys: list[str]) -> list[Position]:
+        """The history plus this turn's prompt: its text tokens with each image's rows in its slot."""
+        pipe = self.pipeline
+        text = self.prompt_text(question, with_image=bool(image_keys))
+        segments = split_prompt(text, pipe.tokenizer, len(image_keys), add_bos=self.turns == 0)
+        positions = list(self.positions)
+        for i, ids in enumerate(segments.texts):
+            positions += ids
+            if i < len(image_keys):
+                positions += [(image_keys[i], r) for r in range(pipe.image_tokens)]
+        return positions
 
     def extend(self, positions: list[Position], images: dict[str, np.ndarray], pending: str) -> None:
         """Record a finished turn: the whole history now, the images it holds, the text before the next."""
@@ -295,10 +351,19 @@ class Chat:
 class Turn:
     """One turn as an iterator of text pieces; `answer` is set when it ends (exhausted or closed)."""
 
-    def __init__(self, chat: Chat, question: str, image: ImageSource | None, sampling: SamplingConfig):
+    def __init__(
+        self,
+        chat: Chat,
+        question: str,
+        image: ImageSource | None,
+        sampling: SamplingConfig,
+        constraint: TokenConstraint | None = None,
+        cancel: threading.Event | None = None,
+    ):
         if not isinstance(question, str):
             raise ConfigError(f"question: expected a string, got {type(question).__name__}")
         self.chat, self.question, self.image, self.sampling = chat, question, image, sampling
+        self.constraint, self.cancel = constraint, cancel
         self.answer: Answer | None = None
         self._gen = self._run()
 
@@ -334,13 +399,7 @@ class Turn:
             key, embeds = pipe.encode_image(self.image, timings)
             images[key] = embeds
             keys.append(key)
-        text = chat.prompt_text(self.question, with_image=bool(keys))
-        segments = split_prompt(text, pipe.tokenizer, len(keys), add_bos=chat.turns == 0)
-        positions = list(chat.positions)
-        for i, ids in enumerate(segments.texts):
-            positions += ids
-            if i < len(keys):
-                positions += [(keys[i], r) for r in range(pipe.image_tokens)]
+        positions = chat.next_positions(self.question, keys)
         if len(positions) + 1 > pipe.n_ctx:
             held = len(chat.positions)  # +1: room for at least one answer token
             raise ContextOverflowError(held, len(positions) - held + 1, pipe.n_ctx)
@@ -350,7 +409,8 @@ class Turn:
         timings.prefill_ms += pre.ms
         logits = pre.logits
         sampler = Sampler(self.sampling)
-        stream = AnswerStream(pipe.token_bytes, pipe.prompt.separator)
+        constraint = self.constraint
+        stream = AnswerStream(pipe.token_bytes, "" if constraint is not None else chat.prompt.separator)
         eos = pipe.tokenizer.eos_id
         ids: list[int] = []
         stop = "closed"
@@ -358,18 +418,26 @@ class Turn:
         closed = False
         try:
             while True:
-                token = sampler(logits, ids)
+                if self.cancel is not None and self.cancel.is_set():
+                    stop = "cancelled"
+                    break
+                token = sampler(logits, ids, constraint.allowed() if constraint is not None else None)
                 if not ids:
                     timings.first_token_ms = (time.perf_counter() - t_start) * 1e3
                 if token == eos:
                     stop = "eos"
                     break
+                if constraint is not None:
+                    constraint.accept(token)
                 ids.append(token)
                 piece, at_sep = stream.push(token)
                 if piece:
                     yield piece
                 if at_sep:
                     stop = "separator"
+                    break
+                if constraint is not None and constraint.done():
+                    stop = "constraint"
                     break
                 if len(ids) >= self.sampling.max_new_tokens:
                     stop = "max_new_tokens"
@@ -392,14 +460,14 @@ class Turn:
 
     def _commit(self, pipe, chat, positions, images, ids, stream, stop, timings) -> None:
         kept, leftover = _history_ids(ids, stream, pipe.token_bytes)
-        chat.extend(positions + kept, images, leftover + pipe.prompt.separator)
+        chat.extend(positions + kept, images, leftover + chat.prompt.separator)
         if stop == "closed":
             text = stream.text[: stream.shown]
         elif stream.answer_chars is not None:
             text = stream.text[: stream.answer_chars]
         else:
             text = stream.text
-        self.answer = Answer(text.strip(), tuple(ids), stop, timings)
+        self.answer = Answer(text.strip(), tuple(ids), stop, timings, len(positions))
 
 
 def _history_ids(ids: list[int], stream: AnswerStream, token_bytes: TokenBytes) -> tuple[list[int], str]:
