@@ -16,6 +16,7 @@ from .contract import (
     GGUF_TENSORS_BLOCK,
     GGUF_TENSORS_GLOBAL,
     GGUF_TOKEN_TYPE,
+    GGUF_TOKENIZER_KEYS,
     TINYGPTV_KEYS,
     gguf_key,
 )
@@ -35,6 +36,7 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE[
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # GGUF integer value types
 FLOAT_TYPES = (6, 12)
+BOOL = 7
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,10 @@ def read_prompt(gf: GGUFFile) -> PromptConfig:
     values = {
         field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
     }
-    return PromptConfig(**values)
+    # BOS before the first turn is a model property; files without the key predate it and had one
+    key = GGUF_TOKENIZER_KEYS["add_bos"]
+    add_bos = bool(_get(gf, key, (BOOL,), "a bool")) if key in gf.fields else True
+    return PromptConfig(**values, add_bos=add_bos)
 
 
 def read_image_tokens(gf: GGUFFile) -> int:

@@ -383,7 +383,9 @@ class Turn:
             images[key] = embeds
             keys.append(key)
         text = chat.prompt_text(self.question, with_image=bool(keys))
-        segments = split_prompt(text, pipe.tokenizer, len(keys), add_bos=chat.turns == 0)
+        segments = split_prompt(
+            text, pipe.tokenizer, len(keys), add_bos=chat.turns == 0 and pipe.prompt.add_bos
+        )
         positions = list(chat.positions)
         for i, ids in enumerate(segments.texts):
             positions += ids

@@ -51,7 +51,8 @@ class TinyGPTV(nn.Module):
         self, prompt: str, tokenizer: Tokenizer, pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
         images = [] if pixel_values is None else list(self.embed_image(pixel_values))
-        return self.splice(split_prompt(prompt, tokenizer, len(images)), images)
+        segments = split_prompt(prompt, tokenizer, len(images), add_bos=self.cfg.prompt.add_bos)
+        return self.splice(segments, images)
 
     # -- decoding ------------------------------------------------------------------------------
     @torch.no_grad()
