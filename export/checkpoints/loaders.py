@@ -153,7 +153,7 @@ def phi2_config(folder: str | Path) -> LanguageConfig:
         raise CheckpointError(f"{path}: missing config key {e}") from e
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         files = sorted(p for p in folder.glob("*.bin") if p.name != "training_args.bin")
@@ -203,7 +203,7 @@ def iter_phi2(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical name, tensor) from a Phi-2 folder; the qkv layout is converted."""
     folder = Path(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     keys = [k for f in files for k in _weight_file_keys(f)]
     layout = summary.layout = detect_phi_layout(keys)
     table = _phi_table(layout, range(cfg.layers))
