@@ -1,6 +1,6 @@
 """A validating GGUF reader: header, metadata and tensor table checked with limits; data memory-mapped.
 
-Format: ggml `docs/gguf.md` (version 2 and 3, little-endian):
+Format: `docs/gguf.md` of the ggml repository (version 2 and 3, little-endian):
 
     magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
     n_kv x      (string key, u32 value_type, value)
