@@ -60,21 +60,38 @@ ONNX_META = {
 GGUF_ARCH = "tinygptv-phi2"
 LANGUAGE_FILE = "language.{ftype}.gguf"  # e.g. language.q4_0.gguf
 
-# hyperparameter keys (llama.cpp naming, `{arch}` = GGUF_ARCH)
-GGUF_KEYS = {
-    "context_length": "{arch}.context_length",
-    "embedding_length": "{arch}.embedding_length",
-    "block_count": "{arch}.block_count",
-    "feed_forward_length": "{arch}.feed_forward_length",
-    "head_count": "{arch}.attention.head_count",
-    "head_count_kv": "{arch}.attention.head_count_kv",
-    "layer_norm_epsilon": "{arch}.attention.layer_norm_epsilon",  # input/final LayerNorm
-    "qk_norm_epsilon": "{arch}.attention.qk_norm_epsilon",  # q/k LayerNorm over head_dim
-    "layer_norm_rms_epsilon": "{arch}.attention.layer_norm_rms_epsilon",  # post-attention RMSNorm
-    "rope_dimension_count": "{arch}.rope.dimension_count",
-    "rope_freq_base": "{arch}.rope.freq_base",
-    "vocab_size": "{arch}.vocab_size",
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter key: what the exporter writes from and what the decoder reads it into."""
+
+    key: str  # llama.cpp naming, `{arch}` = GGUF_ARCH
+    config: str  # the LanguageConfig attribute written
+    hparams: str  # the decoder's HParams field read into ("": only checked, see decoder_model.py)
+    kind: str  # GGUF value type: "uint32" or "float32"
+
+
+# hyperparameters, in the file's order
+H = HParam
+GGUF_HPARAMS = {
+    "context_length": H("{arch}.context_length", "max_positions", "n_ctx_train", "uint32"),
+    "embedding_length": H("{arch}.embedding_length", "hidden", "n_embd", "uint32"),
+    "block_count": H("{arch}.block_count", "layers", "n_layer", "uint32"),
+    "feed_forward_length": H("{arch}.feed_forward_length", "intermediate", "n_ff", "uint32"),
+    "head_count": H("{arch}.attention.head_count", "heads", "n_head", "uint32"),
+    "head_count_kv": H("{arch}.attention.head_count_kv", "heads", "", "uint32"),  # == head_count
+    # input/final LayerNorm; q/k LayerNorm over head_dim; post-attention RMSNorm
+    "layer_norm_epsilon": H("{arch}.attention.layer_norm_epsilon", "layer_norm_eps", "eps_norm", "float32"),
+    "qk_norm_epsilon": H("{arch}.attention.qk_norm_epsilon", "qk_norm_eps", "eps_qk", "float32"),
+    "layer_norm_rms_epsilon": H(
+        "{arch}.attention.layer_norm_rms_epsilon", "post_norm_eps", "eps_rms", "float32"
+    ),
+    "rope_dimension_count": H("{arch}.rope.dimension_count", "rotary_dim", "n_rot", "uint32"),
+    "rope_freq_base": H("{arch}.rope.freq_base", "rope_theta", "rope_base", "float32"),
+    "vocab_size": H("{arch}.vocab_size", "vocab_size", "n_vocab", "uint32"),
 }
+del H
+GGUF_KEYS = {name: h.key for name, h in GGUF_HPARAMS.items()}
 
 # TinyGPT-V specifics the runtime needs beside the weights (prompt template of the stage, image slots)
 TINYGPTV_KEYS = {

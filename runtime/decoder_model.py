@@ -14,6 +14,7 @@ from .config import PromptConfig
 from .contract import (
     GGUF_ARCH,
     GGUF_FORMAT_VERSION,
+    GGUF_HPARAMS,
     GGUF_TOKEN_TYPE,
     GGUF_TOKENIZER_KEYS,
     TINYGPTV_KEYS,
@@ -105,31 +106,19 @@ def read_hparams(gf: GGUFFile) -> HParams:
         raise GGUFModelError(f"{gf.path}: architecture: expected {GGUF_ARCH!r}, got {arch.value!r}")
     read_format_version(gf)  # before anything a newer layout may have changed
 
-    def i(name: str) -> int:
-        return int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
-
-    def f(name: str) -> float:
-        return float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
-
-    n_head, n_head_kv = i("head_count"), i("head_count_kv")
+    values = {}
+    for name, h in GGUF_HPARAMS.items():
+        if h.kind == "uint32":
+            values[name] = int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
+        else:
+            values[name] = float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
+    n_head, n_head_kv = values["head_count"], values["head_count_kv"]
     if n_head_kv != n_head:
         raise GGUFModelError(
             f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}"
         )
     try:
-        return HParams(
-            n_vocab=i("vocab_size"),
-            n_embd=i("embedding_length"),
-            n_layer=i("block_count"),
-            n_head=n_head,
-            n_ff=i("feed_forward_length"),
-            n_ctx_train=i("context_length"),
-            n_rot=i("rope_dimension_count"),
-            rope_base=f("rope_freq_base"),
-            eps_norm=f("layer_norm_epsilon"),
-            eps_qk=f("qk_norm_epsilon"),
-            eps_rms=f("layer_norm_rms_epsilon"),
-        )
+        return HParams(**{h.hparams: values[name] for name, h in GGUF_HPARAMS.items() if h.hparams})
     except ConfigError as e:
         raise GGUFModelError(f"{gf.path}: {e}") from e
 

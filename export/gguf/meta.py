@@ -17,6 +17,7 @@ from tinygptv_edge.runtime.errors import ExportError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
 
 T = GGUFValueType
+VALUE_TYPES = {"uint32": T.UINT32, "float32": T.FLOAT32}  # HParam.kind -> gguf-py value type
 
 
 @dataclass(frozen=True)
@@ -73,26 +74,8 @@ def write_metadata(
     w.add_string(G["level"], level.name)
 
     L = cfg.language
-    hp = {
-        "context_length": (L.max_positions, T.UINT32),
-        "embedding_length": (L.hidden, T.UINT32),
-        "block_count": (L.layers, T.UINT32),
-        "feed_forward_length": (L.intermediate, T.UINT32),
-        "head_count": (L.heads, T.UINT32),
-        "head_count_kv": (L.heads, T.UINT32),
-        "layer_norm_epsilon": (L.layer_norm_eps, T.FLOAT32),
-        "qk_norm_epsilon": (L.qk_norm_eps, T.FLOAT32),
-        "layer_norm_rms_epsilon": (L.post_norm_eps, T.FLOAT32),
-        "rope_dimension_count": (L.rotary_dim, T.UINT32),
-        "rope_freq_base": (L.rope_theta, T.FLOAT32),
-        "vocab_size": (L.vocab_size, T.UINT32),
-    }
-    if set(hp) != set(C.GGUF_KEYS):
-        raise ExportError(
-            f"GGUF hyperparameters out of step with the contract: {sorted(set(C.GGUF_KEYS) ^ set(hp))}"
-        )
-    for key, (value, vtype) in hp.items():
-        w.add_key_value(C.gguf_key(key), value, vtype)
+    for key, h in C.GGUF_HPARAMS.items():
+        w.add_key_value(C.gguf_key(key), getattr(L, h.config), VALUE_TYPES[h.kind])
 
     K, P = C.TINYGPTV_KEYS, cfg.prompt
     w.add_uint32(K["format_version"], C.GGUF_FORMAT_VERSION)
