@@ -105,6 +105,13 @@ TINYGPTV_KEYS = {
     "source_sha256": "tinygptv.source_sha256",  # JSON object: file name -> sha256
     "format_version": "tinygptv.format_version",  # uint32; see FORMAT VERSIONS below
 }
+PROMPT_KEYS = {  # PromptConfig field -> its TINYGPTV_KEYS entry (strings), in the file's order
+    "system": "prompt_system",
+    "separator": "prompt_separator",
+    "user_template": "prompt_user_template",
+    "text_user_template": "prompt_text_user_template",
+    "assistant_prefix": "prompt_assistant_prefix",
+}
 
 # ---------------------------------------------------------------------------------------------
 # The language tensors: one line each. Every list of names, shapes and roles (exporter, reader,

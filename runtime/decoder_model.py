@@ -17,6 +17,7 @@ from .contract import (
     GGUF_HPARAMS,
     GGUF_TOKEN_TYPE,
     GGUF_TOKENIZER_KEYS,
+    PROMPT_KEYS,
     TINYGPTV_KEYS,
     WEIGHT_ROLES,
     check_format_version,
@@ -184,18 +185,9 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
         raise GGUFModelError(f"{gf.path}: cannot rebuild the tokenizer: {e}") from e
 
 
-PROMPT_FIELDS = {  # PromptConfig field -> TINYGPTV_KEYS entry
-    "system": "prompt_system",
-    "separator": "prompt_separator",
-    "user_template": "prompt_user_template",
-    "text_user_template": "prompt_text_user_template",
-    "assistant_prefix": "prompt_assistant_prefix",
-}
-
-
 def read_prompt(gf: GGUFFile) -> PromptConfig:
     values = {
-        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
+        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_KEYS.items()
     }
     # BOS before the first turn is a model property; files without the key predate it and had one
     key = GGUF_TOKENIZER_KEYS["add_bos"]

@@ -22,6 +22,7 @@ load_ggml()  # before anything else loads ggml: its OpenMP settings only count a
 from tinygptv_edge.runtime.contract import (  # noqa: E402
     GGUF_ARCH,
     GGUF_HPARAMS,
+    PROMPT_KEYS,
     TINYGPTV_KEYS,
     gguf_key,
     language_tensors,
@@ -80,13 +81,7 @@ def write_gguf(
         add(gguf_key(k, arch), getattr(cfg, h.config))
     w.add_uint32(TINYGPTV_KEYS["stage"], 3)
     w.add_uint32(TINYGPTV_KEYS["image_tokens"], image_tokens)
-    for field, key in (
-        ("system", "prompt_system"),
-        ("separator", "prompt_separator"),
-        ("user_template", "prompt_user_template"),
-        ("text_user_template", "prompt_text_user_template"),
-        ("assistant_prefix", "prompt_assistant_prefix"),
-    ):
+    for field, key in PROMPT_KEYS.items():
         w.add_string(TINYGPTV_KEYS[key], getattr(prompt, field))
 
     tok = json.loads(Path(tokenizer_json).read_text())

@@ -81,11 +81,8 @@ def write_metadata(
     w.add_uint32(K["format_version"], C.GGUF_FORMAT_VERSION)
     w.add_uint32(K["stage"], cfg.stage)
     w.add_uint32(K["image_tokens"], cfg.num_image_tokens)
-    w.add_string(K["prompt_system"], P.system)
-    w.add_string(K["prompt_separator"], P.separator)
-    w.add_string(K["prompt_user_template"], P.user_template)
-    w.add_string(K["prompt_text_user_template"], P.text_user_template)
-    w.add_string(K["prompt_assistant_prefix"], P.assistant_prefix)
+    for field, key in C.PROMPT_KEYS.items():
+        w.add_string(K[key], getattr(P, field))
     w.add_string(K["source_sha256"], json.dumps(sha256, sort_keys=True))
 
     tt = tokenizer_tables(tokenizer, L.vocab_size)
