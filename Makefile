@@ -70,7 +70,7 @@ demo: export-onnx export-gguf
 
 # The same question answered by the PyTorch reference (no export).
 demo-reference: setup
-	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"
+	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --prompt "$(DEMO_QUESTION)"
 
 # Accuracy report: every vision x language level of the shipped model vs fp32 + F32, on its VQA test split.
 # Builds the exports it needs into $(DIST)/report/artifacts (cached); writes report.{json,md,html}.

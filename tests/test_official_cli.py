@@ -78,11 +78,28 @@ def converted(tmp_path_factory):
 
 
 def test_summary_reports_lora_rank_alpha_and_no_bos(converted):
-    _, _, onnx_out, gguf_out, ref, _ = converted
+    import onnx
+
+    from tinygptv_edge.export.onnx.export import read_metadata
+    from tinygptv_edge.runtime.contract import ONNX_META, TINYGPTV_KEYS
+    from tinygptv_edge.runtime.gguf_file import GGUFFile
+
+    dist, _, onnx_out, gguf_out, ref, _ = converted
     for text in (onnx_out, gguf_out, ref.stderr):
         assert "LoRA rank 8 (from the tensor shapes), alpha 16 (from the config), scale 2" in text
         assert "BOS before the first turn: no" in text
     assert "tokenizer.ggml.add_bos_token): False" in gguf_out
+    # one set of hashed input files whatever the command: Phi-2 weights, eva, blip2, stage file
+    meta = read_metadata(onnx.load(str(dist / "vision.fp32.onnx"), load_external_data=False))
+    gf = GGUFFile.open(dist / "language.f32.gguf")
+    try:
+        gguf_hashes = json.loads(gf.fields[TINYGPTV_KEYS["source_sha256"]].value)
+    finally:
+        gf.close()
+    assert json.loads(meta[ONNX_META["source_sha256"]]) == gguf_hashes
+    assert sorted(gguf_hashes) == sorted(
+        ["model.safetensors", "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "TinyGPT-V_for_Stage3.pth"]
+    )
 
 
 def test_runtime_greedy_tokens_equal_the_reference_without_bos(converted):
