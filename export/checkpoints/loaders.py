@@ -60,6 +60,7 @@ class LoadSummary:
     pos_embed: str | None = None
     layout: str | None = None
     add_bos: bool | None = None  # the prompt's BOS rule the model was loaded with
+    template: str | None = None  # the prompt's turn template, by name
 
     def format(self) -> str:
         lines = [f"loaded {self.loaded} tensors from {len(self.sources)} source(s)"]
@@ -81,6 +82,8 @@ class LoadSummary:
             lines.append(f"  LoRA merged into {len(self.lora_merged)} linear layer(s)")
         if self.lora_attached:
             lines.append(f"  LoRA attached unmerged to {len(self.lora_attached)} linear layer(s)")
+        if self.template:
+            lines.append(f"  prompt template: {self.template}")
         if self.add_bos is not None:
             lines.append(f"  BOS before the first turn: {'yes' if self.add_bos else 'no'}")
         if self.pos_embed:
