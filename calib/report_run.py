@@ -46,7 +46,7 @@ class ReportConfig:
     calib_images: str | None = None
     n_calib: int = 32
     preset: str = "x86-vnni"
-    threads: int = 1  # evaluation threads (on a shared 2-core machine 1 thread ran ~8x faster than 2)
+    threads: int = 1  # evaluation threads (1 ran faster than 2 on a shared 2-core CPU; docs/benchmarks.md)
     probe_threads: int = 2  # threads of the speed probes
     max_new_tokens: int = 16
     n_boot: int = 2000
