@@ -180,7 +180,7 @@ def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
     for i, im in enumerate(_images(4)):
         im.save(imgs / f"{i}.png")
     out = tmp_path / "dist"
-    args = ["export-onnx", "--single", str(tiny_single), "--out", str(out), "--calib-images", str(imgs)]
+    args = ["export-onnx", "--model", str(tiny_single), "--out", str(out), "--calib-images", str(imgs)]
     assert main([*args, "--dynamic", "--diagnostics", "--fallback-k", "1", "--method", "entropy"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["diagnostics", VISION_FILE_FP32, "vision.int8-dynamic.onnx", "vision.int8.onnx"]
