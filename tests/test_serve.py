@@ -133,9 +133,9 @@ def test_system_prompt_prefix_is_evaluated_once_at_start(server, pipe):
     """Every conversation starts with BOS + system prompt + separator: warmed at start, then kept by
     the KV cache whichever conversation ran last, so a new conversation never evaluates it."""
     p = pipe.prompt
-    system = [pipe.tokenizer.bos_id, *pipe.tokenizer.encode(p.system + p.separator)]
+    system = [pipe.tokenizer.bos_id] * p.add_bos + pipe.tokenizer.encode(p.system + p.separator)
     text = p.first_turn("", with_image=True)
-    head = split_prompt(text, pipe.tokenizer, text.count(IMAGE_PLACEHOLDER)).texts[0]
+    head = split_prompt(text, pipe.tokenizer, text.count(IMAGE_PLACEHOLDER), add_bos=p.add_bos).texts[0]
     assert list(head[: len(system)]) == system and server.engine.warmed == len(head)
     for i, msg in enumerate([user("a fresh picture", png(21)), user("text only"), user("another", png(22))]):
         got = ask(server.client(), [msg])
