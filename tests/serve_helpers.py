@@ -11,6 +11,33 @@ import numpy as np
 from PIL import Image
 
 
+def export_files(tiny, out):
+    """The tiny model as the server loads it: FP32 ONNX vision graph + F32 GGUF."""
+    from tinygptv_edge.export.gguf.export import export_gguf
+    from tinygptv_edge.export.onnx.export import export_vision
+
+    onnx_path = export_vision(tiny.model, out).path
+    gguf_path = out / "language.f32.gguf"
+    export_gguf(tiny.model, tiny.tokenizer, gguf_path, "F32")
+    return onnx_path, gguf_path
+
+
+def loader(files, delay: float = 0.0, **kw):
+    """A Pipeline factory for Engine; `delay` > 0 puts a SlowDecoder under it."""
+    from tinygptv_edge.runtime.pipeline import Pipeline
+
+    def load():
+        if delay:
+            from tinygptv_edge.runtime.decoder import Decoder
+            from tinygptv_edge.runtime.pipeline import trained_context
+
+            n_ctx = trained_context(files[1])
+            return Pipeline(files[0], lambda: SlowDecoder(Decoder(files[1], n_ctx, 1), delay), **kw)
+        return Pipeline(files[0], files[1], n_threads=1, **kw)
+
+    return load
+
+
 def png(seed: int, size=(80, 60)) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

@@ -28,7 +28,7 @@ for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
     pytest.importorskip(_mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="the openai client (dev extra) is not installed")
 
-from serve_helpers import LiveServer, SlowDecoder, data_uri, png, user  # noqa: E402
+from serve_helpers import LiveServer, data_uri, export_files, loader, png, user  # noqa: E402
 
 from tinygptv_edge.runtime.config import IMAGE_PLACEHOLDER  # noqa: E402
 from tinygptv_edge.runtime.pipeline import Pipeline  # noqa: E402
@@ -43,27 +43,7 @@ MODEL = "tinygptv-edge"
 
 @pytest.fixture(scope="module")
 def files(tiny, tmp_path_factory):
-    from tinygptv_edge.export.gguf.export import export_gguf
-    from tinygptv_edge.export.onnx.export import export_vision
-
-    out = tmp_path_factory.mktemp("serve")
-    onnx_path = export_vision(tiny.model, out).path
-    gguf_path = out / "language.f32.gguf"
-    export_gguf(tiny.model, tiny.tokenizer, gguf_path, "F32")
-    return onnx_path, gguf_path
-
-
-def loader(files, delay: float = 0.0, **kw):
-    def load():
-        if delay:
-            from tinygptv_edge.runtime.decoder import Decoder
-            from tinygptv_edge.runtime.pipeline import trained_context
-
-            n_ctx = trained_context(files[1])
-            return Pipeline(files[0], lambda: SlowDecoder(Decoder(files[1], n_ctx, 1), delay), **kw)
-        return Pipeline(files[0], files[1], n_threads=1, **kw)
-
-    return load
+    return export_files(tiny, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
