@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "tinygptv_edge.export.train.cli",
     "reference": "tinygptv_edge.export.reference.cli",
     "run": "tinygptv_edge.runtime.cli",
+    "bench": "tinygptv_edge.runtime.bench",
     "report": "tinygptv_edge.calib.cli",
 }
 
