@@ -77,7 +77,7 @@ def arm_harness(tmp_path_factory) -> Path:
     if not (CROSS_CC and QEMU_A64):
         pytest.skip(f"needs aarch64-linux-gnu-gcc and qemu-aarch64-static ({APT})")
     exe = tmp_path_factory.mktemp("arm") / "kquant_harness"
-    cmd = [CROSS_CC, "-O2", "-Wall", "-Werror", "-static", "-I", str(ROOT / "runtime"),
+    cmd = [CROSS_CC, "-O2", "-Wall", "-static", "-I", str(ROOT / "runtime"),
            str(ROOT / "tests" / "kquant_harness.c"), "-o", str(exe), "-lm"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
