@@ -22,6 +22,7 @@ COMMANDS = {
     "reference": "tinygptv_edge.export.reference.cli",
     "run": "tinygptv_edge.runtime.cli",
     "serve": "tinygptv_edge.runtime.serve.cli",
+    "bench": "tinygptv_edge.runtime.bench",
     "report": "tinygptv_edge.calib.cli",
 }
 
