@@ -6,6 +6,7 @@ kind of every key, the presence, shape and type of every tensor (runtime/contrac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tokenizers import AddedToken
@@ -35,6 +36,7 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE[
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # GGUF integer value types
 FLOAT_TYPES = (6, 12)
+MAX_CONTEXT = 1 << 20  # positions: far above any Phi-2 (2048); a larger context_length is corrupt
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,13 @@ class HParams:
             raise ConfigError(f"HParams: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_rot <= 0 or self.n_rot % 2 or self.n_rot > self.head_dim:
             raise ConfigError(f"HParams: rope dims {self.n_rot} must be even and in 2..{self.head_dim}")
-        if not self.rope_base > 0:
-            raise ConfigError(f"HParams: rope freq_base must be > 0, got {self.rope_base}")
+        if not 0 < self.rope_base < math.inf:
+            raise ConfigError(f"HParams: rope freq_base: expected a finite number > 0, got {self.rope_base}")
+        if self.n_ctx_train > MAX_CONTEXT:
+            raise ConfigError(
+                f"HParams.n_ctx_train (context_length): expected at most {MAX_CONTEXT}, "
+                f"got {self.n_ctx_train}"
+            )
         for name in ("eps_norm", "eps_qk", "eps_rms"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"HParams.{name}: expected 0 < eps < 1, got {getattr(self, name)}")
@@ -129,12 +136,8 @@ def read_hparams(gf: GGUFFile) -> HParams:
         return float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
 
     n_head, n_head_kv = i("head_count"), i("head_count_kv")
-    if n_head_kv != n_head:
-        raise GGUFModelError(
-            f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}"
-        )
     try:
-        return HParams(
+        hp = HParams(
             n_vocab=i("vocab_size"),
             n_embd=i("embedding_length"),
             n_layer=i("block_count"),
@@ -149,6 +152,23 @@ def read_hparams(gf: GGUFFile) -> HParams:
         )
     except ConfigError as e:
         raise GGUFModelError(f"{gf.path}: {e}") from e
+    if n_head_kv != n_head:
+        raise GGUFModelError(
+            f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}"
+        )
+    _check_block_count(gf, hp.n_layer)
+    return hp
+
+
+def _check_block_count(gf: GGUFFile, n_layer: int) -> None:
+    """block_count against the tensors the file holds (each block needs at least one), before the
+    tensor table, the graph and the cache are sized by it; a smaller shortfall is reported by name."""
+    most = max(0, len(gf.tensors) - len(GGUF_TENSORS_GLOBAL))
+    if n_layer > most:
+        raise GGUFModelError(
+            f"{gf.path}: {gguf_key('block_count')}: expected at most {most} (the file holds "
+            f"{len(gf.tensors)} tensors, {len(GGUF_TENSORS_BLOCK)} per block), got {n_layer}"
+        )
 
 
 def check_tensors(gf: GGUFFile, hp: HParams) -> dict[str, TensorInfo]:
@@ -183,6 +203,7 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
         raise GGUFModelError(
             f"{gf.path}: tokenizer.ggml.tokens: expected 1..{n_vocab} tokens, got {len(tokens.value)}"
         )
+    _check_unique(gf, tokens.value)
     bos = int(_get(gf, "tokenizer.ggml.bos_token_id", INT_TYPES, "an integer"))
     eos = int(_get(gf, "tokenizer.ggml.eos_token_id", INT_TYPES, "an integer"))
     for name, v in (("bos", bos), ("eos", eos)):
@@ -211,6 +232,20 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
         raise GGUFModelError(f"{gf.path}: cannot rebuild the tokenizer: {e}") from e
 
 
+def _check_unique(gf: GGUFFile, tokens: list[str]) -> None:
+    """Two ids with the same text would make one of them unreachable and shift the ids built from it."""
+    if len(set(tokens)) == len(tokens):
+        return
+    first: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in first:
+            raise GGUFModelError(
+                f"{gf.path}: tokenizer.ggml.tokens: expected unique tokens, "
+                f"found {t!r} at ids {first[t]} and {i}"
+            )
+        first[t] = i
+
+
 PROMPT_FIELDS = {  # PromptConfig field -> TINYGPTV_KEYS entry
     "system": "prompt_system",
     "separator": "prompt_separator",
@@ -224,7 +259,10 @@ def read_prompt(gf: GGUFFile) -> PromptConfig:
     values = {
         field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
     }
-    return PromptConfig(**values)
+    try:
+        return PromptConfig(**values)
+    except ConfigError as e:
+        raise GGUFModelError(f"{gf.path}: prompt keys: {e}") from e
 
 
 def read_image_tokens(gf: GGUFFile) -> int:

@@ -135,3 +135,15 @@ class EvalSetError(ConfigError):
 
 class ReportError(TinyGPTVError):
     """The accuracy report cannot be produced: a level failed to build or evaluate, or bad options."""
+
+
+class ClosedError(TinyGPTVError, RuntimeError):
+    """An object (decoder, pipeline) was used after `close()`."""
+
+
+class NumericsError(TinyGPTVError, FloatingPointError):
+    """A model produced NaN or infinity where numbers were expected (its weights or inputs are broken)."""
+
+
+class BackendError(ModelFileError):
+    """onnxruntime, ggml or tokenizers failed on a model file or an input: the message names the file."""
