@@ -15,6 +15,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from .ggml_runtime import (
     place_weights,
 )
 from .gguf_file import GGUFFile
-from .gguf_values import check_bytes, check_values
+from .gguf_values import Background, check_bytes, check_values
 from .tokenizer import Tokenizer
 
 KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
@@ -116,16 +117,14 @@ class Decoder:
         matmul = {f"blk.{i}.{n}" for i in range(hp.n_layer) for n in MATMUL_WEIGHTS} | {"output.weight"}
         # weights are checked for NaN/inf as they load: copied and repacked ones from the bytes read
         # for them, the ones ggml reads through the mapping (F16/F32, unrepacked K-quants) by `pread`
-        self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack, check=self._check_bytes)
-        check_values(self._gf, self._w.mapped, threads=min(2, self.n_threads))
+        with Background(partial(check_bytes, self._gf)) as checker:  # checks run beside the repacking
+            self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack, check=checker)
+            check_values(self._gf, self._w.mapped, threads=min(2, self.n_threads))
         if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
             mapped = matmul - set(self._w.repacked)
             self._w.kquant = {n for n in mapped if kq.eligible(ggml, self._w.tensors[n])}
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, self.n_ctx, self.kv_type)
-
-    def _check_bytes(self, name: str, raw: bytes) -> None:
-        check_bytes(self._gf, name, raw)
 
     # ------------------------------------------------------------------------------------------
     @property

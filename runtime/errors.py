@@ -141,7 +141,7 @@ class ClosedError(TinyGPTVError, RuntimeError):
     """An object (decoder, pipeline) was used after `close()`."""
 
 
-class NumericsError(TinyGPTVError, FloatingPointError):
+class NumericsError(TinyGPTVError, ValueError):
     """A model produced NaN or infinity where numbers were expected (its weights or inputs are broken)."""
 
 

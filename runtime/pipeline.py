@@ -30,18 +30,28 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .config import PromptConfig
+from .checks import check_count, check_threads
+from .config import IMAGE_PLACEHOLDER, PromptConfig
 from .detok import AnswerStream, TokenBytes
-from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
+from .errors import (
+    ClosedError,
+    ConfigError,
+    ContextOverflowError,
+    ModelFileError,
+    ModelMismatchError,
+    PipelineBusyError,
+)
 from .images import ImageLimits, ImageSource, load_image
 from .memory import release_heap
 from .preprocess import preprocess
 from .prompt import split_prompt
 from .sampling import GREEDY, Sampler, SamplingConfig
+from .tokenizer import check_text
 from .vision import VisionEncoder
 
 Position = int | tuple[str, int]  # a token id, or (image key, embedding row)
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
+DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
 
 
 @dataclass
@@ -105,7 +115,8 @@ class Pipeline:
         self,
         vision: str | Path | VisionEncoder | None,
         language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
-        n_ctx: int | None = None,  # None: the model's (2048), or at most LOW_MEMORY_CTX in low-memory mode
+        n_ctx: int
+        | None = None,  # None: the model's (2048) up to DEFAULT_MAX_CTX; LOW_MEMORY_CTX in low-memory
         n_threads: int | None = None,
         kv_type: str = "f16",
         low_memory: bool = False,
@@ -115,6 +126,10 @@ class Pipeline:
     ):
         if not isinstance(image_cache_size, int) or image_cache_size < 0:
             raise ConfigError(f"image_cache_size: expected an integer >= 0, got {image_cache_size!r}")
+        if n_ctx is not None:
+            check_count(n_ctx, "n_ctx")
+        check_threads(n_threads)
+        self._closed = False
         reopenable = isinstance(language, (str, Path)) or callable(language)
         if low_memory and not reopenable:
             raise ConfigError(
@@ -122,7 +137,9 @@ class Pipeline:
             )
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
-        self._decoder_args = dict(n_ctx=n_ctx or 2048, n_threads=n_threads, kv_type=kv_type)
+        self._decoder_args = dict(
+            n_ctx=n_ctx if n_ctx is not None else 2048, n_threads=n_threads, kv_type=kv_type
+        )
         self._gate = _Gate(busy_timeout)
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self.image_cache_size = image_cache_size
@@ -136,7 +153,7 @@ class Pipeline:
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
             if n_ctx is None:  # low-memory: a 1024-position KV cache (f16: 320 MB instead of 640 MB)
                 trained = trained_context(path)
-                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX) if low_memory else trained
+                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX if low_memory else DEFAULT_MAX_CTX)
             self._factory = lambda: _open_decoder(path, **self._decoder_args)
         else:
             self._factory = language if callable(language) else None
@@ -145,6 +162,8 @@ class Pipeline:
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
         self._token_bytes = TokenBytes(self.tokenizer)
+        # the most bytes one token stands for: a text of N bytes needs at least N / this many tokens
+        self._max_token_bytes = max(1, max(map(len, self._token_bytes.table), default=1))
         try:
             self._check_fit()
         except BaseException:
@@ -184,6 +203,7 @@ class Pipeline:
         """Free both models (waits for a running turn; refused from inside one)."""
         self._gate.acquire()
         try:
+            self._closed = True
             self._close()
         finally:
             self._gate.release()
@@ -203,6 +223,10 @@ class Pipeline:
         self.close()
 
     # -- models ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the pipeline is closed: make a new Pipeline to ask more questions")
+
     def _decoder_ready(self):
         if self._decoder is None:
             self._decoder = self._factory()
@@ -213,6 +237,7 @@ class Pipeline:
         """(Q, H) image embeddings (through the image cache)."""
         self._gate.acquire()
         try:
+            self._check_open()
             return self._embed_image(image, Timings())[1]
         finally:
             self._gate.release()
@@ -344,8 +369,12 @@ class Turn:
     """One turn as an iterator of text pieces; `answer` is set when it ends (exhausted or closed)."""
 
     def __init__(self, chat: Chat, question: str, image: ImageSource | None, sampling: SamplingConfig):
-        if not isinstance(question, str):
-            raise ConfigError(f"question: expected a string, got {type(question).__name__}")
+        check_text(question, "question")
+        if IMAGE_PLACEHOLDER in question:
+            raise ConfigError(
+                f"question: expected no {IMAGE_PLACEHOLDER} (the prompt's image slot; attach images with "
+                "image=), found one in the text"
+            )
         self.chat, self.question, self.image, self.sampling = chat, question, image, sampling
         self.answer: Answer | None = None
         self._gen = self._run()
@@ -369,6 +398,7 @@ class Turn:
         pipe, chat = self.chat.pipeline, self.chat
         pipe._gate.acquire()
         try:
+            pipe._check_open()
             yield from self._locked(pipe, chat)
         finally:
             pipe._gate.release()
@@ -383,6 +413,10 @@ class Turn:
             images[key] = embeds
             keys.append(key)
         text = chat.prompt_text(self.question, with_image=bool(keys))
+        held = len(chat.positions)
+        fewest = -(-len(text.encode("utf-8")) // pipe._max_token_bytes) + len(keys) * pipe.image_tokens
+        if held + fewest + 1 > pipe.n_ctx:  # refused before tokenizing (a 10 MB question costs 1 GB there)
+            raise ContextOverflowError(held, fewest + 1, pipe.n_ctx)
         segments = split_prompt(text, pipe.tokenizer, len(keys), add_bos=chat.turns == 0)
         positions = list(chat.positions)
         for i, ids in enumerate(segments.texts):

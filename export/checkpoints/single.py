@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.bounds import check_config_fits
 from tinygptv_edge.export.checkpoints.loaders import Collector, LoadSummary, qformer_table
-from tinygptv_edge.export.checkpoints.safeio import iter_safetensors
+from tinygptv_edge.export.checkpoints.safeio import iter_safetensors, safetensors_keys
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, MissingKeysError, UnexpectedKeysError
@@ -90,6 +91,7 @@ def load_single(folder: str | Path) -> tuple[TinyGPTV, LoadSummary]:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {folder}")
+    check_config_fits(cfg, safetensors_keys(weights), str(weights))
     with torch.device("meta"):
         model = TinyGPTV(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
