@@ -85,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def show(turn, args: argparse.Namespace) -> None:
-    """Print one turn: streamed or whole, as text or JSON."""
+    """Print one turn: streamed or whole, as text or JSON. The turn is closed even when printing
+    fails (a closed stdout), so the pipeline is free again."""
+    with turn:
+        _show(turn, args)
+
+
+def _show(turn, args: argparse.Namespace) -> None:
     if args.stream:
         for piece in turn:
             if args.json:

@@ -75,8 +75,20 @@ class ImageLimits:
 
 
 def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.Image:
-    """Read an image (path, bytes, binary file or PIL image) into an upright RGB PIL image."""
-    limits = limits or ImageLimits()
+    """Read an image (path, bytes, binary file or PIL image) into an upright RGB PIL image.
+
+    Every consumer (runtime, calibration, importance matrix, evaluation) reads images through here,
+    so the same caps apply everywhere; errors about a file name it.
+    """
+    try:
+        return _load_image(source, limits or ImageLimits())
+    except ImageError as e:
+        if isinstance(source, (str, Path)) and str(source) not in str(e):
+            raise type(e)(f"{source}: {e}") from None
+        raise
+
+
+def _load_image(source: ImageSource, limits: ImageLimits) -> Image.Image:
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
         return to_rgb(_upright(source))

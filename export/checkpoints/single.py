@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from tinygptv_edge.export.checkpoints.bounds import check_config_fits
 from tinygptv_edge.export.checkpoints.loaders import Collector, LoadSummary, qformer_table
 from tinygptv_edge.export.checkpoints.safeio import iter_safetensors, safetensors_keys
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, MissingKeysError, UnexpectedKeysError
 
@@ -63,8 +63,7 @@ def save_single(model: TinyGPTV, tokenizer_dir: str | Path, out: str | Path, dty
     if unmapped:
         raise UnexpectedKeysError(unmapped, "reference model (no official name)")
     tensors = {canonical_to_official[k]: v.detach().to(dtype).contiguous() for k, v in sd.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = stage_dir(out)
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "model": cfg.name})
         cfg.save(tmp / CONFIG)

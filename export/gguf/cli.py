@@ -137,10 +137,9 @@ def _hashes(files: list[Path]) -> dict[str, str]:
 
 
 def _collect(args: argparse.Namespace, model, tokenizer):
-    from PIL import Image
-
     from tinygptv_edge.export.gguf.imatrix import DEFAULT_QUESTIONS, collect_imatrix
-    from tinygptv_edge.runtime.errors import ConfigError, ImageError
+    from tinygptv_edge.runtime.errors import ConfigError
+    from tinygptv_edge.runtime.images import load_image
     from tinygptv_edge.runtime.preprocess import preprocess
 
     folder = Path(args.imatrix_images)
@@ -158,12 +157,7 @@ def _collect(args: argparse.Namespace, model, tokenizer):
 
     def pairs():
         for i, path in enumerate(images):
-            try:
-                with Image.open(path) as im:
-                    pixels = preprocess(im, cfg)
-            except OSError as e:
-                raise ImageError(f"calibration image {path}: {e}") from e
-            yield pixels, questions[i % len(questions)]
+            yield preprocess(load_image(path), cfg), questions[i % len(questions)]
 
     bar = tqdm(total=len(images), desc="imatrix", unit="pair")
     try:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
+from tinygptv_edge.runtime import images as runtime_images
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import VISION_INPUT
-from tinygptv_edge.runtime.errors import CalibrationError, ImageError
+from tinygptv_edge.runtime.errors import CalibrationError
 from tinygptv_edge.runtime.preprocess import preprocess
 
 
@@ -37,24 +38,8 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode one image; unreadable, non-image and truncated files raise ImageError."""
-    path = Path(path)
-    was = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not be padded with grey
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except UnidentifiedImageError as e:
-        raise ImageError(
-            f"{path}: expected an image file (PNG, JPEG, ...), got a file PIL cannot identify"
-        ) from e
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, too many pixels ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: expected a complete image, got a damaged or truncated file ({e})") from e
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = was
+    """One calibration image through the runtime's loader (its byte, pixel, side and format caps)."""
+    return runtime_images.load_image(path)
 
 
 def check_pixels(x: np.ndarray, image_size: int, source: str = "calibration data") -> np.ndarray:
