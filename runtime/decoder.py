@@ -6,7 +6,7 @@
         dec.truncate(3)                              # forget positions >= 3
 
 Calls append to the KV cache. Long inputs are evaluated in batches of `n_batch` positions. The
-interface is fixed in notes/RUNTIME_API.md (the pipeline codes against it).
+interface is documented in docs/decoder.md (the pipeline codes against it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from . import kquant as kq
 from .checks import check_memory, check_threads, cpu_count
 from .config import PromptConfig
+from .contract import MATMUL, language_tensors
 from .decoder_model import (
     HParams,
     check_tensors,
@@ -46,7 +47,6 @@ from .tokenizer import Tokenizer
 
 KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
 GRAPH_CACHE = 6  # built graphs kept (LRU)
-MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 class Decoder:
@@ -114,7 +114,7 @@ class Decoder:
         self._dev = ggml.ggml_backend_dev_by_type(ggml.GGML_BACKEND_DEVICE_TYPE_CPU)
         self._backend = ggml.ggml_backend_dev_init(self._dev, None)
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
-        matmul = {f"blk.{i}.{n}" for i in range(hp.n_layer) for n in MATMUL_WEIGHTS} | {"output.weight"}
+        matmul = {t.gguf for t in language_tensors(hp.n_layer) if t.role == MATMUL}
         # weights are checked for NaN/inf as they load: copied and repacked ones from the bytes read
         # for them, the ones ggml reads through the mapping (F16/F32, unrepacked K-quants) by `pread`
         with Background(partial(check_bytes, self._gf)) as checker:  # checks run beside the repacking

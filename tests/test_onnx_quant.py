@@ -93,13 +93,13 @@ def test_reader_bad_inputs(tiny, tmp_path):
 
     folder = write_images(tmp_path / "text", 2)
     (folder / "notes.txt").write_text("these are not pixels")
-    with pytest.raises(ImageError, match=r"notes\.txt: not an image in an allowed format"):
+    with pytest.raises(ImageError, match=r"notes\.txt: expected an image"):
         R.load_folder(folder, cfg, max_images=1)  # checked even past max_images
 
     folder = write_images(tmp_path / "cut", 2)
     data = (folder / "img01.png").read_bytes()
     (folder / "img01.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match=r"img01\.png: image data is truncated"):
+    with pytest.raises(ImageError, match=r"img01\.png: expected a complete image"):
         R.load_folder(folder, cfg)
 
 

@@ -1,6 +1,7 @@
 """Calibration data for the vision graph: a folder of images through the one shared preprocessing.
 
-    folder/*  --PIL open + full decode--> RGB --runtime.preprocess--> (3,S,S) float32
+    folder/*  --runtime.images.load_image (the loader `run` uses: EXIF orientation, alpha, 16-bit)-->
+              upright RGB --runtime.preprocess--> (3,S,S) float32
               --stack--> (N,3,S,S) --get_next--> {"pixel_values": (1,3,S,S)} ... None
 
 Every file in the folder (hidden files aside) must be an image: a stray file, a truncated image or
@@ -17,10 +18,10 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image
 
-from tinygptv_edge.runtime import images as runtime_images
+from tinygptv_edge.runtime import images
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import VISION_INPUT
-from tinygptv_edge.runtime.errors import CalibrationError
+from tinygptv_edge.runtime.errors import CalibrationError, ImageError, ImageFormatError, ImageTooLargeError
 from tinygptv_edge.runtime.preprocess import preprocess
 
 
@@ -38,8 +39,16 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """One calibration image through the runtime's loader (its byte, pixel, side and format caps)."""
-    return runtime_images.load_image(path)
+    """One image file through the runtime's loader (`runtime/images.py`: the upright RGB `run` sees),
+    its errors naming the file: unreadable, non-image and truncated files raise ImageError."""
+    try:
+        return images.load_image(Path(path))
+    except ImageFormatError as e:
+        raise ImageError(f"{path}: expected an image file (PNG, JPEG, ...), got: {e}") from e
+    except ImageTooLargeError as e:
+        raise ImageTooLargeError(f"{path}: refused, {e}") from e
+    except ImageError as e:
+        raise ImageError(f"{path}: expected a complete image, got a damaged or truncated file ({e})") from e
 
 
 def check_pixels(x: np.ndarray, image_size: int, source: str = "calibration data") -> np.ndarray:
