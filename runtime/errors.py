@@ -146,3 +146,15 @@ class FormatVersionError(ModelFileError):
             f"{self.path}: written by format version {found}, this runtime reads up to {supported}: "
             "upgrade tinygptv-edge"
         )
+
+
+class ClosedError(TinyGPTVError, RuntimeError):
+    """An object (decoder, pipeline) was used after `close()`."""
+
+
+class NumericsError(TinyGPTVError, ValueError):
+    """A model produced NaN or infinity where numbers were expected (its weights or inputs are broken)."""
+
+
+class BackendError(ModelFileError):
+    """onnxruntime, ggml or tokenizers failed on a model file or an input: the message names the file."""

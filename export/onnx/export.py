@@ -29,6 +29,7 @@ from torch import nn
 
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.onnx.check import ParityConfig, ParityReport, check_parity
+from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.contract import (
     BATCH_AXIS,
@@ -254,7 +255,7 @@ def export_vision(
     if external is None:
         external = _weight_bytes(model.vision) > PROTOBUF_LIMIT - 64 * 1024**2
     model = model.eval()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.file_name}.", dir=out_dir))
+    tmp = stage_dir(final)
     try:
         raw_dir = tmp / "raw"
         raw_dir.mkdir()
