@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinygptv_edge.runtime import metrics as RM
 from tinygptv_edge.runtime.errors import ReportError, TinyGPTVError
 
 from . import metrics as M
@@ -117,9 +118,9 @@ def vision_axis(level: str, ref: np.ndarray, got: np.ndarray, ms: float) -> Visi
     H = ref.shape[-1]
     return VisionAxis(
         level,
-        M.cosine_rows(ref.reshape(-1, H), got.reshape(-1, H)),
-        np.atleast_1d(M.sqnr_db(ref, got, axis=(1, 2))),
-        M.sqnr_db(ref, got),
+        RM.cosine_rows(ref.reshape(-1, H), got.reshape(-1, H)),
+        np.atleast_1d(RM.sqnr_db(ref, got, axis=(1, 2))),
+        RM.sqnr_db(ref, got),
         ms,
     )
 
@@ -201,7 +202,7 @@ class Runner:
         kl, top1, dp, nll, per_q = [], [], [], [], []
         for q, (ref, got) in enumerate(zip(self.ref_logits[: len(logits)], logits, strict=True)):
             t = np.asarray(self.prep.target[q])
-            k = M.kl_divergence(ref, got)
+            k = RM.kl_divergence(ref, got)
             kl.append(k)
             per_q.append(k.mean())
             top1.append(M.same_top1(ref, got))

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import kquant as kq
 from .config import PromptConfig
+from .contract import MATMUL, language_tensors
 from .decoder_model import (
     HParams,
     check_tensors,
@@ -43,7 +44,6 @@ from .tokenizer import Tokenizer
 
 KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
 GRAPH_CACHE = 6  # built graphs kept (LRU)
-MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 class Decoder:
@@ -94,7 +94,7 @@ class Decoder:
         self._dev = ggml.ggml_backend_dev_by_type(ggml.GGML_BACKEND_DEVICE_TYPE_CPU)
         self._backend = ggml.ggml_backend_dev_init(self._dev, None)
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
-        matmul = {f"blk.{i}.{n}" for i in range(hp.n_layer) for n in MATMUL_WEIGHTS} | {"output.weight"}
+        matmul = {t.gguf for t in language_tensors(hp.n_layer) if t.role == MATMUL}
         self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
         if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
             mapped = matmul - set(self._w.repacked)

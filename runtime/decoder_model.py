@@ -13,11 +13,12 @@ from tokenizers import AddedToken
 from .config import PromptConfig
 from .contract import (
     GGUF_ARCH,
-    GGUF_TENSORS_BLOCK,
-    GGUF_TENSORS_GLOBAL,
     GGUF_TOKEN_TYPE,
     TINYGPTV_KEYS,
+    WEIGHT_ROLES,
     gguf_key,
+    language_shapes,
+    language_tensors,
 )
 from .errors import (
     ConfigError,
@@ -26,15 +27,11 @@ from .errors import (
     ShapeMismatchError,
     UnexpectedKeysError,
 )
-from .gguf_file import STRING, GGUFFile, TensorInfo
+from .ggml_types import WEIGHT_TYPES
+from .gguf_file import FLOAT_TYPES, INT_TYPES, STRING, GGUFFile, TensorInfo
 from .tokenizer import Tokenizer
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE["user_defined"]
-
-# ggml types a matmul weight may have; norms and biases are F32 (contract)
-WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # GGUF integer value types
-FLOAT_TYPES = (6, 12)
 
 
 @dataclass(frozen=True)
@@ -73,37 +70,8 @@ class HParams:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """GGUF tensor name -> ggml shape (ne0 first = input features of a matmul weight)."""
-        E, F, V, D = self.n_embd, self.n_ff, self.n_vocab, self.head_dim
-        glob = {
-            "token_embd.weight": (E, V),
-            "output_norm.weight": (E,),
-            "output_norm.bias": (E,),
-            "output.weight": (E, V),
-            "output.bias": (V,),
-        }
-        block = {
-            "attn_norm.weight": (E,),
-            "attn_norm.bias": (E,),
-            "attn_qkv.weight": (E, 3 * E),
-            "attn_qkv.bias": (3 * E,),
-            "attn_q_norm.weight": (D,),
-            "attn_q_norm.bias": (D,),
-            "attn_k_norm.weight": (D,),
-            "attn_k_norm.bias": (D,),
-            "attn_output.weight": (E, E),
-            "attn_output.bias": (E,),
-            "attn_post_norm.weight": (E,),
-            "ffn_up.weight": (E, F),
-            "ffn_up.bias": (F,),
-            "ffn_down.weight": (F, E),
-            "ffn_down.bias": (E,),
-        }
-        assert set(glob) == set(GGUF_TENSORS_GLOBAL)
-        assert {t.removeprefix("blk.{i}.") for t in GGUF_TENSORS_BLOCK} == set(block)
-        shapes = dict(glob)
-        for i in range(self.n_layer):
-            shapes.update({f"blk.{i}.{k}": v for k, v in block.items()})
-        return shapes
+        shapes = language_shapes(self.n_layer, self.n_embd, self.n_ff, self.n_vocab, self.n_head)
+        return {name: shape[::-1] for name, shape in shapes.items()}
 
 
 def _get(gf: GGUFFile, key: str, kinds: tuple[int, ...], what: str):
@@ -154,6 +122,7 @@ def read_hparams(gf: GGUFFile) -> HParams:
 def check_tensors(gf: GGUFFile, hp: HParams) -> dict[str, TensorInfo]:
     """Every contract tensor present with its shape; matmul weights of a supported type, the rest F32."""
     shapes = hp.tensor_shapes()
+    weights = {t.gguf for t in language_tensors(hp.n_layer) if t.role in WEIGHT_ROLES}
     missing = [n for n in shapes if n not in gf.tensors]
     if missing:
         raise MissingKeysError(missing, str(gf.path))
@@ -164,7 +133,7 @@ def check_tensors(gf: GGUFFile, hp: HParams) -> dict[str, TensorInfo]:
         t = gf.tensors[name]
         if t.shape != shape:
             raise ShapeMismatchError(name, shape, t.shape, str(gf.path))
-        allowed = WEIGHT_TYPES if len(shape) == 2 else ("F32",)
+        allowed = WEIGHT_TYPES if name in weights else ("F32",)
         if t.type.name not in allowed:
             raise GGUFModelError(f"{gf.path}: tensor {name!r}: expected type in {allowed}, got {t.type.name}")
     return dict(gf.tensors)

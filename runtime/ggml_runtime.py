@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gguf_file import TYPE_IDS, GGUFFile
+from .ggml_types import TYPE_IDS
+from .gguf_file import GGUFFile
 
 # OpenMP settings the runtime wants unless the user set one of OMP_KEYS (see bench/decoder.py --omp).
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive"}

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GGUFFormatError
+from .ggml_types import GGML_TYPES, GGMLType
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -36,34 +37,8 @@ VALUE_TYPE_NAMES = {
     0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
     7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class GGMLType:
-    """A ggml tensor type: `block` elements take `nbytes` bytes (ggml `type_traits`)."""
-
-    name: str
-    block: int
-    nbytes: int
-
-
-# ggml type id -> traits (ggml.h `enum ggml_type`)
-GGML_TYPES = {
-    0: GGMLType("F32", 1, 4),
-    1: GGMLType("F16", 1, 2),
-    2: GGMLType("Q4_0", 32, 18),
-    3: GGMLType("Q4_1", 32, 20),
-    6: GGMLType("Q5_0", 32, 22),
-    7: GGMLType("Q5_1", 32, 24),
-    8: GGMLType("Q8_0", 32, 34),
-    10: GGMLType("Q2_K", 256, 84),
-    11: GGMLType("Q3_K", 256, 110),
-    12: GGMLType("Q4_K", 256, 144),
-    13: GGMLType("Q5_K", 256, 176),
-    14: GGMLType("Q6_K", 256, 210),
-    30: GGMLType("BF16", 1, 2),
-}
-TYPE_IDS = {t.name: i for i, t in GGML_TYPES.items()}
+INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # the integer value types above
+FLOAT_TYPES = (6, 12)
 
 
 @dataclass(frozen=True)
@@ -308,7 +283,7 @@ def _check_tensors(
         n = 1
         for d in shape:
             n *= d
-        nbytes = n // traits.block * traits.nbytes
+        nbytes = traits.row_nbytes(n)
         if rel % alignment:
             raise GGUFFormatError(f"{path}: tensor {name!r}: offset {rel} is not aligned to {alignment}")
         start = data_offset + rel

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ctypes
 
+from . import ggml_types
+
 try:
     from . import _kquant
 except ImportError:  # not built (e.g. a source tree without the editable install)
     _kquant = None
 
-TYPE_IDS = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}  # ggml_type
+TYPE_IDS = {name: ggml_types.TYPE_IDS[name] for name in ggml_types.K_QUANTS}  # ggml_type
 MIN_TOKENS = 16  # below one 16-token block the kernel would compute padding
 
 

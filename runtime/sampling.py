@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -68,6 +69,17 @@ TINYGPTV = SamplingConfig(
 PRESETS = {"greedy": GREEDY, "tinygptv": TINYGPTV}
 
 
+class TokenConstraint(Protocol):
+    """What may come next (e.g. a grammar): `allowed()` a (V,) bool mask, `accept(token)` after each
+    choice, `done()` once nothing more may follow."""
+
+    def allowed(self) -> np.ndarray: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def done(self) -> bool: ...
+
+
 class Sampler:
     """Stateful chooser for one answer: holds the random generator seeded from `cfg.seed`."""
 
@@ -75,7 +87,10 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+    def __call__(
+        self, logits: np.ndarray, previous: Sequence[int] = (), allowed: np.ndarray | None = None
+    ) -> int:
+        """The next token; `allowed` (bool, up to V entries; missing ones count as False) masks the choice."""
         x = np.array(logits, dtype=np.float64).reshape(-1)  # (V,) a copy
         if not np.isfinite(x).any():
             raise ValueError(f"no finite logit among {x.size}: the decoder produced NaN/inf")
@@ -84,6 +99,13 @@ class Sampler:
             ids = np.unique(np.asarray(previous, dtype=np.int64))
             seen = x[ids]
             x[ids] = np.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        if allowed is not None:
+            keep = np.zeros(x.size, dtype=bool)
+            n = min(x.size, len(allowed))
+            keep[:n] = np.asarray(allowed[:n], dtype=bool)
+            if not keep.any():
+                raise ValueError("the token constraint allows no token")
+            x = np.where(keep, np.nan_to_num(x, nan=-np.inf, posinf=np.finfo(np.float64).max), -np.inf)
         if not cfg.do_sample:
             return int(np.argmax(x))
         return self._draw(warp(x, cfg.temperature, cfg.top_k, cfg.top_p))

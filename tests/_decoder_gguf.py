@@ -20,11 +20,10 @@ from tinygptv_edge.runtime.ggml_runtime import load_ggml
 load_ggml()  # before anything else loads ggml: its OpenMP settings only count at load time
 
 from tinygptv_edge.runtime.contract import (  # noqa: E402
-    CANONICAL_TO_GGUF_BLOCK,
-    CANONICAL_TO_GGUF_GLOBAL,
     GGUF_ARCH,
     TINYGPTV_KEYS,
     gguf_key,
+    language_tensors,
 )
 
 
@@ -50,14 +49,11 @@ def phi_gguf_tensors(phi) -> dict[str, np.ndarray]:
     cfg: LanguageConfig = phi.cfg
     sd = {f"language.{k}": v.detach().float().numpy() for k, v in phi.state_dict().items()}
     out = {}
-    for canon, name in CANONICAL_TO_GGUF_GLOBAL.items():
-        out[name] = sd[canon]
-    for i in range(cfg.layers):
-        for canon, name in CANONICAL_TO_GGUF_BLOCK.items():
-            a = sd[canon.format(i=i)]
-            if "query_key_value" in canon:
-                a = a.reshape(cfg.heads, 3, cfg.head_dim, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
-            out[name.format(i=i)] = a
+    for t in language_tensors(cfg.layers):
+        a = sd[t.canonical]
+        if t.qkv:
+            a = a.reshape(cfg.heads, 3, cfg.head_dim, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+        out[t.gguf] = a
     return out
 
 

@@ -41,14 +41,12 @@ def read(path: Path) -> tuple[dict, dict]:
 
 def source_arrays(model) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array in GGUF row order, straight from the reference model."""
-    names = {**C.CANONICAL_TO_GGUF_GLOBAL}
-    for i in range(model.cfg.language.layers):
-        names.update({k.format(i=i): v.format(i=i) for k, v in C.CANONICAL_TO_GGUF_BLOCK.items()})
+    tensors = {t.canonical: t for t in C.language_tensors(model.cfg.language.layers)}
     out = {}
     for k, v in model.language.state_dict().items():
         a = v.float().numpy()
-        g = names[f"language.{k}"]
-        out[g] = qkv_to_gguf(a, model.cfg.language.heads) if ".attn_qkv." in g else a
+        t = tensors[f"language.{k}"]
+        out[t.gguf] = qkv_to_gguf(a, model.cfg.language.heads) if t.qkv else a
     return out
 
 

@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from tinygptv_edge.export.onnx import export as E  # noqa: E402
-from tinygptv_edge.export.onnx.check import ParityConfig, cosine_rows  # noqa: E402
+from tinygptv_edge.export.onnx.check import ParityConfig, sample_cosine  # noqa: E402
 from tinygptv_edge.runtime.contract import (  # noqa: E402
     BATCH_AXIS,
     ONNX_META,
@@ -96,7 +96,7 @@ def test_parity_on_real_images_dynamic_batch(exported, tiny):
     want = tiny.model.embed_image(torch.from_numpy(x)).numpy()
     assert got.shape == want.shape == (3, tiny.cfg.qformer.num_query_tokens, tiny.cfg.projection.out_features)
     assert np.abs(got - want).max() <= 1e-4
-    assert cosine_rows(got, want).min() >= 0.99999
+    assert sample_cosine(got, want).min() >= 0.99999
     assert exported.parity.max_abs <= 1e-4 and exported.parity.checked == [1, 2]
 
 

@@ -61,6 +61,7 @@ class TensorPlan:
     qtype: Q
     wanted: Q  # what the level asked for before the row-length fallback
     nbytes: int
+    qkv: bool = False  # fused q/k/v rows, reordered for GGUF (contract)
 
 
 @dataclass
@@ -87,10 +88,7 @@ class GGUFReport:
 
 
 def canonical_to_gguf(n_layers: int) -> dict[str, str]:
-    out = dict(C.CANONICAL_TO_GGUF_GLOBAL)
-    for i in range(n_layers):
-        out.update({k.format(i=i): v.format(i=i) for k, v in C.CANONICAL_TO_GGUF_BLOCK.items()})
-    return out
+    return {t.canonical: t.gguf for t in C.language_tensors(n_layers)}
 
 
 def plan_tensors(src: LanguageSource, level: Level, pure: bool = False) -> list[TensorPlan]:
@@ -107,14 +105,14 @@ def plan_tensors(src: LanguageSource, level: Level, pure: bool = False) -> list[
     for k, shape in src.shapes.items():
         if shape != want[k]:
             raise ShapeMismatchError(k, want[k], shape, src.label)
-    by_gguf = {v: k for k, v in names.items()}
     plans = []
-    for gname in C.gguf_tensor_names(L.layers):
-        canonical = by_gguf[gname]
-        shape = want[canonical]
-        wanted = wanted_type(level, gname, shape, L.layers, pure)
+    for t in C.language_tensors(L.layers):
+        shape = want[t.canonical]
+        wanted = wanted_type(level, t.gguf, shape, L.layers, pure)
         qtype = fit_type(wanted, shape[-1])
-        plans.append(TensorPlan(gname, canonical, shape, qtype, wanted, tensor_nbytes(qtype, shape)))
+        plans.append(
+            TensorPlan(t.gguf, t.canonical, shape, qtype, wanted, tensor_nbytes(qtype, shape), t.qkv)
+        )
     return plans
 
 
@@ -142,7 +140,7 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
             f"{plan.source} in {src.label}: |value| up to {peak:.4g} exceeds the fp16 range ({F16_MAX}) "
             f"that {plan.qtype.name} stores; export at F32 or rescale the weights"
         )
-    if ".attn_qkv." in plan.name:
+    if plan.qkv:
         a = qkv_to_gguf(a, src.cfg.language.heads)
     return a
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, UnexpectedKeysError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
@@ -33,35 +34,10 @@ class LanguageSource:
 
 
 def expected_shapes(cfg: LanguageConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape the language model must have (PhiModel's parameters)."""
-    H, I, V, d = cfg.hidden, cfg.intermediate, cfg.vocab_size, cfg.head_dim
-    out = {
-        "language.embed_tokens.weight": (V, H),
-        "language.final_layernorm.weight": (H,),
-        "language.final_layernorm.bias": (H,),
-        "language.lm_head.weight": (V, H),
-        "language.lm_head.bias": (V,),
-    }
-    layer = {
-        "input_layernorm.weight": (H,),
-        "input_layernorm.bias": (H,),
-        "self_attn.query_key_value.weight": (3 * H, H),
-        "self_attn.query_key_value.bias": (3 * H,),
-        "self_attn.q_layernorm.weight": (d,),
-        "self_attn.q_layernorm.bias": (d,),
-        "self_attn.k_layernorm.weight": (d,),
-        "self_attn.k_layernorm.bias": (d,),
-        "self_attn.dense.weight": (H, H),
-        "self_attn.dense.bias": (H,),
-        "post_layernorm.weight": (H,),
-        "mlp.fc1.weight": (I, H),
-        "mlp.fc1.bias": (I,),
-        "mlp.fc2.weight": (H, I),
-        "mlp.fc2.bias": (H,),
-    }
-    for i in range(cfg.layers):
-        out.update({f"language.layers.{i}.{k}": v for k, v in layer.items()})
-    return out
+    """Canonical name -> shape the language model must have (PhiModel's parameters), from the contract."""
+    return C.language_shapes(
+        cfg.layers, cfg.hidden, cfg.intermediate, cfg.vocab_size, cfg.heads, canonical=True
+    )
 
 
 def model_source(

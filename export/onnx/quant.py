@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
-from tinygptv_edge.export.onnx.check import cosine_rows
+from tinygptv_edge.export.onnx.check import sample_cosine
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
 from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
 from tinygptv_edge.export.onnx.presets import QuantPreset
@@ -191,7 +191,7 @@ def verify(fp32: Path, quantized: Path, pixels: np.ndarray, min_cosine: float) -
             f"check images: the FP32 graph itself gives {bad} NaN/inf value(s), so INT8 cannot be verified; "
             "expected check pixels the FP32 graph handles"
         )
-    cos = float(cosine_rows(got, want).min())
+    cos = float(sample_cosine(got, want).min())
     if not cos >= min_cosine:
         raise QuantizationError(
             f"quantized graph: expected cosine vs FP32 >= {min_cosine}, got {cos:.5f} "
