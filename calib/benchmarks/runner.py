@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinygptv_edge.runtime.errors import ReportError
+from tinygptv_edge.runtime.metrics import log_softmax
 
-from ..metrics import log_softmax
 from .base import BenchItem, Task
 from .scoring import Prediction
 
