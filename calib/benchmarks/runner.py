@@ -54,13 +54,14 @@ class RunSpec:
 
 
 def make_shards(sizes: dict[str, int], cells: list[tuple[str, str]], shard_size: int) -> list[Shard]:
-    """Every (benchmark, cell, item range); cells in the given order (the reference first)."""
+    """Every (cell, benchmark, item range), cell by cell in the given order (the reference first), so a
+    serial run opens each cell's models once."""
     if shard_size < 1:
         raise ReportError(f"shard size: expected >= 1, got {shard_size}")
     return [
         Shard(b, v, lang, s, min(s + shard_size, n))
-        for b, n in sizes.items()
         for v, lang in cells
+        for b, n in sizes.items()
         for s in range(0, n, shard_size)
     ]
 
