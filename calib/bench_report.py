@@ -44,6 +44,7 @@ class BenchConfig:
     shard_size: int = 64  # items per task
     ray: str | None = None  # None: serial; "local" or a cluster address ("ray://host:10001", "auto")
     retries: int = 2  # Ray: re-runs of a failed task
+    ship_models: bool = False  # Ray: model files through the object store (else a path every node sees)
 
     def __post_init__(self) -> None:
         if not self.benches:
@@ -250,7 +251,8 @@ def make_bench_report(
     if bc.ray is None:
         got = run_serial(shards, benches, spec, say)
     else:
-        got = run_ray(shards, benches, spec, None if bc.ray == "local" else bc.ray, say, bc.retries)
+        address = None if bc.ray == "local" else bc.ray
+        got = run_ray(shards, benches, spec, address, say, bc.retries, ship_models=bc.ship_models)
     t2 = time.perf_counter()
     preds: dict[str, dict] = {n: {c: [] for c in cells} for n in benches}
     for sh in shards:  # shard order, not arrival order
@@ -266,7 +268,7 @@ def make_bench_report(
                                            cfg.n_boot, cfg.seed))  # fmt: skip
     run = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "executor": "serial" if bc.ray is None else f"ray ({bc.ray})",
+        "executor": "serial" if bc.ray is None else f"ray ({bc.ray}{', models shipped' * bc.ship_models})",
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "seconds_setup": round(t1 - t0, 2),

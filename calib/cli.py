@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the tasks on a Ray cluster (a local one when no ADDRESS)",
     )
     bm.add_argument("--retries", type=int, default=2, help="Ray: re-runs of a failed task (default 2)")
+    bm.add_argument(
+        "--ray-ship-models",
+        action="store_true",
+        help="Ray: send the model files through the object store (no shared path needed)",
+    )
     b = p.add_argument_group("budget for the recommendation")
     b.add_argument("--max-size-mib", type=float, help="total size (vision + language) at most")
     b.add_argument("--min-accuracy", type=float, help="exact match %% at least")
@@ -148,6 +153,7 @@ def _bench(cfg, args, progress, bars, t0) -> int:
         shard_size=args.shard_size,
         ray=args.ray,
         retries=args.retries,
+        ship_models=args.ray_ship_models,
     )
     try:
         paths = make_bench_report(cfg, bc, progress)

@@ -135,6 +135,16 @@ def test_bench_report_on_ray_equals_serial(ray_cluster, serial_run, tiny_single,
     assert main(argv(out, tiny_single, calib_dir, bench_files, "--shard-size", "1", "--ray")) == 0
     assert (out / "bench.json").read_text() == (serial_run / "bench.json").read_text()  # byte for byte
     assert json.loads((out / "bench.run.json").read_text())["executor"] == "ray (local)"
+    # the model files through the object store instead of a shared path: the same file again
+    files = {k: bench_files[k] for k in ("gqa", "hateful_memes")}
+    assert main(argv(out, tiny_single, calib_dir, files, "--ray", "--ray-ship-models")) == 0
+    got, want = (
+        json.loads((out / "bench.json").read_text()),
+        json.loads((serial_run / "bench.json").read_text()),
+    )
+    for name in files:
+        assert got["predictions"][name] == want["predictions"][name]
+        assert [c["scores"][name] for c in got["cells"]] == [c["scores"][name] for c in want["cells"]]
 
 
 def test_ray_retries_a_failed_task(ray_cluster, serial_run, bench_files, tmp_path):
@@ -165,3 +175,10 @@ def test_ray_retries_a_failed_task(ray_cluster, serial_run, bench_files, tmp_pat
     Path(marker).unlink()
     with pytest.raises(ReportError, match=r"(?s)failed after 0 retries.*injected failure"):
         run_ray(shards, benches, spec, retries=0, fn=flaky)
+    # the model files through the object store: each node writes its copy once, the numbers stay
+    ship = tmp_path / "shipped"
+    got = run_ray(shards, benches, spec, ship_models=True, ship_dir=str(ship))
+    assert [p for sh in shards for p in got[sh]] == want
+    copies = {p.name: p for p in ship.rglob("*") if p.is_file()}
+    assert {"language.f32.gguf", "vision.fp32.onnx"} <= set(copies)
+    assert all(p.read_bytes() == (arts / name).read_bytes() for name, p in copies.items())
