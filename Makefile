@@ -54,7 +54,7 @@ export-gguf: setup
 	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
 		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
 
-# The shipped default model: train from scratch on the synthetic VQA set (about 30 min on 2 cores),
+# The shipped default model: train from scratch on the synthetic VQA set (time: docs/benchmarks.md),
 # writing export/default_model/ (weights, config, tokenizer, training.json, loss curve).
 train-default: setup
 	$(PY) -m tinygptv_edge.cli train

@@ -78,24 +78,14 @@ def load_all(bc: BenchConfig, seed: int) -> tuple[dict[str, Benchmark], dict[str
 
 def build_levels(cfg: ReportConfig, say: Progress) -> tuple[dict, dict]:
     """The chosen levels exported from the source model (cached in OUT/artifacts); provenance bits."""
-    from tinygptv_edge.export.checkpoints.single import WEIGHTS, file_sha256, load_single
     from tinygptv_edge.export.onnx.presets import get_preset
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
 
     from .artifacts import Builder
 
-    if cfg.model:
-        folder = Path(cfg.model)
-    else:
-        from tinygptv_edge.export.checkpoints.default import default_model_dir
-
-        folder = default_model_dir()
-    if not (folder / WEIGHTS).is_file():
-        raise ReportError(f"source model: expected {WEIGHTS} in {folder} (run `make train-default`?)")
-    model, _ = load_single(folder)
-    sources = {WEIGHTS: file_sha256(folder / WEIGHTS)}
+    loaded = cfg.source.load()
+    model, sources = loaded.model, loaded.sha256
     calib = calibration(cfg, model.cfg.preprocess)
-    builder = Builder(model, Tokenizer.from_file(folder), sources, Path(cfg.out) / "artifacts", calib,
+    builder = Builder(model, loaded.tokenizer, sources, Path(cfg.out) / "artifacts", calib,
                       get_preset(cfg.preset))  # fmt: skip
     todo = [("vision", lv) for lv in pick(cfg.vision, VISION_LEVELS, REFERENCE_VISION, "vision")]
     todo += [("language", lv) for lv in pick(cfg.language, LANGUAGE_LEVELS, REFERENCE_LANGUAGE, "language")]
@@ -106,7 +96,7 @@ def build_levels(cfg: ReportConfig, say: Progress) -> tuple[dict, dict]:
     for half, ref in (("vision", REFERENCE_VISION), ("language", REFERENCE_LANGUAGE)):
         if arts[half][ref]["error"]:
             raise ReportError(f"the reference {half} level {ref} failed to build: {arts[half][ref]['error']}")
-    prov = {"source_model": str(folder), "source_checkpoint_sha256": sources[WEIGHTS],
+    prov = {"source_model": loaded.label, "source_sha256": dict(sorted(sources.items())),
             "calibration_set": calib.source, "calibration_set_sha256": calib.sha256}  # fmt: skip
     return arts, prov
 

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tinygptv_edge.export.checkpoints.source import add_source_args
+
     from .levels import LANGUAGE_LEVELS, VISION_LEVELS
 
     p = sub.add_parser("report", help="measure the accuracy drop of every quantization level")
     p.add_argument("--out", default="dist/report", help="output folder (default: dist/report)")
-    p.add_argument("--model", help="single-checkpoint folder (default: the shipped model)")
     p.add_argument("--eval-dir", help="evaluation folder: questions.jsonl + images (default: VQA test split)")
     p.add_argument("--n-images", type=int, default=40, help="VQA test images when no --eval-dir")
     p.add_argument("--limit", type=int, help="evaluate the first N questions only")
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-noise-floor", action="store_true", help="skip the 1-thread re-run of the reference")
     p.add_argument("--no-probe", action="store_true", help="skip the speed / peak-RSS probes")
     p.add_argument("--render-only", action="store_true", help="re-render OUT/report.json (no measuring)")
-    bm = p.add_argument_group("paper benchmarks (docs/report.md); --limit applies to each")
+    bm = p.add_argument_group("paper benchmarks (docs/report-bench.md); --limit applies to each")
     bm.add_argument(
         "--bench",
         action="append",
@@ -67,16 +68,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-size-mib", type=float, help="total size (vision + language) at most")
     b.add_argument("--min-accuracy", type=float, help="exact match %% at least")
     b.add_argument("--max-drop", type=float, help="exact-match drop vs the reference, points, at most")
+    add_source_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tinygptv_edge.export.checkpoints.source import spec_from_args
+
     from .report import Budget
     from .report_run import ReportConfig, make_report
 
     cfg = ReportConfig(
         out=args.out,
-        model=args.model,
+        source=spec_from_args(args),
         eval_dir=args.eval_dir,
         n_images=args.n_images,
         limit=args.limit,

@@ -1,7 +1,7 @@
 """Runs the cross matrix: every (vision level, language level) cell against the fp32 x F32 reference.
 
     images --preprocess--> pixels (N,3,S,S) --VisionEncoder[v]--> E[v] (N,Q,H)   once per vision level
-    per language level l: Decoder[l], prompt prefix (BOS + system + "Human: <Img>") evaluated once
+    per language level l: Decoder[l], prompt prefix ([BOS] + system + "Human: <Img>") evaluated once
       per vision level v, per question:
         truncate(prefix) -> eval_embeddings(E[v][image]) -> eval_tokens(suffix + target[:-1], all_logits)
         logits (len(target), V) over the reference answer ("answer###"), teacher-forced
@@ -38,7 +38,7 @@ Progress = Callable[[str, int, int], None]
 class Prepared:
     """The evaluation set tokenized with the decoder's own tokenizer and prompt template."""
 
-    prefix: list[int]  # BOS + prompt text before the image, shared by every question
+    prefix: list[int]  # [BOS] + prompt text before the image, shared by every question
     suffix: list[list[int]]  # prompt text after the image, per question
     target: list[list[int]]  # answer + separator, per question
     image_index: list[int]  # question -> row of the pixel / embedding arrays
@@ -91,7 +91,8 @@ def prepare(evalset: EvalSet, tokenizer, prompt, preprocess_cfg) -> Prepared:
     prefix: list[int] | None = None
     suffix, target = [], []
     for it in evalset.items:
-        seg = split_prompt(prompt.first_turn(it.question, with_image=True), tokenizer, n_images=1)
+        text = prompt.first_turn(it.question, with_image=True)
+        seg = split_prompt(text, tokenizer, n_images=1, add_bos=prompt.add_bos)
         if prefix is None:
             prefix = list(seg.texts[0])
         elif list(seg.texts[0]) != prefix:

@@ -184,7 +184,11 @@ class PromptConfig:
 
     A turn is `user_template.format(question=...) + assistant_prefix`; the image goes where
     IMAGE_PLACEHOLDER stands. Stages 1-3 follow conversation.py (SeparatorStyle.SINGLE, "###");
-    stage 4 follows its training template 'Instruct: {} /n Output: '.
+    stage 4 follows its training template 'Instruct: {} /n Output: '. `add_bos`: a BOS token before
+    the first turn. The project's own models are trained with one (`export/train/data.py`); the
+    official TinyGPT-V inference feeds none (`get_context_emb` tokenizes each piece with the Phi-2
+    tokenizer, which adds no BOS), so official checkpoints are loaded with False. It travels in the
+    GGUF as `tokenizer.ggml.add_bos_token`.
     """
 
     system: str = SYSTEM_PROMPT
@@ -192,6 +196,11 @@ class PromptConfig:
     user_template: str = "Human: <Img><ImageHere></Img> {question}###"
     text_user_template: str = "Human: {question}###"
     assistant_prefix: str = "Assistant: "
+    add_bos: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.add_bos, bool):
+            raise ConfigError(f"PromptConfig.add_bos: expected true or false, got {self.add_bos!r}")
 
     def first_turn(self, question: str, with_image: bool = True) -> str:
         """The full prompt of a conversation's first turn."""
@@ -210,6 +219,14 @@ STAGE4_PROMPT = PromptConfig(
     text_user_template="Instruct: {question} /n Output: ",
     assistant_prefix="",
 )
+
+# `--template`: the turn templates by name; `stage_prompt` picks the one a stage was trained with.
+PROMPT_TEMPLATES = {"chat": PromptConfig(), "instruct": STAGE4_PROMPT}
+
+
+def stage_prompt(stage: int) -> PromptConfig:
+    """Stages 1-3: the "###Human: ... ###Assistant: " chat; stage 4: 'Instruct: {} /n Output: '."""
+    return STAGE4_PROMPT if stage == 4 else PromptConfig()
 
 
 @dataclass(frozen=True)
@@ -268,10 +285,14 @@ class TinyGPTVConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TinyGPTVConfig:
+        """Unknown keys are ignored; without a "prompt" object the stage's template applies."""
         try:
-            return _from_dict(cls, data)
+            cfg = _from_dict(cls, data)
         except TypeError as e:  # a field of the wrong kind
             raise ConfigError(f"bad TinyGPT-V config: {e}") from e
+        if isinstance(data, dict) and "prompt" not in data:
+            cfg = cfg.replace(prompt=stage_prompt(cfg.stage))
+        return cfg
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -308,7 +329,7 @@ _NESTED.update(
 def full_config(stage: int = 3) -> TinyGPTVConfig:
     """Real TinyGPT-V dimensions. Stage 4 runs the ViT at 448 px with the Phi-2 instruct prompt."""
     if stage == 4:
-        return TinyGPTVConfig(stage=4, vision=VisionConfig(image_size=448), prompt=STAGE4_PROMPT)
+        return TinyGPTVConfig(stage=4, vision=VisionConfig(image_size=448), prompt=stage_prompt(4))
     return TinyGPTVConfig(stage=stage)
 
 
@@ -344,7 +365,7 @@ def tiny_config(stage: int = 3, vocab_size: int = 512) -> TinyGPTVConfig:
         projection=ProjectionConfig(in_features=32, mid_features=96, out_features=64),
         language=language,
         lora=LoraConfig(r=4, alpha=8.0),
-        prompt=STAGE4_PROMPT if stage == 4 else PromptConfig(),
+        prompt=stage_prompt(stage),
     )
 
 

@@ -6,7 +6,7 @@
         dec.truncate(3)                              # forget positions >= 3
 
 Calls append to the KV cache. Long inputs are evaluated in batches of `n_batch` positions. The
-interface is fixed in notes/RUNTIME_API.md (the pipeline codes against it).
+interface is documented in docs/decoder.md (the pipeline codes against it).
 """
 
 from __future__ import annotations

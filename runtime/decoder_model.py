@@ -14,6 +14,7 @@ from .config import PromptConfig
 from .contract import (
     GGUF_ARCH,
     GGUF_TOKEN_TYPE,
+    GGUF_TOKENIZER_KEYS,
     TINYGPTV_KEYS,
     WEIGHT_ROLES,
     gguf_key,
@@ -28,7 +29,7 @@ from .errors import (
     UnexpectedKeysError,
 )
 from .ggml_types import WEIGHT_TYPES
-from .gguf_file import FLOAT_TYPES, INT_TYPES, STRING, GGUFFile, TensorInfo
+from .gguf_file import BOOL, FLOAT_TYPES, INT_TYPES, STRING, GGUFFile, TensorInfo
 from .tokenizer import Tokenizer
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE["user_defined"]
@@ -193,7 +194,10 @@ def read_prompt(gf: GGUFFile) -> PromptConfig:
     values = {
         field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
     }
-    return PromptConfig(**values)
+    # BOS before the first turn is a model property; files without the key predate it and had one
+    key = GGUF_TOKENIZER_KEYS["add_bos"]
+    add_bos = bool(_get(gf, key, (BOOL,), "a bool")) if key in gf.fields else True
+    return PromptConfig(**values, add_bos=add_bos)
 
 
 def read_image_tokens(gf: GGUFFile) -> int:

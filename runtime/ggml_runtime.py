@@ -2,10 +2,10 @@
 
 Import ggml only through `load_ggml()`: ggml's CPU backend runs on OpenMP, which reads its settings
 once, when the library is loaded. With OpenMP's default (threads spin at every barrier, unbound) a
-2-vCPU VM shared with other jobs ran a forward up to 15x slower. Measured there (8-layer Q4_0,
-2 threads, generation tok/s): spinning unbound 1.0, OMP_PROC_BIND=true 16, OMP_WAIT_POLICY=passive
-26, both 14. The runtime sets OMP_WAIT_POLICY=passive itself, unless the user set any OpenMP
-wait/bind variable (then theirs stand; on an idle machine OMP_PROC_BIND=true may be the better pick).
+2-vCPU VM shared with other jobs ran a forward many times slower; of spinning, OMP_PROC_BIND=true,
+OMP_WAIT_POLICY=passive and both, passive was the fastest there (docs/benchmarks.md, OpenMP settings).
+The runtime sets OMP_WAIT_POLICY=passive itself, unless the user set any OpenMP wait/bind variable
+(then theirs stand; on an idle machine OMP_PROC_BIND=true may be the better pick).
 
 Weights stay in the memory-mapped GGUF (no copy): a CPU buffer is laid over the mapping and each
 tensor points into it. Matmul weights that llama.cpp's CPU backend can repack for its SIMD kernels
@@ -252,7 +252,8 @@ def _reads_as_zero(ggml, buf) -> bool:
 
     A large buffer comes from fresh anonymous pages: reading them maps the kernel's shared zero page
     and adds nothing to the resident set, while clearing them would make the whole KV cache resident
-    at load time (~0.3 GB at full size) instead of as positions fill. Reused heap memory is cleared.
+    at load time (640 MiB in F16 at full size, n_ctx 2048) instead of as positions fill. Reused heap
+    memory is cleared.
     """
     size = int(ggml.ggml_backend_buffer_get_size(buf))
     base = ggml.ggml_backend_buffer_get_base(buf)

@@ -1,6 +1,6 @@
 """A validating GGUF reader: header, metadata and tensor table checked with limits; data memory-mapped.
 
-Format: ggml `docs/gguf.md` (version 2 and 3, little-endian):
+Format: `docs/gguf.md` of the ggml repository (version 2 and 3, little-endian):
 
     magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
     n_kv x      (string key, u32 value_type, value)
@@ -31,7 +31,7 @@ VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array
-STRING, ARRAY = 8, 9
+BOOL, STRING, ARRAY = 7, 8, 9
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 VALUE_TYPE_NAMES = {
     0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",

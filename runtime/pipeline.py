@@ -223,7 +223,9 @@ class Pipeline:
         """Evaluate what every conversation starts with (BOS, system prompt, the first turn's head up to
         its image) once, so the first turn reuses it; the number of positions now cached."""
         text = self.prompt.first_turn("", with_image=self.vision is not None)
-        head = split_prompt(text, self.tokenizer, text.count(IMAGE_PLACEHOLDER)).texts[0]
+        head = split_prompt(
+            text, self.tokenizer, text.count(IMAGE_PLACEHOLDER), add_bos=self.prompt.add_bos
+        ).texts[0]
         self.gate.acquire()
         try:
             self.prefix.prefill(list(head), {})
@@ -331,7 +333,9 @@ class Chat:
         """The history plus this turn's prompt: its text tokens with each image's rows in its slot."""
         pipe = self.pipeline
         text = self.prompt_text(question, with_image=bool(image_keys))
-        segments = split_prompt(text, pipe.tokenizer, len(image_keys), add_bos=self.turns == 0)
+        segments = split_prompt(
+            text, pipe.tokenizer, len(image_keys), add_bos=self.turns == 0 and self.prompt.add_bos
+        )
         positions = list(self.positions)
         for i, ids in enumerate(segments.texts):
             positions += ids

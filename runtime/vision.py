@@ -69,8 +69,9 @@ class VisionEncoder:
             opts = ort.SessionOptions()
             if self.n_threads:
                 opts.intra_op_num_threads = self.n_threads
-            # no arena: activation buffers go back to the allocator after each run (~50 MB less peak
-            # at full size, no measurable cost at batch 1); low-memory also drops memory-pattern plans
+            # no arena: activation buffers go back to the allocator after each run (lower peak at full
+            # size, no measurable cost at batch 1: docs/benchmarks.md); low-memory also drops
+            # memory-pattern plans
             opts.enable_cpu_mem_arena = False
             if self.low_memory:
                 opts.enable_mem_pattern = False

@@ -255,7 +255,7 @@ def test_imatrix_counts_image_tokens(tiny):
     q = "What is this?"
     im = collect_imatrix(tiny.model, tiny.tokenizer, [(pixels(tiny.cfg, 1)[0], q)])
     prompt = tiny.cfg.prompt.first_turn(q)
-    T = split_prompt(prompt, tiny.tokenizer, 1).length(tiny.cfg.num_image_tokens)
+    T = split_prompt(prompt, tiny.tokenizer, 1, add_bos=True).length(tiny.cfg.num_image_tokens)
     assert im.counts["blk.0.attn_qkv.weight"] == im.counts["output.weight"] == T
     assert all(v.shape == (im.values[k].shape[0],) and (v >= 0).all() for k, v in im.values.items())
 

@@ -1,7 +1,7 @@
 """One unit of benchmark work: a (vision level, language level) cell over a shard of one benchmark.
 
     image --load_image/preprocess--> VisionEncoder[vision] --> (Q, H) image embeddings
-    Decoder[language]: BOS + prompt text before the image, evaluated once per opened decoder
+    Decoder[language]: [BOS] + prompt text before the image, evaluated once per opened decoder
       per item: truncate(prefix) -> eval_embeddings(image) -> eval_tokens(prompt text after the image)
         generate: greedy tokens until EOS, the turn separator or max_new_tokens
         choice:   each choice + separator teacher-forced; the lowest mean NLL wins (TinyGPT-V's
@@ -128,7 +128,9 @@ def run_shard(shard: Shard, items: list[BenchItem], task: Task, spec: RunSpec) -
     out = []
     for it in items:
         text = task.prompt.format(question=it.question)
-        seg = split_prompt(dec.prompt.first_turn(text, with_image=True), tok, n_images=1)
+        seg = split_prompt(
+            dec.prompt.first_turn(text, with_image=True), tok, n_images=1, add_bos=dec.prompt.add_bos
+        )
         prefix, suffix = list(seg.texts[0]), list(seg.texts[1])
         need = len(prefix) + dec.image_tokens + len(suffix) + max(spec.max_new_tokens, _longest(it, tok, sep))
         if need > dec.n_ctx:

@@ -14,6 +14,7 @@ wrong shape raises a typed error naming it. Tolerated gaps are listed in the `Lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -37,7 +38,6 @@ from tinygptv_edge.export.model.vision import interpolate_pos_embed
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig, full_config
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
-    ConfigError,
     MissingKeysError,
     ShapeMismatchError,
     UnexpectedKeysError,
@@ -54,8 +54,11 @@ class LoadSummary:
     ignored: dict[str, int] = field(default_factory=dict)  # source -> tensors ignored by rule
     lora_merged: list[str] = field(default_factory=list)
     lora_attached: list[str] = field(default_factory=list)
+    lora_rank: int | None = None  # read from the tensor shapes
+    lora_alpha: float | None = None  # from the config (peft 0.2.0 files do not record it)
     pos_embed: str | None = None
     layout: str | None = None
+    add_bos: bool | None = None  # the prompt's BOS rule the model was loaded with
 
     def format(self) -> str:
         lines = [f"loaded {self.loaded} tensors from {len(self.sources)} source(s)"]
@@ -67,10 +70,18 @@ class LoadSummary:
         if self.defaulted:
             kinds = sorted({re.sub(r"\.\d+\.", ".N.", k) for k in self.defaulted})
             lines.append(f"  left at initial value: {len(self.defaulted)} tensor(s): {', '.join(kinds)}")
+        if self.lora_rank is not None:
+            alpha = self.lora_alpha
+            lines.append(
+                f"  LoRA rank {self.lora_rank} (from the tensor shapes), alpha {alpha:g} (from the config), "
+                f"scale {alpha / self.lora_rank:g}"
+            )
         if self.lora_merged:
             lines.append(f"  LoRA merged into {len(self.lora_merged)} linear layer(s)")
         if self.lora_attached:
             lines.append(f"  LoRA attached unmerged to {len(self.lora_attached)} linear layer(s)")
+        if self.add_bos is not None:
+            lines.append(f"  BOS before the first turn: {'yes' if self.add_bos else 'no'}")
         if self.pos_embed:
             lines.append(f"  pos_embed: {self.pos_embed}")
         return "\n".join(lines)
@@ -142,7 +153,7 @@ def phi2_config(folder: str | Path) -> LanguageConfig:
         raise CheckpointError(f"{path}: missing config key {e}") from e
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         files = sorted(p for p in folder.glob("*.bin") if p.name != "training_args.bin")
@@ -192,7 +203,7 @@ def iter_phi2(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical name, tensor) from a Phi-2 folder; the qkv layout is converted."""
     folder = Path(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     keys = [k for f in files for k in _weight_file_keys(f)]
     layout = summary.layout = detect_phi_layout(keys)
     table = _phi_table(layout, range(cfg.layers))
@@ -311,6 +322,7 @@ def qformer_table(cfg: TinyGPTVConfig) -> dict[str, str]:
 class StageTensors:
     plain: list[tuple[str, torch.Tensor]]  # canonical name -> tensor (overlay)
     lora: dict[str, dict[str, torch.Tensor]]  # canonical weight name -> {'A': ..., 'B': ...}
+    rank: int | None = None  # the LoRA rank, read from the shapes (None: no LoRA pairs)
 
 
 def read_stage(path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary) -> StageTensors:
@@ -359,13 +371,29 @@ def read_stage(path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary) -> S
     for weight, pair in out.lora.items():
         if set(pair) != {"A", "B"}:
             raise MissingKeysError([f"{weight}: lora_{'A' if 'A' not in pair else 'B'}"], source)
-        r = pair["A"].shape[0]
-        if r != cfg.lora.r or pair["B"].shape[1] != r:
-            raise ConfigError(
-                f"{weight}: expected LoRA rank {cfg.lora.r}, got A {tuple(pair['A'].shape)} "
-                f"B {tuple(pair['B'].shape)} (set lora.r in the config)"
-            )
+    out.rank = lora_rank(out.lora, source)
     return out
+
+
+def lora_rank(lora: dict[str, dict[str, torch.Tensor]], source: str) -> int | None:
+    """The rank r of every pair: A (r, in), B (out, r), the same r in every layer; None without pairs.
+
+    peft keeps r and alpha in its adapter config, which TinyGPT-V's stage files do not carry: the
+    rank is read from the shapes, alpha comes from the config.
+    """
+    ranks: dict[int, str] = {}
+    for weight, pair in lora.items():
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise CheckpointError(
+                f"{source}: {weight}: expected lora_A (r, in) and lora_B (out, r) with the same r, "
+                f"got A {tuple(a.shape)} B {tuple(b.shape)}"
+            )
+        ranks.setdefault(int(a.shape[0]), weight)
+    if len(ranks) > 1:
+        seen = ", ".join(f"{r} ({w})" for r, w in ranks.items())
+        raise CheckpointError(f"{source}: expected one LoRA rank across layers, got {seen}")
+    return next(iter(ranks), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +449,19 @@ def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[Ph
     return model, summary
 
 
+def official_config(phi2: str | Path, stage_num: int = 3) -> TinyGPTVConfig:
+    """Real sizes for `stage_num` with the language part from the Phi-2 folder's config.json, and the
+    prompt as the official inference builds it: the stage's template, no BOS (`OFFICIAL_ADD_BOS`)."""
+    cfg = full_config(stage_num)
+    prompt = dataclasses.replace(cfg.prompt, add_bos=OFFICIAL_ADD_BOS)
+    return cfg.replace(language=phi2_config(phi2), prompt=prompt)
+
+
+# TinyGPT-V's demo and evaluation (`conversation.py` `get_context_emb`) tokenize every prompt piece with
+# the Phi-2 (CodeGen) tokenizer, which adds no BOS; only its training code prepends one.
+OFFICIAL_ADD_BOS = False
+
+
 def load_tinygptv(
     *,
     phi2: str | Path,
@@ -433,13 +474,19 @@ def load_tinygptv(
 ) -> tuple[TinyGPTV, LoadSummary]:
     """Assemble TinyGPT-V from the base files, with a stage checkpoint overlaid (LoRA merged).
 
-    `cfg` defaults to the real dimensions for `stage_num`, with the language part read from the
-    Phi-2 folder's config.json. Without `stage`, TinyGPT-V's added norms keep their initial values
-    and the projections must come from somewhere else: that is an error.
+    `cfg` defaults to `official_config(phi2, stage_num)`. The LoRA rank is read from the stage
+    file's tensor shapes (the config's `lora.r` is replaced by it); alpha comes from the config.
+    Without `stage`, TinyGPT-V's added norms keep their initial values and the projections must come
+    from somewhere else: that is an error.
     """
     if cfg is None:
-        cfg = full_config(stage_num).replace(language=phi2_config(phi2))
+        cfg = official_config(phi2, stage_num)
     summary = LoadSummary(sources=[str(p) for p in (phi2, eva, blip2, stage) if p is not None])
+    st = read_stage(stage, cfg, summary) if stage is not None else StageTensors([], {})
+    if st.rank is not None:
+        cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, r=st.rank))
+        summary.lora_rank, summary.lora_alpha = st.rank, cfg.lora.alpha
+    summary.add_bos = cfg.prompt.add_bos
     model = _meta_model(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     col = Collector(shapes, summary)
@@ -449,18 +496,14 @@ def load_tinygptv(
         col.put(name, t, str(eva))
     for name, t in iter_blip2(blip2, cfg, summary):
         col.put(name, t, str(blip2))
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    if stage is not None:
-        st = read_stage(stage, cfg, summary)
-        for name, t in st.plain:
-            col.put(name, t, str(stage))
-        lora = st.lora
+    for name, t in st.plain:
+        col.put(name, t, str(stage))
     tolerated = _expand_names(N.NEVER_SAVED, cfg.language.layers)
     if stage is None:
         tolerated |= _expand_names(N.ADDED_NORMS, cfg.language.layers)
-    _apply_lora(col, lora, cfg, merge_lora, str(stage))
+    _apply_lora(col, st.lora, cfg, merge_lora, str(stage))
     _finish(model, col, tolerated, ", ".join(summary.sources))
-    for weight, pair in lora.items() if not merge_lora else ():
+    for weight, pair in st.lora.items() if not merge_lora else ():
         lora_ops.attach(model, weight.rsplit(".", 1)[0], pair["A"], pair["B"], cfg.lora.scale)
         summary.lora_attached.append(weight)
     return model, summary

@@ -83,17 +83,19 @@ def save_single(model: TinyGPTV, tokenizer_dir: str | Path, out: str | Path, dty
     return out
 
 
-def load_single(folder: str | Path) -> tuple[TinyGPTV, LoadSummary]:
-    """Read a single-checkpoint folder; every tensor must be present and mapped."""
+def load_single(folder: str | Path, cfg: TinyGPTVConfig | None = None) -> tuple[TinyGPTV, LoadSummary]:
+    """Read a single-checkpoint folder; every tensor must be present and mapped.
+
+    `cfg` replaces the folder's config.json (its sizes must match the weights)."""
     folder = Path(folder)
-    cfg = TinyGPTVConfig.load(folder / CONFIG)
+    cfg = cfg or TinyGPTVConfig.load(folder / CONFIG)
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {folder}")
     with torch.device("meta"):
         model = TinyGPTV(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    summary = LoadSummary(sources=[str(weights)])
+    summary = LoadSummary(sources=[str(weights)], add_bos=cfg.prompt.add_bos)
     col = Collector(shapes, summary)
     table = single_table(cfg)
     unexpected = []

@@ -1,9 +1,9 @@
 """The language model (LoRA merged) as one GGUF v3 file, at any level, verified before it is published.
 
     source (model or single folder)            canonical names, torch tensors
-        |  plan: name map (contract) -> shape check -> ggml type per tensor (gguf_quant)
+        |  plan: name map (contract) -> shape check -> ggml type per tensor (quant)
         v
-    GGUFWriter: header, metadata (gguf_meta), tensor infos
+    GGUFWriter: header, metadata (meta), tensor infos
         |  per tensor: fetch -> finite check -> qkv rows (heads,3,d) -> (3,heads,d) -> quantize -> write
         v
     OUT.tmp  --verify: re-read, name/shape/type, dequantize vs source within BOUNDS-->  rename to OUT
@@ -159,7 +159,7 @@ def export_gguf(
 ) -> GGUFReport:
     """Write `model.language` (a TinyGPTV, LoRA merged) as GGUF at level `ftype` ("F32" ... "Q5_K_M").
 
-    `imatrix`: an Imatrix (gguf_imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
+    `imatrix`: an Imatrix (imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
     squared input; used by the quantized types only.
     `sha256`: source file name -> hash, stored in the file. `threads`: quantizer threads (default: the
     CPU count, at most 16). Returns what was written and verified.

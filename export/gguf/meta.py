@@ -114,7 +114,7 @@ def write_metadata(
     w.add_uint32(TK["bos_id"], tt.bos_id)
     w.add_uint32(TK["eos_id"], tt.eos_id)
     w.add_uint32(TK["pad_id"], tt.pad_id)
-    w.add_bool(TK["add_bos"], True)
+    w.add_bool(TK["add_bos"], P.add_bos)  # the model's one record of it (PromptConfig.add_bos)
     w.add_bool(TK["add_eos"], False)
 
     for key, value in (imatrix_info or {}).items():

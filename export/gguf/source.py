@@ -59,14 +59,18 @@ def model_source(
     )
 
 
-def single_source(folder: str | Path, with_hash: bool = True) -> LanguageSource:
-    """The single-checkpoint folder (`export/checkpoints/single.py`), language tensors streamed by name."""
+def single_source(
+    folder: str | Path, with_hash: bool = True, cfg: TinyGPTVConfig | None = None
+) -> LanguageSource:
+    """The single-checkpoint folder (`export/checkpoints/single.py`), language tensors streamed by name.
+
+    `cfg` replaces the folder's config.json."""
     from safetensors import SafetensorError, safe_open
 
     from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS, file_sha256
 
     folder = Path(folder)
-    cfg = TinyGPTVConfig.load(folder / CONFIG)
+    cfg = cfg or TinyGPTVConfig.load(folder / CONFIG)
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {folder}")

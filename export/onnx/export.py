@@ -4,12 +4,12 @@
         --/vision/proj1--> --/vision/proj2--> image_embeds (batch,Q,H)
 
 Exporter choice (torch 2.13): the TorchScript exporter (`dynamo=False`) names every node after its
-module path (`/vision/qformer/layers.3/cross_attn/query/MatMul`), exports the tiny tower in about 2 s
-and keeps GELU/LayerNorm as plain ops. The dynamo exporter gives flat names (`node_linear_12`, the
-path only in node metadata) and takes 5x longer, so exclusion lists and reports would be unreadable.
+module path (`/vision/qformer/layers.3/cross_attn/query/MatMul`) and keeps GELU/LayerNorm as plain
+ops. The dynamo exporter gives flat names (`node_linear_12`, the path only in node metadata), so
+exclusion lists and reports would be unreadable, and it is slower (docs/benchmarks.md).
 
 Weights over 2 GB are written as one external data file `<name>.data` beside the graph. Every
-export is checked against the PyTorch reference (`onnx_check.check_parity`) before it is renamed
+export is checked against the PyTorch reference (`check.check_parity`) before it is renamed
 into place: on any failure nothing is published.
 """
 
