@@ -118,13 +118,16 @@ def compare(got: np.ndarray, want: np.ndarray, names: list[str]) -> CheckResult:
     return CheckResult(sample_cosine(got, want), names, float(np.abs(got - want).max()))
 
 
-def enforce(res: CheckResult, min_cosine: float, mean_cosine: float) -> None:
+INT8_HINT = "try another --method, --exclude nodes or a larger --fallback-k"
+INT4_HINT = "try a smaller --int4-block or --exclude nodes"
+
+
+def enforce(res: CheckResult, min_cosine: float, mean_cosine: float, hint: str = INT8_HINT) -> None:
     """QuantizationError naming what failed and the worst images, unless the gate passes."""
     if res.passes(min_cosine, mean_cosine):
         return
     raise QuantizationError(
         f"quantized graph: expected per-image minimum cosine vs FP32 >= {min_cosine} and mean >= "
         f"{mean_cosine}, got min {res.min:.5f}, mean {res.mean:.5f} on {len(res.cosines)} held-out "
-        f"image(s) (worst: {res.format_worst()}); not written "
-        "(try another --method, --exclude nodes or a larger --fallback-k)"
+        f"image(s) (worst: {res.format_worst()}); not written ({hint})"
     )

@@ -29,7 +29,14 @@ from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
 from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
 from tinygptv_edge.export.onnx.fuse import FuseConfig, FuseReport, check_fused_parity, fuse_graph
-from tinygptv_edge.export.onnx.gate import CheckResult, compare, enforce, image_names, reference_outputs
+from tinygptv_edge.export.onnx.gate import (
+    INT4_HINT,
+    CheckResult,
+    compare,
+    enforce,
+    image_names,
+    reference_outputs,
+)
 from tinygptv_edge.export.onnx.presets import Int4Config, QuantPreset
 from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import PreprocessConfig
@@ -424,7 +431,7 @@ def quantize_vision_int4(
         del quantized
         say("checking held-out images")
         res = gate.measure(staged)
-        enforce(res, cfg.min_cosine, cfg.mean_cosine)
+        enforce(res, cfg.min_cosine, cfg.mean_cosine, INT4_HINT)
         info = {"kind": "int4", "int4": cfg.to_dict(), "excluded": excluded}
         info["fused"] = fused.fused if fused else {}
         _stamp_and_publish(fp32, staged, final, res, info)
