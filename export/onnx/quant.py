@@ -375,6 +375,22 @@ def quantize_vision(
     return QuantResult(final, "static", res.min, res.max_abs, excluded, fallback, diag, res, fused, attempts)
 
 
+def _nbits_quantizer():
+    """onnxruntime's MatMulNBitsQuantizer; its module calls logging.basicConfig(level=INFO) when first
+    imported, which would print every later INFO record of every library: the root logger is restored."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.setLevel(level)
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    return MatMulNBitsQuantizer
+
+
 def quantize_vision_int4(
     fp32_path: str | Path,
     check: np.ndarray,
@@ -389,8 +405,7 @@ def quantize_vision_int4(
     """
     import logging
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    MatMulNBitsQuantizer = _nbits_quantizer()
     cfg = cfg or Int4Config()
     fp32 = Path(fp32_path)
     if not fp32.is_file():
