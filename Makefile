@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml runtime/kquant.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
 	touch $@
 
 test: setup
@@ -102,3 +102,14 @@ bench-decoder: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/decoder.py
 
+
+# OpenAI-compatible server on the models in $(DIST)/ (http://127.0.0.1:8080; SERVE_ARGS: more flags,
+# e.g. --api-key KEY --cache-dir .cache/images --port 9000). See docs/serve.md.
+SERVE_ARGS ?=
+.PHONY: serve bench-serve
+serve: setup
+	$(VENV)/bin/tinygptv-edge serve --dist $(DIST) $(SERVE_ARGS)
+
+# Server vs Pipeline at full size (random weights): first token for new/repeated images, tok/s, peak RSS.
+bench-serve: setup
+	$(PY) bench/serve.py

@@ -63,6 +63,13 @@ def test_metadata_props(exported, tiny):
     assert TinyGPTVConfig.from_dict(json.loads(meta[ONNX_META["config"]])) == tiny.cfg
 
 
+def test_metadata_has_the_format_version(exported):
+    from tinygptv_edge.runtime.contract import ONNX_FORMAT_VERSION
+
+    meta = E.read_metadata(onnx.load(str(exported.path), load_external_data=False))
+    assert meta[ONNX_META["format_version"]] == str(ONNX_FORMAT_VERSION) == "1"
+
+
 def test_node_and_weight_names_follow_module_paths(exported, tiny):
     g = onnx.load(str(exported.path))
     names = {n.name for n in g.graph.node}
