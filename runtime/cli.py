@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 CHAT_HELP = """commands: /image PATH  attach an image to your next question
           /reset       start a new conversation
@@ -98,7 +97,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def show(turn, args: argparse.Namespace) -> None:
-    """Print one turn: streamed or whole, as text or JSON."""
+    """Print one turn: streamed or whole, as text or JSON. The turn is closed even when printing
+    fails (a closed stdout), so the pipeline is free again."""
+    with turn:
+        _show(turn, args)
+
+
+def _show(turn, args: argparse.Namespace) -> None:
     if args.stream:
         for piece in turn:
             if args.json:
@@ -135,8 +140,18 @@ def show(turn, args: argparse.Namespace) -> None:
         print(answer.text)
 
 
+def read_line(stream) -> str | None:
+    """One line of stdin as text, None at its end. Bytes that are not UTF-8 are kept as lone
+    surrogates (the question check then names them) instead of ending the session."""
+    raw = stream.buffer.readline() if hasattr(stream, "buffer") else stream.readline()
+    if not raw:
+        return None
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+
+
 def chat_loop(pipe, sampling, args: argparse.Namespace) -> int:
     from .errors import TinyGPTVError
+    from .images import load_image
 
     chat = pipe.chat(sampling)
     image = args.image
@@ -146,8 +161,8 @@ def chat_loop(pipe, sampling, args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = read_line(sys.stdin)
+        if line is None:
             return 0
         line = line.strip()
         if not line:
@@ -157,16 +172,18 @@ def chat_loop(pipe, sampling, args: argparse.Namespace) -> int:
         if line == "/help":
             print(CHAT_HELP, file=sys.stderr)
         elif line == "/reset":
-            chat = pipe.chat(sampling)
+            chat, image = pipe.chat(sampling), None
         elif line.startswith("/image"):
             path = line[len("/image") :].strip()
-            if not Path(path).is_file():
-                print(f"error: no image file at {path!r}", file=sys.stderr)
-            else:
+            try:
+                load_image(path, pipe.image_limits)  # checked now, so a bad file is refused here
                 image = path
+            except TinyGPTVError as e:
+                print(f"error: {e} (no image attached)", file=sys.stderr)
         else:
             try:
                 show(chat.stream(line, image), args)
-                image = None
             except TinyGPTVError as e:  # a bad image or an over-long question: the chat goes on
                 print(f"error: {e}", file=sys.stderr)
+            finally:
+                image = None  # an image goes with one question, answered or not
