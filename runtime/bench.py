@@ -59,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, help="context length (default: the model's, as `run`)")
     p.add_argument(
         "--low-memory",
+        nargs="?",
         choices=["auto", "on", "off"],
+        const="on",
         default="auto",
         help="one model resident at a time; auto: when MemAvailable is short of both (default)",
     )

@@ -154,3 +154,15 @@ def test_bench_does_not_import_torch(dist):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "serve"])
+def test_low_memory_flag_is_the_same_everywhere(command):
+    from tinygptv_edge.cli import build_parser
+
+    parser = build_parser(only=command)
+    assert parser.parse_args([command]).low_memory == "auto"
+    assert parser.parse_args([command, "--low-memory", "off"]).low_memory == "off"
+    assert parser.parse_args([command, "--low-memory"]).low_memory == "on"  # the bare flag run had
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--low-memory", "maybe"])
