@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from .checks import foreign, not_regular
+from .checks import foreign, not_regular, small_file
 from .errors import ConfigError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -39,9 +39,11 @@ class Tokenizer:
         kind = not_regular(file)
         if kind is not None or not file.is_file():
             raise ConfigError(f"no tokenizer.json at {file}" + (f": found {kind}" if kind else ""))
+        small_file(file, "tokenizer")
         bos = eos = ENDOFTEXT
         config = folder / "tokenizer_config.json"
         if config.is_file():
+            small_file(config, "tokenizer config")
             try:
                 data = json.loads(config.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

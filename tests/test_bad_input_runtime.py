@@ -671,3 +671,23 @@ def test_every_typed_error_is_a_tinygptv_error():
     kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert all(issubclass(k, TinyGPTVError) for k in kinds)
     assert threading  # the module imports stay used
+
+
+def test_config_and_tokenizer_files_are_size_checked_before_reading(tmp_path):
+    from tinygptv_edge.runtime.checks import MAX_JSON_BYTES
+    from tinygptv_edge.runtime.config import TinyGPTVConfig
+
+    big = tmp_path / "config.json"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_JSON_BYTES + 1)
+    with pytest.raises(ConfigError, match=f"expected at most {MAX_JSON_BYTES} bytes"):
+        TinyGPTVConfig.load(big)
+    big.rename(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match=f"expected at most {MAX_JSON_BYTES} bytes"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "bad.json").write_bytes(b"\x80{}")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        TinyGPTVConfig.load(tmp_path / "bad.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ConfigError, match="FIFO"):
+        _with_alarm(lambda: TinyGPTVConfig.load(tmp_path / "fifo.json"))

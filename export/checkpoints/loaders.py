@@ -37,6 +37,7 @@ from tinygptv_edge.export.model import lora as lora_ops
 from tinygptv_edge.export.model.phi import PhiModel
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.model.vision import interpolate_pos_embed
+from tinygptv_edge.runtime.checks import small_file
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig, full_config
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
@@ -123,7 +124,7 @@ PHI_LAYOUTS = ("hf", "tinygptv", "msft")
 
 def phi2_config(folder: str | Path) -> LanguageConfig:
     """LanguageConfig from a Phi-2 `config.json` (transformers `phi` or original `phi-msft` keys)."""
-    path = Path(folder) / "config.json"
+    path = small_file(Path(folder) / "config.json", "Phi-2 config", CheckpointError)
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
