@@ -517,6 +517,10 @@ def load_tinygptv(
     """
     if cfg is None:
         cfg = official_config(phi2, stage_num)
+    else:  # a user's config: its vision and Q-Former depths against the files (official ones are fixed)
+        check_layers(cfg.vision.depth, tensor_dict(load_pickle(eva), eva), "vision.depth", str(eva))
+        keys = tensor_dict(load_pickle(blip2), blip2, wrapper="model")
+        check_layers(cfg.qformer.layers, keys, "qformer.layers", str(blip2))
     check_layers(cfg.language.layers, _phi2_keys(phi2), "language.layers", str(phi2))
     summary = LoadSummary(sources=[str(p) for p in (phi2, eva, blip2, stage) if p is not None])
     st = read_stage(stage, cfg, summary) if stage is not None else StageTensors([], {})
