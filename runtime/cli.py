@@ -46,7 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
     r.add_argument("--n-ctx", type=int, help="context length (default: the model's, 2048)")
-    r.add_argument("--low-memory", action="store_true", help="one model resident at a time (2 GB boards)")
+    r.add_argument(
+        "--low-memory",
+        nargs="?",
+        choices=["auto", "on", "off"],
+        const="on",
+        default="auto",
+        help="one model resident at a time (2 GB boards); auto (default): when MemAvailable is short of "
+        "both models, see docs/bench-command.md; a bare --low-memory means on",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,15 +73,19 @@ def sampling_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .memory_plan import plan_memory
     from .pipeline import Pipeline, default_model_paths
 
     sampling = sampling_from_args(args)  # bad values fail before any model loads
     vision, language = default_model_paths(args.dist, args.vision, args.language)
+    plan = plan_memory(args.low_memory, vision, language, args.n_ctx)
+    if (plan.low_memory and plan.mode == "auto") or plan.tight:
+        print(f"note: {plan.reason}", file=sys.stderr)
     with tqdm(
         total=1, desc="loading models", disable=args.json or not sys.stderr.isatty(), leave=False
     ) as bar:
         pipe = Pipeline(
-            vision, language, n_ctx=args.n_ctx, n_threads=args.threads, low_memory=args.low_memory
+            vision, language, n_ctx=args.n_ctx, n_threads=args.threads, low_memory=plan.low_memory
         )
         bar.update(1)
     with pipe:

@@ -27,6 +27,7 @@ from .contract import MATMUL, language_tensors
 from .decoder_model import (
     HParams,
     check_tensors,
+    read_format_version,
     read_hparams,
     read_image_tokens,
     read_prompt,
@@ -83,7 +84,8 @@ class Decoder:
         self._backend = None
         self._gf = GGUFFile.open(path)
         try:
-            self.hparams = hp = read_hparams(self._gf)
+            self.hparams = hp = read_hparams(self._gf)  # checks the format version first
+            self.format_version = read_format_version(self._gf)
             check_tensors(self._gf, hp)
             self.tokenizer = read_tokenizer(self._gf, hp.n_vocab)
             self.prompt = read_prompt(self._gf)

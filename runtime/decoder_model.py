@@ -14,11 +14,15 @@ from tokenizers import AddedToken
 from .config import PromptConfig
 from .contract import (
     GGUF_ARCH,
+    GGUF_FORMAT_VERSION,
+    GGUF_HPARAMS,
     GGUF_TOKEN_TYPE,
     GGUF_TOKENIZER_KEYS,
     LANGUAGE_TENSORS,
+    PROMPT_KEYS,
     TINYGPTV_KEYS,
     WEIGHT_ROLES,
+    check_format_version,
     gguf_key,
     language_shapes,
     language_tensors,
@@ -93,34 +97,34 @@ def _get(gf: GGUFFile, key: str, kinds: tuple[int, ...], what: str):
     return f.value
 
 
+def read_format_version(gf: GGUFFile) -> int:
+    """The file's format version (1 when written before versions); FormatVersionError when too new."""
+    key = TINYGPTV_KEYS["format_version"]
+    found = None
+    if key in gf.fields:
+        found = int(_get(gf, key, INT_TYPES, "an integer"))
+        if found < 1:
+            raise GGUFModelError(f"{gf.path}: {key}: expected a format version >= 1, got {found}")
+    return check_format_version(found, GGUF_FORMAT_VERSION, gf.path)
+
+
 def read_hparams(gf: GGUFFile) -> HParams:
     arch = gf.fields.get("general.architecture")
     if arch is None or arch.type != STRING:
         raise GGUFModelError(f"{gf.path}: missing string key 'general.architecture'")
     if arch.value != GGUF_ARCH:
         raise GGUFModelError(f"{gf.path}: architecture: expected {GGUF_ARCH!r}, got {arch.value!r}")
+    read_format_version(gf)  # before anything a newer layout may have changed
 
-    def i(name: str) -> int:
-        return int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
-
-    def f(name: str) -> float:
-        return float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
-
-    n_head, n_head_kv = i("head_count"), i("head_count_kv")
+    values = {}
+    for name, h in GGUF_HPARAMS.items():
+        if h.kind == "uint32":
+            values[name] = int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
+        else:
+            values[name] = float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
+    n_head, n_head_kv = values["head_count"], values["head_count_kv"]
     try:
-        hp = HParams(
-            n_vocab=i("vocab_size"),
-            n_embd=i("embedding_length"),
-            n_layer=i("block_count"),
-            n_head=n_head,
-            n_ff=i("feed_forward_length"),
-            n_ctx_train=i("context_length"),
-            n_rot=i("rope_dimension_count"),
-            rope_base=f("rope_freq_base"),
-            eps_norm=f("layer_norm_epsilon"),
-            eps_qk=f("qk_norm_epsilon"),
-            eps_rms=f("layer_norm_rms_epsilon"),
-        )
+        hp = HParams(**{h.hparams: values[name] for name, h in GGUF_HPARAMS.items() if h.hparams})
     except ConfigError as e:
         raise GGUFModelError(f"{gf.path}: {e}") from e
     if n_head_kv != n_head:
@@ -219,18 +223,9 @@ def _check_unique(gf: GGUFFile, tokens: list[str]) -> None:
         first[t] = i
 
 
-PROMPT_FIELDS = {  # PromptConfig field -> TINYGPTV_KEYS entry
-    "system": "prompt_system",
-    "separator": "prompt_separator",
-    "user_template": "prompt_user_template",
-    "text_user_template": "prompt_text_user_template",
-    "assistant_prefix": "prompt_assistant_prefix",
-}
-
-
 def read_prompt(gf: GGUFFile) -> PromptConfig:
     values = {
-        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
+        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_KEYS.items()
     }
     # BOS before the first turn is a model property; files without the key predate it and had one
     key = GGUF_TOKENIZER_KEYS["add_bos"]

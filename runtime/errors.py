@@ -137,6 +137,17 @@ class ReportError(TinyGPTVError):
     """The accuracy report cannot be produced: a level failed to build or evaluate, or bad options."""
 
 
+class FormatVersionError(ModelFileError):
+    """A model file written by a newer exporter than this runtime reads (its format version is higher)."""
+
+    def __init__(self, path: str, found: int, supported: int):
+        self.path, self.found, self.supported = str(path), found, supported
+        super().__init__(
+            f"{self.path}: written by format version {found}, this runtime reads up to {supported}: "
+            "upgrade tinygptv-edge"
+        )
+
+
 class ClosedError(TinyGPTVError, RuntimeError):
     """An object (decoder, pipeline) was used after `close()`."""
 

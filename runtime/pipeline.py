@@ -332,20 +332,25 @@ class Chat:
         separator no longer ends the answer: the constraint does); `cancel` set ends it at the next token."""
         return Turn(self, question, image, sampling or self.sampling, constraint, cancel)
 
-    def add_turn(self, question: str, image: ImageSource | None = None, answer: str | list[int] = "") -> None:
-        """Record a finished turn whose answer is known (text, or the token ids it was generated as)."""
+    def add_turn(
+        self, question: str, image: ImageSource | None = None, answer: str | list[int] = ""
+    ) -> Timings:
+        """Record a finished turn whose answer is known (text, or the token ids it was generated as);
+        nothing is evaluated (the next turn prefills what the cache lacks). Timings of its image."""
         check_question(question)
         pipe = self.pipeline
+        timings = Timings()
         images, keys = dict(self.images), []
         if image is not None:
             pipe.gate.acquire()
             try:
-                key, images[key] = pipe.encode_image(image, Timings())
+                key, images[key] = pipe.encode_image(image, timings)
             finally:
                 pipe.gate.release()
             keys.append(key)
         ids = pipe.tokenizer.encode(answer) if isinstance(answer, str) else [int(t) for t in answer]
         self.extend(self.next_positions(question, keys) + ids, images, self.prompt.separator)
+        return timings
 
     def prompt_text(self, question: str, with_image: bool) -> str:
         """The text this turn adds (the full first-turn prompt, or separator + the later-turn template)."""

@@ -44,6 +44,7 @@ class VisionEncoder:
         self._session = None
         session = self._open()
         meta = session.get_modelmeta().custom_metadata_map
+        self.format_version = _format_version(meta, self.path)  # before anything a newer layout may change
         missing = [C.ONNX_META[k] for k in _REQUIRED if C.ONNX_META[k] not in meta]
         if missing:
             raise ModelFileError(f"{self.path}: ONNX metadata lacks {missing}; not from the exporter?")
@@ -136,6 +137,21 @@ class VisionEncoder:
                 "(expected finite embeddings: its weights or quantization parameters are broken)"
             )
         return out
+
+
+def _format_version(meta: dict[str, str], path: Path) -> int:
+    """The graph's format version (1 when written before versions); FormatVersionError when too new."""
+    key = C.ONNX_META["format_version"]
+    raw = meta.get(key)
+    found = None
+    if raw is not None:
+        try:
+            found = int(raw)
+        except ValueError:
+            found = 0
+        if found < 1:
+            raise ModelFileError(f"{path}: metadata {key}: expected a format version >= 1, got {raw!r}")
+    return C.check_format_version(found, C.ONNX_FORMAT_VERSION, path)
 
 
 def _value(meta: dict[str, str], key: str, default=None):

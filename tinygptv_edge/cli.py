@@ -23,6 +23,8 @@ COMMANDS = {
     "train": "tinygptv_edge.export.train.cli",
     "reference": "tinygptv_edge.export.reference.cli",
     "run": "tinygptv_edge.runtime.cli",
+    "serve": "tinygptv_edge.runtime.serve.cli",
+    "bench": "tinygptv_edge.runtime.bench",
     "report": "tinygptv_edge.calib.cli",
 }
 

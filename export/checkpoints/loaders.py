@@ -63,6 +63,7 @@ class LoadSummary:
     pos_embed: str | None = None
     layout: str | None = None
     add_bos: bool | None = None  # the prompt's BOS rule the model was loaded with
+    template: str | None = None  # the prompt's turn template, by name
 
     def format(self) -> str:
         lines = [f"loaded {self.loaded} tensors from {len(self.sources)} source(s)"]
@@ -84,6 +85,8 @@ class LoadSummary:
             lines.append(f"  LoRA merged into {len(self.lora_merged)} linear layer(s)")
         if self.lora_attached:
             lines.append(f"  LoRA attached unmerged to {len(self.lora_attached)} linear layer(s)")
+        if self.template:
+            lines.append(f"  prompt template: {self.template}")
         if self.add_bos is not None:
             lines.append(f"  BOS before the first turn: {'yes' if self.add_bos else 'no'}")
         if self.pos_embed:
@@ -490,7 +493,10 @@ def official_config(phi2: str | Path, stage_num: int = 3) -> TinyGPTVConfig:
     prompt as the official inference builds it: the stage's template, no BOS (`OFFICIAL_ADD_BOS`)."""
     cfg = full_config(stage_num)
     prompt = dataclasses.replace(cfg.prompt, add_bos=OFFICIAL_ADD_BOS)
-    return cfg.replace(language=phi2_config(phi2), prompt=prompt)
+    try:
+        return cfg.replace(language=phi2_config(phi2), prompt=prompt)
+    except ConfigError as e:  # vision and Q-Former sizes are in no checkpoint: only a config has them
+        raise ConfigError(f"{e} (the Phi-2 in {phi2} is not TinyGPT-V's size: pass --config JSON)") from e
 
 
 # TinyGPT-V's demo and evaluation (`conversation.py` `get_context_emb`) tokenize every prompt piece with

@@ -33,6 +33,7 @@ from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.contract import (
     BATCH_AXIS,
+    ONNX_FORMAT_VERSION,
     ONNX_META,
     VISION_FILE_FP32,
     VISION_INPUT,
@@ -92,6 +93,7 @@ def vision_metadata(cfg: TinyGPTVConfig, sources: dict[str, str]) -> dict[str, s
         ONNX_META["embed_dim"]: str(cfg.projection.out_features),
         ONNX_META["source_sha256"]: json.dumps(dict(sorted(sources.items()))),
         ONNX_META["config"]: json.dumps(cfg.to_dict(), sort_keys=True),
+        ONNX_META["format_version"]: str(ONNX_FORMAT_VERSION),
     }
 
 
