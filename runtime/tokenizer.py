@@ -54,6 +54,7 @@ class Tokenizer:
             eos = _token_text(data.get("eos_token")) or eos
         with foreign("tokenizers", f"cannot read tokenizer {file}", ConfigError):
             hf = _HFTokenizer.from_file(str(file))
+        _check_unique_ids(hf, file)
         return cls(hf, bos, eos)
 
     @classmethod
@@ -91,6 +92,18 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
+
+
+def _check_unique_ids(hf: _HFTokenizer, file: Path) -> None:
+    """Two tokens with one id: one of them could never be produced or exported (a GGUF holds one per id)."""
+    vocab = hf.get_vocab(with_added_tokens=True)
+    if len(set(vocab.values())) == len(vocab):
+        return
+    seen: dict[int, str] = {}
+    for tok, i in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])):
+        if i in seen:
+            raise ConfigError(f"{file}: expected one token per id, found {seen[i]!r} and {tok!r} at id {i}")
+        seen[i] = tok
 
 
 def check_text(text: object, what: str = "text") -> str:

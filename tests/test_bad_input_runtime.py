@@ -499,6 +499,18 @@ def test_corrupt_tokenizer_json(tmp_path, body):
     (tmp_path / "tokenizer_config.json").unlink()
 
 
+def test_duplicate_ids_in_tokenizer_json(tiny, tmp_path):
+    import json
+
+    data = json.loads((tiny.synth.phi2 / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[b] = vocab[a]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=f"expected one token per id, found .* at id {vocab[a]}"):
+        Tokenizer.from_file(tmp_path)
+
+
 def test_text_mode_file_objects_are_refused(dist):
     for encoding in ("latin-1", "utf-8"):  # utf-8: reading would raise UnicodeDecodeError
         with open(dist / "photo.png", encoding=encoding) as f, pytest.raises(ImageError, match="binary file"):
