@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import struct
 import threading
 import time
@@ -561,9 +562,9 @@ def test_q4_0_bytes_relabelled_as_q4_k_are_refused(tiny, tmp_path):
     names = [n for n, t in gf.tensors.items() if t.type.name == "Q4_0"]
     gf.close()
     assert len(names) >= 8
-    for name in names:
+    for i, name in enumerate(names):
         bad = variant(
-            tmp_path, "relabel", patch_bytes(data, tensor_type_pos(data, name), struct.pack("<I", 12))
+            tmp_path, f"relabel{i}", patch_bytes(data, tensor_type_pos(data, name), struct.pack("<I", 12))
         )
         assert GGUFFile.open(bad).tensors[name].nbytes == GGUFFile.open(path).tensors[name].nbytes
         with pytest.raises((GGUFModelError, NonFiniteTensorError), match=name.replace(".", r"\.")):
@@ -703,3 +704,16 @@ def test_config_and_tokenizer_files_are_size_checked_before_reading(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")
     with pytest.raises(ConfigError, match="FIFO"):
         _with_alarm(lambda: TinyGPTVConfig.load(tmp_path / "fifo.json"))
+
+
+def test_weights_are_checked_again_after_the_file_changes(dist, tmp_path):
+    """The value check runs once per file identity: a rewritten file is checked again."""
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(gguf(dist), path)
+    Decoder(path, n_ctx=16, n_threads=1).close()
+    start, _ = tensor_data_pos(path, "output.bias")
+    data = patch_bytes(path.read_bytes(), start, np.float32(np.nan).tobytes())
+    path.unlink()
+    path.write_bytes(data)
+    with pytest.raises(NonFiniteTensorError, match="output.bias"):
+        Decoder(path, n_ctx=16, n_threads=1)
