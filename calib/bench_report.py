@@ -10,6 +10,7 @@ source model --Builder (as make_report)--> one file per chosen level (OUT/artifa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -45,11 +46,12 @@ class BenchConfig:
     ray: str | None = None  # None: serial; "local" or a cluster address ("ray://host:10001", "auto")
     retries: int = 2  # Ray: re-runs of a failed task
     ship_models: bool = False  # Ray: model files through the object store (else a path every node sees)
+    prompts: dict[str, str] = field(default_factory=dict)  # name -> prompt with {question} (default: table)
 
     def __post_init__(self) -> None:
         if not self.benches:
             raise ReportError("--bench: expected at least one NAME=PATH, got none")
-        bad = [n for n in (*self.benches, *self.images) if n not in BENCHMARKS]
+        bad = [n for n in (*self.benches, *self.images, *self.prompts) if n not in BENCHMARKS]
         if bad:
             raise ReportError(
                 f"benchmarks: expected names from {', '.join(BENCHMARKS)}, got {', '.join(bad)}"
@@ -71,6 +73,8 @@ def load_all(bc: BenchConfig, seed: int) -> tuple[dict[str, Benchmark], dict[str
     benches, totals = {}, {}
     for name, path in bc.benches.items():
         full = load_benchmark(name, path, bc.images.get(name))
+        if name in bc.prompts:  # checked by Task: it must hold {question}
+            full.task = dataclasses.replace(full.task, prompt=bc.prompts[name], source="--bench-prompt")
         totals[name] = len(full.items)
         benches[name] = full.select(bc.limit, bc.sample, seed)
     return benches, totals

@@ -182,3 +182,32 @@ def test_ray_retries_a_failed_task(ray_cluster, serial_run, bench_files, tmp_pat
     copies = {p.name: p for p in ship.rglob("*") if p.is_file()}
     assert {"language.f32.gguf", "vision.fp32.onnx"} <= set(copies)
     assert all(p.read_bytes() == (arts / name).read_bytes() for name, p in copies.items())
+
+
+@pytest.mark.slow
+def test_shipped_model_answers_its_questions_in_gqa_layout(tmp_path):
+    """The shipped default model through the GQA reader: its own synthetic questions, asked plainly
+    (--bench-prompt), are mostly answered right, so reader, prompt, greedy decoding and exact match fit."""
+    pytest.importorskip("tinygptv_edge.export.train.vqa")
+    import importlib.util
+
+    from tinygptv_edge.cli import main
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
+
+    if not (default_model_dir() / "model.safetensors").is_file():
+        pytest.skip("the shipped default model is not there (make train-default)")
+    spec = importlib.util.spec_from_file_location(
+        "ray_scaleout", Path(__file__).parents[1] / "bench" / "ray_scaleout.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    questions = mod.write_gqa(tmp_path / "gqa", n_images=6)
+    out = tmp_path / "r"
+    assert main(["report", "--out", str(out), "--vision", "fp32", "--language", "F32", "--n-calib", "4",
+                 "--no-probe", "--no-noise-floor", "--n-boot", "200", "--bench", f"gqa={questions}",
+                 "--bench-prompt", "gqa={question}"]) == 0  # fmt: skip
+    doc = json.loads((out / "bench.json").read_text())
+    row = doc["cells"][0]["scores"]["gqa"]
+    assert doc["benchmarks"]["gqa"]["prompt_source"] == "--bench-prompt"
+    assert row["value"] > 80.0, row  # the model is above 95% on held-out questions of its own set
+    assert set(row["by_type"]) >= {"colour", "count"}
