@@ -211,3 +211,24 @@ def test_shipped_model_answers_its_questions_in_gqa_layout(tmp_path):
     assert doc["benchmarks"]["gqa"]["prompt_source"] == "--bench-prompt"
     assert row["value"] > 80.0, row  # the model is above 95% on held-out questions of its own set
     assert set(row["by_type"]) >= {"colour", "count"}
+
+
+def test_unreadable_image_is_a_typed_error_and_the_next_shard_still_runs(serial_run, bench_files, tmp_path):
+    import shutil
+
+    from tinygptv_edge.calib.benchmarks.executor import run_serial
+    from tinygptv_edge.calib.benchmarks.runner import RunSpec, make_shards
+    from tinygptv_edge.runtime.errors import ImageError
+
+    root = tmp_path / "gqa"
+    shutil.copytree(Path(bench_files["gqa"]).parent, root)
+    (root / "images" / "n1.jpg").write_bytes(b"not an image at all")
+    bench = load_benchmark("gqa", root / "testdev_balanced_questions.json")
+    arts = serial_run / "artifacts"
+    spec = RunSpec({"fp32": str(arts / "vision.fp32.onnx")}, {"F32": str(arts / "language.f32.gguf")}, 1, 4)
+    shards = make_shards({"gqa": 2}, [("fp32", "F32")], 1)
+    with pytest.raises(ImageError):
+        run_serial(shards, {"gqa": bench}, spec)
+    got = run_serial(shards[1:], {"gqa": bench}, spec)  # the models kept open still give the same answer
+    want = json.loads((serial_run / "bench.json").read_text())["predictions"]["gqa"]["fp32 + F32"]
+    assert got[shards[1]] == want[1:]
