@@ -29,6 +29,7 @@ from .benchmarks.executor import run_ray, run_serial
 from .benchmarks.runner import RunSpec, make_shards
 from .benchmarks.scoring import Prediction, Scorer, item_scores
 from .levels import LANGUAGE_LEVELS, REFERENCE_LANGUAGE, REFERENCE_VISION, VISION_LEVELS, pick
+from .metrics import bootstrap_mean
 from .report_run import ReportConfig, _git_commit, _versions, _write_atomic, calibration, strict_json
 
 Progress = Callable[[str, int, int], None]
@@ -129,7 +130,9 @@ def score_cells(
         per_item = vals
         if bench.task.metric == "auroc":  # the accuracy of P(yes) > 0.5 beside the AUROC
             per_item = item_scores(bench, p)
-            row["accuracy"] = _pct(per_item.mean())
+            acc = bootstrap_mean(per_item, n_boot, seed)
+            row["accuracy"] = _pct(acc.value)
+            row["accuracy_ci"] = [_pct(acc.low), _pct(acc.high)]
         types = sorted({it.qtype for it in bench.items})
         if len(types) > 1:
             row["by_type"] = {t: _pct(per_item[[it.qtype == t for it in bench.items]].mean()) for t in types}
@@ -203,9 +206,19 @@ def render_bench_markdown(doc: dict) -> str:
             if not r["reference"]:
                 txt += f" ({_fmt(s['change'], True)}{'*' if s['change_significant'] else ''})"
             if "accuracy" in s:
-                txt += f"; acc {_fmt(s['accuracy'])}"
+                txt += (
+                    f"; acc {_fmt(s['accuracy'])} [{_fmt(s['accuracy_ci'][0])}, {_fmt(s['accuracy_ci'][1])}]"
+                )
             cols.append(txt)
         lines.append("| " + " | ".join(cols) + " |")
+    typed = [n for n in names if any("by_type" in r["scores"][n] for r in doc["cells"])]
+    for n in typed:
+        types = list(doc["cells"][0]["scores"][n]["by_type"])
+        lines += ["", f"### {doc['benchmarks'][n]['label']} by type (%)", "",
+                  "| cell | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 1)]  # fmt: skip
+        for r in doc["cells"]:
+            by = r["scores"][n]["by_type"]
+            lines.append(f"| {r['name']} | " + " | ".join(_fmt(by[t]) for t in types) + " |")
     lines += ["", "## Benchmarks", ""]
     for b in doc["benchmarks"].values():
         part = (

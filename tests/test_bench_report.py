@@ -78,6 +78,9 @@ def test_bench_report_serial(serial_run, bench_files):
                                     for i, p in enumerate(icon)]  # fmt: skip
     md = (serial_run / "bench.md").read_text()
     assert md.startswith("# Benchmarks") and md.count("| fp32 |") == 2 and "VizWiz (vqa_accuracy)" in md
+    assert "### GQA by type (%)" in md and "| fp32 + Q8_0 |" in md  # breakdown by the release's types
+    acc = ref["scores"]["hateful_memes"]
+    assert acc["accuracy_ci"][0] <= acc["accuracy"] <= acc["accuracy_ci"][1]
     run = json.loads((serial_run / "bench.run.json").read_text())
     assert run["executor"] == "serial" and run["shards"] == 2 * sum(
         b["items"] for b in doc["benchmarks"].values()
