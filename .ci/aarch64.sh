@@ -27,8 +27,12 @@ set -euo pipefail
 SCRIPT_VERSION=1
 ROOTFS_VERSION=1 # bump when the userland must be remade for reasons the key does not see
 SUITE=bookworm
-PACKAGES=python3,python3-venv,python3-dev,build-essential,cmake,ca-certificates
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+# python3-dev and a C compiler for runtime/kquant.c, g++ for ggml. No Debian cmake: ggml-python's build
+# backend (scikit-build-core) then takes cmake and ninja wheels from PyPI, and the userland skips the
+# ~60 packages cmake and build-essential pull in (icu, curl, perl, ...), which debootstrap would unpack
+# and configure under emulation.
+PACKAGES=python3,python3-venv,python3-dev,gcc,g++,make,libc6-dev,ca-certificates
+REPO=${AARCH64_REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 CACHE=${AARCH64_CACHE:-$HOME/.cache/tinygptv-edge/aarch64}
 CPUS=${AARCH64_CPUS:-cortex-a76 cortex-a72}
 OUT=$REPO/build/aarch64
@@ -52,7 +56,7 @@ die() {
 if [ "$(id -u)" != 0 ]; then
     # binfmt registration, chroot and mounts need root
     if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        exec sudo -n --preserve-env=AARCH64_CACHE,AARCH64_CPUS,AARCH64_REQUIRED,AARCH64_GGML_CMAKE_ARGS \
+        exec sudo -n --preserve-env=AARCH64_REPO,AARCH64_CACHE,AARCH64_CPUS,AARCH64_REQUIRED,AARCH64_GGML_CMAKE_ARGS \
             HOME="$HOME" bash "$0" "$@"
     fi
     skip "root (or passwordless sudo) is needed to register the qemu-aarch64 binfmt entry and chroot"
@@ -61,6 +65,7 @@ fi
 
 mkdir -p "$OUT" "$CACHE"
 : >"$OUT/timings.txt"
+echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) at the start" | tee -a "$OUT/timings.txt"
 exec 9>"$CACHE/lock"
 flock -w 3600 9 || die "another test-aarch64 holds $CACHE/lock"
 
@@ -141,6 +146,7 @@ cleanup() {
     MOUNTED=()
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM # so that the EXIT trap undoes the mounts
 mnt() { # mnt TARGET mount-args...
     local target=$1
     shift
