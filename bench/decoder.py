@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygptv_edge.runtime.memory import peak_rss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 51200
 # random weights: every quant block gets a sane fp16 scale (byte offset of d / dmin in the block)
@@ -42,6 +44,7 @@ def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
     from tinygptv_edge.export.gguf.quant import choose_type, get_level, row_nbytes
     from tinygptv_edge.runtime import contract as C
     from tinygptv_edge.runtime.config import full_config
+    from tinygptv_edge.runtime.ggml_types import GGML_TYPES
     from tinygptv_edge.runtime.tokenizer import Tokenizer
 
     cfg = full_config()
@@ -66,40 +69,15 @@ def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
                 arr = (0.02 * rng.standard_normal(shape)).astype(np.float16)
             else:
                 arr = rng.integers(0, 256, (shape[0], row_nbytes(q, shape[1])), dtype=np.uint8)
-                blk = {"Q4_0": 18, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q5_0": 22}[q.name]
+                blk = GGML_TYPES[int(q)].nbytes
                 v = arr.reshape(shape[0], -1, blk)
                 for off in SCALE_FIELDS[q.name]:
                     v[..., off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
             cache[key] = arr
         return cache[key], q
 
-    shapes = {  # GGUF name -> numpy shape (rows, n_per_row)
-        "token_embd.weight": (L.vocab_size, L.hidden),
-        "output_norm.weight": (L.hidden,),
-        "output_norm.bias": (L.hidden,),
-        "output.weight": (L.vocab_size, L.hidden),
-        "output.bias": (L.vocab_size,),
-    }
-    block = {
-        "attn_norm.weight": (L.hidden,),
-        "attn_norm.bias": (L.hidden,),
-        "attn_qkv.weight": (3 * L.hidden, L.hidden),
-        "attn_qkv.bias": (3 * L.hidden,),
-        "attn_q_norm.weight": (L.head_dim,),
-        "attn_q_norm.bias": (L.head_dim,),
-        "attn_k_norm.weight": (L.head_dim,),
-        "attn_k_norm.bias": (L.head_dim,),
-        "attn_output.weight": (L.hidden, L.hidden),
-        "attn_output.bias": (L.hidden,),
-        "attn_post_norm.weight": (L.hidden,),
-        "ffn_up.weight": (L.intermediate, L.hidden),
-        "ffn_up.bias": (L.intermediate,),
-        "ffn_down.weight": (L.hidden, L.intermediate),
-        "ffn_down.bias": (L.hidden,),
-    }
-    for i in range(L.layers):
-        shapes.update({f"blk.{i}.{k}": v for k, v in block.items()})
-    assert set(shapes) == set(C.gguf_tensor_names(L.layers))
+    # GGUF name -> numpy shape (rows, n_per_row)
+    shapes = C.language_shapes(L.layers, L.hidden, L.intermediate, L.vocab_size, L.heads)
 
     for path, arch in ((ours, C.GGUF_ARCH), (theirs, "phi2")):
         tmp = path.with_suffix(".tmp")
@@ -154,14 +132,6 @@ def _phi2_metadata(w, cfg, tok, lv) -> None:
 # ---------------------------------------------------------------------------------------------
 # workers (one per subprocess)
 # ---------------------------------------------------------------------------------------------
-def _peak_rss() -> int:
-    """VmHWM of this process (ru_maxrss would carry the parent's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def worker_ours(a) -> dict:
     from tinygptv_edge.runtime.decoder import Decoder
 
@@ -183,7 +153,7 @@ def worker_ours(a) -> dict:
         "load_s": load,
         "pp_tok_s": a.pp / best_pp,
         "tg_tok_s": a.tg / best_tg,
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss_bytes(),
         "weight_bytes": dec.weight_bytes,
         "kv_bytes": dec.kv_bytes,
         "repacked": len(dec.repacked),
@@ -224,7 +194,12 @@ def worker_llama(a) -> dict:
         for t in ids[a.pp : a.pp + a.tg]:
             llm.eval([t])
         best_tg = min(best_tg, time.perf_counter() - t0)
-    return {"load_s": load, "pp_tok_s": a.pp / best_pp, "tg_tok_s": a.tg / best_tg, "peak_rss": _peak_rss()}
+    return {
+        "load_s": load,
+        "pp_tok_s": a.pp / best_pp,
+        "tg_tok_s": a.tg / best_tg,
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 def memcpy_gbs(nbytes: int = 1 << 29, reps: int = 5) -> float:

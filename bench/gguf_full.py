@@ -18,15 +18,16 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from tinygptv_edge.export.gguf.export import export_source
 from tinygptv_edge.export.gguf.source import single_source
+from tinygptv_edge.runtime.memory import peak_rss_bytes
 folder, out, level, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or None
 t0 = time.perf_counter()
 report = export_source(single_source(folder), out, level, threads=threads)
 print(json.dumps({
     "seconds": time.perf_counter() - t0,
-    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "peak_rss_gib": peak_rss_bytes() / 2**30,
     "file_gib": report.nbytes / 2**30,
     "types": report.type_counts(),
 }))

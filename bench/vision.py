@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from tinygptv_edge.runtime.memory import peak_rss_bytes
 
 
 def _synthetic_images(n: int, size: int, seed: int):
@@ -76,14 +77,6 @@ def _tower(size: str, seed: int):
     return m.eval(), cfg
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would include the parent's peak, inherited through fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _session(path: str, threads: int):
     import onnxruntime as ort
 
@@ -101,7 +94,7 @@ def _child(mode: str, paths: list[str], threads: int, runs: int, image_size: int
     if mode == "rss":
         sess = _session(paths[0], threads)
         sess.run(None, {"pixel_values": x})
-        print(json.dumps({"rss_mb": _peak_rss_mb()}))
+        print(json.dumps({"rss_mb": peak_rss_bytes() / 2**20}))
         return
     sessions = [_session(p, threads) for p in paths]
     for sess in sessions:
@@ -240,7 +233,7 @@ def main() -> int:
             f"{r['size']:<5} {r['graph']:<32} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['rss_mb']:12.0f} "
             f"{r['file_mb']:8.1f} {r['cosine']:11.5f} {base['median_ms'] / r['median_ms']:8.2f}x"
         )
-    print(f"peak RSS of the export + quantization process: {_peak_rss_mb():.0f} MB")
+    print(f"peak RSS of the export + quantization process: {peak_rss_bytes() / 2**20:.0f} MB")
     return 0
 
 

@@ -28,7 +28,7 @@ class VisionLevel:
 @dataclass(frozen=True)
 class LanguageLevel:
     name: str
-    ftype: str  # export.gguf_quant level name
+    ftype: str  # export.gguf.quant level name
     imatrix: bool = False
 
     @property

@@ -1,7 +1,7 @@
 """Runs the cross matrix: every (vision level, language level) cell against the fp32 x F32 reference.
 
     images --preprocess--> pixels (N,3,S,S) --VisionEncoder[v]--> E[v] (N,Q,H)   once per vision level
-    per language level l: Decoder[l], prompt prefix (BOS + system + "Human: <Img>") evaluated once
+    per language level l: Decoder[l], prompt prefix ([BOS] + system + "Human: <Img>") evaluated once
       per vision level v, per question:
         truncate(prefix) -> eval_embeddings(E[v][image]) -> eval_tokens(suffix + target[:-1], all_logits)
         logits (len(target), V) over the reference answer ("answer###"), teacher-forced
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinygptv_edge.runtime import metrics as RM
 from tinygptv_edge.runtime.errors import ReportError, TinyGPTVError
 
 from . import metrics as M
@@ -37,7 +38,7 @@ Progress = Callable[[str, int, int], None]
 class Prepared:
     """The evaluation set tokenized with the decoder's own tokenizer and prompt template."""
 
-    prefix: list[int]  # BOS + prompt text before the image, shared by every question
+    prefix: list[int]  # [BOS] + prompt text before the image, shared by every question
     suffix: list[list[int]]  # prompt text after the image, per question
     target: list[list[int]]  # answer + separator, per question
     image_index: list[int]  # question -> row of the pixel / embedding arrays
@@ -90,7 +91,8 @@ def prepare(evalset: EvalSet, tokenizer, prompt, preprocess_cfg) -> Prepared:
     prefix: list[int] | None = None
     suffix, target = [], []
     for it in evalset.items:
-        seg = split_prompt(prompt.first_turn(it.question, with_image=True), tokenizer, n_images=1)
+        text = prompt.first_turn(it.question, with_image=True)
+        seg = split_prompt(text, tokenizer, n_images=1, add_bos=prompt.add_bos)
         if prefix is None:
             prefix = list(seg.texts[0])
         elif list(seg.texts[0]) != prefix:
@@ -117,9 +119,9 @@ def vision_axis(level: str, ref: np.ndarray, got: np.ndarray, ms: float) -> Visi
     H = ref.shape[-1]
     return VisionAxis(
         level,
-        M.cosine_rows(ref.reshape(-1, H), got.reshape(-1, H)),
-        np.atleast_1d(M.sqnr_db(ref, got, axis=(1, 2))),
-        M.sqnr_db(ref, got),
+        RM.cosine_rows(ref.reshape(-1, H), got.reshape(-1, H)),
+        np.atleast_1d(RM.sqnr_db(ref, got, axis=(1, 2))),
+        RM.sqnr_db(ref, got),
         ms,
     )
 
@@ -201,7 +203,7 @@ class Runner:
         kl, top1, dp, nll, per_q = [], [], [], [], []
         for q, (ref, got) in enumerate(zip(self.ref_logits[: len(logits)], logits, strict=True)):
             t = np.asarray(self.prep.target[q])
-            k = M.kl_divergence(ref, got)
+            k = RM.kl_divergence(ref, got)
             kl.append(k)
             per_q.append(k.mean())
             top1.append(M.same_top1(ref, got))

@@ -1,12 +1,12 @@
-"""Accuracy-drop metrics: a quantized model against its reference, numpy only.
+"""Accuracy-drop statistics: a quantized model against its reference, numpy only.
+
+The per-position and per-row comparisons (KL, cosine, SQNR) live in runtime/metrics.py, which the
+export layer shares; this module adds what only the report needs:
 
     next-token distributions   logits (T, V) of the reference and of the level, same positions
-        kl(p_ref || p_q)       per position, from log-softmax (max-subtracted: no overflow)
         same_top1              argmax agrees, per position
         delta_p_target         p_q(target) - p_ref(target), per position
         ppl_ratio              exp(mean NLL_q - mean NLL_ref) over the reference answers
-    embeddings                 (N, D) rows of the reference and of the level
-        cosine, sqnr_db        per row; SQNR = 10 log10(sum ref^2 / sum (ref - q)^2)
     answers                    exact match after `normalize_answer`, flips vs the reference answers
     uncertainty                paired bootstrap over examples (seeded): CI of a mean and of a difference
     cost                       bits per weight from bytes and parameter counts
@@ -23,34 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tinygptv_edge.runtime.errors import ConfigError
-
-
-def _pair(a: np.ndarray, b: np.ndarray, what: str, ndim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ConfigError(f"{what}: expected arrays of the same shape, got {a.shape} and {b.shape}")
-    if ndim is not None and a.ndim != ndim:
-        raise ConfigError(f"{what}: expected {ndim}-D arrays, got shape {a.shape}")
-    if a.size == 0:
-        raise ConfigError(f"{what}: expected non-empty arrays, got shape {a.shape}")
-    return a, b
-
-
-# -- next-token distributions ---------------------------------------------------------------------
-def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    """log p = x - max - log sum exp(x - max), in float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = np.max(x, axis=axis, keepdims=True)
-    z = x - m
-    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
-
-
-def kl_divergence(ref_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p_ref || p_q) in nats per position: (T, V), (T, V) -> (T,)."""
-    a, b = _pair(ref_logits, q_logits, "kl_divergence", ndim=2)
-    lp, lq = log_softmax(a), log_softmax(b)
-    kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
-    return np.maximum(kl, 0.0)  # rounding can give -1e-17
+from tinygptv_edge.runtime.metrics import as_pair as _pair
+from tinygptv_edge.runtime.metrics import log_softmax
 
 
 def same_top1(ref_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -87,28 +61,6 @@ def perplexity_ratio(ref_nll: np.ndarray, q_nll: np.ndarray) -> float:
     """exp(mean NLL_q - mean NLL_ref) over the same target tokens; 1.0 = no change."""
     a, b = _pair(ref_nll, q_nll, "perplexity_ratio", ndim=1)
     return float(math.exp(b.mean() - a.mean()))
-
-
-# -- embeddings ------------------------------------------------------------------------------------
-def cosine_rows(ref: np.ndarray, q: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """(..., D) -> (...,) cosine similarity of matching rows."""
-    a, b = _pair(ref, q, "cosine_rows")
-    num = np.sum(a * b, axis=-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return num / np.maximum(den, eps)
-
-
-def sqnr_db(ref: np.ndarray, q: np.ndarray, axis=None) -> np.ndarray | float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - q)^2).
-
-    Summed over `axis` (None: the whole array -> float). Identical arrays give +inf.
-    """
-    a, b = _pair(ref, q, "sqnr_db")
-    signal = np.sum(a * a, axis=axis)
-    noise = np.sum((a - b) ** 2, axis=axis)
-    with np.errstate(divide="ignore"):
-        out = 10.0 * (np.log10(signal) - np.log10(noise))
-    return float(out) if np.ndim(out) == 0 else out
 
 
 # -- answers -----------------------------------------------------------------------------------------

@@ -5,32 +5,20 @@
 
 prints one JSON object: load seconds, vision ms/image (median of K after one warm-up), prefill and
 decode tokens/s (a T-position prompt, then D greedy single-token steps; median of 3 rounds after
-one that builds the graphs), and
-peak RSS in MiB (`ru_maxrss`). Only runtime modules are imported (no torch).
+one that builds the graphs), and peak RSS in MiB (runtime/memory.py: VmHWM, as ru_maxrss can carry the
+parent's). Only runtime modules are imported (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
 import numpy as np
 
-
-def _peak_rss_mib() -> float:
-    """This process's resident-set high-water mark (VmHWM; ru_maxrss can carry the parent's)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
+from tinygptv_edge.runtime.memory import peak_rss_bytes
 
 
 def probe_vision(path: str, threads: int, images: int) -> dict:
@@ -47,7 +35,7 @@ def probe_vision(path: str, threads: int, images: int) -> dict:
         t0 = time.perf_counter()
         enc.embed(x)
         ms.append((time.perf_counter() - t0) * 1e3)
-    return {"load_s": load, "ms_per_image": float(np.median(ms)), "peak_rss_mib": _peak_rss_mib()}
+    return {"load_s": load, "ms_per_image": float(np.median(ms)), "peak_rss_mib": peak_rss_bytes() / 2**20}
 
 
 def probe_language(path: str, threads: int, prompt: int, decode: int, repeats: int = 3) -> dict:
@@ -76,7 +64,7 @@ def probe_language(path: str, threads: int, prompt: int, decode: int, repeats: i
         "decode_tok_s": decode / dt,
         "prompt_tokens": prompt,
         "decode_tokens": decode,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_bytes() / 2**20,
     }
 
 

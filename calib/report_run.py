@@ -1,6 +1,6 @@
 """`make report` end to end: source model -> exports -> cross matrix -> cost probes -> JSON, Markdown, HTML.
 
-model (single folder) --------------------------------------------+-- sha256 (provenance)
+model (SourceSpec: single folder or official files) ---------------+-- sha256 (provenance)
 evaluation set (folder, or the VQA test split written to OUT/evalset)
 calibration (VQA calibration split, or --calib-images) --Builder--> OUT/artifacts/* (cached)
     --run_matrix--> cells --probe (child process per level)--> speed, peak RSS
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygptv_edge.export.checkpoints.source import SourceSpec
 from tinygptv_edge.runtime.errors import ReportError
 
 from .artifacts import REPORT_GATE, Builder, Calibration
@@ -35,7 +36,7 @@ PACKAGES = ("tinygptv-edge", "numpy", "onnxruntime", "onnx", "ggml-python", "ggu
 @dataclass(frozen=True)
 class ReportConfig:
     out: str = "dist/report"
-    model: str | None = None  # single-checkpoint folder; None: the shipped default model
+    source: SourceSpec = field(default_factory=SourceSpec)  # default: the shipped model
     eval_dir: str | None = None  # evaluation folder (evalset.py format); None: the VQA test split
     n_images: int = 40  # VQA test images when no eval_dir (every question of each)
     limit: int | None = None  # keep the first questions only
@@ -45,7 +46,7 @@ class ReportConfig:
     calib_images: str | None = None
     n_calib: int = 32
     preset: str = "x86-vnni"
-    threads: int = 1  # evaluation threads (on a shared 2-core machine 1 thread ran ~8x faster than 2)
+    threads: int = 1  # evaluation threads (1 ran faster than 2 on a shared 2-core CPU; docs/benchmarks.md)
     probe_threads: int = 2  # threads of the speed probes
     max_new_tokens: int = 16
     n_boot: int = 2000
@@ -131,7 +132,6 @@ def _check_html(text: str) -> None:
 
 def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str, Path]:
     """Build, measure and write the report; returns {file name: path}."""
-    from tinygptv_edge.export.checkpoints.single import WEIGHTS, file_sha256, load_single
     from tinygptv_edge.export.onnx.presets import get_preset
 
     from . import probe as P
@@ -144,19 +144,8 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     language_levels = pick(cfg.language, LANGUAGE_LEVELS, REFERENCE_LANGUAGE, "language")
     preset = get_preset(cfg.preset)
 
-    if cfg.model:
-        folder = Path(cfg.model)
-    else:
-        from tinygptv_edge.export.checkpoints.default import default_model_dir
-
-        folder = default_model_dir()
-    if not (folder / WEIGHTS).is_file():
-        raise ReportError(f"source model: expected {WEIGHTS} in {folder} (run `make train-default`?)")
-    model, _ = load_single(folder)
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_file(folder)
-    sources = {WEIGHTS: file_sha256(folder / WEIGHTS)}
+    loaded = cfg.source.load()
+    model, tokenizer, sources = loaded.model, loaded.tokenizer, loaded.sha256
     say("setup", 1, 3)
 
     eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else out / "evalset"
@@ -216,8 +205,10 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     settings["cells_evaluated"] = len(result.cells)
     provenance = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "source_model": str(folder),
-        "source_checkpoint_sha256": sources[WEIGHTS],
+        "source_model": loaded.label,
+        "source_checkpoint_sha256": (
+            next(iter(sources.values())) if len(sources) == 1 else json.dumps(sources, sort_keys=True)
+        ),
         "calibration_set": calib.source,
         "calibration_set_sha256": calib.sha256,
         "evalset_sha256": evalset.sha256,

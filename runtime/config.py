@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +48,17 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{name}: expected a positive integer, got {value!r}")
 
 
+def _check_real(obj: Any, name: str, lo: float, hi: float, closed_hi: bool = False) -> None:
+    """A finite number in (lo, hi) (or (lo, hi] with closed_hi)."""
+    v = getattr(obj, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not (lo < v < hi or closed_hi and v == hi):
+        end = "]" if closed_hi else ")"
+        raise ConfigError(
+            f"{type(obj).__name__}.{name}: expected a finite number in ({lo}, {hi}{end}, got {v!r}"
+        )
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """EVA ViT-g (LAVIS `create_eva_vit_g`), pre-norm blocks, no final norm."""
@@ -62,6 +75,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "width", "depth", "heads", "mlp_hidden")
+        _check_real(self, "eps", 0, 1)
         if self.width % self.heads:
             raise ConfigError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -100,6 +114,7 @@ class QFormerConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "hidden", "layers", "heads", "intermediate", "num_query_tokens", "vision_width")
+        _check_real(self, "eps", 0, 1)
         if self.hidden % self.heads:
             raise ConfigError(f"QFormerConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
 
@@ -138,6 +153,10 @@ class LanguageConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions")
+        _check_real(self, "rope_theta", 0, math.inf)
+        _check_real(self, "partial_rotary_factor", 0, 1, closed_hi=True)
+        for name in ("layer_norm_eps", "qk_norm_eps", "post_norm_eps"):
+            _check_real(self, name, 0, 1)
         if self.hidden % self.heads:
             raise ConfigError(f"LanguageConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
@@ -184,7 +203,11 @@ class PromptConfig:
 
     A turn is `user_template.format(question=...) + assistant_prefix`; the image goes where
     IMAGE_PLACEHOLDER stands. Stages 1-3 follow conversation.py (SeparatorStyle.SINGLE, "###");
-    stage 4 follows its training template 'Instruct: {} /n Output: '.
+    stage 4 follows its training template 'Instruct: {} /n Output: '. `add_bos`: a BOS token before
+    the first turn. The project's own models are trained with one (`export/train/data.py`); the
+    official TinyGPT-V inference feeds none (`get_context_emb` tokenizes each piece with the Phi-2
+    tokenizer, which adds no BOS), so official checkpoints are loaded with False. It travels in the
+    GGUF as `tokenizer.ggml.add_bos_token`.
     """
 
     system: str = SYSTEM_PROMPT
@@ -192,6 +215,24 @@ class PromptConfig:
     user_template: str = "Human: <Img><ImageHere></Img> {question}###"
     text_user_template: str = "Human: {question}###"
     assistant_prefix: str = "Assistant: "
+    add_bos: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.add_bos, bool):
+            raise ConfigError(f"PromptConfig.add_bos: expected true or false, got {self.add_bos!r}")
+        for name in ("system", "separator", "user_template", "text_user_template", "assistant_prefix"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"PromptConfig.{name}: expected a string, got {type(value).__name__}")
+            if len(value) > MAX_PROMPT_TEXT:
+                raise ConfigError(
+                    f"PromptConfig.{name}: expected at most {MAX_PROMPT_TEXT} characters, got {len(value)}"
+                )
+        for name, slots in (("user_template", 1), ("text_user_template", 0)):
+            _check_template(name, getattr(self, name), slots)
+        for name in ("system", "separator", "assistant_prefix"):
+            if IMAGE_PLACEHOLDER in getattr(self, name):
+                raise ConfigError(f"PromptConfig.{name}: expected no {IMAGE_PLACEHOLDER}, found one")
 
     def first_turn(self, question: str, with_image: bool = True) -> str:
         """The full prompt of a conversation's first turn."""
@@ -203,6 +244,26 @@ class PromptConfig:
         return template.format(question=question) + self.assistant_prefix
 
 
+MAX_PROMPT_TEXT = 1 << 16  # characters in one prompt field: a template, not a document
+
+
+def _check_template(name: str, template: str, image_slots: int) -> None:
+    """One `{question}` field and nothing else for str.format; `image_slots` IMAGE_PLACEHOLDERs."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # a lone brace
+        raise ConfigError(f"PromptConfig.{name}: not a valid template ({e}): {template!r}") from None
+    if [f for f, _, _ in fields] != ["question"] or any(spec or conv for _, spec, conv in fields):
+        found = ", ".join("{" + f + "}" for f, _, _ in fields) or "none"
+        raise ConfigError(
+            f"PromptConfig.{name}: expected exactly one {{question}} placeholder (literal braces as "
+            f"{{{{ }}}}), found {found} in {template!r}"
+        )
+    n = template.count(IMAGE_PLACEHOLDER)
+    if n != image_slots:
+        raise ConfigError(f"PromptConfig.{name}: expected {image_slots} {IMAGE_PLACEHOLDER}, found {n}")
+
+
 STAGE4_PROMPT = PromptConfig(
     system="",
     separator="###",
@@ -210,6 +271,24 @@ STAGE4_PROMPT = PromptConfig(
     text_user_template="Instruct: {question} /n Output: ",
     assistant_prefix="",
 )
+
+# `--template`: the turn templates by name; `stage_prompt` picks the one a stage was trained with.
+PROMPT_TEMPLATES = {"chat": PromptConfig(), "instruct": STAGE4_PROMPT}
+
+
+def stage_prompt(stage: int) -> PromptConfig:
+    """Stages 1-3: the "###Human: ... ###Assistant: " chat; stage 4: 'Instruct: {} /n Output: '."""
+    return STAGE4_PROMPT if stage == 4 else PromptConfig()
+
+
+MAX_IMAGE_SIZE = 4096  # model input side in pixels (TinyGPT-V: 224 or 448)
+NORM_RANGE = 1e3  # |mean| and std bounds: pixels are in [0, 1]
+MIN_STD = 1e-6  # a smaller std turns pixels into infinities in float32
+RESAMPLE_NAMES = ("bicubic", "bilinear")
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -220,6 +299,23 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        s = self.image_size
+        if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"PreprocessConfig.image_size: expected an integer 1..{MAX_IMAGE_SIZE}, got {s!r}"
+            )
+        for name, lo, hi in (("mean", -NORM_RANGE, NORM_RANGE), ("std", MIN_STD, NORM_RANGE)):
+            v = getattr(self, name)
+            ok = isinstance(v, (tuple, list)) and len(v) == 3
+            ok = ok and all(_real(x) and lo <= x <= hi for x in v)
+            if not ok:
+                raise ConfigError(f"PreprocessConfig.{name}: expected 3 numbers in [{lo}, {hi}], got {v!r}")
+        if self.resample not in RESAMPLE_NAMES:
+            raise ConfigError(
+                f"PreprocessConfig.resample: expected one of {RESAMPLE_NAMES}, got {self.resample!r}"
+            )
 
 
 _NESTED: dict[tuple[str, str], type] = {}
@@ -268,10 +364,14 @@ class TinyGPTVConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TinyGPTVConfig:
+        """Unknown keys are ignored; without a "prompt" object the stage's template applies."""
         try:
-            return _from_dict(cls, data)
+            cfg = _from_dict(cls, data)
         except TypeError as e:  # a field of the wrong kind
             raise ConfigError(f"bad TinyGPT-V config: {e}") from e
+        if isinstance(data, dict) and "prompt" not in data:
+            cfg = cfg.replace(prompt=stage_prompt(cfg.stage))
+        return cfg
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -308,7 +408,7 @@ _NESTED.update(
 def full_config(stage: int = 3) -> TinyGPTVConfig:
     """Real TinyGPT-V dimensions. Stage 4 runs the ViT at 448 px with the Phi-2 instruct prompt."""
     if stage == 4:
-        return TinyGPTVConfig(stage=4, vision=VisionConfig(image_size=448), prompt=STAGE4_PROMPT)
+        return TinyGPTVConfig(stage=4, vision=VisionConfig(image_size=448), prompt=stage_prompt(4))
     return TinyGPTVConfig(stage=stage)
 
 
@@ -344,7 +444,7 @@ def tiny_config(stage: int = 3, vocab_size: int = 512) -> TinyGPTVConfig:
         projection=ProjectionConfig(in_features=32, mid_features=96, out_features=64),
         language=language,
         lora=LoraConfig(r=4, alpha=8.0),
-        prompt=STAGE4_PROMPT if stage == 4 else PromptConfig(),
+        prompt=stage_prompt(stage),
     )
 
 

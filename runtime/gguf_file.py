@@ -1,6 +1,6 @@
 """A validating GGUF reader: header, metadata and tensor table checked with limits; data memory-mapped.
 
-Format: ggml `docs/gguf.md` (version 2 and 3, little-endian):
+Format: `docs/gguf.md` of the ggml repository (version 2 and 3, little-endian):
 
     magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
     n_kv x      (string key, u32 value_type, value)
@@ -23,47 +23,23 @@ from typing import Any
 
 import numpy as np
 
+from .checks import not_regular
 from .errors import GGUFFormatError
+from .ggml_types import GGML_TYPES, GGMLType
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array
-STRING, ARRAY = 8, 9
+BOOL, STRING, ARRAY = 7, 8, 9
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 VALUE_TYPE_NAMES = {
     0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
     7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class GGMLType:
-    """A ggml tensor type: `block` elements take `nbytes` bytes (ggml `type_traits`)."""
-
-    name: str
-    block: int
-    nbytes: int
-
-
-# ggml type id -> traits (ggml.h `enum ggml_type`)
-GGML_TYPES = {
-    0: GGMLType("F32", 1, 4),
-    1: GGMLType("F16", 1, 2),
-    2: GGMLType("Q4_0", 32, 18),
-    3: GGMLType("Q4_1", 32, 20),
-    6: GGMLType("Q5_0", 32, 22),
-    7: GGMLType("Q5_1", 32, 24),
-    8: GGMLType("Q8_0", 32, 34),
-    10: GGMLType("Q2_K", 256, 84),
-    11: GGMLType("Q3_K", 256, 110),
-    12: GGMLType("Q4_K", 256, 144),
-    13: GGMLType("Q5_K", 256, 176),
-    14: GGMLType("Q6_K", 256, 210),
-    30: GGMLType("BF16", 1, 2),
-}
-TYPE_IDS = {t.name: i for i, t in GGML_TYPES.items()}
+INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # the integer value types above
+FLOAT_TYPES = (6, 12)
 
 
 @dataclass(frozen=True)
@@ -185,6 +161,9 @@ class GGUFFile:
     def open(cls, path: str | Path, limits: GGUFLimits | None = None) -> GGUFFile:
         path = Path(path)
         limits = limits or GGUFLimits()
+        kind = not_regular(path)  # open() on a FIFO would block until a writer comes
+        if kind is not None:
+            raise GGUFFormatError(f"cannot open GGUF {path}: expected a regular file, found {kind}")
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, 2)
@@ -308,7 +287,7 @@ def _check_tensors(
         n = 1
         for d in shape:
             n *= d
-        nbytes = n // traits.block * traits.nbytes
+        nbytes = traits.row_nbytes(n)
         if rel % alignment:
             raise GGUFFormatError(f"{path}: tensor {name!r}: offset {rel} is not aligned to {alignment}")
         start = data_offset + rel

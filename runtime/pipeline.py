@@ -12,6 +12,10 @@ chat ran last. A turn's answer joins the history as the tokens generated before 
 separator and the next turn's text (`PromptConfig.turn`): the same tokens a fresh run on the
 concatenated conversation would be fed.
 
+State lives in two small classes the turn loop calls: `PrefixCache` (runtime/prefix_cache.py: what the
+KV cache holds, prefill, step, resync) and `ImageCache` (runtime/image_cache.py: embeddings by pixel
+hash, in memory and optionally on disk).
+
 One turn runs at a time: other threads wait (or get PipelineBusyError after `busy_timeout`), and a call
 from the thread that holds an unfinished stream is refused at once. Errors leave the pipeline usable:
 a failed turn is not added to the chat, and the cache is re-synchronised on the next call.
@@ -19,10 +23,8 @@ a failed turn is not added to the chat, and the cache is re-synchronised on the 
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,18 +32,29 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .config import PromptConfig
+from .checks import check_count, check_threads
+from .config import IMAGE_PLACEHOLDER, PromptConfig
 from .detok import AnswerStream, TokenBytes
-from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
+from .errors import (
+    ClosedError,
+    ConfigError,
+    ContextOverflowError,
+    ModelFileError,
+    ModelMismatchError,
+    PipelineBusyError,
+)
+from .image_cache import ImageCache, file_sha256
 from .images import ImageLimits, ImageSource, load_image
 from .memory import release_heap
+from .prefix_cache import Position, PrefixCache
 from .preprocess import preprocess
 from .prompt import split_prompt
-from .sampling import GREEDY, Sampler, SamplingConfig
+from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
+from .tokenizer import check_text
 from .vision import VisionEncoder
 
-Position = int | tuple[str, int]  # a token id, or (image key, embedding row)
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
+DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
 
 
 @dataclass
@@ -71,11 +84,13 @@ class Timings:
 class Answer:
     text: str  # stripped, cut before the separator
     token_ids: tuple[int, ...]  # generated tokens (EOS not included)
-    stop: str  # "separator" | "eos" | "max_new_tokens" | "context" | "closed"
+    # "separator" | "eos" | "max_new_tokens" | "context" | "closed" | "cancelled" | "constraint"
+    stop: str
     timings: Timings = field(default_factory=Timings)
+    prompt_tokens: int = 0  # positions the turn's prompt filled (history, text, image rows)
 
 
-class _Gate:
+class Gate:
     """A lock that refuses re-entry from its holder thread (that would interleave two turns)."""
 
     def __init__(self, timeout: float | None):
@@ -97,24 +112,36 @@ class _Gate:
         self._owner = None
         self._lock.release()
 
+    def held(self) -> bool:
+        """True in the thread that holds it."""
+        return self._owner == threading.get_ident()
+
 
 class Pipeline:
-    """The models and caches; `chat()` starts a conversation, `ask`/`stream` answer one question."""
+    """The models and caches; `chat()` starts a conversation, `ask`/`stream` answer one question.
+
+    Parts: `vision` (VisionEncoder), `prefix` (PrefixCache: the decoder and what its KV cache holds),
+    `image_cache` (ImageCache), `gate` (one turn at a time).
+    """
 
     def __init__(
         self,
         vision: str | Path | VisionEncoder | None,
         language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
-        n_ctx: int | None = None,  # None: the model's (2048), or at most LOW_MEMORY_CTX in low-memory mode
+        n_ctx: int | None = None,  # None: the model's, <= DEFAULT_MAX_CTX (low-memory: LOW_MEMORY_CTX)
         n_threads: int | None = None,
         kv_type: str = "f16",
         low_memory: bool = False,
         image_limits: ImageLimits | None = None,
         image_cache_size: int = 16,
         busy_timeout: float | None = None,
+        image_cache_dir: str | Path | None = None,  # embeddings also on disk, kept across restarts
     ):
-        if not isinstance(image_cache_size, int) or image_cache_size < 0:
-            raise ConfigError(f"image_cache_size: expected an integer >= 0, got {image_cache_size!r}")
+        image_cache = ImageCache(image_cache_size)  # validates the size before any model loads
+        if n_ctx is not None:
+            check_count(n_ctx, "n_ctx")
+        check_threads(n_threads)
+        self._closed = False
         reopenable = isinstance(language, (str, Path)) or callable(language)
         if low_memory and not reopenable:
             raise ConfigError(
@@ -122,29 +149,35 @@ class Pipeline:
             )
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
-        self._decoder_args = dict(n_ctx=n_ctx or 2048, n_threads=n_threads, kv_type=kv_type)
-        self._gate = _Gate(busy_timeout)
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.image_cache_size = image_cache_size
-        self._cached: list[Position] = []  # what the decoder's KV cache holds, position by position
+        self._decoder_args = dict(
+            n_ctx=n_ctx if n_ctx is not None else 2048, n_threads=n_threads, kv_type=kv_type
+        )
+        self.gate = Gate(busy_timeout)
+        self.image_cache = image_cache
         if isinstance(vision, (str, Path)):
             vision = VisionEncoder(vision, n_threads, low_memory=low_memory)
         self.vision = vision
+        if image_cache_dir is not None and vision is not None:  # disk keys name the vision graph too
+            shape = (vision.num_query_tokens, vision.embed_dim)
+            model_id = file_sha256(vision.path)
+            self.image_cache = ImageCache(image_cache_size, image_cache_dir, model_id, shape)
         if isinstance(language, (str, Path)):
             path = Path(language)
             if not path.is_file():
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
             if n_ctx is None:  # low-memory: a 1024-position KV cache (f16: 320 MB instead of 640 MB)
                 trained = trained_context(path)
-                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX) if low_memory else trained
-            self._factory = lambda: _open_decoder(path, **self._decoder_args)
+                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX if low_memory else DEFAULT_MAX_CTX)
+            factory = lambda: _open_decoder(path, **self._decoder_args)  # noqa: E731
         else:
-            self._factory = language if callable(language) else None
-        self._decoder = language if self._factory is None else self._factory()
-        d = self._decoder
+            factory = language if callable(language) else None
+        self.prefix = PrefixCache(factory, None if factory is not None else language)
+        d = self.prefix.decoder
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
-        self._token_bytes = TokenBytes(self.tokenizer)
+        self.token_bytes = TokenBytes(self.tokenizer)
+        # the most bytes one token stands for: a text of N bytes needs at least N / this many tokens
+        self.max_token_bytes = max(1, max(map(len, self.token_bytes.table), default=1))
         try:
             self._check_fit()
         except BaseException:
@@ -165,8 +198,9 @@ class Pipeline:
             )
 
     # -- public API ------------------------------------------------------------------------------
-    def chat(self, sampling: SamplingConfig = GREEDY) -> Chat:
-        return Chat(self, sampling)
+    def chat(self, sampling: SamplingConfig = GREEDY, prompt: PromptConfig | None = None) -> Chat:
+        """A new conversation; `prompt` overrides the model's template (e.g. another system prompt)."""
+        return Chat(self, sampling, prompt)
 
     def ask(
         self, question: str, image: ImageSource | None = None, sampling: SamplingConfig = GREEDY
@@ -180,21 +214,27 @@ class Pipeline:
         """A one-turn conversation: an iterator of text pieces (`.answer` once it is exhausted)."""
         return self.chat(sampling).stream(question, image)
 
+    @property
+    def image_cache_size(self) -> int:
+        return self.image_cache.size
+
     def close(self) -> None:
         """Free both models (waits for a running turn; refused from inside one)."""
-        self._gate.acquire()
+        self.gate.acquire()
         try:
+            self._closed = True
             self._close()
         finally:
-            self._gate.release()
+            self.gate.release()
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the pipeline is closed: make a new Pipeline to ask more questions")
 
     def _close(self) -> None:
         if self.vision is not None:
             self.vision.close()
-        if self._decoder is not None:
-            self._decoder.close()
-            self._decoder = None
-        self._cached = []
+        self.prefix.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -202,122 +242,75 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- models ----------------------------------------------------------------------------------
-    def _decoder_ready(self):
-        if self._decoder is None:
-            self._decoder = self._factory()
-            self._cached = []
-        return self._decoder
+    def warm(self) -> int:
+        """Evaluate what every conversation starts with (BOS, system prompt, the first turn's head up to
+        its image) once, so the first turn reuses it; the number of positions now cached."""
+        text = self.prompt.first_turn("", with_image=self.vision is not None)
+        head = split_prompt(
+            text, self.tokenizer, text.count(IMAGE_PLACEHOLDER), add_bos=self.prompt.add_bos
+        ).texts[0]
+        self.gate.acquire()
+        try:
+            self.check_open()
+            self.prefix.prefill(list(head), {})
+        finally:
+            self.gate.release()
+        return len(head)
 
+    # -- images --------------------------------------------------------------------------------
     def embed_image(self, image: ImageSource) -> np.ndarray:
         """(Q, H) image embeddings (through the image cache)."""
-        self._gate.acquire()
+        self.gate.acquire()
         try:
-            return self._embed_image(image, Timings())[1]
+            return self.encode_image(image, Timings())[1]
         finally:
-            self._gate.release()
+            self.gate.release()
 
-    def _embed_image(self, image: ImageSource, timings: Timings) -> tuple[str, np.ndarray]:
-        """(key, (Q, H) embeddings); cached by the hash of the preprocessed pixels."""
+    def encode_image(self, image: ImageSource, timings: Timings) -> tuple[str, np.ndarray]:
+        """(key, (Q, H) embeddings), cached by the preprocessed pixels; for the thread holding `gate`."""
+        if not self.gate.held():
+            raise PipelineBusyError("encode_image: hold pipeline.gate first (or call embed_image)")
+        self.check_open()
         if self.vision is None:
             raise ConfigError("this pipeline has no vision model: ask text-only questions, or give vision=")
         t0 = time.perf_counter()
         rgb = load_image(image, self.image_limits)
         pixels = preprocess(rgb, self.vision.preprocess_cfg)[None]  # (1, 3, S, S)
-        key = hashlib.sha256(pixels.tobytes()).hexdigest()[:32]
+        key = self.image_cache.key(pixels)
         timings.images += 1
-        embeds = self._images.get(key)
+        embeds = self.image_cache.get(key)
         if embeds is not None:
-            self._images.move_to_end(key)
             timings.images_cached += 1
         else:
-            if self.low_memory and self._decoder is not None:  # one model resident at a time
-                self._decoder.close()
-                self._decoder, self._cached = None, []
+            if self.low_memory and self.prefix.release():  # one model resident at a time
                 release_heap()
             try:
                 embeds = self.vision.embed(pixels)[0]  # (Q, H)
             finally:
                 if self.low_memory:
                     self.vision.release()
-            if self.image_cache_size:
-                self._images[key] = embeds
-                while len(self._images) > self.image_cache_size:
-                    self._images.popitem(last=False)
+            self.image_cache.put(key, embeds)
         timings.image_ms += (time.perf_counter() - t0) * 1e3
         return key, embeds
 
-    # -- decoding --------------------------------------------------------------------------------
-    def _prefill(
-        self, positions: list[Position], images: dict[str, np.ndarray], timings: Timings
-    ) -> np.ndarray:
-        """Make the KV cache hold `positions`, evaluating only what it lacks; logits of the last one."""
-        dec = self._decoder_ready()
-        keep = 0
-        limit = min(len(self._cached), len(positions) - 1)  # re-evaluate at least the last position
-        while keep < limit and self._cached[keep] == positions[keep]:
-            keep += 1
-        t0 = time.perf_counter()
-        try:
-            dec.truncate(keep)
-            self._cached = self._cached[:keep]
-            rest = positions[keep:]
-            if all(isinstance(p, int) for p in rest):
-                logits = dec.eval_tokens(rest)
-            else:
-                logits = dec.eval_embeddings(self._embeds(rest, images))
-        except BaseException:
-            self._resync()
-            raise
-        self._cached = list(positions)
-        timings.prefill_tokens += len(rest)
-        timings.prefill_ms += (time.perf_counter() - t0) * 1e3
-        return logits
-
-    def _embeds(self, rest: list[Position], images: dict[str, np.ndarray]) -> np.ndarray:
-        """Positions -> (T, n_embd) rows: token embeddings from the decoder, image rows as given."""
-        parts, run = [], []
-        for p in rest:
-            if isinstance(p, int):
-                run.append(p)
-                continue
-            if run:
-                parts.append(self._decoder.embed_tokens(run))
-                run = []
-            parts.append(images[p[0]][p[1]][None])
-        if run:
-            parts.append(self._decoder.embed_tokens(run))
-        return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
-
-    def _step(self, token: int) -> np.ndarray:
-        try:
-            logits = self._decoder.eval_tokens([token])
-        except BaseException:
-            self._resync()
-            raise
-        self._cached.append(token)
-        return logits
-
-    def _resync(self) -> None:
-        """After a failure inside the decoder: trust nothing, start from an empty cache."""
-        self._cached = []
-        if self._decoder is not None:
-            try:
-                self._decoder.reset()
-            except Exception:
-                self._decoder = None if self._factory is not None else self._decoder
-
 
 class Chat:
-    """A conversation. `ask`/`stream` add a turn; turns may carry an image or be text only."""
+    """A conversation. `ask`/`stream` add a turn; turns may carry an image or be text only.
 
-    def __init__(self, pipeline: Pipeline, sampling: SamplingConfig = GREEDY):
+    `add_turn` records a past turn with a known answer (a conversation sent back whole, as HTTP
+    clients do) without generating; the next turn then reuses the KV cache it shares.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, sampling: SamplingConfig = GREEDY, prompt: PromptConfig | None = None
+    ):
         self.pipeline = pipeline
         self.sampling = sampling
+        self.prompt: PromptConfig = prompt or pipeline.prompt
         self.positions: list[Position] = []
         self.images: dict[str, np.ndarray] = {}
         self.turns = 0
-        self._pending = ""  # text that goes before the next turn's template (the separator)
+        self.pending = ""  # text that goes before the next turn's template (the separator)
 
     def ask(
         self, question: str, image: ImageSource | None = None, sampling: SamplingConfig | None = None
@@ -328,25 +321,85 @@ class Chat:
         return turn.answer
 
     def stream(
-        self, question: str, image: ImageSource | None = None, sampling: SamplingConfig | None = None
+        self,
+        question: str,
+        image: ImageSource | None = None,
+        sampling: SamplingConfig | None = None,
+        constraint: TokenConstraint | None = None,
+        cancel: threading.Event | None = None,
     ) -> Turn:
-        return Turn(self, question, image, sampling or self.sampling)
+        """A turn as an iterator of text pieces. `constraint` masks each next token (and then the
+        separator no longer ends the answer: the constraint does); `cancel` set ends it at the next token."""
+        return Turn(self, question, image, sampling or self.sampling, constraint, cancel)
+
+    def add_turn(
+        self, question: str, image: ImageSource | None = None, answer: str | list[int] = ""
+    ) -> Timings:
+        """Record a finished turn whose answer is known (text, or the token ids it was generated as);
+        nothing is evaluated (the next turn prefills what the cache lacks). Timings of its image."""
+        check_question(question)
+        pipe = self.pipeline
+        timings = Timings()
+        images, keys = dict(self.images), []
+        if image is not None:
+            pipe.gate.acquire()
+            try:
+                key, images[key] = pipe.encode_image(image, timings)
+            finally:
+                pipe.gate.release()
+            keys.append(key)
+        ids = pipe.tokenizer.encode(answer) if isinstance(answer, str) else [int(t) for t in answer]
+        self.extend(self.next_positions(question, keys) + ids, images, self.prompt.separator)
+        return timings
 
     def prompt_text(self, question: str, with_image: bool) -> str:
         """The text this turn adds (the full first-turn prompt, or separator + the later-turn template)."""
-        prompt: PromptConfig = self.pipeline.prompt
         if self.turns == 0:
-            return prompt.first_turn(question, with_image)
-        return self._pending + prompt.turn(question, with_image)
+            return self.prompt.first_turn(question, with_image)
+        return self.pending + self.prompt.turn(question, with_image)
+
+    def next_positions(self, question: str, image_keys: list[str]) -> list[Position]:
+        """The history plus this turn's prompt: its text tokens with each image's rows in its slot."""
+        pipe = self.pipeline
+        text = self.prompt_text(question, with_image=bool(image_keys))
+        held = len(self.positions)
+        fewest = -(-len(text.encode("utf-8")) // pipe.max_token_bytes) + len(image_keys) * pipe.image_tokens
+        if held + fewest + 1 > pipe.n_ctx:  # refused before tokenizing (a 10 MB question costs 1 GB there)
+            raise ContextOverflowError(held, fewest + 1, pipe.n_ctx)
+        segments = split_prompt(
+            text, pipe.tokenizer, len(image_keys), add_bos=self.turns == 0 and self.prompt.add_bos
+        )
+        positions = list(self.positions)
+        for i, ids in enumerate(segments.texts):
+            positions += ids
+            if i < len(image_keys):
+                positions += [(image_keys[i], r) for r in range(pipe.image_tokens)]
+        return positions
+
+    def extend(self, positions: list[Position], images: dict[str, np.ndarray], pending: str) -> None:
+        """Record a finished turn: the whole history now, the images it holds, the text before the next."""
+        self.positions = list(positions)
+        held = {p[0] for p in self.positions if not isinstance(p, int)}
+        self.images = {k: v for k, v in images.items() if k in held}
+        self.pending = pending
+        self.turns += 1
 
 
 class Turn:
     """One turn as an iterator of text pieces; `answer` is set when it ends (exhausted or closed)."""
 
-    def __init__(self, chat: Chat, question: str, image: ImageSource | None, sampling: SamplingConfig):
-        if not isinstance(question, str):
-            raise ConfigError(f"question: expected a string, got {type(question).__name__}")
+    def __init__(
+        self,
+        chat: Chat,
+        question: str,
+        image: ImageSource | None,
+        sampling: SamplingConfig,
+        constraint: TokenConstraint | None = None,
+        cancel: threading.Event | None = None,
+    ):
+        check_question(question)
         self.chat, self.question, self.image, self.sampling = chat, question, image, sampling
+        self.constraint, self.cancel = constraint, cancel
         self.answer: Answer | None = None
         self._gen = self._run()
 
@@ -367,11 +420,12 @@ class Turn:
 
     def _run(self) -> Iterator[str]:
         pipe, chat = self.chat.pipeline, self.chat
-        pipe._gate.acquire()
+        pipe.gate.acquire()
         try:
+            pipe.check_open()
             yield from self._locked(pipe, chat)
         finally:
-            pipe._gate.release()
+            pipe.gate.release()
 
     def _locked(self, pipe: Pipeline, chat: Chat) -> Iterator[str]:
         t_start = time.perf_counter()
@@ -379,23 +433,21 @@ class Turn:
         images = dict(chat.images)
         keys = []
         if self.image is not None:
-            key, embeds = pipe._embed_image(self.image, timings)
+            key, embeds = pipe.encode_image(self.image, timings)
             images[key] = embeds
             keys.append(key)
-        text = chat.prompt_text(self.question, with_image=bool(keys))
-        segments = split_prompt(text, pipe.tokenizer, len(keys), add_bos=chat.turns == 0)
-        positions = list(chat.positions)
-        for i, ids in enumerate(segments.texts):
-            positions += ids
-            if i < len(keys):
-                positions += [(keys[i], r) for r in range(pipe.image_tokens)]
+        positions = chat.next_positions(self.question, keys)
         if len(positions) + 1 > pipe.n_ctx:
             held = len(chat.positions)  # +1: room for at least one answer token
             raise ContextOverflowError(held, len(positions) - held + 1, pipe.n_ctx)
 
-        logits = pipe._prefill(positions, images, timings)
+        pre = pipe.prefix.prefill(positions, images)
+        timings.prefill_tokens += pre.evaluated
+        timings.prefill_ms += pre.ms
+        logits = pre.logits
         sampler = Sampler(self.sampling)
-        stream = AnswerStream(pipe._token_bytes, pipe.prompt.separator)
+        constraint = self.constraint
+        stream = AnswerStream(pipe.token_bytes, "" if constraint is not None else chat.prompt.separator)
         eos = pipe.tokenizer.eos_id
         ids: list[int] = []
         stop = "closed"
@@ -403,12 +455,17 @@ class Turn:
         closed = False
         try:
             while True:
-                token = sampler(logits, ids)
+                if self.cancel is not None and self.cancel.is_set():
+                    stop = "cancelled"
+                    break
+                token = sampler(logits, ids, constraint.allowed() if constraint is not None else None)
                 if not ids:
                     timings.first_token_ms = (time.perf_counter() - t_start) * 1e3
                 if token == eos:
                     stop = "eos"
                     break
+                if constraint is not None:
+                    constraint.accept(token)
                 ids.append(token)
                 piece, at_sep = stream.push(token)
                 if piece:
@@ -416,13 +473,16 @@ class Turn:
                 if at_sep:
                     stop = "separator"
                     break
+                if constraint is not None and constraint.done():
+                    stop = "constraint"
+                    break
                 if len(ids) >= self.sampling.max_new_tokens:
                     stop = "max_new_tokens"
                     break
-                if len(pipe._cached) + 1 > pipe.n_ctx:
+                if len(pipe.prefix) + 1 > pipe.n_ctx:
                     stop = "context"
                     break
-                logits = pipe._step(token)
+                logits = pipe.prefix.step(token)
                 timings.decode_tokens += 1
             piece = stream.finish()
             if piece:
@@ -436,19 +496,15 @@ class Turn:
                 self._commit(pipe, chat, positions, images, ids, stream, stop, timings)
 
     def _commit(self, pipe, chat, positions, images, ids, stream, stop, timings) -> None:
-        kept, leftover = _history_ids(ids, stream, pipe._token_bytes)
-        chat.positions = positions + kept
-        held = {p[0] for p in chat.positions if not isinstance(p, int)}
-        chat.images = {k: v for k, v in images.items() if k in held}
-        chat._pending = leftover + pipe.prompt.separator
-        chat.turns += 1
+        kept, leftover = _history_ids(ids, stream, pipe.token_bytes)
+        chat.extend(positions + kept, images, leftover + chat.prompt.separator)
         if stop == "closed":
             text = stream.text[: stream.shown]
         elif stream.answer_chars is not None:
             text = stream.text[: stream.answer_chars]
         else:
             text = stream.text
-        self.answer = Answer(text.strip(), tuple(ids), stop, timings)
+        self.answer = Answer(text.strip(), tuple(ids), stop, timings, len(positions))
 
 
 def _history_ids(ids: list[int], stream: AnswerStream, token_bytes: TokenBytes) -> tuple[list[int], str]:
@@ -475,6 +531,17 @@ def _open_decoder(path: Path, **kwargs):
     from .decoder import Decoder  # the ggml half; imported on use
 
     return Decoder(path, **kwargs)
+
+
+def check_question(question: object) -> str:
+    """A question is UTF-8 text without the prompt's image slot (images go in with image=)."""
+    check_text(question, "question")
+    if IMAGE_PLACEHOLDER in question:
+        raise ConfigError(
+            f"question: expected no {IMAGE_PLACEHOLDER} (the prompt's image slot; attach images with "
+            "image=), found one in the text"
+        )
+    return question
 
 
 def trained_context(path: Path) -> int:

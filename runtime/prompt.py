@@ -1,8 +1,9 @@
 """Prompt -> token segments with image slots, as TinyGPT-V's `get_context_emb` builds them.
 
 The prompt text is split at `<ImageHere>`; each text piece is tokenized on its own and the image
-embeddings go between the pieces. BOS is put before the first piece, as in training
-(`minigpt_base.py` prepends the bos embedding to every sequence).
+embeddings go between the pieces. Whether a BOS goes before the first piece is a property of the
+model (`PromptConfig.add_bos`, the GGUF's `tokenizer.ggml.add_bos_token`): the project's training
+prepends one (as `minigpt_base.py` does in training); the official inference adds none.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ class Segments:
         return sum(len(t) for t in self.texts) + self.n_images * image_tokens
 
 
-def split_prompt(prompt: str, tokenizer: Tokenizer, n_images: int, add_bos: bool = True) -> Segments:
-    """Tokenize `prompt` around its `<ImageHere>` slots; the slot count must equal `n_images`."""
+def split_prompt(prompt: str, tokenizer: Tokenizer, n_images: int, *, add_bos: bool) -> Segments:
+    """Tokenize `prompt` around its `<ImageHere>` slots; the slot count must equal `n_images`.
+
+    `add_bos`: the model's `PromptConfig.add_bos` on a conversation's first turn, False after it.
+    """
     pieces = prompt.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != n_images:
         raise ConfigError(

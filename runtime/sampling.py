@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericsError
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,17 @@ TINYGPTV = SamplingConfig(
 PRESETS = {"greedy": GREEDY, "tinygptv": TINYGPTV}
 
 
+class TokenConstraint(Protocol):
+    """What may come next (e.g. a grammar): `allowed()` a (V,) bool mask, `accept(token)` after each
+    choice, `done()` once nothing more may follow."""
+
+    def allowed(self) -> np.ndarray: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def done(self) -> bool: ...
+
+
 class Sampler:
     """Stateful chooser for one answer: holds the random generator seeded from `cfg.seed`."""
 
@@ -75,15 +87,26 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+    def __call__(
+        self, logits: np.ndarray, previous: Sequence[int] = (), allowed: np.ndarray | None = None
+    ) -> int:
+        """The next token; `allowed` (bool, up to V entries; missing ones count as False) masks the choice."""
         x = np.array(logits, dtype=np.float64).reshape(-1)  # (V,) a copy
-        if not np.isfinite(x).any():
-            raise ValueError(f"no finite logit among {x.size}: the decoder produced NaN/inf")
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise NumericsError(f"{bad} of {x.size} logits are NaN or infinity: expected finite logits")
         cfg = self.cfg
         if cfg.repetition_penalty != 1.0 and len(previous):
             ids = np.unique(np.asarray(previous, dtype=np.int64))
             seen = x[ids]
             x[ids] = np.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        if allowed is not None:
+            keep = np.zeros(x.size, dtype=bool)
+            n = min(x.size, len(allowed))
+            keep[:n] = np.asarray(allowed[:n], dtype=bool)
+            if not keep.any():
+                raise ValueError("the token constraint allows no token")
+            x = np.where(keep, np.nan_to_num(x, nan=-np.inf, posinf=np.finfo(np.float64).max), -np.inf)
         if not cfg.do_sample:
             return int(np.argmax(x))
         return self._draw(warp(x, cfg.temperature, cfg.top_k, cfg.top_p))
@@ -95,8 +118,12 @@ class Sampler:
 
 
 def warp(x: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """Temperature, then top-k, then top-p (nucleus) masking with -inf; always keeps the best token."""
-    x = x / temperature
+    """Temperature, then top-k, then top-p (nucleus) masking with -inf; always keeps the best token.
+
+    The best logit is moved to 0 before dividing, so a tiny temperature (1e-320) sends the others to
+    -inf (probability 0) instead of every logit to +-inf (NaN probabilities)."""
+    with np.errstate(over="ignore", divide="ignore"):
+        x = (x - x.max()) / temperature
     if 0 < top_k < x.size:
         kth = np.partition(x, -top_k)[-top_k]
         x = np.where(x < kth, -np.inf, x)

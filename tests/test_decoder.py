@@ -21,6 +21,7 @@ from tinygptv_edge.export.gguf.export import export_gguf, export_source  # noqa:
 from tinygptv_edge.export.gguf.source import model_source  # noqa: E402
 from tinygptv_edge.runtime.decoder import Decoder  # noqa: E402
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError  # noqa: E402
+from tinygptv_edge.runtime.metrics import kl_divergence  # noqa: E402
 
 LEVELS = ("F32", "F16", "Q8_0", "Q4_0")
 PROMPT = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3, 200, 45, 18, 2]
@@ -45,13 +46,7 @@ def ref_logits(phi, ids) -> np.ndarray:
 
 def kl_top1(p_logits: np.ndarray, q_logits: np.ndarray) -> tuple[float, float]:
     """Mean KL(p || q) over positions and the top-1 agreement."""
-
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
-    kl = (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    kl = kl_divergence(p_logits, q_logits).mean()
     return float(kl), float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean())
 
 

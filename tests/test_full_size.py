@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 
 import pytest
@@ -10,11 +9,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
+from tinygptv_edge.runtime.memory import peak_rss_bytes  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 def test_full_size_synthesizes_and_loads(tmp_path):

@@ -41,14 +41,12 @@ def read(path: Path) -> tuple[dict, dict]:
 
 def source_arrays(model) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array in GGUF row order, straight from the reference model."""
-    names = {**C.CANONICAL_TO_GGUF_GLOBAL}
-    for i in range(model.cfg.language.layers):
-        names.update({k.format(i=i): v.format(i=i) for k, v in C.CANONICAL_TO_GGUF_BLOCK.items()})
+    tensors = {t.canonical: t for t in C.language_tensors(model.cfg.language.layers)}
     out = {}
     for k, v in model.language.state_dict().items():
         a = v.float().numpy()
-        g = names[f"language.{k}"]
-        out[g] = qkv_to_gguf(a, model.cfg.language.heads) if ".attn_qkv." in g else a
+        t = tensors[f"language.{k}"]
+        out[t.gguf] = qkv_to_gguf(a, model.cfg.language.heads) if t.qkv else a
     return out
 
 
@@ -123,6 +121,13 @@ def test_metadata_tokenizer_and_prompt(tiny, tmp_path):
     assert fields[C.TINYGPTV_KEYS["prompt_user_template"]] == P.user_template
     assert fields[C.TINYGPTV_KEYS["prompt_separator"]] == P.separator
     assert fields[C.TINYGPTV_KEYS["image_tokens"]] == tiny.cfg.num_image_tokens
+
+
+def test_metadata_has_the_format_version(tiny, tmp_path):
+    out = tmp_path / "lm.gguf"
+    export_gguf(tiny.model, tiny.tokenizer, out, "F32")
+    fields, _ = read(out)
+    assert fields[C.TINYGPTV_KEYS["format_version"]] == C.GGUF_FORMAT_VERSION == 1
 
 
 def test_qkv_rows_are_q_then_k_then_v(tiny, tmp_path):
@@ -257,7 +262,7 @@ def test_imatrix_counts_image_tokens(tiny):
     q = "What is this?"
     im = collect_imatrix(tiny.model, tiny.tokenizer, [(pixels(tiny.cfg, 1)[0], q)])
     prompt = tiny.cfg.prompt.first_turn(q)
-    T = split_prompt(prompt, tiny.tokenizer, 1).length(tiny.cfg.num_image_tokens)
+    T = split_prompt(prompt, tiny.tokenizer, 1, add_bos=True).length(tiny.cfg.num_image_tokens)
     assert im.counts["blk.0.attn_qkv.weight"] == im.counts["output.weight"] == T
     assert all(v.shape == (im.values[k].shape[0],) and (v >= 0).all() for k, v in im.values.items())
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tinygptv_edge.runtime import ggml_runtime as G
+from tinygptv_edge.runtime.memory import rss_bytes
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,7 @@ def _buffer(ggml, kv) -> np.ndarray:
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    return rss_bytes() / 2**20
 
 
 @pytest.mark.parametrize("n_ctx", [8, 2048])  # small: heap memory that may be dirty; large: fresh pages

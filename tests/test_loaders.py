@@ -15,7 +15,7 @@ from tinygptv_edge.export.checkpoints.single import load_single  # noqa: E402
 from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize  # noqa: E402
 from tinygptv_edge.export.model import lora as lora_ops  # noqa: E402
 from tinygptv_edge.runtime.errors import (  # noqa: E402
-    ConfigError,
+    CheckpointError,
     MissingKeysError,
     NonFiniteTensorError,
     ShapeMismatchError,
@@ -197,11 +197,34 @@ def test_non_finite_tensor_is_refused(tiny, tmp_path):
         load_tinygptv(**_paths(root), cfg=tiny.cfg)
 
 
-def test_lora_rank_mismatch_is_a_config_error(tiny, tmp_path):
+def test_lora_rank_is_read_from_the_shapes_and_alpha_from_the_config(tiny, tmp_path):
+    """The stage file has rank 4 (tiny); a config saying r=8 no longer matters: scale = alpha / 4."""
     root = _copy_set(tiny, tmp_path)
     cfg = tiny.cfg.replace(lora=tiny.cfg.lora.__class__(r=8, alpha=16.0))
-    with pytest.raises(ConfigError, match="expected LoRA rank 8"):
-        load_tinygptv(**_paths(root), cfg=cfg)
+    model, summary = load_tinygptv(**_paths(root), cfg=cfg)
+    assert (summary.lora_rank, summary.lora_alpha, model.cfg.lora.r) == (4, 16.0, 4)
+    assert "LoRA rank 4 (from the tensor shapes), alpha 16 (from the config), scale 4" in summary.format()
+    res = tiny.synth
+    for weight, (a, b) in res.lora.items():
+        want = res.base[weight] + 4.0 * (b @ a)
+        torch.testing.assert_close(model.state_dict()[weight], want, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_ranks_that_disagree_are_refused(tiny, tmp_path):
+    root = _copy_set(tiny, tmp_path)
+    path = root / "TinyGPT-V_for_Stage3.pth"
+    obj = torch.load(path, weights_only=True)
+    key = N.STAGE_LM_PREFIX + "model.layers.1.self_attn.dense.lora_{}.weight"
+    obj["model"][key.format("A")] = torch.zeros(2, tiny.cfg.language.hidden)
+    torch.save(obj, path)
+    with pytest.raises(
+        CheckpointError, match=r"lora_A \(r, in\) and lora_B \(out, r\).*A \(2, 64\) B \(64, 4\)"
+    ):
+        load_tinygptv(**_paths(root), cfg=tiny.cfg)
+    obj["model"][key.format("B")] = torch.zeros(tiny.cfg.language.hidden, 2)
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="expected one LoRA rank across layers, got 4 .*, 2 "):
+        load_tinygptv(**_paths(root), cfg=tiny.cfg)
 
 
 def test_stage_without_norms_is_missing_keys(tiny, tmp_path):

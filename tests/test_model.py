@@ -74,7 +74,7 @@ def test_vision_tower_shapes_and_batch_independence(tiny):
 
 def test_prompt_splice_puts_bos_first_and_images_at_placeholders(tiny):
     tok = tiny.tokenizer
-    seg = split_prompt("A<ImageHere>B C<ImageHere>", tok, 2)
+    seg = split_prompt("A<ImageHere>B C<ImageHere>", tok, 2, add_bos=True)
     assert seg.texts[0][0] == tok.bos_id and seg.texts[2] == ()
     Q, H = tiny.cfg.qformer.num_query_tokens, tiny.cfg.language.hidden
     imgs = [torch.full((Q, H), 1.0), torch.full((Q, H), 2.0)]
@@ -84,7 +84,7 @@ def test_prompt_splice_puts_bos_first_and_images_at_placeholders(tiny):
     assert torch.equal(emb[0, n0 : n0 + Q], imgs[0])
     assert torch.equal(emb[0, n0 + Q + n1 :], imgs[1])
     with pytest.raises(ConfigError, match="2 <ImageHere> slot"):
-        split_prompt("A<ImageHere>B<ImageHere>", tok, 1)
+        split_prompt("A<ImageHere>B<ImageHere>", tok, 1, add_bos=True)
 
 
 def test_greedy_generate_is_argmax_of_full_recompute(tiny):

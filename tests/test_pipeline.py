@@ -7,6 +7,7 @@ end-to-end parity and is skipped only while that module does not exist.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 
@@ -22,7 +23,7 @@ from tinygptv_edge.runtime.errors import (
     ModelMismatchError,
     PipelineBusyError,
 )
-from tinygptv_edge.runtime.pipeline import Pipeline
+from tinygptv_edge.runtime.pipeline import Pipeline, Timings
 from tinygptv_edge.runtime.preprocess import preprocess
 from tinygptv_edge.runtime.sampling import SamplingConfig
 from tinygptv_edge.runtime.vision import VisionEncoder
@@ -141,6 +142,42 @@ def test_vision_file_errors(tmp_path, files):
     onnx.save(proto, str(bare))
     with pytest.raises(ModelFileError, match="metadata lacks"):
         VisionEncoder(bare)
+
+
+def test_vision_format_version(tmp_path, files):
+    """A newer graph is refused with a typed error that says what to do; an unversioned one reads as 1."""
+    import onnx
+
+    from tinygptv_edge.runtime.contract import ONNX_FORMAT_VERSION, ONNX_META
+    from tinygptv_edge.runtime.errors import FormatVersionError
+
+    key = ONNX_META["format_version"]
+    assert VisionEncoder(files[0]).format_version == ONNX_FORMAT_VERSION
+
+    def variant(name: str, value: str | None):
+        proto = onnx.load(str(files[0]))
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != key]
+        del proto.metadata_props[:]
+        for k, v in kept + ([(key, value)] if value is not None else []):
+            proto.metadata_props.add(key=k, value=v)
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(proto, str(path))
+        return path
+
+    newer = variant("newer", str(ONNX_FORMAT_VERSION + 1))
+    with pytest.raises(FormatVersionError) as e:
+        VisionEncoder(newer)
+    assert str(e.value) == (
+        f"{newer}: written by format version {ONNX_FORMAT_VERSION + 1}, this runtime reads up to "
+        f"{ONNX_FORMAT_VERSION}: upgrade tinygptv-edge"
+    )
+    assert isinstance(e.value, ModelFileError)
+    for bad in ("0", "two"):
+        with pytest.raises(
+            ModelFileError, match=f"format_version: expected a format version >= 1, got '{bad}'"
+        ):
+            VisionEncoder(variant(f"bad-{bad}", bad))
+    assert VisionEncoder(variant("unversioned", None)).format_version == 1  # written before versions
 
 
 def test_vision_width_must_match_decoder(make_any, files, tmp_path):
@@ -262,10 +299,79 @@ def test_image_cache(make_any):
     assert off.ask("q", photo(9), GREEDY).timings.images_cached == 0
 
 
+def test_image_cache_on_disk_across_pipelines(make_any, tmp_path):
+    first = make_any(image_cache_dir=tmp_path).ask("q", photo(9), GREEDY)
+    assert first.timings.images_cached == 0 and len(list(tmp_path.glob("*.npy"))) == 1
+    restarted = make_any(image_cache_dir=tmp_path, image_cache_size=0)  # disk tier only
+    again = restarted.ask("q", photo(9), GREEDY)
+    assert again.timings.images_cached == 1 and again.token_ids == first.token_ids
+    with pytest.raises(PipelineBusyError, match="hold pipeline.gate"):
+        restarted.encode_image(photo(9), Timings())  # only inside a turn (or through embed_image)
+    np.testing.assert_array_equal(restarted.embed_image(photo(9)), make_any().embed_image(photo(9)))
+
+
 def test_sampling_with_seed_is_reproducible(make_any):
     pipe = make_any()
     cfg = SamplingConfig(max_new_tokens=N, do_sample=True, top_p=0.9, repetition_penalty=1.05, seed=11)
     assert pipe.ask("x", photo(1), cfg).token_ids == pipe.ask("x", photo(1), cfg).token_ids
+
+
+def test_replayed_history_reuses_the_cache_and_equals_the_live_chat(make_any):
+    pipe = make_any()
+    live = pipe.chat(GREEDY)
+    a1 = live.ask("first", photo(5))
+    a2 = live.ask("second")
+    replay = pipe.chat(GREEDY)
+    replay.add_turn("first", photo(5), list(a1.token_ids))
+    b2 = replay.ask("second")
+    assert b2.token_ids == a2.token_ids and b2.prompt_tokens == a2.prompt_tokens
+    assert b2.timings.prefill_tokens == 1  # everything else was in the KV cache already
+    assert b2.timings.images_cached == 0 and replay.turns == 2
+    as_text = pipe.chat(GREEDY)  # an answer given as text is tokenized
+    as_text.add_turn("first", photo(5), a1.text)
+    assert as_text.positions[: len(a1.token_ids)] == replay.positions[: len(a1.token_ids)]
+
+
+def test_warm_caches_the_common_start(make_any):
+    pipe = make_any()
+    n = pipe.warm()
+    assert n > 1 and len(pipe.prefix) == n
+    ans = pipe.ask("q", photo(1), GREEDY)
+    assert ans.timings.prefill_tokens == ans.prompt_tokens - n
+    assert ans.token_ids == make_any().ask("q", photo(1), GREEDY).token_ids
+
+
+class FixedSequence:
+    """A TokenConstraint that allows exactly one token sequence."""
+
+    def __init__(self, ids):
+        self.ids, self.at = list(ids), 0
+
+    def allowed(self):
+        mask = np.zeros(1000, bool)
+        mask[self.ids[self.at]] = True
+        return mask
+
+    def accept(self, token):
+        assert token == self.ids[self.at]
+        self.at += 1
+
+    def done(self):
+        return self.at == len(self.ids)
+
+
+def test_constraint_and_cancel(make_any, tiny):
+    pipe = make_any()
+    want = tiny.tokenizer.encode("a b ### c")  # the separator does not end a constrained answer
+    ans = pipe.chat(GREEDY).stream("q", None, constraint=FixedSequence(want))
+    text = "".join(ans)
+    assert list(ans.answer.token_ids) == want and ans.answer.stop == "constraint" and text == "a b ### c"
+    stop = threading.Event()
+    turn = pipe.chat(SamplingConfig(max_new_tokens=50)).stream("q", None, cancel=stop)
+    stop.set()
+    assert list(turn) == [] and turn.answer.stop == "cancelled" and turn.answer.token_ids == ()
+    other = pipe.chat(GREEDY, dataclasses.replace(tiny.cfg.prompt, system="Another system prompt."))
+    assert other.prompt_text("q", False).startswith("Another system prompt.###")
 
 
 # -- stops and history --------------------------------------------------------------------------

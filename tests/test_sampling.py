@@ -97,3 +97,13 @@ def test_nan_logits_are_an_error():
 def test_config_validation(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         SamplingConfig(**bad)
+
+
+def test_allowed_mask_restricts_the_choice():
+    logits = np.array([5.0, 1.0, 3.0, 2.0], np.float32)
+    assert Sampler(GREEDY)(logits, allowed=np.array([False, True, False, True])) == 3
+    assert Sampler(GREEDY)(logits, allowed=np.array([False, True])) == 1  # entries past the mask: False
+    sampled = Sampler(SamplingConfig(do_sample=True, temperature=2.0, seed=0))
+    assert {sampled(logits, allowed=np.array([False, True, False, True])) for _ in range(50)} == {1, 3}
+    with pytest.raises(ValueError, match="allows no token"):
+        Sampler(GREEDY)(logits, allowed=np.zeros(4, bool))

@@ -14,7 +14,9 @@ wrong shape raises a typed error naming it. Tolerated gaps are listed in the `Lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.bounds import check_layers
 from tinygptv_edge.export.checkpoints.safeio import (
     check_finite,
     iter_safetensors,
@@ -54,8 +57,12 @@ class LoadSummary:
     ignored: dict[str, int] = field(default_factory=dict)  # source -> tensors ignored by rule
     lora_merged: list[str] = field(default_factory=list)
     lora_attached: list[str] = field(default_factory=list)
+    lora_rank: int | None = None  # read from the tensor shapes
+    lora_alpha: float | None = None  # from the config (peft 0.2.0 files do not record it)
     pos_embed: str | None = None
     layout: str | None = None
+    add_bos: bool | None = None  # the prompt's BOS rule the model was loaded with
+    template: str | None = None  # the prompt's turn template, by name
 
     def format(self) -> str:
         lines = [f"loaded {self.loaded} tensors from {len(self.sources)} source(s)"]
@@ -67,10 +74,20 @@ class LoadSummary:
         if self.defaulted:
             kinds = sorted({re.sub(r"\.\d+\.", ".N.", k) for k in self.defaulted})
             lines.append(f"  left at initial value: {len(self.defaulted)} tensor(s): {', '.join(kinds)}")
+        if self.lora_rank is not None:
+            alpha = self.lora_alpha
+            lines.append(
+                f"  LoRA rank {self.lora_rank} (from the tensor shapes), alpha {alpha:g} (from the config), "
+                f"scale {alpha / self.lora_rank:g}"
+            )
         if self.lora_merged:
             lines.append(f"  LoRA merged into {len(self.lora_merged)} linear layer(s)")
         if self.lora_attached:
             lines.append(f"  LoRA attached unmerged to {len(self.lora_attached)} linear layer(s)")
+        if self.template:
+            lines.append(f"  prompt template: {self.template}")
+        if self.add_bos is not None:
+            lines.append(f"  BOS before the first turn: {'yes' if self.add_bos else 'no'}")
         if self.pos_embed:
             lines.append(f"  pos_embed: {self.pos_embed}")
         return "\n".join(lines)
@@ -88,6 +105,8 @@ class Collector:
             raise UnexpectedKeysError([name], source)
         if tuple(t.shape) != self.shapes[name]:
             raise ShapeMismatchError(name, self.shapes[name], tuple(t.shape), source)
+        if not t.is_floating_point():  # an integer or bool tensor cast to float would be garbage weights
+            raise CheckpointError(f"{name} in {source}: expected a floating-point tensor, got {t.dtype}")
         t = t.detach().to(torch.float32).contiguous()
         check_finite(name, t, source)
         if name not in self.tensors:
@@ -109,40 +128,57 @@ def phi2_config(folder: str | Path) -> LanguageConfig:
     """LanguageConfig from a Phi-2 `config.json` (transformers `phi` or original `phi-msft` keys)."""
     path = Path(folder) / "config.json"
     try:
-        c = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"cannot read Phi-2 config {path}: {e}") from e
-    if "n_embd" in c:  # phi-msft
-        hidden, heads = c["n_embd"], c["n_head"]
-        return LanguageConfig(
-            vocab_size=c["vocab_size"],
-            hidden=hidden,
-            layers=c["n_layer"],
-            heads=heads,
-            intermediate=c.get("n_inner") or 4 * hidden,
-            max_positions=c.get("n_positions", 2048),
-            partial_rotary_factor=c.get("rotary_dim", 32) / (hidden // heads),
-            layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-            qk_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-        )
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(c).__name__}")
+
+    def get(key: str, kind: type | tuple[type, ...] = int, default=None):
+        value = c.get(key, default)
+        if value is None and default is None:
+            raise CheckpointError(f"{path}: missing config key {key!r}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: {key}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    number = (int, float)
     try:
+        if "n_embd" in c:  # phi-msft
+            hidden, heads = get("n_embd"), get("n_head")
+            rotary = get("rotary_dim", int, 32)
+            return LanguageConfig(
+                vocab_size=get("vocab_size"),
+                hidden=hidden,
+                layers=get("n_layer"),
+                heads=heads,
+                intermediate=get("n_inner", int, 4 * hidden) if c.get("n_inner") else 4 * hidden,
+                max_positions=get("n_positions", int, 2048),
+                partial_rotary_factor=rotary / (hidden // heads) if heads > 0 and hidden >= heads else 0.0,
+                layer_norm_eps=get("layer_norm_epsilon", number, 1e-5),
+                qk_norm_eps=get("layer_norm_epsilon", number, 1e-5),
+            )
         return LanguageConfig(
-            vocab_size=c["vocab_size"],
-            hidden=c["hidden_size"],
-            layers=c["num_hidden_layers"],
-            heads=c["num_attention_heads"],
-            intermediate=c["intermediate_size"],
-            max_positions=c.get("max_position_embeddings", 2048),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            partial_rotary_factor=c.get("partial_rotary_factor", 0.4),
-            layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-            qk_norm_eps=c.get("layer_norm_eps", 1e-5),
+            vocab_size=get("vocab_size"),
+            hidden=get("hidden_size"),
+            layers=get("num_hidden_layers"),
+            heads=get("num_attention_heads"),
+            intermediate=get("intermediate_size"),
+            max_positions=get("max_position_embeddings", int, 2048),
+            rope_theta=float(get("rope_theta", number, 10000.0)),
+            partial_rotary_factor=get("partial_rotary_factor", number, 0.4),
+            layer_norm_eps=get("layer_norm_eps", number, 1e-5),
+            qk_norm_eps=get("layer_norm_eps", number, 1e-5),
         )
-    except KeyError as e:
-        raise CheckpointError(f"{path}: missing config key {e}") from e
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _kind_name(kind) -> str:
+    return "a number" if isinstance(kind, tuple) else "an integer"
+
+
+def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         files = sorted(p for p in folder.glob("*.bin") if p.name != "training_args.bin")
@@ -162,6 +198,10 @@ def _weight_file_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
         return safetensors_keys(path)
     return list(tensor_dict(load_pickle(path), path))
+
+
+def _phi2_keys(folder: str | Path) -> list[str]:
+    return [k for f in weight_files(Path(folder)) for k in _weight_file_keys(f)]
 
 
 def detect_phi_layout(keys: Iterable[str]) -> str:
@@ -192,7 +232,7 @@ def iter_phi2(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical name, tensor) from a Phi-2 folder; the qkv layout is converted."""
     folder = Path(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     keys = [k for f in files for k in _weight_file_keys(f)]
     layout = summary.layout = detect_phi_layout(keys)
     table = _phi_table(layout, range(cfg.layers))
@@ -269,7 +309,15 @@ def _eva_tensors(sd, prefix, cfg, summary, source) -> Iterator[tuple[str, torch.
 
 def _resize_pos_embed(t: torch.Tensor, cfg: TinyGPTVConfig, summary: LoadSummary) -> torch.Tensor:
     grid = cfg.vision.grid
-    old = round((t.shape[1] - 1) ** 0.5)
+    if t.ndim != 3 or t.shape[0] != 1 or t.shape[1] < 2:
+        raise ShapeMismatchError("pos_embed", (1, 1 + grid * grid, cfg.vision.width), tuple(t.shape))
+    old = math.isqrt(t.shape[1] - 1)
+    if old * old != t.shape[1] - 1:
+        raise ShapeMismatchError(
+            f"pos_embed (1 + {t.shape[1] - 1} positions: not a square grid)",
+            (1, 1 + grid * grid, cfg.vision.width),
+            tuple(t.shape),
+        )
     if old != grid:
         summary.pos_embed = f"interpolated bicubically from {old}x{old} to {grid}x{grid}"
         return interpolate_pos_embed(t.float(), grid)
@@ -311,6 +359,7 @@ def qformer_table(cfg: TinyGPTVConfig) -> dict[str, str]:
 class StageTensors:
     plain: list[tuple[str, torch.Tensor]]  # canonical name -> tensor (overlay)
     lora: dict[str, dict[str, torch.Tensor]]  # canonical weight name -> {'A': ..., 'B': ...}
+    rank: int | None = None  # the LoRA rank, read from the shapes (None: no LoRA pairs)
 
 
 def read_stage(path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary) -> StageTensors:
@@ -359,13 +408,29 @@ def read_stage(path: str | Path, cfg: TinyGPTVConfig, summary: LoadSummary) -> S
     for weight, pair in out.lora.items():
         if set(pair) != {"A", "B"}:
             raise MissingKeysError([f"{weight}: lora_{'A' if 'A' not in pair else 'B'}"], source)
-        r = pair["A"].shape[0]
-        if r != cfg.lora.r or pair["B"].shape[1] != r:
-            raise ConfigError(
-                f"{weight}: expected LoRA rank {cfg.lora.r}, got A {tuple(pair['A'].shape)} "
-                f"B {tuple(pair['B'].shape)} (set lora.r in the config)"
-            )
+    out.rank = lora_rank(out.lora, source)
     return out
+
+
+def lora_rank(lora: dict[str, dict[str, torch.Tensor]], source: str) -> int | None:
+    """The rank r of every pair: A (r, in), B (out, r), the same r in every layer; None without pairs.
+
+    peft keeps r and alpha in its adapter config, which TinyGPT-V's stage files do not carry: the
+    rank is read from the shapes, alpha comes from the config.
+    """
+    ranks: dict[int, str] = {}
+    for weight, pair in lora.items():
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise CheckpointError(
+                f"{source}: {weight}: expected lora_A (r, in) and lora_B (out, r) with the same r, "
+                f"got A {tuple(a.shape)} B {tuple(b.shape)}"
+            )
+        ranks.setdefault(int(a.shape[0]), weight)
+    if len(ranks) > 1:
+        seen = ", ".join(f"{r} ({w})" for r, w in ranks.items())
+        raise CheckpointError(f"{source}: expected one LoRA rank across layers, got {seen}")
+    return next(iter(ranks), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +475,7 @@ def _expand_names(templates: list[str], layers: int) -> set[str]:
 def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[PhiModel, LoadSummary]:
     """A Phi-2 folder alone as the modified language model (TinyGPT-V's norms at their init)."""
     cfg = cfg or phi2_config(folder)
+    check_layers(cfg.layers, _phi2_keys(folder), "language.layers", str(folder))
     summary = LoadSummary(sources=[str(folder)])
     with torch.device("meta"):
         model = PhiModel(cfg)
@@ -419,6 +485,22 @@ def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[Ph
         col.put(name, t, str(folder))
     _finish(model, col, _expand_names(N.ADDED_NORMS, cfg.layers), str(folder), strip="language.")
     return model, summary
+
+
+def official_config(phi2: str | Path, stage_num: int = 3) -> TinyGPTVConfig:
+    """Real sizes for `stage_num` with the language part from the Phi-2 folder's config.json, and the
+    prompt as the official inference builds it: the stage's template, no BOS (`OFFICIAL_ADD_BOS`)."""
+    cfg = full_config(stage_num)
+    prompt = dataclasses.replace(cfg.prompt, add_bos=OFFICIAL_ADD_BOS)
+    try:
+        return cfg.replace(language=phi2_config(phi2), prompt=prompt)
+    except ConfigError as e:  # vision and Q-Former sizes are in no checkpoint: only a config has them
+        raise ConfigError(f"{e} (the Phi-2 in {phi2} is not TinyGPT-V's size: pass --config JSON)") from e
+
+
+# TinyGPT-V's demo and evaluation (`conversation.py` `get_context_emb`) tokenize every prompt piece with
+# the Phi-2 (CodeGen) tokenizer, which adds no BOS; only its training code prepends one.
+OFFICIAL_ADD_BOS = False
 
 
 def load_tinygptv(
@@ -433,13 +515,20 @@ def load_tinygptv(
 ) -> tuple[TinyGPTV, LoadSummary]:
     """Assemble TinyGPT-V from the base files, with a stage checkpoint overlaid (LoRA merged).
 
-    `cfg` defaults to the real dimensions for `stage_num`, with the language part read from the
-    Phi-2 folder's config.json. Without `stage`, TinyGPT-V's added norms keep their initial values
-    and the projections must come from somewhere else: that is an error.
+    `cfg` defaults to `official_config(phi2, stage_num)`. The LoRA rank is read from the stage
+    file's tensor shapes (the config's `lora.r` is replaced by it); alpha comes from the config.
+    Without `stage`, TinyGPT-V's added norms keep their initial values and the projections must come
+    from somewhere else: that is an error.
     """
     if cfg is None:
-        cfg = full_config(stage_num).replace(language=phi2_config(phi2))
+        cfg = official_config(phi2, stage_num)
+    check_layers(cfg.language.layers, _phi2_keys(phi2), "language.layers", str(phi2))
     summary = LoadSummary(sources=[str(p) for p in (phi2, eva, blip2, stage) if p is not None])
+    st = read_stage(stage, cfg, summary) if stage is not None else StageTensors([], {})
+    if st.rank is not None:
+        cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, r=st.rank))
+        summary.lora_rank, summary.lora_alpha = st.rank, cfg.lora.alpha
+    summary.add_bos = cfg.prompt.add_bos
     model = _meta_model(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     col = Collector(shapes, summary)
@@ -449,18 +538,14 @@ def load_tinygptv(
         col.put(name, t, str(eva))
     for name, t in iter_blip2(blip2, cfg, summary):
         col.put(name, t, str(blip2))
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    if stage is not None:
-        st = read_stage(stage, cfg, summary)
-        for name, t in st.plain:
-            col.put(name, t, str(stage))
-        lora = st.lora
+    for name, t in st.plain:
+        col.put(name, t, str(stage))
     tolerated = _expand_names(N.NEVER_SAVED, cfg.language.layers)
     if stage is None:
         tolerated |= _expand_names(N.ADDED_NORMS, cfg.language.layers)
-    _apply_lora(col, lora, cfg, merge_lora, str(stage))
+    _apply_lora(col, st.lora, cfg, merge_lora, str(stage))
     _finish(model, col, tolerated, ", ".join(summary.sources))
-    for weight, pair in lora.items() if not merge_lora else ():
+    for weight, pair in st.lora.items() if not merge_lora else ():
         lora_ops.attach(model, weight.rsplit(".", 1)[0], pair["A"], pair["B"], cfg.lora.scale)
         summary.lora_attached.append(weight)
     return model, summary

@@ -1,7 +1,7 @@
 """Checkpoint name -> canonical (reference model) name, as tables: one row per tensor.
 
 `{i}` stands for a layer index. The canonical names are the reference model's `state_dict()` keys.
-Official names are those of the TinyGPT-V / LAVIS / Phi-2 checkpoints (see ../shared/TINYGPTV.md).
+Official names are those of the TinyGPT-V / LAVIS / Phi-2 checkpoints (see docs/loaders.md).
 """
 
 from __future__ import annotations

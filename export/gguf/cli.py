@@ -1,4 +1,9 @@
-"""`tinygptv-edge export-gguf`: the language model as GGUF (default: the shipped model, Q4_0, dist/)."""
+"""`tinygptv-edge export-gguf`: the language model as GGUF (default: the shipped model, Q4_0, dist/).
+
+Source flags as on every command (export/checkpoints/source.py): `--model DIR`, or the official files
+`--phi2 --eva --blip2 [--stage-ckpt] [--stage-num]`, `--config JSON`, `--template`, `--bos/--no-bos`
+(written as `tokenizer.ggml.add_bos_token`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tinygptv_edge.export.checkpoints.source import add_source_args
     from tinygptv_edge.export.gguf.quant import DEFAULT_LEVEL, LEVELS
     from tinygptv_edge.runtime.contract import LANGUAGE_FILE
 
@@ -20,14 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="dist", help=f"output folder (file {LANGUAGE_FILE}) or a path ending in .gguf"
     )
-    p.add_argument("--model", help="single-checkpoint folder (default: the model the project ships)")
-    src = p.add_argument_group("official checkpoints (instead of --model)")
-    src.add_argument("--phi2", help="Phi-2 Hugging Face folder")
-    src.add_argument("--eva", help="eva_vit_g.pth")
-    src.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth")
-    src.add_argument("--stage-ckpt", help="TinyGPT-V_for_StageN.pth")
-    src.add_argument("--stage", type=int, default=3, choices=[1, 2, 3, 4])
-    src.add_argument("--config", help="TinyGPTVConfig JSON for other sizes (default: real sizes)")
+    add_source_args(p, legacy_stage="number")
     p.add_argument("--threads", type=int, help="quantizer threads (default: CPU count, at most 16)")
     p.add_argument("--pure", action="store_true", help="every weight at the level's type (no mix rules)")
     im = p.add_argument_group("importance matrix (quantized levels)")
@@ -40,23 +37,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tinygptv_edge.export.checkpoints.source import spec_from_args
     from tinygptv_edge.export.gguf.export import export_source
     from tinygptv_edge.export.gguf.quant import get_level
     from tinygptv_edge.runtime.contract import LANGUAGE_FILE
 
     level = get_level(args.level)
+    spec = spec_from_args(args)
     out = Path(args.out)
     if out.suffix != ".gguf":
         out = out / LANGUAGE_FILE.format(ftype=level.name.lower())
     t0 = time.perf_counter()
-    src, model = _load_source(args, need_model=bool(args.imatrix_images))
+    src, loaded = spec.language(need_model=bool(args.imatrix_images) and not args.imatrix)
+    print(loaded.summary.format() if loaded else f"streaming the language tensors of {src.label}")
     imatrix = None
     if args.imatrix:
         from tinygptv_edge.export.gguf.imatrix import Imatrix
 
         imatrix = Imatrix.load(args.imatrix)
     elif args.imatrix_images:
-        imatrix = _collect(args, model, src.tokenizer)
+        imatrix = _collect(args, loaded.model, src.tokenizer)
         if args.imatrix_out:
             imatrix.save(args.imatrix_out)
     bars: dict[str, tqdm] = {}
@@ -80,75 +80,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {t.name}: rows of {t.shape[-1]} do not fit {t.wanted.name}, wrote {t.qtype.name}")
     if imatrix is not None:
         print(f"  importance matrix: {len(imatrix.values)} weights from {imatrix.chunks} calibration pair(s)")
+    print(f"  BOS before the first turn (tokenizer.ggml.add_bos_token): {src.cfg.prompt.add_bos}")
     print(f"verified every tensor; {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def _load_source(args: argparse.Namespace, need_model: bool):
-    """(LanguageSource, TinyGPTV or None): streamed from a single folder unless the model is needed."""
-    from tinygptv_edge.export.gguf.source import model_source, single_source
-    from tinygptv_edge.runtime.errors import CheckpointError
-
-    official = [args.phi2, args.eva, args.blip2]
-    if any(official) or args.stage_ckpt:
-        if not all(official):
-            raise CheckpointError("official checkpoints need --phi2, --eva and --blip2 (and --stage-ckpt)")
-        from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
-        from tinygptv_edge.runtime.config import TinyGPTVConfig
-        from tinygptv_edge.runtime.tokenizer import Tokenizer
-
-        cfg = TinyGPTVConfig.load(args.config) if args.config else None
-        model, _ = load_tinygptv(
-            phi2=args.phi2,
-            eva=args.eva,
-            blip2=args.blip2,
-            stage=args.stage_ckpt,
-            stage_num=args.stage,
-            cfg=cfg,
-        )
-
-        files = [Path(p) for p in (args.eva, args.blip2, args.stage_ckpt) if p]
-        files += sorted(Path(args.phi2).glob("*.safetensors")) or sorted(Path(args.phi2).glob("*.bin"))
-        return model_source(model, Tokenizer.from_file(args.phi2), _hashes(files)), model
-    folder = Path(args.model) if args.model else _default_folder()
-    if not need_model:
-        return single_source(folder), None
-    from tinygptv_edge.export.checkpoints.single import load_single
-
-    model, _ = load_single(folder)
-    src = single_source(folder)
-    return model_source(model, src.tokenizer, src.sha256), model
-
-
-def _default_folder() -> Path:
-    from tinygptv_edge.export.checkpoints.default import default_model_dir
-    from tinygptv_edge.runtime.errors import CheckpointError
-
-    folder = default_model_dir()
-    if not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"the shipped default model is missing from {folder}; run `make train-default`")
-    return folder
-
-
-def _hashes(files: list[Path]) -> dict[str, str]:
-    from tinygptv_edge.export.checkpoints.single import file_sha256
-
-    return {f.name: file_sha256(f) for f in tqdm(files, desc="sha256", unit="file", leave=False)}
-
-
 def _collect(args: argparse.Namespace, model, tokenizer):
-    from PIL import Image
-
+    """Importance matrix from calibration images (read as every consumer reads them: calib_data ->
+    runtime/images.py, upright RGB) paired with questions."""
     from tinygptv_edge.export.gguf.imatrix import DEFAULT_QUESTIONS, collect_imatrix
-    from tinygptv_edge.runtime.errors import ConfigError, ImageError
+    from tinygptv_edge.export.onnx.calib_data import list_images, load_image
+    from tinygptv_edge.runtime.errors import ConfigError
     from tinygptv_edge.runtime.preprocess import preprocess
 
     folder = Path(args.imatrix_images)
-    images = []
-    if folder.is_dir():
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ConfigError(f"no calibration images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    images = list_images(folder)
     questions = DEFAULT_QUESTIONS
     if args.prompts:
         questions = tuple(q.strip() for q in Path(args.prompts).read_text().splitlines() if q.strip())
@@ -158,12 +104,7 @@ def _collect(args: argparse.Namespace, model, tokenizer):
 
     def pairs():
         for i, path in enumerate(images):
-            try:
-                with Image.open(path) as im:
-                    pixels = preprocess(im, cfg)
-            except OSError as e:
-                raise ImageError(f"calibration image {path}: {e}") from e
-            yield pixels, questions[i % len(questions)]
+            yield preprocess(load_image(path), cfg), questions[i % len(questions)]
 
     bar = tqdm(total=len(images), desc="imatrix", unit="pair")
     try:

@@ -1,9 +1,9 @@
 """The language model (LoRA merged) as one GGUF v3 file, at any level, verified before it is published.
 
     source (model or single folder)            canonical names, torch tensors
-        |  plan: name map (contract) -> shape check -> ggml type per tensor (gguf_quant)
+        |  plan: name map (contract) -> shape check -> ggml type per tensor (quant)
         v
-    GGUFWriter: header, metadata (gguf_meta), tensor infos
+    GGUFWriter: header, metadata (meta), tensor infos
         |  per tensor: fetch -> finite check -> qkv rows (heads,3,d) -> (3,heads,d) -> quantize -> write
         v
     OUT.tmp  --verify: re-read, name/shape/type, dequantize vs source within BOUNDS-->  rename to OUT
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from tinygptv_edge.export.gguf.quant import (
     wanted_type,
 )
 from tinygptv_edge.export.gguf.source import LanguageSource, expected_shapes, model_source
+from tinygptv_edge.export.staging import stage_file
 from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.errors import (
     ExportError,
@@ -61,6 +61,7 @@ class TensorPlan:
     qtype: Q
     wanted: Q  # what the level asked for before the row-length fallback
     nbytes: int
+    qkv: bool = False  # fused q/k/v rows, reordered for GGUF (contract)
 
 
 @dataclass
@@ -87,10 +88,7 @@ class GGUFReport:
 
 
 def canonical_to_gguf(n_layers: int) -> dict[str, str]:
-    out = dict(C.CANONICAL_TO_GGUF_GLOBAL)
-    for i in range(n_layers):
-        out.update({k.format(i=i): v.format(i=i) for k, v in C.CANONICAL_TO_GGUF_BLOCK.items()})
-    return out
+    return {t.canonical: t.gguf for t in C.language_tensors(n_layers)}
 
 
 def plan_tensors(src: LanguageSource, level: Level, pure: bool = False) -> list[TensorPlan]:
@@ -107,14 +105,14 @@ def plan_tensors(src: LanguageSource, level: Level, pure: bool = False) -> list[
     for k, shape in src.shapes.items():
         if shape != want[k]:
             raise ShapeMismatchError(k, want[k], shape, src.label)
-    by_gguf = {v: k for k, v in names.items()}
     plans = []
-    for gname in C.gguf_tensor_names(L.layers):
-        canonical = by_gguf[gname]
-        shape = want[canonical]
-        wanted = wanted_type(level, gname, shape, L.layers, pure)
+    for t in C.language_tensors(L.layers):
+        shape = want[t.canonical]
+        wanted = wanted_type(level, t.gguf, shape, L.layers, pure)
         qtype = fit_type(wanted, shape[-1])
-        plans.append(TensorPlan(gname, canonical, shape, qtype, wanted, tensor_nbytes(qtype, shape)))
+        plans.append(
+            TensorPlan(t.gguf, t.canonical, shape, qtype, wanted, tensor_nbytes(qtype, shape), t.qkv)
+        )
     return plans
 
 
@@ -142,7 +140,7 @@ def gguf_array(src: LanguageSource, plan: TensorPlan) -> np.ndarray:
             f"{plan.source} in {src.label}: |value| up to {peak:.4g} exceeds the fp16 range ({F16_MAX}) "
             f"that {plan.qtype.name} stores; export at F32 or rescale the weights"
         )
-    if ".attn_qkv." in plan.name:
+    if plan.qkv:
         a = qkv_to_gguf(a, src.cfg.language.heads)
     return a
 
@@ -161,7 +159,7 @@ def export_gguf(
 ) -> GGUFReport:
     """Write `model.language` (a TinyGPTV, LoRA merged) as GGUF at level `ftype` ("F32" ... "Q5_K_M").
 
-    `imatrix`: an Imatrix (gguf_imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
+    `imatrix`: an Imatrix (imatrix.collect_imatrix) or GGUF weight name -> (n_per_row,) mean
     squared input; used by the quantized types only.
     `sha256`: source file name -> hash, stored in the file. `threads`: quantizer threads (default: the
     CPU count, at most 16). Returns what was written and verified.
@@ -201,7 +199,7 @@ def export_source(
     plans = plan_tensors(src, level, pure)
     imatrix = _check_imatrix(imatrix, plans) if imatrix is not None and level.quantized else None
     out = Path(out_path)
-    tmp = _temp_path(out)
+    tmp = stage_file(out)
     report = GGUFReport(out, level.name, plans, imatrix_used=sorted(imatrix or {}))
     try:
         w = GGUFWriter(str(tmp), C.GGUF_ARCH)
@@ -226,17 +224,6 @@ def export_source(
         with contextlib.suppress(OSError):
             tmp.unlink()
     return report
-
-
-def _temp_path(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "xb"):  # the usual file mode (mkstemp would make it 0600)
-            pass
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e}") from e
-    return tmp
 
 
 def _check_imatrix(imatrix: Mapping[str, np.ndarray], plans: list[TensorPlan]) -> dict[str, np.ndarray]:

@@ -80,15 +80,12 @@ class _Stats:
 
 def linear_modules(language: torch.nn.Module) -> dict[str, str]:
     """Module path inside PhiModel -> GGUF weight name, for every matmul weight of the contract."""
-    table = dict(C.CANONICAL_TO_GGUF_GLOBAL)
-    for i in range(len(language.layers)):
-        table.update({k.format(i=i): v.format(i=i) for k, v in C.CANONICAL_TO_GGUF_BLOCK.items()})
     modules = dict(language.named_modules())
     out = {}
-    for canonical, gguf_name in table.items():
-        path = canonical.removeprefix("language.").removesuffix(".weight")
-        if canonical.endswith(".weight") and isinstance(modules.get(path), torch.nn.Linear):
-            out[path] = gguf_name
+    for t in C.language_tensors(len(language.layers)):
+        path = t.canonical.removeprefix("language.").removesuffix(".weight")
+        if t.role == C.MATMUL and isinstance(modules.get(path), torch.nn.Linear):
+            out[path] = t.gguf
     return out
 
 

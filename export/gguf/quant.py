@@ -27,14 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 
+from tinygptv_edge.runtime import ggml_types
 from tinygptv_edge.runtime.errors import ConfigError, ExportError
 
 Q = GGMLQuantizationType
-QK_K = 256  # super-block of the K-quants
-
-K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class Level:
         return self.base not in (Q.F32, Q.F16)
 
 
-SUPPORTED = (Q.F32, Q.F16, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED = tuple(Q[name] for name in ggml_types.WEIGHT_TYPES)  # what the runtime's decoder runs
 
 _QKV, _DOWN = r"blk\.\d+\.attn_qkv\.weight", r"blk\.\d+\.ffn_down\.weight"
 F = LlamaFileType
@@ -134,12 +132,11 @@ def get_level(name: str) -> Level:
 
 
 def block_size(qtype: Q) -> int:
-    return GGML_QUANT_SIZES[qtype][0]
+    return ggml_types.GGML_TYPES[int(qtype)].block
 
 
 def row_nbytes(qtype: Q, n_per_row: int) -> int:
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    return n_per_row // block * type_size
+    return ggml_types.GGML_TYPES[int(qtype)].row_nbytes(n_per_row)
 
 
 def tensor_nbytes(qtype: Q, shape: tuple[int, ...]) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, UnexpectedKeysError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
@@ -33,35 +34,10 @@ class LanguageSource:
 
 
 def expected_shapes(cfg: LanguageConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> shape the language model must have (PhiModel's parameters)."""
-    H, I, V, d = cfg.hidden, cfg.intermediate, cfg.vocab_size, cfg.head_dim
-    out = {
-        "language.embed_tokens.weight": (V, H),
-        "language.final_layernorm.weight": (H,),
-        "language.final_layernorm.bias": (H,),
-        "language.lm_head.weight": (V, H),
-        "language.lm_head.bias": (V,),
-    }
-    layer = {
-        "input_layernorm.weight": (H,),
-        "input_layernorm.bias": (H,),
-        "self_attn.query_key_value.weight": (3 * H, H),
-        "self_attn.query_key_value.bias": (3 * H,),
-        "self_attn.q_layernorm.weight": (d,),
-        "self_attn.q_layernorm.bias": (d,),
-        "self_attn.k_layernorm.weight": (d,),
-        "self_attn.k_layernorm.bias": (d,),
-        "self_attn.dense.weight": (H, H),
-        "self_attn.dense.bias": (H,),
-        "post_layernorm.weight": (H,),
-        "mlp.fc1.weight": (I, H),
-        "mlp.fc1.bias": (I,),
-        "mlp.fc2.weight": (H, I),
-        "mlp.fc2.bias": (H,),
-    }
-    for i in range(cfg.layers):
-        out.update({f"language.layers.{i}.{k}": v for k, v in layer.items()})
-    return out
+    """Canonical name -> shape the language model must have (PhiModel's parameters), from the contract."""
+    return C.language_shapes(
+        cfg.layers, cfg.hidden, cfg.intermediate, cfg.vocab_size, cfg.heads, canonical=True
+    )
 
 
 def model_source(
@@ -83,17 +59,24 @@ def model_source(
     )
 
 
-def single_source(folder: str | Path, with_hash: bool = True) -> LanguageSource:
-    """The single-checkpoint folder (`export/checkpoints/single.py`), language tensors streamed by name."""
+def single_source(
+    folder: str | Path, with_hash: bool = True, cfg: TinyGPTVConfig | None = None
+) -> LanguageSource:
+    """The single-checkpoint folder (`export/checkpoints/single.py`), language tensors streamed by name.
+
+    `cfg` replaces the folder's config.json."""
     from safetensors import SafetensorError, safe_open
 
+    from tinygptv_edge.export.checkpoints.bounds import check_config_fits
+    from tinygptv_edge.export.checkpoints.safeio import safetensors_keys
     from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS, file_sha256
 
     folder = Path(folder)
-    cfg = TinyGPTVConfig.load(folder / CONFIG)
+    cfg = cfg or TinyGPTVConfig.load(folder / CONFIG)
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {folder}")
+    check_config_fits(cfg, safetensors_keys(weights), str(weights), ("language.layers",))
     layers = range(cfg.language.layers)
     table = {
         N.SINGLE_LM_PREFIX + k: v

@@ -51,7 +51,8 @@ class TinyGPTV(nn.Module):
         self, prompt: str, tokenizer: Tokenizer, pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
         images = [] if pixel_values is None else list(self.embed_image(pixel_values))
-        return self.splice(split_prompt(prompt, tokenizer, len(images)), images)
+        segments = split_prompt(prompt, tokenizer, len(images), add_bos=self.cfg.prompt.add_bos)
+        return self.splice(segments, images)
 
     # -- decoding ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -83,6 +84,21 @@ class TinyGPTV(nn.Module):
         return out
 
     @torch.no_grad()
+    def answer_ids(
+        self,
+        question: str,
+        tokenizer: Tokenizer,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int = 32,
+    ) -> list[int]:
+        """Greedy first-turn answer tokens with the model's prompt (template, BOS rule); the tokens
+        that complete the separator are included when it is reached."""
+        prompt = self.cfg.prompt.first_turn(question, with_image=pixel_values is not None)
+        embeds = self.prompt_embeds(prompt, tokenizer, pixel_values)
+        return self.generate(
+            embeds, max_new_tokens, (tokenizer.eos_id,), tokenizer, self.cfg.prompt.separator
+        )
+
     def answer(
         self,
         question: str,
@@ -91,8 +107,8 @@ class TinyGPTV(nn.Module):
         max_new_tokens: int = 32,
     ) -> str:
         """One first-turn answer with the stage's prompt template, greedy, cut at the separator."""
-        prompt = self.cfg.prompt.first_turn(question, with_image=pixel_values is not None)
-        embeds = self.prompt_embeds(prompt, tokenizer, pixel_values)
-        sep = self.cfg.prompt.separator
-        ids = self.generate(embeds, max_new_tokens, (tokenizer.eos_id,), tokenizer, sep)
-        return tokenizer.decode(ids).split(sep)[0].strip()
+        return self.answer_text(self.answer_ids(question, tokenizer, pixel_values, max_new_tokens), tokenizer)
+
+    def answer_text(self, ids: Sequence[int], tokenizer: Tokenizer) -> str:
+        """Answer tokens -> text cut at the separator."""
+        return tokenizer.decode(list(ids)).split(self.cfg.prompt.separator)[0].strip()

@@ -1,6 +1,7 @@
 """Calibration data for the vision graph: a folder of images through the one shared preprocessing.
 
-    folder/*  --PIL open + full decode--> RGB --runtime.preprocess--> (3,S,S) float32
+    folder/*  --runtime.images.load_image (the loader `run` uses: EXIF orientation, alpha, 16-bit)-->
+              upright RGB --runtime.preprocess--> (3,S,S) float32
               --stack--> (N,3,S,S) --get_next--> {"pixel_values": (1,3,S,S)} ... None
 
 Every file in the folder (hidden files aside) must be an image: a stray file, a truncated image or
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
+from tinygptv_edge.runtime import images
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import VISION_INPUT
-from tinygptv_edge.runtime.errors import CalibrationError, ImageError
+from tinygptv_edge.runtime.errors import CalibrationError, ImageError, ImageFormatError, ImageTooLargeError
 from tinygptv_edge.runtime.preprocess import preprocess
 
 
@@ -37,24 +39,16 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode one image; unreadable, non-image and truncated files raise ImageError."""
-    path = Path(path)
-    was = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not be padded with grey
+    """One image file through the runtime's loader (`runtime/images.py`: the upright RGB `run` sees),
+    its errors naming the file: unreadable, non-image and truncated files raise ImageError."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except UnidentifiedImageError as e:
-        raise ImageError(
-            f"{path}: expected an image file (PNG, JPEG, ...), got a file PIL cannot identify"
-        ) from e
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, too many pixels ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
+        return images.load_image(Path(path))
+    except ImageFormatError as e:
+        raise ImageError(f"{path}: expected an image file (PNG, JPEG, ...), got: {e}") from e
+    except ImageTooLargeError as e:
+        raise ImageTooLargeError(f"{path}: refused, {e}") from e
+    except ImageError as e:
         raise ImageError(f"{path}: expected a complete image, got a damaged or truncated file ({e})") from e
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = was
 
 
 def check_pixels(x: np.ndarray, image_size: int, source: str = "calibration data") -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.runtime.contract import BATCH_AXIS, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import ConfigError, ParityError
+from tinygptv_edge.runtime.metrics import cosine_rows
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,9 @@ class ParityReport:
         )
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each sample's flattened embedding: (B, ...) x (B, ...) -> (B,)."""
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(den, 1e-300)
+    return cosine_rows(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), eps=1e-300)
 
 
 def sample_pixels(image_size: int, batch: int, seed: int) -> np.ndarray:
@@ -121,7 +119,7 @@ def check_parity(model: TinyGPTV, onnx_path: str | Path, cfg: ParityConfig | Non
             )
             continue
         diff = float(np.abs(got - want).max())
-        cos = float(cosine_rows(got, want).min())
+        cos = float(sample_cosine(got, want).min())
         report.max_abs, report.min_cosine = max(report.max_abs, diff), min(report.min_cosine, cos)
         if not diff <= cfg.atol:
             failures.append(f"{where}: max |onnx - torch| expected <= {cfg.atol:g}, got {diff:.3g}")

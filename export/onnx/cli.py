@@ -1,7 +1,8 @@
 """`tinygptv-edge export-onnx`: the vision graph as FP32 ONNX, then INT8 calibrated on images.
 
-Source: `--single DIR` (the project's single checkpoint), or the official files (`--phi2 --eva
---blip2 [--stage]`), or nothing: the shipped default model. Output in `--out` (default `dist/`):
+Source (export/checkpoints/source.py, the same flags on every command): `--model DIR` (the project's
+single checkpoint), or the official files (`--phi2 --eva --blip2 [--stage-ckpt] [--stage-num]`), or
+nothing: the shipped default model; `--config JSON` for other sizes. Output in `--out` (default `dist/`):
 vision.fp32.onnx, vision.int8.onnx (+ vision.int8-dynamic.onnx with --dynamic, SQNR tables with
 --diagnostics). Calibration images: `--calib-images DIR`, or by default images drawn by the
 synthetic VQA generator (`export/train/vqa.py`) into OUT/calib-images.
@@ -20,16 +21,11 @@ DEFAULT_CALIB_IMAGES = 32
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tinygptv_edge.export.checkpoints.source import add_source_args
     from tinygptv_edge.export.onnx.presets import CALIBRATION_METHODS, PRESETS
 
     p = sub.add_parser("export-onnx", help="export the vision graph to ONNX (FP32 + INT8)")
-    src = p.add_argument_group("source (default: the shipped model)")
-    src.add_argument("--single", help="single-checkpoint folder (model.safetensors + config.json)")
-    src.add_argument("--phi2", help="Phi-2 Hugging Face folder (official files)")
-    src.add_argument("--eva", help="eva_vit_g.pth")
-    src.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth")
-    src.add_argument("--stage", help="TinyGPT-V_for_StageN.pth")
-    src.add_argument("--stage-num", type=int, default=3, choices=[1, 2, 3, 4])
+    add_source_args(p, legacy_stage="file")
     p.add_argument("--out", default="dist", help="output folder (default: dist)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--atol", type=float, default=1e-4, help="parity: max |onnx - torch| allowed")
@@ -52,32 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_source(args: argparse.Namespace):
-    """(model, {file name: sha256}) from the chosen source."""
-    from tinygptv_edge.export.checkpoints.default import default_model_dir, load_default
-    from tinygptv_edge.export.checkpoints.single import WEIGHTS, file_sha256, load_single
-    from tinygptv_edge.runtime.errors import ConfigError
-
-    official = [args.phi2, args.eva, args.blip2]
-    if args.single and any(official):
-        raise ConfigError("source: expected either --single or the official files, got both")
-    if args.single:
-        model, _ = load_single(args.single)
-        return model, {WEIGHTS: file_sha256(Path(args.single) / WEIGHTS)}
-    if any(official):
-        if not all(official):
-            raise ConfigError("official source: expected --phi2, --eva and --blip2 together")
-        from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
-
-        model, _ = load_tinygptv(
-            phi2=args.phi2, eva=args.eva, blip2=args.blip2, stage=args.stage, stage_num=args.stage_num
-        )
-        files = [Path(f) for f in (args.eva, args.blip2, args.stage) if f]
-        return model, {f.name: file_sha256(f) for f in files}
-    model, _ = load_default()
-    return model, {WEIGHTS: file_sha256(default_model_dir() / WEIGHTS)}
-
-
 def default_calibration_folder(out: Path, n: int) -> Path:
     """OUT/calib-images, drawn by the synthetic VQA generator when it is not there yet."""
     from tinygptv_edge.runtime.errors import CalibrationError
@@ -97,6 +67,7 @@ def default_calibration_folder(out: Path, n: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tinygptv_edge.export.checkpoints.source import spec_from_args
     from tinygptv_edge.export.onnx.calib_data import load_folder
     from tinygptv_edge.export.onnx.check import ParityConfig
     from tinygptv_edge.export.onnx.export import ExportConfig, export_vision
@@ -109,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.min_cosine is not None:
         overrides["min_cosine"] = args.min_cosine
     preset = get_preset(args.preset, **overrides)  # validate flags before the slow steps
+    spec = spec_from_args(args)
     out = Path(args.out)
     steps = tqdm(total=3 if args.no_int8 else 5 + args.dynamic, desc="export-onnx", unit="step")
 
@@ -117,12 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     progress("loading the model")
-    model, sources = load_source(args)
+    loaded = spec.load()
     steps.update()
     cfg = ExportConfig(opset=args.opset, parity=ParityConfig(atol=args.atol, min_cosine=args.parity_cosine))
-    fp32 = export_vision(model, out, sources, cfg, progress=progress)
+    fp32 = export_vision(loaded.model, out, loaded.sha256, cfg, progress=progress)
     steps.update()
-    lines = [f"wrote {fp32.path} ({fp32.n_nodes} nodes); {fp32.parity.format()}"]
+    lines = [loaded.summary.format(), f"wrote {fp32.path} ({fp32.n_nodes} nodes); {fp32.parity.format()}"]
     if not args.no_int8:
         progress("reading calibration images")
         folder = (

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from tinygptv_edge.runtime.errors import OutputPathError
+from tinygptv_edge.runtime.metrics import sqnr_db_from_sums
 
 DQ_SUFFIX = "_DequantizeLinear_Output"
 REPORT_JSON = "sqnr.json"
@@ -117,8 +118,7 @@ def _saved_outputs(sess, feeds: dict) -> dict[str, list[np.ndarray]]:
 
 def _sqnr(signal: float, noise: float) -> float:
     """20 log10(|x| / |x - y|) from sums of squares, clamped like onnxruntime's helper."""
-    eps = float(np.finfo(np.float32).eps)
-    return 10.0 * float(np.log10(max(signal, eps**2) / max(noise, eps**2)))
+    return sqnr_db_from_sums(signal, noise, floor=float(np.finfo(np.float32).eps) ** 2)
 
 
 def diagnose(

@@ -22,10 +22,11 @@ import numpy as np
 import onnx
 
 from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
-from tinygptv_edge.export.onnx.check import cosine_rows
+from tinygptv_edge.export.onnx.check import sample_cosine
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
 from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
 from tinygptv_edge.export.onnx.presets import QuantPreset
+from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import ConfigError, ExportError, OutputPathError, QuantizationError
@@ -101,7 +102,8 @@ def _calibrate(pre: Path, pixels: np.ndarray, preset: QuantPreset, cache: Path, 
     """Ranges (or histograms) of every tensor around the quantized ops, saved as a calibration cache.
 
     One image per `collect_data` call: quantize_static would keep all images' intermediate outputs
-    at once (about 1.3 GB per image at full size); here only one image's are alive at a time.
+    at once (over a gigabyte per image at full size: docs/benchmarks.md); here only one image's are alive
+    at a time.
     """
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
@@ -191,7 +193,7 @@ def verify(fp32: Path, quantized: Path, pixels: np.ndarray, min_cosine: float) -
             f"check images: the FP32 graph itself gives {bad} NaN/inf value(s), so INT8 cannot be verified; "
             "expected check pixels the FP32 graph handles"
         )
-    cos = float(cosine_rows(got, want).min())
+    cos = float(sample_cosine(got, want).min())
     if not cos >= min_cosine:
         raise QuantizationError(
             f"quantized graph: expected cosine vs FP32 >= {min_cosine}, got {cos:.5f} "
@@ -265,7 +267,7 @@ def quantize_vision(
     calibration = check_pixels(calibration, S, "calibration pixels")[: preset.max_images]
     check = check_pixels(check, S, "check pixels") if check is not None else calibration[:MAX_CHECK_IMAGES]
     say = progress or (lambda _msg: None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = stage_dir(final)
     try:
         say("pre-processing (shape inference, graph optimisation)")
         pre = _prepare(fp32, tmp)
@@ -310,7 +312,7 @@ def quantize_vision_dynamic(
     check_writable(final.parent)
     check = check_pixels(check, preprocess_config(fp32).image_size, "check pixels")
     _, weight, _ = _quant_types(preset)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = stage_dir(final)
     try:
         pre = _prepare(fp32, tmp)
         graph = onnx.load(str(pre), load_external_data=False)

@@ -1,41 +1,37 @@
-"""Answer a question about an image file with the PyTorch reference (the shipped model by default)."""
+"""Answer a question about an image file with the PyTorch reference (the shipped model by default).
+
+The image goes through the runtime's loader (`runtime/images.py`: EXIF orientation, alpha, 16-bit),
+so the reference answers the same upright RGB picture as `run`; the model comes from the one source
+resolver (`export/checkpoints/source.py`), with its BOS rule and prompt template.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from tinygptv_edge.runtime.errors import ImageError
+from tinygptv_edge.export.checkpoints.source import Loaded, SourceSpec
+from tinygptv_edge.runtime.images import ImageSource, load_image
 from tinygptv_edge.runtime.preprocess import preprocess
-from tinygptv_edge.runtime.tokenizer import Tokenizer
 
 
-def open_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError as e:
-        raise ImageError(f"image {path}: no such file") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"image {path}: expected a readable image file, got an error: {e}") from e
+def image_pixels(loaded: Loaded, image: ImageSource | None) -> torch.Tensor | None:
+    """(1, 3, S, S) pixels of `image` as the model's preprocessing makes them; None for no image."""
+    if image is None:
+        return None
+    return torch.from_numpy(preprocess(load_image(image), loaded.model.cfg.preprocess))[None]
 
 
 def answer_image(
-    image: str | Path | Image.Image,
+    image: ImageSource | None,
     question: str,
-    model_dir: str | Path | None = None,
+    source: SourceSpec | str | Path | None = None,
     max_new_tokens: int = 32,
 ) -> str:
-    """Greedy first-turn answer of the model in `model_dir` (single-checkpoint folder)."""
-    from tinygptv_edge.export.checkpoints.default import default_model_dir
-    from tinygptv_edge.export.checkpoints.single import load_single
-
-    folder = Path(model_dir) if model_dir is not None else default_model_dir()
-    model, _ = load_single(folder)
-    tok = Tokenizer.from_file(folder)
-    im = image if isinstance(image, Image.Image) else open_image(image)
-    pixels = torch.from_numpy(preprocess(im, model.cfg.preprocess))[None]
-    return model.answer(question, tok, pixels, max_new_tokens=max_new_tokens)
+    """Greedy first-turn answer, cut at the separator. `source`: a SourceSpec, a single-checkpoint
+    folder, or None for the shipped model."""
+    if not isinstance(source, SourceSpec):
+        source = SourceSpec(model=None if source is None else str(source))
+    loaded = source.load()
+    return loaded.model.answer(question, loaded.tokenizer, image_pixels(loaded, image), max_new_tokens)

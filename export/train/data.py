@@ -1,7 +1,7 @@
 """The synthetic VQA set as tensors for training, and the batched teacher-forced forward.
 
 Every question becomes the model's real first-turn prompt, split at `<ImageHere>` as
-`runtime/prompt.py` does (BOS first):
+`runtime/prompt.py` does (BOS first: the project trains its models with `prompt.add_bos` true):
 
     [bos "<system>###Human: <Img>"] [Q image embeddings] ["</Img> {question}###Assistant: "] [answer "###"]
      prefix: the same for every row  from the vision tower  suffix                             target
@@ -57,7 +57,9 @@ def encode_samples(samples: Iterable[Sample], cfg: TinyGPTVConfig, tokenizer: To
         pixels.append(preprocess(s.image, cfg.preprocess))
         for qa in s.qas:
             if qa.question not in questions:
-                seg = split_prompt(prompt.first_turn(qa.question), tokenizer, n_images=1)
+                seg = split_prompt(
+                    prompt.first_turn(qa.question), tokenizer, n_images=1, add_bos=prompt.add_bos
+                )
                 if prefix is None:
                     prefix = list(seg.texts[0])
                 elif list(seg.texts[0]) != prefix:

@@ -3,7 +3,7 @@
     seed --> tokenizer (byte-level BPE on prose + the VQA prompts and answers)
          --> small_config() TinyGPT-V: vision N(0, 1/fan_in) + 2-D sin-cos positions, decoder N(0, 0.02)
          --> stage 1, vision pretraining: encoder + Q-Former + projections learn the scenes through
-             the linear heads of `train_scene.py` (the stand-in for a pretrained EVA and Q-Former)
+             the linear heads of `scene.py` (the stand-in for a pretrained EVA and Q-Former)
          --> stage 2, VQA: AdamW, linear warmup, cosine decay; each step a batch of images with some of
              their questions; the answer loss plus the scene loss, the vision tower at a lower rate
          --> greedy exact match per question type (validation during training, test at the end)
@@ -79,7 +79,7 @@ class TrainConfig:
     vocab_size: int = 512
     eval_every: int = 300
     easy_weight: float = 0.4  # count and caption questions are drawn this much less often (learnt first)
-    threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 thread ran 9x faster than 2 here
+    threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 ran faster than 2 (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
         names = ("train_images", "val_images", "test_images", "steps", "images_per_step", "threads")

@@ -1,0 +1,152 @@
+r"""The decoder's KV cache as a prefix of positions: what it holds, how to make it hold more.
+
+    positions wanted:  [bos, t1, t2, (img,0), (img,1), ..., t9, t10]
+    cache holds:       [bos, t1, t2, (img,0), (img,1), ..., t9, x ]
+                        \______________ kept _______________/ \ evaluated: t10 (x is dropped)
+
+A position is a token id or (image key, embedding row). `prefill` keeps the longest common prefix,
+truncates the decoder there and evaluates the rest (always at least the last position, whose logits
+are returned); `step` appends one token. A failure inside the decoder leaves nothing trusted: `resync`
+empties the cache (and drops the decoder when it can be reopened), so the next call starts over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+Position = int | tuple[str, int]  # a token id, or (image key, embedding row)
+
+
+@dataclass(frozen=True)
+class Prefill:
+    logits: np.ndarray  # (V,) of the last position
+    evaluated: int  # positions run through the decoder (the rest were already cached)
+    ms: float
+
+
+class PrefixCache:
+    """A decoder (runtime/decoder.py's interface) and the positions its KV cache holds.
+
+    `factory` makes a decoder; with one, `release()` may close it (low-memory mode) and the next
+    call reopens it with an empty cache. Without one, `decoder` is used as given and never reopened.
+    """
+
+    def __init__(self, factory: Callable[[], object] | None = None, decoder=None):
+        if factory is None and decoder is None:
+            raise ConfigError("PrefixCache: give a decoder or a factory that makes one")
+        self._factory = factory
+        self._decoder = decoder if decoder is not None else factory()
+        self._held: list[Position] = []
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def decoder(self):
+        """The open decoder, reopened (with an empty cache) after `release`."""
+        if self._decoder is None:
+            if self._factory is None:
+                raise ConfigError("the decoder was closed and there is no factory to reopen it")
+            self._decoder = self._factory()
+            self._held = []
+        return self._decoder
+
+    @property
+    def is_open(self) -> bool:
+        return self._decoder is not None
+
+    @property
+    def reopenable(self) -> bool:
+        return self._factory is not None
+
+    @property
+    def held(self) -> tuple[Position, ...]:
+        """What the KV cache holds, position by position."""
+        return tuple(self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def shared(self, positions: Sequence[Position]) -> int:
+        """How many leading positions the cache can keep for `positions` (never the last one)."""
+        keep, limit = 0, min(len(self._held), len(positions) - 1)
+        while keep < limit and self._held[keep] == positions[keep]:
+            keep += 1
+        return keep
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def prefill(self, positions: Sequence[Position], images: Mapping[str, np.ndarray]) -> Prefill:
+        """Make the cache hold `positions`, evaluating only what it lacks; `images[key]` is (Q, H)."""
+        if not positions:
+            raise ConfigError("prefill: expected at least one position, got none")
+        dec = self.decoder
+        keep = self.shared(positions)
+        t0 = time.perf_counter()
+        try:
+            dec.truncate(keep)
+            del self._held[keep:]
+            rest = list(positions[keep:])
+            if all(isinstance(p, int) for p in rest):
+                logits = dec.eval_tokens(rest)
+            else:
+                logits = dec.eval_embeddings(self.embeddings(rest, images))
+        except BaseException:
+            self.resync()
+            raise
+        self._held = list(positions)
+        return Prefill(logits, len(rest), (time.perf_counter() - t0) * 1e3)
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token; its logits."""
+        try:
+            logits = self.decoder.eval_tokens([token])
+        except BaseException:
+            self.resync()
+            raise
+        self._held.append(token)
+        return logits
+
+    def embeddings(self, positions: Sequence[Position], images: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Positions -> (T, n_embd) rows: token embeddings from the decoder, image rows as given."""
+        dec = self.decoder
+        parts, run = [], []
+        for p in positions:
+            if isinstance(p, int):
+                run.append(p)
+                continue
+            if run:
+                parts.append(dec.embed_tokens(run))
+                run = []
+            parts.append(images[p[0]][p[1]][None])
+        if run:
+            parts.append(dec.embed_tokens(run))
+        return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32)
+
+    # -- recovery and lifetime -------------------------------------------------------------------
+    def resync(self) -> None:
+        """After a failure inside the decoder: trust nothing, start from an empty cache."""
+        self._held = []
+        if self._decoder is not None:
+            try:
+                self._decoder.reset()
+            except Exception:
+                if self._factory is not None:
+                    self._decoder = None
+
+    def release(self) -> bool:
+        """Close the decoder to free its memory (reopened on next use); False when it cannot be."""
+        if self._factory is None or self._decoder is None:
+            return False
+        self._decoder.close()
+        self._decoder, self._held = None, []
+        return True
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        self._held = []

@@ -1,0 +1,128 @@
+"""PrefixCache (runtime/prefix_cache.py) on a numpy stand-in decoder: what it keeps, what it evaluates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinygptv_edge.runtime.errors import ConfigError
+from tinygptv_edge.runtime.prefix_cache import PrefixCache
+
+H, V = 4, 16
+
+
+class ListDecoder:
+    """Holds its 'KV cache' as a list of rows; logits say how many rows it holds and the last row's sum."""
+
+    def __init__(self):
+        self.rows: list[np.ndarray] = []
+        self.evaluated = 0
+        self.closed = False
+        self.fail_next = False
+        self.fail_reset = False
+
+    def embed_tokens(self, ids):
+        return np.array([[float(i)] * H for i in ids], dtype=np.float32)
+
+    def eval_embeddings(self, embeds):
+        if self.fail_next:
+            self.fail_next = False
+            self.rows.append(embeds[0])  # half-done work, as a crashed batch might leave
+            raise RuntimeError("boom")
+        self.rows.extend(embeds)
+        self.evaluated += len(embeds)
+        logits = np.zeros(V, np.float32)
+        logits[len(self.rows) % V] = 1 + float(self.rows[-1].sum())
+        return logits
+
+    def eval_tokens(self, ids):
+        return self.eval_embeddings(self.embed_tokens(ids))
+
+    def truncate(self, n):
+        del self.rows[n:]
+
+    def reset(self):
+        if self.fail_reset:
+            raise RuntimeError("reset failed")
+        self.rows = []
+
+    def close(self):
+        self.closed = True
+
+
+IMG = {"k": np.full((3, H), 7.0, np.float32)}
+
+
+def test_prefill_evaluates_only_what_the_cache_lacks():
+    dec = ListDecoder()
+    cache = PrefixCache(decoder=dec)
+    first = [1, 2, ("k", 0), ("k", 1), ("k", 2), 3]
+    pre = cache.prefill(first, IMG)
+    assert pre.evaluated == 6 and cache.held == tuple(first) and len(dec.rows) == 6
+    np.testing.assert_array_equal(dec.rows[2], IMG["k"][0])  # image rows spliced in order
+    longer = [*first, 4, 5]
+    pre = cache.prefill(longer, IMG)
+    assert pre.evaluated == 2 and dec.evaluated == 8 and len(cache) == 8
+    # the same positions again: the last one is re-evaluated for its logits
+    again = cache.prefill(longer, IMG)
+    assert again.evaluated == 1 and np.array_equal(again.logits, pre.logits)
+    # a branch: kept up to where they differ
+    branch = [1, 2, ("k", 0), 9]
+    assert cache.shared(branch) == 3
+    assert cache.prefill(branch, IMG).evaluated == 1 and cache.held == tuple(branch) and len(dec.rows) == 4
+
+
+def test_step_appends():
+    dec = ListDecoder()
+    cache = PrefixCache(decoder=dec)
+    cache.prefill([1, 2], {})
+    cache.step(5)
+    assert cache.held == (1, 2, 5) and len(dec.rows) == 3
+
+
+def test_failure_resyncs_and_next_call_starts_over():
+    dec = ListDecoder()
+    cache = PrefixCache(decoder=dec)
+    cache.prefill([1, 2, 3], {})
+    dec.fail_next = True
+    with pytest.raises(RuntimeError, match="boom"):
+        cache.prefill([1, 2, 3, 4, 5], {})
+    assert cache.held == () and dec.rows == []
+    assert cache.prefill([1, 2, 3], {}).evaluated == 3
+    dec.fail_next = True
+    with pytest.raises(RuntimeError):
+        cache.step(4)
+    assert cache.held == () and dec.rows == []
+
+
+def test_failed_reset_reopens_through_the_factory():
+    made = []
+
+    def factory():
+        made.append(ListDecoder())
+        return made[-1]
+
+    cache = PrefixCache(factory)
+    cache.prefill([1, 2], {})
+    made[0].fail_next = made[0].fail_reset = True
+    with pytest.raises(RuntimeError):
+        cache.step(3)
+    assert not cache.is_open and len(made) == 1
+    assert cache.prefill([1, 2], {}).evaluated == 2 and len(made) == 2
+
+
+def test_release_closes_and_reopens_empty():
+    made = []
+    cache = PrefixCache(lambda: made.append(ListDecoder()) or made[-1])
+    cache.prefill([1, 2, 3], {})
+    assert cache.release() and made[0].closed and not cache.is_open and cache.held == ()
+    assert cache.prefill([1, 2, 3], {}).evaluated == 3 and len(made) == 2
+    fixed = PrefixCache(decoder=ListDecoder())
+    assert not fixed.release() and fixed.is_open  # a given decoder cannot be reopened: kept
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="give a decoder"):
+        PrefixCache()
+    with pytest.raises(ConfigError, match="at least one position"):
+        PrefixCache(decoder=ListDecoder()).prefill([], {})
