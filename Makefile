@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml runtime/kquant.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve,ray]'
 	touch $@
 
 test: setup
