@@ -126,6 +126,13 @@ def test_int4_weights(fp32, heldout, tmp_path, block, level):
     assert res.check.mean >= 0.95 and res.cosine >= 0.9 and res.check.names == list("abcd")
     info = json.loads(read_metadata(g)[Q.QUANT_META_KEY])
     assert info["kind"] == "int4" and info["int4"]["block_size"] == block
+    # the runtime reads it like any vision graph (MatMulNBits is an onnxruntime CPU contrib op)
+    from tinygptv_edge.runtime.vision import VisionEncoder
+
+    enc = VisionEncoder(res.path, n_threads=1)
+    np.testing.assert_allclose(
+        enc.embed(heldout[:1]), Q.run_graph(res.path, heldout[:1]), rtol=1e-5, atol=1e-5
+    )
     assert info["cosine_mean_vs_fp32"] == pytest.approx(res.check.mean, abs=1e-6)
 
 
