@@ -68,6 +68,29 @@ def test_fusion_happens_keeps_names_and_parity(tiny, fp32, pixels, tmp_path):
     assert rep.min_cosine > 0.99999 and rep.max_abs < 1e-4
 
 
+def test_fusion_leaves_large_weights_in_the_source_data_file(tiny, fp32, pixels, tmp_path, monkeypatch):
+    """A full-size graph is 4.4 GB: the optimizer only reads small tensors, the large ones are streamed
+    into the fused graph's own data file, and it quantizes like the in-memory path."""
+    from tinygptv_edge.export.onnx import fuse as F
+    from tinygptv_edge.export.onnx.export import ExportConfig
+
+    src = export_vision(tiny.model, tmp_path / "src", cfg=ExportConfig(external_data=True)).path
+    monkeypatch.setattr(F, "SMALL_TENSOR", 2048)
+    (tmp_path / "dst").mkdir()
+    rep = fuse_graph(src, tmp_path / "dst" / "fused.onnx")
+    g = onnx.load(str(rep.path), load_external_data=False)
+    external = [t for t in g.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {
+        "fused.onnx.data"
+    }
+    data_bytes = (src.parent / (src.name + ".data")).stat().st_size
+    assert rep.path.stat().st_size < data_bytes // 2 < Q._model_bytes(rep.path)
+    assert rep.fused == fuse_graph(fp32, tmp_path / "in-memory.onnx").fused  # the same fusions
+    check_fused_parity(rep.path, pixels[:2], Q.run_graph(src, pixels[:2]), rep)
+    res = Q.quantize_vision(src, pixels, get_preset("x86-vnni"), tmp_path / "out" / "int8.onnx")
+    assert res.fused.fused["BiasGelu"] == tiny.cfg.vision.depth + tiny.cfg.qformer.layers
+
+
 def test_fused_attention_is_named_and_matches(fp32, pixels, tmp_path):
     rep = fuse_graph(fp32, tmp_path / "fused.onnx", FuseConfig(attention=True))
     att = [n for n in rep.names if n.endswith("/Attention")]

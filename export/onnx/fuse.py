@@ -19,6 +19,7 @@ custom EVA ViT + Q-Former, so the config would be invented. The optimizer names 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -118,23 +119,51 @@ def _fusion_options(cfg: FuseConfig):
     return opts
 
 
-def fuse_graph(src: Path, dst: Path, cfg: FuseConfig | None = None, large: bool = False) -> FuseReport:
-    """Fuse `src` into `dst` (weights as one external file `<dst>.data` when `large`)."""
+SMALL_TENSOR = 1 << 16  # bytes: external tensors under this are read for the fusions (shapes, constants)
+
+
+def _load_small(src: Path, limit: int) -> onnx.ModelProto:
+    """`src` with only its external tensors under `limit` bytes read into memory.
+
+    The fusions look at graph structure and small constants (GELU's sqrt(2), biases' shapes); the large
+    weights stay references to the source's data file (a full-size graph is 4.4 GB: loading it for the
+    optimizer took 18 GB of RSS).
+    """
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    model = onnx.load(str(src), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if int(info.get("length", limit)) < limit:
+            load_external_data_for_tensor(t, str(src.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    return model
+
+
+def fuse_graph(src: Path, dst: Path, cfg: FuseConfig | None = None) -> FuseReport:
+    """Fuse `src` into `dst`. Large weights are never all in memory: they are copied from `src`'s
+    external data file into `<dst>.data` one tensor at a time."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     cfg = cfg or FuseConfig()
     original = onnx.load(str(src), load_external_data=False)
+    small = _load_small(src, SMALL_TENSOR if not cfg.attention else 1 << 62)  # attention concatenates QKV
     logging.disable(logging.WARNING)  # every fusion at INFO; "specify num_heads" (detected) at WARNING
     try:
-        opt = optimize_model(
-            str(src),
-            model_type="vit",
-            num_heads=cfg.heads,
-            hidden_size=cfg.hidden,
-            optimization_options=_fusion_options(cfg),
-            opt_level=0,
-            use_gpu=False,
-        )
+        # the optimizer's shape inference checks external tensors relative to the working folder
+        with contextlib.chdir(src.parent):
+            opt = optimize_model(
+                small,
+                model_type="vit",
+                num_heads=cfg.heads,
+                hidden_size=cfg.hidden,
+                optimization_options=_fusion_options(cfg),
+                opt_level=0,
+                use_gpu=False,
+            )
     except Exception as e:  # the optimizer raises bare Exceptions / AssertionErrors
         raise ExportError(f"onnxruntime transformer optimizer failed on {src}: {e}") from e
     finally:
@@ -142,12 +171,13 @@ def fuse_graph(src: Path, dst: Path, cfg: FuseConfig | None = None, large: bool 
     model = opt.model
     renamed = rename_fused(model, original)
     del original
-    if large:
-        onnx.save(
-            model, str(dst), save_as_external_data=True, location=dst.name + ".data", size_threshold=1024
-        )
-    else:
-        onnx.save(model, str(dst))
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        # streamed tensor by tensor into dst's own data file: onnx and onnxruntime refuse data files
+        # outside the model's folder, symlinks and hard links
+        from tinygptv_edge.export.onnx.export import merge_external_data
+
+        merge_external_data(model, src.parent, dst.with_name(dst.name + ".data"))
+    onnx.save(model, str(dst))
     names = [n.name for n in model.graph.node if n.op_type in FUSED_OPS]
     return FuseReport(dst, count_fused(model), renamed, names=names)
 

@@ -106,8 +106,12 @@ def preprocess_config(fp32_path: str | Path) -> PreprocessConfig:
 
 
 def _model_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Graph file + the external data its tensors refer to (wherever it lives)."""
+    model = onnx.load(str(path), load_external_data=False)
+    external = sum(
+        int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "length"
+    )
+    return path.stat().st_size + external
 
 
 def expand_exclusions(patterns: tuple[str, ...] | list[str], graph: onnx.ModelProto, op_types) -> list[str]:
@@ -282,7 +286,7 @@ def _fuse(fp32: Path, tmp: Path, gate: _Gate, say) -> tuple[Path, FuseReport]:
     """The fused FP32 graph in `tmp`, parity-checked against the FP32 graph on held-out pixels."""
     say("fusing (SkipLayerNormalization, BiasGelu)")
     fused = tmp / "fused.onnx"
-    report = fuse_graph(fp32, fused, FuseConfig(), large=_model_bytes(fp32) > PROTOBUF_LIMIT // 2)
+    report = fuse_graph(fp32, fused, FuseConfig())
     k = FUSE_PARITY_IMAGES
     check_fused_parity(fused, gate.pixels[:k], gate.want[:k], report)
     return fused, report
