@@ -216,3 +216,12 @@ def test_exif_rotated_image_gives_every_consumer_the_same_upright_pixels(rotated
     got["importance matrix"] = seen[0]
     for who, pixels in got.items():
         np.testing.assert_array_equal(pixels, upright, err_msg=who)
+    # the report's example thumbnails show the same upright picture (stored 64 x 40, shown 40 x 64)
+    import base64
+    import io
+
+    from tinygptv_edge.calib.report_html import _thumb
+
+    png = base64.b64decode(_thumb(folder, "photo.jpg").split(",", 1)[1])
+    with Image.open(io.BytesIO(png)) as thumb:
+        assert thumb.size == (40, 64)
