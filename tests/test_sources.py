@@ -53,6 +53,7 @@ def test_old_spellings_are_hidden_aliases():
     args = parse("export-gguf", "--phi2", "p", "--eva", "e", "--blip2", "b", "--stage", "4")
     assert spec_from_args(args).stage_num == 4  # export-gguf's --stage was the number
     assert parse("reference", "--question", "why?").prompt == "why?"
+    assert parse("export-gguf", "--prompts", "q.txt").imatrix_questions == "q.txt"  # not the --prompt concept
     sub = build_parser()._subparsers._group_actions[0].choices
     for command, old in (
         ("export-onnx", "--single"),
@@ -211,7 +212,7 @@ def test_exif_rotated_image_gives_every_consumer_the_same_upright_pixels(rotated
         seen.extend(p for p, _ in pairs)
 
     monkeypatch.setattr(imatrix, "collect_imatrix", capture)
-    args = SimpleNamespace(imatrix_images=str(folder), prompts=None, answer_tokens=0)
+    args = SimpleNamespace(imatrix_images=str(folder), imatrix_questions=None, answer_tokens=0)
     gguf_cli._collect(args, model, None)
     got["importance matrix"] = seen[0]
     for who, pixels in got.items():
