@@ -35,7 +35,7 @@ OFFICIAL = ("phi2", "eva", "blip2")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What the flags name; validated on construction, nothing read until `config`/`load`."""
+    """What the flags name; validated on construction, nothing read until `model_config`/`load`."""
 
     model: str | None = None
     phi2: str | None = None
