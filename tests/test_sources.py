@@ -148,10 +148,12 @@ def test_gguf_add_bos_written_from_the_model_and_read_by_the_runtime(tiny_single
 
 def test_gguf_add_bos_key_missing_or_of_the_wrong_type():
     from tinygptv_edge.runtime import decoder_model as DM
-    from tinygptv_edge.runtime.contract import GGUF_TOKENIZER_KEYS, TINYGPTV_KEYS
+    from tinygptv_edge.runtime.config import PromptConfig
+    from tinygptv_edge.runtime.contract import GGUF_TOKENIZER_KEYS, PROMPT_KEYS, TINYGPTV_KEYS
     from tinygptv_edge.runtime.gguf_file import STRING, Field
 
-    fields = {TINYGPTV_KEYS[k]: Field(STRING, "x") for k in DM.PROMPT_FIELDS.values()}
+    valid = PromptConfig()  # templates are validated as they are read
+    fields = {TINYGPTV_KEYS[k]: Field(STRING, getattr(valid, f)) for f, k in PROMPT_KEYS.items()}
     gf = SimpleNamespace(path=Path("m.gguf"), fields=fields)
     assert DM.read_prompt(gf).add_bos is True  # files from before the key was honoured had a BOS
     fields[GGUF_TOKENIZER_KEYS["add_bos"]] = Field(DM.BOOL, False)
