@@ -69,8 +69,6 @@ def test_bad_source_combinations_are_config_errors():
         SourceSpec(phi2="p")
     with pytest.raises(ConfigError, match="missing --phi2, --eva, --blip2"):
         SourceSpec(stage_ckpt="s")
-    with pytest.raises(ConfigError, match="--stage-num applies to the official files"):
-        SourceSpec(model="m", stage_num=4)
     with pytest.raises(ConfigError, match="--template"):
         SourceSpec(template="alpaca")
     with pytest.raises(CheckpointError, match="--model: expected model.safetensors in"):
@@ -103,6 +101,9 @@ def test_official_files_load_without_bos_and_with_the_stage_template(tiny, tmp_p
 
 
 def test_single_folder_keeps_its_trained_bos_unless_told(tiny_single):
+    assert SourceSpec(model=str(tiny_single), stage_num=3).model_config().stage == 3  # old `--stage 3`
+    with pytest.raises(ConfigError, match="--stage-num 4 but the model in .* is stage 3"):
+        SourceSpec(model=str(tiny_single), stage_num=4).model_config()
     assert SourceSpec(model=str(tiny_single)).model_config().prompt.add_bos is True
     loaded = SourceSpec(model=str(tiny_single), add_bos=False).load()
     assert loaded.model.cfg.prompt.add_bos is False and loaded.summary.add_bos is False
