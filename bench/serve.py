@@ -2,7 +2,7 @@
 
     files: full size (random weights, INT8 vision + Q4_0 language, built and cached by bench/pipeline.py's
            builders in --work), or --tiny (the test suite's tiny random model: a smoke run, not a measure)
-    pipeline: a fresh process: Pipeline -> warm-up question (image A), then image B new, then B again
+    pipeline: a fresh process: Pipeline -> warm-up question (image A), then image B new, then A again
     server:   a fresh `tinygptv-edge serve` process; this process is the client (raw HTTP, SSE):
               the same three questions as three conversations
     per side: first token for a new image (warm process), for a repeated image, decode tok/s (between the
@@ -94,7 +94,7 @@ def build_stand_in_vision(work: Path, say) -> Path:
 
 
 def _pieces(chunks) -> dict:
-    """(time, text) pieces of one streamed answer -> first/last piece times and the token count."""
+    """(time, text) pieces of one streamed answer -> the first and last piece times."""
     return {
         "t_first": chunks[0][0] if chunks else float("nan"),
         "t_last": chunks[-1][0] if chunks else float("nan"),
@@ -119,6 +119,7 @@ def pipeline_child(vision: str, language: str, images: list[str], threads: int, 
                 **_pieces(chunks),
                 "tokens": len(turn.answer.token_ids),
                 "cached": turn.answer.timings.images_cached,
+                "internal_decode_tok_s": turn.answer.timings.decode_tok_s,
             }
         )
     print(json.dumps({"runs": runs, "peak_rss_gb": peak_rss_bytes() / 1024**3}))
@@ -166,6 +167,7 @@ def _ask_stream(port: int, image: Path, tokens: int) -> dict:
         **_pieces(chunks),
         "tokens": usage["completion_tokens"],
         "cached": timings.get("images_cached", 0),
+        "internal_decode_tok_s": timings.get("decode_tok_s", 0.0),
     }
 
 
@@ -216,6 +218,7 @@ def summary(side: dict) -> dict:
         "new_image_ttft_s": new["t_first"],
         "repeat_image_ttft_s": again["t_first"],
         "decode_tok_s": decode,
+        "internal_decode_tok_s": new["internal_decode_tok_s"],
         "tokens": new["tokens"],
         "repeat_cached": again["cached"],
         "peak_rss_gb": side["peak_rss_gb"],
@@ -260,9 +263,10 @@ def main() -> int:
         vision, language = build_stand_in_vision(work, say), bp.build_language(work, say)
     else:
         vision, language = bp.build_vision(work, args.calib, say), bp.build_language(work, say)
-    # warm-up image, a new image, the same image again (each its own conversation)
+    # image A (warm-up), a new image B, then A again (each its own conversation): A's embeddings come
+    # from the image cache, but the KV cache holds B's conversation, so A's rows are evaluated again
     a, b = bp._photo(work / "serve-a.jpg", 1), bp._photo(work / "serve-b.jpg", 2)
-    images = [a, b, b]
+    images = [a, b, a]
 
     say("pipeline (fresh process)")
     child = {"vision": str(vision), "language": str(language), "images": [str(i) for i in images]}
@@ -285,7 +289,8 @@ def main() -> int:
     rows = (
         ("new_image_ttft_s", "first token, new image (s)"),
         ("repeat_image_ttft_s", "first token, repeat (s)"),
-        ("decode_tok_s", "decode (tok/s)"),
+        ("decode_tok_s", "decode, client side (tok/s)"),
+        ("internal_decode_tok_s", "decode, in the turn (tok/s)"),
         ("peak_rss_gb", "peak RSS (GB)"),
     )
     for key, label in rows:
@@ -295,6 +300,11 @@ def main() -> int:
     cached = f"pipeline {pipe['repeat_cached']}, server {serve['repeat_cached']}"
     print(f"repeated image served from the image cache: {cached}")
     ratio = serve["decode_tok_s"] / pipe["decode_tok_s"] if pipe["decode_tok_s"] else float("nan")
+    # the HTTP layer's cost within one run, free of the load changes between the two processes
+    inner = serve["internal_decode_tok_s"]
+    print(
+        f"server decode, client side / in the turn: {serve['decode_tok_s'] / inner if inner else float('nan'):.3f}"
+    )
     checks = (
         ("new image first token", serve["new_image_ttft_s"], "<=", TARGETS["new_image_ttft_s"]),
         ("repeated image first token", serve["repeat_image_ttft_s"], "<=", TARGETS["repeat_image_ttft_s"]),
