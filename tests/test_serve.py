@@ -278,6 +278,28 @@ def test_bad_requests_are_400_in_openai_shape(server):
         assert e.value.code == code, e.value.body
 
 
+def test_more_refusals(server):
+    c = server.client()
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
+    no_schema = {"type": "json_schema", "json_schema": {"name": "x"}}
+    for fmt in (bad_schema, no_schema):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, [user("q")], response_format=fmt)
+        assert e.value.param.startswith("response_format"), e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model=MODEL, input=["a text, not an image"])
+    assert e.value.code == "invalid_image_url"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # declared, never sent
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200000000\r\n\r\n"
+        )
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413") and "body_too_large" in head
+    status, _, body = get(server.url + "/v1/nowhere")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
 def test_image_over_the_runtime_limits_is_400(server):
     import io
 
