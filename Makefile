@@ -23,6 +23,18 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# tests/data/: small exports of the shipped model + the PyTorch reference's goldens, for the torch-free
+# tier (tests/shipped_data.py). Run after the model, an exporter or a file format changes.
+.PHONY: test-data test-aarch64
+test-data: setup
+	$(PY) tests/data/make.py
+
+# The torch-free tier, the measurements on tests/data and the demo answer on emulated aarch64
+# (Cortex-A76 = Pi 5, Cortex-A72 = Pi 4) in an arm64 Debian chroot under qemu-user (root; cached in
+# ~/.cache/tinygptv-edge/aarch64). See docs/raspberry-pi.md.
+test-aarch64:
+	bash .ci/aarch64.sh
+
 # The layer rule (pyproject [tool.importlinter]): runtime <- export <- calib. import-linter walks one
 # folder tree per package, so the three folders are laid out under tinygptv_edge/ in build/layers first.
 LAYERS := build/layers
