@@ -256,7 +256,7 @@ class Engine:
         finally:
             turn.close()
         answer = turn.answer
-        if job.reason is not None:  # cancelled mid-answer
+        if answer.stop == "cancelled":  # timed out, abandoned or shut down mid-answer
             self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
             job.emit("error", job.error())
             return
