@@ -360,7 +360,7 @@ def test_load_every_request_completes_or_gets_503(files, pipe):
     want = {k: pipe.ask(q, None, GREEDY).text for k, q in questions.items()}
     results: dict = {}
     start = threading.Barrier(8)
-    with LiveServer(loader(files, delay=0.01), ServeConfig(max_queue=2)) as s:
+    with LiveServer(loader(files, delay=0.03), ServeConfig(max_queue=2)) as s:
 
         def client_run(c):
             client = s.client()
@@ -419,7 +419,7 @@ def test_disconnect_stops_generation(files):
 
 def test_abandoned_queued_request_never_runs(files):
     with LiveServer(loader(files, delay=0.03)) as s:
-        conn, resp = stream_raw(s.url, [user("first")], max_tokens=40)  # holds the model ~1.2 s
+        conn, resp = stream_raw(s.url, [user("first")], max_tokens=100)  # holds the model ~3 s
         assert resp.status == 200
         waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
         body = {"model": MODEL, "messages": [user("queued")], "max_tokens": 40}
