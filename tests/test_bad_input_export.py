@@ -268,3 +268,17 @@ def test_a_killed_export_leaves_what_the_next_one_removes(tmp_path):
 
 def test_all_errors_above_are_typed():
     assert issubclass(CheckpointError, TinyGPTVError) and issubclass(ImageTooLargeError, TinyGPTVError)
+
+
+@pytest.mark.parametrize("n", [0, 100000, True])
+def test_export_thread_counts_are_bounded(n):
+    import numpy as np
+
+    from tinygptv_edge.export.gguf.quant import Q, quantize
+    from tinygptv_edge.export.train.loop import TrainConfig
+    from tinygptv_edge.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="threads: expected an integer in 1.."):
+        quantize(np.zeros((4, 32), np.float32), Q.Q8_0, threads=n)
+    with pytest.raises(ConfigError, match="threads"):
+        TrainConfig(threads=n)

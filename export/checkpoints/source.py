@@ -109,7 +109,7 @@ class SourceSpec:
     def sha256(self) -> dict[str, str]:
         from tqdm import tqdm
 
-        from tinygptv_edge.export.checkpoints.single import file_sha256
+        from tinygptv_edge.runtime.image_cache import file_sha256
 
         return {f.name: file_sha256(f) for f in tqdm(self.files(), desc="sha256", unit="file", leave=False)}
 
