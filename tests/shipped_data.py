@@ -108,7 +108,9 @@ def prompt_embeds(dec, question: str, image: str) -> np.ndarray:
     reference's image embeddings in the image slot (so only the language kernels are compared)."""
     from tinygptv_edge.runtime.prompt import split_prompt
 
-    seg = split_prompt(dec.prompt.first_turn(question, with_image=True), dec.tokenizer, 1)
+    seg = split_prompt(
+        dec.prompt.first_turn(question, with_image=True), dec.tokenizer, 1, add_bos=dec.prompt.add_bos
+    )
     img = goldens()[f"embeds/{image}"]
     parts = [dec.embed_tokens(list(seg.texts[0])), img, dec.embed_tokens(list(seg.texts[1]))]
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

@@ -78,15 +78,15 @@ def test_config_validation_says_what_is_wrong():
 
 
 def test_split_prompt_puts_bos_first_and_one_slot_per_image(tok):
-    seg = split_prompt(f"A{IMAGE_PLACEHOLDER}B C{IMAGE_PLACEHOLDER}", tok, 2)
+    seg = split_prompt(f"A{IMAGE_PLACEHOLDER}B C{IMAGE_PLACEHOLDER}", tok, 2, add_bos=True)
     assert seg.n_images == 2 and seg.texts[0] == (tok.bos_id, *tok.encode("A"))
     assert seg.texts[1] == tuple(tok.encode("B C")) and seg.texts[2] == ()
     assert seg.length(8) == len(seg.texts[0]) + len(seg.texts[1]) + 16
     assert split_prompt("A", tok, 0, add_bos=False).texts == (tuple(tok.encode("A")),)
     with pytest.raises(ConfigError, match="2 <ImageHere> slot"):
-        split_prompt(f"A{IMAGE_PLACEHOLDER}B{IMAGE_PLACEHOLDER}", tok, 1)
+        split_prompt(f"A{IMAGE_PLACEHOLDER}B{IMAGE_PLACEHOLDER}", tok, 1, add_bos=True)
     with pytest.raises(ConfigError, match="0 <ImageHere> slot"):
-        split_prompt("no image here", tok, 1)
+        split_prompt("no image here", tok, 1, add_bos=True)
 
 
 def test_shipped_prompt_turns_tokenize_as_the_text_they_join(tok):
@@ -94,7 +94,7 @@ def test_shipped_prompt_turns_tokenize_as_the_text_they_join(tok):
     p = small_config().prompt
     first = p.first_turn("What colour is the circle?", with_image=True)
     later = p.separator + p.turn("And the square?", with_image=False)
-    seg = split_prompt(first, tok, 1)
+    seg = split_prompt(first, tok, 1, add_bos=True)
     before, after = first.split(IMAGE_PLACEHOLDER)
     assert tok.decode(list(seg.texts[0][1:])) == before and tok.decode(list(seg.texts[1])) == after
     assert IMAGE_PLACEHOLDER not in later

@@ -112,7 +112,7 @@ def goldens(qs: list[dict], out: Path) -> tuple[dict[str, np.ndarray], list[dict
         arrays[f"embeds/{q['image']}"] = emb[0].numpy().astype(np.float32)
         with torch.no_grad():
             prompt = cfg.prompt.first_turn(q["question"], with_image=True)
-            embeds = model.splice(split_prompt(prompt, tok, 1), [emb[0]])
+            embeds = model.splice(split_prompt(prompt, tok, 1, add_bos=cfg.prompt.add_bos), [emb[0]])
             logits = model.language(embeds, model.language.new_cache())[0, -1]
             arrays[f"logits/{n}"] = logits.numpy().astype(np.float32)
             ids = model.generate(embeds, MAX_NEW_TOKENS, (tok.eos_id,), tok, cfg.prompt.separator)
