@@ -10,16 +10,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from _hostile import GiB, run_limited
-from PIL import Image
 
-from tinygptv_edge.cli import main
-from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv, phi2_config
-from tinygptv_edge.export.checkpoints.safeio import load_pickle, tensor_dict
-from tinygptv_edge.export.checkpoints.single import load_single
-from tinygptv_edge.export.staging import clean_stale, stage_file
-from tinygptv_edge.runtime.errors import (
+torch = pytest.importorskip("torch")
+
+from _hostile import GiB, run_limited  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tinygptv_edge.cli import main  # noqa: E402
+from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv, phi2_config  # noqa: E402
+from tinygptv_edge.export.checkpoints.safeio import load_pickle, tensor_dict  # noqa: E402
+from tinygptv_edge.export.checkpoints.single import load_single  # noqa: E402
+from tinygptv_edge.export.staging import clean_stale, stage_file  # noqa: E402
+from tinygptv_edge.runtime.errors import (  # noqa: E402
     CheckpointError,
     ImageTooLargeError,
     ShapeMismatchError,

@@ -10,12 +10,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
 
-from tinygptv_edge.export.checkpoints.source import SourceSpec, spec_from_args
-from tinygptv_edge.runtime.config import STAGE4_PROMPT, PreprocessConfig, PromptConfig, TinyGPTVConfig
-from tinygptv_edge.runtime.errors import CheckpointError, ConfigError, GGUFModelError
-from tinygptv_edge.runtime.preprocess import preprocess
+torch = pytest.importorskip("torch")
+
+from PIL import Image, ImageOps  # noqa: E402
+
+from tinygptv_edge.export.checkpoints.source import SourceSpec, spec_from_args  # noqa: E402
+from tinygptv_edge.runtime.config import STAGE4_PROMPT, PreprocessConfig, PromptConfig, TinyGPTVConfig  # noqa: E402
+from tinygptv_edge.runtime.errors import CheckpointError, ConfigError, GGUFModelError  # noqa: E402
+from tinygptv_edge.runtime.preprocess import preprocess  # noqa: E402
 
 MODEL_COMMANDS = ("export-onnx", "export-gguf", "reference", "report")
 
