@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--dynamic", action="store_true", help="also write the dynamic-INT8 baseline")
     q4 = p.add_argument_group("INT4 weights")
     q4.add_argument("--int4", action="store_true", help="also write vision.int4.onnx (MatMulNBits)")
-    q4.add_argument("--int4-block", type=int, default=None, help="INT4 block size along K (128)")
+    q4.add_argument("--int4-block", type=int, default=None, help="INT4 block size along K (32)")
     q4.add_argument("--int4-accuracy", type=int, default=None, help="MatMulNBits accuracy_level (4: int8)")
     p.set_defaults(func=run)
 
