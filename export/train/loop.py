@@ -45,7 +45,7 @@ from tinygptv_edge.export.train.scene import (
     scene_loss,
     scene_targets,
 )
-from tinygptv_edge.export.train.vqa import VQAConfig, iter_samples, vocabulary_text
+from tinygptv_edge.export.train.vqa import DATASETS, eval_split, iter_samples, vocabulary_text
 from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
 from tinygptv_edge.runtime.errors import ConfigError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
@@ -58,9 +58,11 @@ LOSS_PNG = "loss.png"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    data: str = "varied"  # scene settings of the training and validation images (vqa.DATASETS)
     train_images: int = 6000
     val_images: int = 150
     test_images: int = 400
+    eval_images: int = 150  # images of each other evaluation split (test-phrasing, -layout, -camera)
     pretrain_steps: int = 2000
     pretrain_images_per_step: int = 32
     pretrain_lr: float = 5e-4
@@ -82,7 +84,10 @@ class TrainConfig:
     threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 ran faster than 2 (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
-        names = ("train_images", "val_images", "test_images", "steps", "images_per_step", "threads")
+        if self.data not in DATASETS:
+            raise ConfigError(f"TrainConfig.data: expected one of {', '.join(DATASETS)}, got {self.data!r}")
+        names = ("train_images", "val_images", "test_images", "eval_images", "steps", "images_per_step")
+        names += ("threads",)
         for name in (*names, "questions_per_image", "pretrain_images_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
@@ -113,8 +118,9 @@ def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -
     """Train the BPE on the shipped prose plus full prompts and answers of the first training images."""
     from tinygptv_edge.export.checkpoints.tokenizer_train import save_tokenizer, train_bpe
 
-    lines = vocabulary_text()
-    for s in iter_samples("train", min(cfg.train_images, 500), cfg.seed):
+    data = DATASETS[cfg.data]
+    lines = vocabulary_text(data.phrasings)
+    for s in iter_samples("train", min(cfg.train_images, 500), cfg.seed, data):
         for qa in s.qas:
             lines.append(model_cfg.prompt.first_turn(qa.question) + qa.answer + model_cfg.prompt.separator)
     save_tokenizer(train_bpe(cfg.vocab_size, extra_text=lines), folder)
@@ -192,7 +198,7 @@ def encode_split(
     scenes = []
 
     def samples():
-        for s in iter_samples(split, n, cfg.seed, VQAConfig()):
+        for s in iter_samples(split, n, cfg.seed, DATASETS[cfg.data]):
             scenes.append(s.scene)
             yield s
 
@@ -330,11 +336,13 @@ def evaluate_greedy(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Exact match of `TinyGPTV.answer` (greedy, cut at the separator) per question type."""
+    """Exact match of `TinyGPTV.answer` (greedy, cut at the separator) per question type, on an
+    evaluation split (`vqa.EVAL_SPLITS`: test, test-phrasing, test-layout, test-camera)."""
     from tinygptv_edge.runtime.preprocess import preprocess
 
     counts: dict[str, list[int]] = {}
-    for i, s in enumerate(iter_samples(split, n_images, seed, VQAConfig())):
+    stream, scene_cfg = eval_split(split)
+    for i, s in enumerate(iter_samples(stream, n_images, seed, scene_cfg)):
         pixels = torch.from_numpy(preprocess(s.image, model.cfg.preprocess))[None]
         for qa in s.qas:
             got = model.answer(qa.question, tok, pixels, max_new_tokens=16)
@@ -378,8 +386,12 @@ def write_loss_curve(losses: list[float], folder: Path, smooth: int = 20) -> Non
     img.save(folder / LOSS_PNG)
 
 
-def save_default(result: TrainResult, cfg: TrainConfig, test: dict, out: str | Path) -> Path:
-    """The single-checkpoint folder plus training.json and the loss curve, written atomically."""
+def save_default(
+    result: TrainResult, cfg: TrainConfig, test: dict, out: str | Path, splits: dict | None = None
+) -> Path:
+    """The single-checkpoint folder plus training.json and the loss curve, written atomically.
+
+    `test`: the greedy table of the test split; `splits`: those of the other evaluation splits."""
     from tinygptv_edge.export.checkpoints.single import save_single
 
     out = Path(out)
@@ -396,6 +408,7 @@ def save_default(result: TrainResult, cfg: TrainConfig, test: dict, out: str | P
             "scene_after_pretraining": result.scene,
             "validation": [{"step": s, **a} for s, a in result.val],
             "test_greedy_exact_match": test,
+            "eval_splits_greedy_exact_match": splits or {},
             "parameters": sum(p.numel() for p in result.model.parameters()),
         }
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")

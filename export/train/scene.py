@@ -74,7 +74,8 @@ def patch_labels(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray, np.nd
         row, col = divmod(p, grid)
         colour[p] = 1 + list(COLOURS).index(s.colour)
         kind[p] = 1 + SHAPES.index(s.kind)
-        offset[p] = (s.x - (col + 0.5) / grid, s.y - (row + 0.5) / grid)
+        x, y = scene.frame.place(s.x, s.y)  # in the model's input (a camera frame may squeeze the scene)
+        offset[p] = (x - (col + 0.5) / grid, y - (row + 0.5) / grid)
     return colour, kind, offset
 
 
@@ -88,7 +89,7 @@ def scene_targets(scenes: Iterable[Scene], cfg: TinyGPTVConfig) -> SceneTargets:
         xy = np.zeros((N_COLOURS, 2), np.float32)
         for s in scene.shapes:
             c = colours.index(s.colour)
-            present[c], kind[c], xy[c] = 1.0, SHAPES.index(s.kind), (s.x, s.y)
+            present[c], kind[c], xy[c] = 1.0, SHAPES.index(s.kind), scene.frame.place(s.x, s.y)
         rows.append(
             (present, kind, xy, len(scene.shapes), BACKGROUNDS.index(scene.background))
             + patch_labels(scene, grid)
