@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml runtime/kquant.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
 	touch $@
 
 test: setup
@@ -40,18 +40,23 @@ format: setup
 clean:
 	rm -rf $(VENV) $(DIST) .pytest_cache
 
+# SOURCE: the model source flags every model-loading target passes on (default: the shipped model), e.g.
+# SOURCE="--phi2 phi-2/ --eva eva_vit_g.pth --blip2 blip2_pretrained_flant5xxl.pth --stage-ckpt S3.pth"
+# or SOURCE="--model my-model/" (docs/official-checkpoints.md).
+SOURCE ?=
+
 # Vision graph: dist/vision.fp32.onnx + dist/vision.int8.onnx from the shipped model.
 # CALIB_IMAGES=DIR picks the calibration images (default: synthetic VQA images in dist/calib-images).
 CALIB_IMAGES ?=
 export-onnx: setup
-	$(PY) -m tinygptv_edge export-onnx --out $(DIST) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))
+	$(PY) -m tinygptv_edge export-onnx --out $(DIST) $(SOURCE) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))
 
 # Language model as GGUF in $(DIST)/: GGUF_LEVEL (default Q4_0), GGUF_MODEL (single-checkpoint folder;
 # default: the shipped model), GGUF_ARGS (more flags, e.g. --imatrix-images DIR).
 GGUF_LEVEL ?= Q4_0
 .PHONY: export-gguf
 export-gguf: setup
-	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) \
+	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) $(SOURCE) \
 		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
 
 # The shipped default model: train from scratch on the synthetic VQA set (time: docs/benchmarks.md),
@@ -70,7 +75,7 @@ demo: export-onnx export-gguf
 
 # The same question answered by the PyTorch reference (no export).
 demo-reference: setup
-	$(PY) -m tinygptv_edge.cli reference --image $(DEMO_IMAGE) --question "$(DEMO_QUESTION)"
+	$(PY) -m tinygptv_edge.cli reference $(SOURCE) --image $(DEMO_IMAGE) --prompt "$(DEMO_QUESTION)"
 
 # Accuracy report: every vision x language level of the shipped model vs fp32 + F32, on its VQA test split.
 # Builds the exports it needs into $(DIST)/report/artifacts (cached); writes report.{json,md,html}.
@@ -78,7 +83,7 @@ demo-reference: setup
 REPORT_ARGS ?=
 .PHONY: report
 report: setup
-	$(VENV)/bin/tinygptv-edge report --out $(DIST)/report $(REPORT_ARGS)
+	$(VENV)/bin/tinygptv-edge report --out $(DIST)/report $(SOURCE) $(REPORT_ARGS)
 
 # Answer a question about an image with the models in $(DIST)/ (IMAGE=path PROMPT="question" [RUN_ARGS=--stream]).
 IMAGE  ?=
@@ -97,3 +102,14 @@ bench-decoder: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/decoder.py
 
+
+# OpenAI-compatible server on the models in $(DIST)/ (http://127.0.0.1:8080; SERVE_ARGS: more flags,
+# e.g. --api-key KEY --cache-dir .cache/images --port 9000). See docs/serve.md.
+SERVE_ARGS ?=
+.PHONY: serve bench-serve
+serve: setup
+	$(VENV)/bin/tinygptv-edge serve --dist $(DIST) $(SERVE_ARGS)
+
+# Server vs Pipeline at full size (random weights): first token for new/repeated images, tok/s, peak RSS.
+bench-serve: setup
+	$(PY) bench/serve.py

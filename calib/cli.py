@@ -47,6 +47,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-noise-floor", action="store_true", help="skip the 1-thread re-run of the reference")
     p.add_argument("--no-probe", action="store_true", help="skip the speed / peak-RSS probes")
     p.add_argument("--render-only", action="store_true", help="re-render OUT/report.json (no measuring)")
+    bm = p.add_argument_group("paper benchmarks (docs/report-bench.md); --limit applies to each")
+    bm.add_argument(
+        "--bench",
+        action="append",
+        metavar="NAME=PATH",
+        help="benchmark files as released: gqa, vsr, iconqa, vizwiz, hateful_memes, vqav2, textvqa",
+    )
+    bm.add_argument("--bench-images", action="append", metavar="NAME=DIR", help="a benchmark's image folder")
+    bm.add_argument("--sample", type=int, help="evaluate N items drawn at random (--seed) per benchmark")
+    bm.add_argument("--shard-size", type=int, default=64, help="items per task (default 64)")
+    bm.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the tasks on a Ray cluster (a local one when no ADDRESS)",
+    )
+    bm.add_argument("--retries", type=int, default=2, help="Ray: re-runs of a failed task (default 2)")
+    bm.add_argument(
+        "--ray-ship-models",
+        action="store_true",
+        help="Ray: send the model files through the object store (no shared path needed)",
+    )
     b = p.add_argument_group("budget for the recommendation")
     b.add_argument("--max-size-mib", type=float, help="total size (vision + language) at most")
     b.add_argument("--min-accuracy", type=float, help="exact match %% at least")
@@ -92,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
 
     t0 = time.perf_counter()
+    if getattr(args, "bench", None):
+        return _bench(cfg, args, progress, bars, t0)
     if args.render_only:
         return _render_only(cfg)
     try:
@@ -124,4 +149,30 @@ def _render_only(cfg) -> int:
     for p in write_outputs(doc, cfg.out).values():
         print(f"wrote {p}")
     print(doc["recommendation"]["text"])
+    return 0
+
+
+def _bench(cfg, args, progress, bars, t0) -> int:
+    from .bench_report import BenchConfig, make_bench_report
+    from .benchmarks import parse_bench_args
+
+    bc = BenchConfig(
+        benches=parse_bench_args(args.bench),
+        images=parse_bench_args(args.bench_images),
+        limit=args.limit,
+        sample=args.sample,
+        shard_size=args.shard_size,
+        ray=args.ray,
+        retries=args.retries,
+        ship_models=args.ray_ship_models,
+    )
+    try:
+        paths = make_bench_report(cfg, bc, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(paths["bench.md"].read_text().split("\n## ")[0].rstrip())
+    for p in paths.values():
+        print(f"wrote {p}")
+    print(f"benchmarks in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 CHAT_HELP = """commands: /image PATH  attach an image to your next question
           /reset       start a new conversation
@@ -47,7 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
     r.add_argument("--n-ctx", type=int, help="context length (default: the model's, 2048)")
-    r.add_argument("--low-memory", action="store_true", help="one model resident at a time (2 GB boards)")
+    r.add_argument(
+        "--low-memory",
+        nargs="?",
+        choices=["auto", "on", "off"],
+        const="on",
+        default="auto",
+        help="one model resident at a time (2 GB boards); auto (default): when MemAvailable is short of "
+        "both models, see docs/bench-command.md; a bare --low-memory means on",
+    )
     p.set_defaults(func=run)
 
 
@@ -66,15 +73,19 @@ def sampling_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .memory_plan import plan_memory
     from .pipeline import Pipeline, default_model_paths
 
     sampling = sampling_from_args(args)  # bad values fail before any model loads
     vision, language = default_model_paths(args.dist, args.vision, args.language)
+    plan = plan_memory(args.low_memory, vision, language, args.n_ctx)
+    if (plan.low_memory and plan.mode == "auto") or plan.tight:
+        print(f"note: {plan.reason}", file=sys.stderr)
     with tqdm(
         total=1, desc="loading models", disable=args.json or not sys.stderr.isatty(), leave=False
     ) as bar:
         pipe = Pipeline(
-            vision, language, n_ctx=args.n_ctx, n_threads=args.threads, low_memory=args.low_memory
+            vision, language, n_ctx=args.n_ctx, n_threads=args.threads, low_memory=plan.low_memory
         )
         bar.update(1)
     with pipe:
@@ -86,7 +97,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def show(turn, args: argparse.Namespace) -> None:
-    """Print one turn: streamed or whole, as text or JSON."""
+    """Print one turn: streamed or whole, as text or JSON. The turn is closed even when printing
+    fails (a closed stdout), so the pipeline is free again."""
+    with turn:
+        _show(turn, args)
+
+
+def _show(turn, args: argparse.Namespace) -> None:
     if args.stream:
         for piece in turn:
             if args.json:
@@ -123,8 +140,18 @@ def show(turn, args: argparse.Namespace) -> None:
         print(answer.text)
 
 
+def read_line(stream) -> str | None:
+    """One line of stdin as text, None at its end. Bytes that are not UTF-8 are kept as lone
+    surrogates (the question check then names them) instead of ending the session."""
+    raw = stream.buffer.readline() if hasattr(stream, "buffer") else stream.readline()
+    if not raw:
+        return None
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+
+
 def chat_loop(pipe, sampling, args: argparse.Namespace) -> int:
     from .errors import TinyGPTVError
+    from .images import load_image
 
     chat = pipe.chat(sampling)
     image = args.image
@@ -134,8 +161,8 @@ def chat_loop(pipe, sampling, args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = read_line(sys.stdin)
+        if line is None:
             return 0
         line = line.strip()
         if not line:
@@ -145,16 +172,18 @@ def chat_loop(pipe, sampling, args: argparse.Namespace) -> int:
         if line == "/help":
             print(CHAT_HELP, file=sys.stderr)
         elif line == "/reset":
-            chat = pipe.chat(sampling)
+            chat, image = pipe.chat(sampling), None
         elif line.startswith("/image"):
             path = line[len("/image") :].strip()
-            if not Path(path).is_file():
-                print(f"error: no image file at {path!r}", file=sys.stderr)
-            else:
+            try:
+                load_image(path, pipe.image_limits)  # checked now, so a bad file is refused here
                 image = path
+            except TinyGPTVError as e:
+                print(f"error: {e} (no image attached)", file=sys.stderr)
         else:
             try:
                 show(chat.stream(line, image), args)
-                image = None
             except TinyGPTVError as e:  # a bad image or an over-long question: the chat goes on
                 print(f"error: {e}", file=sys.stderr)
+            finally:
+                image = None  # an image goes with one question, answered or not

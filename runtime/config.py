@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +48,17 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{name}: expected a positive integer, got {value!r}")
 
 
+def _check_real(obj: Any, name: str, lo: float, hi: float, closed_hi: bool = False) -> None:
+    """A finite number in (lo, hi) (or (lo, hi] with closed_hi)."""
+    v = getattr(obj, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not (lo < v < hi or closed_hi and v == hi):
+        end = "]" if closed_hi else ")"
+        raise ConfigError(
+            f"{type(obj).__name__}.{name}: expected a finite number in ({lo}, {hi}{end}, got {v!r}"
+        )
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """EVA ViT-g (LAVIS `create_eva_vit_g`), pre-norm blocks, no final norm."""
@@ -62,6 +75,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "width", "depth", "heads", "mlp_hidden")
+        _check_real(self, "eps", 0, 1)
         if self.width % self.heads:
             raise ConfigError(f"VisionConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -100,6 +114,7 @@ class QFormerConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "hidden", "layers", "heads", "intermediate", "num_query_tokens", "vision_width")
+        _check_real(self, "eps", 0, 1)
         if self.hidden % self.heads:
             raise ConfigError(f"QFormerConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
 
@@ -138,6 +153,10 @@ class LanguageConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions")
+        _check_real(self, "rope_theta", 0, math.inf)
+        _check_real(self, "partial_rotary_factor", 0, 1, closed_hi=True)
+        for name in ("layer_norm_eps", "qk_norm_eps", "post_norm_eps"):
+            _check_real(self, name, 0, 1)
         if self.hidden % self.heads:
             raise ConfigError(f"LanguageConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
@@ -201,6 +220,19 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.add_bos, bool):
             raise ConfigError(f"PromptConfig.add_bos: expected true or false, got {self.add_bos!r}")
+        for name in ("system", "separator", "user_template", "text_user_template", "assistant_prefix"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"PromptConfig.{name}: expected a string, got {type(value).__name__}")
+            if len(value) > MAX_PROMPT_TEXT:
+                raise ConfigError(
+                    f"PromptConfig.{name}: expected at most {MAX_PROMPT_TEXT} characters, got {len(value)}"
+                )
+        for name, slots in (("user_template", 1), ("text_user_template", 0)):
+            _check_template(name, getattr(self, name), slots)
+        for name in ("system", "separator", "assistant_prefix"):
+            if IMAGE_PLACEHOLDER in getattr(self, name):
+                raise ConfigError(f"PromptConfig.{name}: expected no {IMAGE_PLACEHOLDER}, found one")
 
     def first_turn(self, question: str, with_image: bool = True) -> str:
         """The full prompt of a conversation's first turn."""
@@ -210,6 +242,26 @@ class PromptConfig:
     def turn(self, question: str, with_image: bool = True) -> str:
         template = self.user_template if with_image else self.text_user_template
         return template.format(question=question) + self.assistant_prefix
+
+
+MAX_PROMPT_TEXT = 1 << 16  # characters in one prompt field: a template, not a document
+
+
+def _check_template(name: str, template: str, image_slots: int) -> None:
+    """One `{question}` field and nothing else for str.format; `image_slots` IMAGE_PLACEHOLDERs."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # a lone brace
+        raise ConfigError(f"PromptConfig.{name}: not a valid template ({e}): {template!r}") from None
+    if [f for f, _, _ in fields] != ["question"] or any(spec or conv for _, spec, conv in fields):
+        found = ", ".join("{" + f + "}" for f, _, _ in fields) or "none"
+        raise ConfigError(
+            f"PromptConfig.{name}: expected exactly one {{question}} placeholder (literal braces as "
+            f"{{{{ }}}}), found {found} in {template!r}"
+        )
+    n = template.count(IMAGE_PLACEHOLDER)
+    if n != image_slots:
+        raise ConfigError(f"PromptConfig.{name}: expected {image_slots} {IMAGE_PLACEHOLDER}, found {n}")
 
 
 STAGE4_PROMPT = PromptConfig(
@@ -229,6 +281,16 @@ def stage_prompt(stage: int) -> PromptConfig:
     return STAGE4_PROMPT if stage == 4 else PromptConfig()
 
 
+MAX_IMAGE_SIZE = 4096  # model input side in pixels (TinyGPT-V: 224 or 448)
+NORM_RANGE = 1e3  # |mean| and std bounds: pixels are in [0, 1]
+MIN_STD = 1e-6  # a smaller std turns pixels into infinities in float32
+RESAMPLE_NAMES = ("bicubic", "bilinear")
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Blip2ImageEvalProcessor: RGB, bicubic resize to (S, S), to [0, 1], normalise."""
@@ -237,6 +299,23 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        s = self.image_size
+        if not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"PreprocessConfig.image_size: expected an integer 1..{MAX_IMAGE_SIZE}, got {s!r}"
+            )
+        for name, lo, hi in (("mean", -NORM_RANGE, NORM_RANGE), ("std", MIN_STD, NORM_RANGE)):
+            v = getattr(self, name)
+            ok = isinstance(v, (tuple, list)) and len(v) == 3
+            ok = ok and all(_real(x) and lo <= x <= hi for x in v)
+            if not ok:
+                raise ConfigError(f"PreprocessConfig.{name}: expected 3 numbers in [{lo}, {hi}], got {v!r}")
+        if self.resample not in RESAMPLE_NAMES:
+            raise ConfigError(
+                f"PreprocessConfig.resample: expected one of {RESAMPLE_NAMES}, got {self.resample!r}"
+            )
 
 
 _NESTED: dict[tuple[str, str], type] = {}

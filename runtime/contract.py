@@ -8,6 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .errors import FormatVersionError
+
+# ---------------------------------------------------------------------------------------------
+# FORMAT VERSIONS of the two files, stored in their metadata (ONNX_META / TINYGPTV_KEYS
+# "format_version"). A runtime reads files up to its own versions and refuses newer ones instead of
+# misreading them. Bump one when a reader of the previous version would misread a file written now
+# (a renamed or re-laid-out tensor, a changed key meaning); an added optional key needs no bump.
+# A file without the key was written before versions existed: it is version UNVERSIONED.
+# ---------------------------------------------------------------------------------------------
+ONNX_FORMAT_VERSION = 1
+GGUF_FORMAT_VERSION = 1
+UNVERSIONED = 1
+
+
+def check_format_version(found: int | None, supported: int, path: object) -> int:
+    """The file's format version (`found`; None: no key, so UNVERSIONED), refused when above `supported`."""
+    version = UNVERSIONED if found is None else found
+    if version > supported:
+        raise FormatVersionError(str(path), version, supported)
+    return version
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX vision graph: pixel_values (batch, 3, S, S) float32 -> image_embeds (batch, Q, H) float32
 # ---------------------------------------------------------------------------------------------
@@ -28,6 +50,7 @@ ONNX_META = {
     "embed_dim": "tinygptv.embed_dim",
     "source_sha256": "tinygptv.source_sha256",  # JSON object: file name -> sha256
     "config": "tinygptv.config",  # JSON of TinyGPTVConfig
+    "format_version": "tinygptv.format_version",  # integer as a string; see FORMAT VERSIONS below
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -37,21 +60,38 @@ ONNX_META = {
 GGUF_ARCH = "tinygptv-phi2"
 LANGUAGE_FILE = "language.{ftype}.gguf"  # e.g. language.q4_0.gguf
 
-# hyperparameter keys (llama.cpp naming, `{arch}` = GGUF_ARCH)
-GGUF_KEYS = {
-    "context_length": "{arch}.context_length",
-    "embedding_length": "{arch}.embedding_length",
-    "block_count": "{arch}.block_count",
-    "feed_forward_length": "{arch}.feed_forward_length",
-    "head_count": "{arch}.attention.head_count",
-    "head_count_kv": "{arch}.attention.head_count_kv",
-    "layer_norm_epsilon": "{arch}.attention.layer_norm_epsilon",  # input/final LayerNorm
-    "qk_norm_epsilon": "{arch}.attention.qk_norm_epsilon",  # q/k LayerNorm over head_dim
-    "layer_norm_rms_epsilon": "{arch}.attention.layer_norm_rms_epsilon",  # post-attention RMSNorm
-    "rope_dimension_count": "{arch}.rope.dimension_count",
-    "rope_freq_base": "{arch}.rope.freq_base",
-    "vocab_size": "{arch}.vocab_size",
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter key: what the exporter writes from and what the decoder reads it into."""
+
+    key: str  # llama.cpp naming, `{arch}` = GGUF_ARCH
+    config: str  # the LanguageConfig attribute written
+    hparams: str  # the decoder's HParams field read into ("": only checked, see decoder_model.py)
+    kind: str  # GGUF value type: "uint32" or "float32"
+
+
+# hyperparameters, in the file's order
+H = HParam
+GGUF_HPARAMS = {
+    "context_length": H("{arch}.context_length", "max_positions", "n_ctx_train", "uint32"),
+    "embedding_length": H("{arch}.embedding_length", "hidden", "n_embd", "uint32"),
+    "block_count": H("{arch}.block_count", "layers", "n_layer", "uint32"),
+    "feed_forward_length": H("{arch}.feed_forward_length", "intermediate", "n_ff", "uint32"),
+    "head_count": H("{arch}.attention.head_count", "heads", "n_head", "uint32"),
+    "head_count_kv": H("{arch}.attention.head_count_kv", "heads", "", "uint32"),  # == head_count
+    # input/final LayerNorm; q/k LayerNorm over head_dim; post-attention RMSNorm
+    "layer_norm_epsilon": H("{arch}.attention.layer_norm_epsilon", "layer_norm_eps", "eps_norm", "float32"),
+    "qk_norm_epsilon": H("{arch}.attention.qk_norm_epsilon", "qk_norm_eps", "eps_qk", "float32"),
+    "layer_norm_rms_epsilon": H(
+        "{arch}.attention.layer_norm_rms_epsilon", "post_norm_eps", "eps_rms", "float32"
+    ),
+    "rope_dimension_count": H("{arch}.rope.dimension_count", "rotary_dim", "n_rot", "uint32"),
+    "rope_freq_base": H("{arch}.rope.freq_base", "rope_theta", "rope_base", "float32"),
+    "vocab_size": H("{arch}.vocab_size", "vocab_size", "n_vocab", "uint32"),
 }
+del H
+GGUF_KEYS = {name: h.key for name, h in GGUF_HPARAMS.items()}
 
 # TinyGPT-V specifics the runtime needs beside the weights (prompt template of the stage, image slots)
 TINYGPTV_KEYS = {
@@ -63,6 +103,14 @@ TINYGPTV_KEYS = {
     "prompt_text_user_template": "tinygptv.prompt.text_user_template",
     "prompt_assistant_prefix": "tinygptv.prompt.assistant_prefix",
     "source_sha256": "tinygptv.source_sha256",  # JSON object: file name -> sha256
+    "format_version": "tinygptv.format_version",  # uint32; see FORMAT VERSIONS below
+}
+PROMPT_KEYS = {  # PromptConfig field -> its TINYGPTV_KEYS entry (strings), in the file's order
+    "system": "prompt_system",
+    "separator": "prompt_separator",
+    "user_template": "prompt_user_template",
+    "text_user_template": "prompt_text_user_template",
+    "assistant_prefix": "prompt_assistant_prefix",
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -12,34 +12,38 @@ interface is documented in docs/decoder.md (the pipeline codes against it).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import kquant as kq
+from .checks import check_memory, check_threads, cpu_count
 from .config import PromptConfig
 from .contract import MATMUL, language_tensors
 from .decoder_model import (
     HParams,
     check_tensors,
+    read_format_version,
     read_hparams,
     read_image_tokens,
     read_prompt,
     read_tokenizer,
 )
-from .errors import ConfigError, ContextOverflowError
+from .errors import BackendError, ClosedError, ConfigError, ContextOverflowError
 from .ggml_graph import Graph, build_graph, free_graph
 from .ggml_runtime import (
     KV_TYPES,
     add_qk_norms,
-    default_threads,
     load_ggml,
     new_kv_cache,
     place_weights,
 )
 from .gguf_file import GGUFFile
+from .gguf_values import Background, check_bytes, check_values
 from .tokenizer import Tokenizer
 
 KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
@@ -47,7 +51,12 @@ GRAPH_CACHE = 6  # built graphs kept (LRU)
 
 
 class Decoder:
-    """Modified Phi-2 over a memory-mapped GGUF, with an F16 (or F32) KV cache of `n_ctx` positions."""
+    """Modified Phi-2 over a memory-mapped GGUF, with an F16 (or F32) KV cache of `n_ctx` positions.
+
+    Safe to share between threads: calls are serialised by a lock (ggml's graphs and the KV cache
+    are not reentrant). Weights are checked for NaN/inf (and K-quant scales for their sign) as they
+    are loaded, before any output.
+    """
 
     tokenizer: Tokenizer
     prompt: PromptConfig
@@ -66,14 +75,17 @@ class Decoder:
         if kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type: expected one of {sorted(KV_TYPES)}, got {kv_type!r}")
         for label, v in (("n_ctx", n_ctx), ("n_batch", n_batch)):
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{label}: expected a positive integer, got {v!r}")
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads <= 0):
-            raise ConfigError(f"n_threads: expected a positive integer or None, got {n_threads!r}")
+        check_threads(n_threads)
+        self._lock = threading.Lock()
         self._closed = True
+        self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
+        self._backend = None
         self._gf = GGUFFile.open(path)
         try:
-            self.hparams = hp = read_hparams(self._gf)
+            self.hparams = hp = read_hparams(self._gf)  # checks the format version first
+            self.format_version = read_format_version(self._gf)
             check_tensors(self._gf, hp)
             self.tokenizer = read_tokenizer(self._gf, hp.n_vocab)
             self.prompt = read_prompt(self._gf)
@@ -81,28 +93,40 @@ class Decoder:
         except BaseException:
             self._gf.close()
             raise
-        if n_ctx > hp.n_ctx_train:
-            self._gf.close()
-            raise ConfigError(f"n_ctx {n_ctx} exceeds the model's trained context of {hp.n_ctx_train}")
-        self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
-        self.n_threads = n_threads or default_threads()
-        self.n_batch = n_batch
-        self.kv_type = kv_type
-        self.n_past = 0
+        try:
+            if n_ctx > hp.n_ctx_train:
+                raise ConfigError(
+                    f"n_ctx: expected at most the model's trained context of {hp.n_ctx_train} "
+                    f"({self._gf.path}), got {n_ctx}"
+                )
+            kv_bytes = 2 * hp.n_layer * hp.n_embd * n_ctx * (2 if kv_type == "f16" else 4)
+            check_memory(kv_bytes, f"a KV cache of n_ctx={n_ctx} positions")
+            self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
+            self.n_threads = n_threads or cpu_count()
+            self.n_batch, self.kv_type, self.n_past = n_batch, kv_type, 0
+            self._load(repack, kquant)
+        except BaseException:
+            self._free()
+            raise
+        self._closed = False
 
+    def _load(self, repack: bool, kquant: bool) -> None:
+        hp = self.hparams
         self._ggml = ggml = load_ggml()
         self._dev = ggml.ggml_backend_dev_by_type(ggml.GGML_BACKEND_DEVICE_TYPE_CPU)
         self._backend = ggml.ggml_backend_dev_init(self._dev, None)
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
         matmul = {t.gguf for t in language_tensors(hp.n_layer) if t.role == MATMUL}
-        self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
+        # weights are checked for NaN/inf as they load: copied and repacked ones from the bytes read
+        # for them, the ones ggml reads through the mapping (F16/F32, unrepacked K-quants) by `pread`
+        with Background(partial(check_bytes, self._gf)) as checker:  # checks run beside the repacking
+            self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack, check=checker)
+            check_values(self._gf, self._w.mapped, threads=min(2, self.n_threads))
         if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
             mapped = matmul - set(self._w.repacked)
             self._w.kquant = {n for n in mapped if kq.eligible(ggml, self._w.tensors[n])}
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
-        self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, n_ctx, kv_type)
-        self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
-        self._closed = False
+        self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, self.n_ctx, self.kv_type)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -136,8 +160,10 @@ class Decoder:
         if not np.issubdtype(arr.dtype, np.floating):
             raise ConfigError(f"embeds: expected floating point values, got {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise ConfigError("embeds: contains NaN or infinity")
+        bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+        if bad.size:
+            rows = ", ".join(map(str, bad[:8])) + (", ..." if bad.size > 8 else "")
+            raise ConfigError(f"embeds: expected finite values, {bad.size} row(s) hold NaN or inf: {rows}")
         return self._eval(arr, True, all_logits)
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
@@ -147,33 +173,49 @@ class Decoder:
             raise ConfigError(f"ids: expected a non-empty 1-D sequence of integers, got shape {arr.shape}")
         if ((arr < 0) | (arr >= self.n_vocab)).any():
             raise ConfigError(f"token ids must be in [0, {self.n_vocab}), got {arr.min()}..{arr.max()}")
-        return self._embed(arr.astype(np.int32))
+        with self._lock:
+            self._check_open()
+            return self._embed(arr.astype(np.int32))
 
     def truncate(self, n_past: int) -> None:
         """Forget cache positions >= n_past."""
-        if not isinstance(n_past, int) or not 0 <= n_past <= self.n_past:
-            raise ConfigError(f"truncate: expected 0 <= n_past <= {self.n_past}, got {n_past!r}")
-        self.n_past = n_past
+        with self._lock:
+            self._check_open()
+            if not isinstance(n_past, int) or not 0 <= n_past <= self.n_past:
+                raise ConfigError(f"truncate: expected 0 <= n_past <= {self.n_past}, got {n_past!r}")
+            self.n_past = n_past
 
     def reset(self) -> None:
         self.truncate(0)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        ggml = self._ggml
-        for g in self._graphs.values():
-            free_graph(ggml, g)
-        self._graphs.clear()
-        ggml.ggml_backend_buffer_free(self._kv.buffer)
-        ggml.ggml_free(self._kv.ctx)
-        for buf in self._w.buffers:
-            ggml.ggml_backend_buffer_free(buf)
-        ggml.ggml_free(self._w.ctx)
-        if self._w.qk_ctx:
-            ggml.ggml_free(self._w.qk_ctx)
-        ggml.ggml_backend_free(self._backend)
+        """Free the weights, the cache and the graphs (waits for a call in progress)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._free()
+
+    def _free(self) -> None:
+        """Free whatever exists (also after a failed load)."""
+        ggml = self.__dict__.get("_ggml")
+        if ggml is not None:
+            for g in self._graphs.values():
+                free_graph(ggml, g)
+            self._graphs.clear()
+            kv, w, backend = self.__dict__.pop("_kv", None), self.__dict__.pop("_w", None), self._backend
+            if kv is not None:
+                ggml.ggml_backend_buffer_free(kv.buffer)
+                ggml.ggml_free(kv.ctx)
+            if w is not None:
+                for buf in w.buffers:
+                    ggml.ggml_backend_buffer_free(buf)
+                ggml.ggml_free(w.ctx)
+                if w.qk_ctx:
+                    ggml.ggml_free(w.qk_ctx)
+            if backend:
+                ggml.ggml_backend_free(backend)
+            self._backend = None
         self._gf.close()
 
     def __enter__(self) -> Decoder:
@@ -187,17 +229,21 @@ class Decoder:
             self.close()
 
     # ------------------------------------------------------------------------------------------
-    def _eval(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:
+    def _check_open(self) -> None:
         if self._closed:
-            raise ConfigError("the decoder is closed")
-        T = len(inp)
-        if self.n_past + T > self.n_ctx:
-            raise ContextOverflowError(self.n_past, T, self.n_ctx)
-        outs = []
-        for s in range(0, T, self.n_batch):
-            chunk = inp[s : s + self.n_batch]
-            outs.append(self._run(chunk, embeddings, all_logits))
-        return np.concatenate(outs) if all_logits else outs[-1][-1]
+            raise ClosedError(f"the decoder of {self._gf.path} is closed")
+
+    def _eval(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:
+        with self._lock:  # one call at a time: graphs, cache and n_past are shared state
+            self._check_open()
+            T = len(inp)
+            if self.n_past + T > self.n_ctx:
+                raise ContextOverflowError(self.n_past, T, self.n_ctx)
+            outs = []
+            for s in range(0, T, self.n_batch):
+                chunk = inp[s : s + self.n_batch]
+                outs.append(self._run(chunk, embeddings, all_logits))
+            return np.concatenate(outs) if all_logits else outs[-1][-1]
 
     def _graph(self, T: int, n_kv: int, embeddings: bool, all_logits: bool) -> Graph:
         key = (T, n_kv, embeddings, all_logits)
@@ -225,7 +271,7 @@ class Decoder:
             ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
         status = ggml.ggml_backend_graph_compute(self._backend, g.gf)
         if status != 0:
-            raise RuntimeError(f"ggml graph compute failed with status {status}")
+            raise BackendError(f"{self._gf.path}: ggml graph compute failed with status {status}")
         if g.kq is not None:
             g.kq.check()
         self.n_past = p0 + T
@@ -250,7 +296,9 @@ class Decoder:
             if not ggml.ggml_gallocr_alloc_graph(galloc, gf):
                 raise MemoryError("cannot allocate the embedding lookup")
             ggml.ggml_backend_tensor_set(inp, ids.ctypes.data, 0, ids.nbytes)
-            ggml.ggml_backend_graph_compute(self._backend, gf)
+            status = ggml.ggml_backend_graph_compute(self._backend, gf)
+            if status != 0:
+                raise BackendError(f"{self._gf.path}: ggml embedding lookup failed with status {status}")
             out = np.empty((T, self.n_embd), dtype=np.float32)
             ggml.ggml_backend_tensor_get(rows, out.ctypes.data, 0, out.nbytes)
             return out

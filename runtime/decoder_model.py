@@ -6,6 +6,7 @@ kind of every key, the presence, shape and type of every tensor (runtime/contrac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tokenizers import AddedToken
@@ -13,10 +14,15 @@ from tokenizers import AddedToken
 from .config import PromptConfig
 from .contract import (
     GGUF_ARCH,
+    GGUF_FORMAT_VERSION,
+    GGUF_HPARAMS,
     GGUF_TOKEN_TYPE,
     GGUF_TOKENIZER_KEYS,
+    LANGUAGE_TENSORS,
+    PROMPT_KEYS,
     TINYGPTV_KEYS,
     WEIGHT_ROLES,
+    check_format_version,
     gguf_key,
     language_shapes,
     language_tensors,
@@ -33,6 +39,8 @@ from .gguf_file import BOOL, FLOAT_TYPES, INT_TYPES, STRING, GGUFFile, TensorInf
 from .tokenizer import Tokenizer
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE["user_defined"]
+
+MAX_CONTEXT = 1 << 20  # positions: far above any Phi-2 (2048); a larger context_length is corrupt
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,13 @@ class HParams:
             raise ConfigError(f"HParams: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_rot <= 0 or self.n_rot % 2 or self.n_rot > self.head_dim:
             raise ConfigError(f"HParams: rope dims {self.n_rot} must be even and in 2..{self.head_dim}")
-        if not self.rope_base > 0:
-            raise ConfigError(f"HParams: rope freq_base must be > 0, got {self.rope_base}")
+        if not 0 < self.rope_base < math.inf:
+            raise ConfigError(f"HParams: rope freq_base: expected a finite number > 0, got {self.rope_base}")
+        if self.n_ctx_train > MAX_CONTEXT:
+            raise ConfigError(
+                f"HParams.n_ctx_train (context_length): expected at most {MAX_CONTEXT}, "
+                f"got {self.n_ctx_train}"
+            )
         for name in ("eps_norm", "eps_qk", "eps_rms"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"HParams.{name}: expected 0 < eps < 1, got {getattr(self, name)}")
@@ -84,40 +97,54 @@ def _get(gf: GGUFFile, key: str, kinds: tuple[int, ...], what: str):
     return f.value
 
 
+def read_format_version(gf: GGUFFile) -> int:
+    """The file's format version (1 when written before versions); FormatVersionError when too new."""
+    key = TINYGPTV_KEYS["format_version"]
+    found = None
+    if key in gf.fields:
+        found = int(_get(gf, key, INT_TYPES, "an integer"))
+        if found < 1:
+            raise GGUFModelError(f"{gf.path}: {key}: expected a format version >= 1, got {found}")
+    return check_format_version(found, GGUF_FORMAT_VERSION, gf.path)
+
+
 def read_hparams(gf: GGUFFile) -> HParams:
     arch = gf.fields.get("general.architecture")
     if arch is None or arch.type != STRING:
         raise GGUFModelError(f"{gf.path}: missing string key 'general.architecture'")
     if arch.value != GGUF_ARCH:
         raise GGUFModelError(f"{gf.path}: architecture: expected {GGUF_ARCH!r}, got {arch.value!r}")
+    read_format_version(gf)  # before anything a newer layout may have changed
 
-    def i(name: str) -> int:
-        return int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
-
-    def f(name: str) -> float:
-        return float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
-
-    n_head, n_head_kv = i("head_count"), i("head_count_kv")
+    values = {}
+    for name, h in GGUF_HPARAMS.items():
+        if h.kind == "uint32":
+            values[name] = int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
+        else:
+            values[name] = float(_get(gf, gguf_key(name), FLOAT_TYPES, "a float"))
+    n_head, n_head_kv = values["head_count"], values["head_count_kv"]
+    try:
+        hp = HParams(**{h.hparams: values[name] for name, h in GGUF_HPARAMS.items() if h.hparams})
+    except ConfigError as e:
+        raise GGUFModelError(f"{gf.path}: {e}") from e
     if n_head_kv != n_head:
         raise GGUFModelError(
             f"{gf.path}: head_count_kv: expected {n_head} (no GQA in Phi-2), got {n_head_kv}"
         )
-    try:
-        return HParams(
-            n_vocab=i("vocab_size"),
-            n_embd=i("embedding_length"),
-            n_layer=i("block_count"),
-            n_head=n_head,
-            n_ff=i("feed_forward_length"),
-            n_ctx_train=i("context_length"),
-            n_rot=i("rope_dimension_count"),
-            rope_base=f("rope_freq_base"),
-            eps_norm=f("layer_norm_epsilon"),
-            eps_qk=f("qk_norm_epsilon"),
-            eps_rms=f("layer_norm_rms_epsilon"),
+    _check_block_count(gf, hp.n_layer)
+    return hp
+
+
+def _check_block_count(gf: GGUFFile, n_layer: int) -> None:
+    """block_count against the tensors the file holds (each block needs at least one), before the
+    tensor table, the graph and the cache are sized by it; a smaller shortfall is reported by name."""
+    per_block = sum(t.per_block for t in LANGUAGE_TENSORS)
+    most = max(0, len(gf.tensors) - (len(LANGUAGE_TENSORS) - per_block))
+    if n_layer > most:
+        raise GGUFModelError(
+            f"{gf.path}: {gguf_key('block_count')}: expected at most {most} (the file holds "
+            f"{len(gf.tensors)} tensors, {per_block} per block), got {n_layer}"
         )
-    except ConfigError as e:
-        raise GGUFModelError(f"{gf.path}: {e}") from e
 
 
 def check_tensors(gf: GGUFFile, hp: HParams) -> dict[str, TensorInfo]:
@@ -153,6 +180,7 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
         raise GGUFModelError(
             f"{gf.path}: tokenizer.ggml.tokens: expected 1..{n_vocab} tokens, got {len(tokens.value)}"
         )
+    _check_unique(gf, tokens.value)
     bos = int(_get(gf, "tokenizer.ggml.bos_token_id", INT_TYPES, "an integer"))
     eos = int(_get(gf, "tokenizer.ggml.eos_token_id", INT_TYPES, "an integer"))
     for name, v in (("bos", bos), ("eos", eos)):
@@ -181,23 +209,31 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
         raise GGUFModelError(f"{gf.path}: cannot rebuild the tokenizer: {e}") from e
 
 
-PROMPT_FIELDS = {  # PromptConfig field -> TINYGPTV_KEYS entry
-    "system": "prompt_system",
-    "separator": "prompt_separator",
-    "user_template": "prompt_user_template",
-    "text_user_template": "prompt_text_user_template",
-    "assistant_prefix": "prompt_assistant_prefix",
-}
+def _check_unique(gf: GGUFFile, tokens: list[str]) -> None:
+    """Two ids with the same text would make one of them unreachable and shift the ids built from it."""
+    if len(set(tokens)) == len(tokens):
+        return
+    first: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in first:
+            raise GGUFModelError(
+                f"{gf.path}: tokenizer.ggml.tokens: expected unique tokens, "
+                f"found {t!r} at ids {first[t]} and {i}"
+            )
+        first[t] = i
 
 
 def read_prompt(gf: GGUFFile) -> PromptConfig:
     values = {
-        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_FIELDS.items()
+        field: _get(gf, TINYGPTV_KEYS[key], (STRING,), "a string") for field, key in PROMPT_KEYS.items()
     }
     # BOS before the first turn is a model property; files without the key predate it and had one
     key = GGUF_TOKENIZER_KEYS["add_bos"]
     add_bos = bool(_get(gf, key, (BOOL,), "a bool")) if key in gf.fields else True
-    return PromptConfig(**values, add_bos=add_bos)
+    try:
+        return PromptConfig(**values, add_bos=add_bos)
+    except ConfigError as e:
+        raise GGUFModelError(f"{gf.path}: prompt keys: {e}") from e
 
 
 def read_image_tokens(gf: GGUFFile) -> int:

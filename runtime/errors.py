@@ -135,3 +135,26 @@ class EvalSetError(ConfigError):
 
 class ReportError(TinyGPTVError):
     """The accuracy report cannot be produced: a level failed to build or evaluate, or bad options."""
+
+
+class FormatVersionError(ModelFileError):
+    """A model file written by a newer exporter than this runtime reads (its format version is higher)."""
+
+    def __init__(self, path: str, found: int, supported: int):
+        self.path, self.found, self.supported = str(path), found, supported
+        super().__init__(
+            f"{self.path}: written by format version {found}, this runtime reads up to {supported}: "
+            "upgrade tinygptv-edge"
+        )
+
+
+class ClosedError(TinyGPTVError, RuntimeError):
+    """An object (decoder, pipeline) was used after `close()`."""
+
+
+class NumericsError(TinyGPTVError, ValueError):
+    """A model produced NaN or infinity where numbers were expected (its weights or inputs are broken)."""
+
+
+class BackendError(ModelFileError):
+    """onnxruntime, ggml or tokenizers failed on a model file or an input: the message names the file."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import not_regular
 from .errors import GGUFFormatError
 from .ggml_types import GGML_TYPES, GGMLType
 
@@ -160,6 +161,9 @@ class GGUFFile:
     def open(cls, path: str | Path, limits: GGUFLimits | None = None) -> GGUFFile:
         path = Path(path)
         limits = limits or GGUFLimits()
+        kind = not_regular(path)  # open() on a FIFO would block until a writer comes
+        if kind is not None:
+            raise GGUFFormatError(f"cannot open GGUF {path}: expected a regular file, found {kind}")
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, 2)

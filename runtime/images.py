@@ -31,6 +31,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from .checks import not_regular
 from .errors import ConfigError, ImageError, ImageFormatError, ImageTooLargeError
 
 ImageSource = str | Path | bytes | bytearray | BinaryIO | Image.Image
@@ -54,9 +55,13 @@ class ImageLimits:
     max_pixels: int = 32_000_000
     max_bytes: int = 64 * 1024 * 1024
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    # resizing costs memory in proportion to the longer side (Pillow's filter tables), not the pixels:
+    # a 30000000 x 1 strip under the pixel cap takes ~1 GB to resize. Both are checked from the header.
+    max_side: int = 16384  # WebP's own limit; JPEG allows 65535
+    max_aspect: int = 100  # longer side / shorter side (full-page screenshots reach ~20)
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_bytes"):
+        for name in ("max_pixels", "max_bytes", "max_side", "max_aspect"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"ImageLimits.{name}: expected a positive integer, got {value!r}")
@@ -70,8 +75,20 @@ class ImageLimits:
 
 
 def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.Image:
-    """Read an image (path, bytes, binary file or PIL image) into an upright RGB PIL image."""
-    limits = limits or ImageLimits()
+    """Read an image (path, bytes, binary file or PIL image) into an upright RGB PIL image.
+
+    Every consumer (runtime, calibration, importance matrix, evaluation) reads images through here,
+    so the same caps apply everywhere; errors about a file name it.
+    """
+    try:
+        return _load_image(source, limits or ImageLimits())
+    except ImageError as e:
+        if isinstance(source, (str, Path)) and str(source) not in str(e):
+            raise type(e)(f"{source}: {e}") from None
+        raise
+
+
+def _load_image(source: ImageSource, limits: ImageLimits) -> Image.Image:
     if isinstance(source, Image.Image):
         _check_pixels(source.size, limits)
         return to_rgb(_upright(source))
@@ -103,16 +120,25 @@ def read_bytes(source: str | Path | bytes | bytearray | BinaryIO, limits: ImageL
         data = bytes(source)
     elif isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"no image file at {path}")
+        kind = not_regular(path)  # a FIFO would block read_bytes()
+        if kind is not None or not path.is_file():
+            raise ImageError(f"no image file at {path}" + (f": found {kind}" if kind else ""))
         size = path.stat().st_size
         if size > limits.max_bytes:
             raise ImageTooLargeError(f"{path}: {size} bytes, more than the {limits.max_bytes}-byte cap")
         data = path.read_bytes()
+    elif isinstance(source, io.TextIOBase):  # reading would decode the image bytes as text
+        raise ImageError(
+            f"expected a binary file (opened with 'rb'), got a text-mode {type(source).__name__}"
+        )
     elif hasattr(source, "read"):
-        data = source.read(limits.max_bytes + 1)
-        if not isinstance(data, bytes):
+        try:
+            data = source.read(limits.max_bytes + 1)
+        except (OSError, ValueError) as e:  # closed file, text decoding of binary data, ...
+            raise ImageError(f"cannot read the image file object: {type(e).__name__}: {e}") from None
+        if not isinstance(data, (bytes, bytearray)):
             raise ImageError(f"expected a binary file, its read() gave {type(data).__name__}")
+        data = bytes(data)
     else:
         raise ImageError(f"expected a path, bytes, a binary file or a PIL image, got {type(source).__name__}")
     if len(data) > limits.max_bytes:
@@ -155,6 +181,15 @@ def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
         raise ImageError(f"image has no pixels: {w} x {h}")
     if w * h > limits.max_pixels:
         raise ImageTooLargeError(f"image is {w} x {h} = {w * h} pixels, over the cap of {limits.max_pixels}")
+    if max(w, h) > limits.max_side:
+        raise ImageTooLargeError(
+            f"image is {w} x {h}: a side of {max(w, h)} pixels, over the cap of {limits.max_side}"
+        )
+    if max(w, h) > limits.max_aspect * min(w, h):
+        raise ImageTooLargeError(
+            f"image is {w} x {h}: aspect ratio {max(w, h) / min(w, h):.0f}:1, "
+            f"over the cap of {limits.max_aspect}:1"
+        )
 
 
 def _unidentified(data: bytes, limits: ImageLimits) -> ImageError:
@@ -180,13 +215,16 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 
 def _sixteen_to_rgb(image: Image.Image) -> Image.Image:
-    x = np.asarray(image).astype(np.int64)  # (H, W) uint16 or int32
+    x = np.asarray(image)  # (H, W) uint16 or int32
     if x.size and (x.min() < 0 or x.max() > 65535):
         raise ImageError(
             f"mode {image.mode} pixels span {x.min()}..{x.max()}; expected 16-bit values 0..65535"
         )
-    grey = (x * 255 + 32767) // 65535  # round(v * 255 / 65535) in integers
-    return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
+    x = x.astype(np.uint32)  # 65535 * 255 + 32767 fits; int64 would double the peak of a 32 MP image
+    x *= 255
+    x += 32767
+    x //= 65535  # round(v * 255 / 65535) in integers
+    return Image.fromarray(x.astype(np.uint8), mode="L").convert("RGB")
 
 
 def _cmyk_to_rgb(image: Image.Image) -> Image.Image:

@@ -4,7 +4,7 @@
  * (ggml_vec_dot_q5_K_q8_K): every weight row is unpacked again for every token. On x86 it repacks
  * only Q4_0/Q4_K for batches, so in a Q4_K_M model the Q5_K attn_qkv and Q6_K ffn_down weights
  * (42% of the prefill work) took 58% of the prompt time. This kernel unpacks each weight row once
- * per call and runs the integer products with AVX512-VNNI across 16 tokens at a time.
+ * per call and runs the integer products 16 tokens at a time.
  *
  * Q4_K weights, repacked by ggml on x86, take this path only when not repacked (repack=False).
  *
@@ -13,32 +13,87 @@
  *     Q4_K, Q5_K: a_g = d * sc_g, b_g = dmin * m_g;   Q6_K: a_g = d * sc_g, b_g = 32 * a_g
  * Activations x are quantized per 32 columns: x[k] ~ dx * q[k], q int8. Then
  *     sum_k w[k] x[k] = sum_g dx_g * (a_g * sum_{k in g} c[k] q[k] - b_g * sum_{k in g} q[k])
- * with the inner sums in int32 (vpdpbusd: unsigned codes times signed q).
+ * with the inner sums in int32 (codes < 64 fit signed and unsigned int8 alike).
  *
  * Layout: a batch of T tokens is cut into blocks of 16 tokens; a block's codes are interleaved as
- * [k/4][16 tokens][4], so one 64-byte load feeds 16 tokens x 4 columns to a vpdpbusd against one
- * weight row's 4 codes broadcast. A micro-tile is 4 weight rows x 32 tokens.
+ * [k/4][16 tokens][4], so 4 columns of 16 tokens are 64 contiguous bytes. A micro-tile is 4 weight
+ * rows x 16 tokens (x 2 blocks on AVX-512).
  *
- * Without AVX512-VNNI the same math runs in plain C, quantization included (the tests run both
- * paths; without VNNI the runtime keeps ggml's own kernel, see FAST).
+ * Three paths, one result: plain C (always), AVX512-VNNI (x86-64: vpdpbusd, one zmm = 16 tokens),
+ * NEON dotprod (aarch64: sdot by lane, one q register = 4 tokens). The fast paths are compiled with
+ * function target attributes, not -march, and picked at run time by CPU detection (kq_detect), so
+ * one build runs on any CPU of its architecture. Every path does the same IEEE operations in the
+ * same order: the integer sums are exact, rounding is to nearest even, and the per-group update is
+ *     acc = fma((float)s, a_g * dx, acc);  acc = fma(-b_g, dq, acc)
+ * (fmaf in plain C), so the paths agree bit for bit, on x86 and aarch64 alike (tests/test_kquant.py,
+ * tests/test_kquant_paths.py).
  */
+#ifndef KQ_NO_PYTHON /* tests/kquant_harness.c includes this file without Python */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
+#include <Python.h> /* first, as Python asks */
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 8)
+#include <cpuid.h>
 #include <immintrin.h>
-#define KQ_FAST 1
+#define KQ_HAVE_AVX512 1
+#define KQ_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #else
-#define KQ_FAST 0
+#define KQ_HAVE_AVX512 0
 #endif
 
+/* NEON dotprod with GCC >= 10 only (tested with GCC 12); other compilers build the plain path alone. */
+#if defined(__aarch64__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 10
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#define KQ_HAVE_NEON_DOT 1
+/* GCC's arm_neon.h declares sdot under this target; any CPU with dotprod is ARMv8.2 or later */
+#define KQ_NEON_FN __attribute__((target("arch=armv8.2-a+dotprod")))
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20) /* Linux arch/arm64 uapi hwcap.h */
+#endif
+#else
+#define KQ_HAVE_NEON_DOT 0
+#endif
+
+#define KQ_INLINE inline __attribute__((always_inline)) /* so the per-path wrappers get their own code */
+
+enum { KQ_PLAIN = 0, KQ_AVX512_VNNI = 1, KQ_NEON_DOTPROD = 2, KQ_NPATHS = 3 };
+static const char *const kq_path_names[KQ_NPATHS] = {"plain", "avx512vnni", "neon-dotprod"};
+static const int kq_compiled[KQ_NPATHS] = {1, KQ_HAVE_AVX512, KQ_HAVE_NEON_DOT};
+
+#if KQ_HAVE_AVX512
+/* Whether the OS saves the AVX-512 registers (XCR0: SSE, AVX, opmask, ZMM halves), as well as the CPU
+ * having the instructions. */
+static int os_saves_zmm(void) {
+    unsigned int eax, ebx, ecx, edx, lo, hi;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return (lo & 0xe6) == 0xe6;
+}
+#endif
+
+/* The fastest path this CPU runs. */
+static int kq_detect(void) {
+#if KQ_HAVE_AVX512
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && os_saves_zmm())
+        return KQ_AVX512_VNNI;
+#endif
+#if KQ_HAVE_NEON_DOT
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) return KQ_NEON_DOTPROD;
+#endif
+    return KQ_PLAIN;
+}
+
 #define QK 256      /* K-quant super-block */
-#define TB 16       /* tokens per block (one zmm of int32 / float lanes) */
+#define TB 16       /* tokens per block (one zmm of int32 / float lanes, four NEON q registers) */
 #define ROWS 4      /* weight rows per micro-tile */
 #define TYPE_Q4_K 12 /* ggml_type ids */
 #define TYPE_Q5_K 13
@@ -62,7 +117,7 @@ static float half_to_float(uint16_t h) {
 }
 
 /* ---- weights: one super-block -> 256 codes and per-group (a, b) ------------------------------ */
-static void scale_min_k4(const uint8_t *s, float d, float dmin, float *a, float *b) {
+static KQ_INLINE void scale_min_k4(const uint8_t *s, float d, float dmin, float *a, float *b) {
     for (int j = 0; j < 8; j++) { /* 6-bit scale and min of each 32-group, packed in 12 bytes */
         const int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
         const int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
@@ -71,7 +126,7 @@ static void scale_min_k4(const uint8_t *s, float d, float dmin, float *a, float 
     }
 }
 
-static void unpack_q4k(const block_q4k *x, uint8_t *c, float *a, float *b) {
+static KQ_INLINE void unpack_q4k(const block_q4k *x, uint8_t *c, float *a, float *b) {
     scale_min_k4(x->scales, half_to_float(x->d), half_to_float(x->dmin), a, b);
     for (int j = 0; j < 4; j++) { /* 64 columns per 32 bytes: low nibbles, then high */
         const uint8_t *lo = x->qs + 32 * j;
@@ -82,7 +137,7 @@ static void unpack_q4k(const block_q4k *x, uint8_t *c, float *a, float *b) {
     }
 }
 
-static void unpack_q5k(const block_q5k *x, uint8_t *c, float *a, float *b) {
+static KQ_INLINE void unpack_q5k(const block_q5k *x, uint8_t *c, float *a, float *b) {
     scale_min_k4(x->scales, half_to_float(x->d), half_to_float(x->dmin), a, b);
     for (int j = 0; j < 4; j++) { /* as Q4_K, plus the fifth bit: bit 2j / 2j+1 of qh */
         const uint8_t *lo = x->qs + 32 * j;
@@ -93,7 +148,7 @@ static void unpack_q5k(const block_q5k *x, uint8_t *c, float *a, float *b) {
     }
 }
 
-static void unpack_q6k(const block_q6k *x, uint8_t *c, float *a, float *b) {
+static KQ_INLINE void unpack_q6k(const block_q6k *x, uint8_t *c, float *a, float *b) {
     const float d = half_to_float(x->d);
     for (int h = 0; h < 2; h++) { /* two halves of 128: 64 bytes of nibbles, 32 of 2-bit pairs */
         const uint8_t *lo = x->ql + 64 * h, *hi = x->qh + 32 * h;
@@ -111,6 +166,37 @@ static void unpack_q6k(const block_q6k *x, uint8_t *c, float *a, float *b) {
     }
 }
 
+/* ROWS rows of weights (row stride row_bytes) -> codes c (ROWS x K) and per-group a, b (ROWS x K/G) */
+static KQ_INLINE void unpack_rows(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a,
+                                  float *b) {
+    const int nsb = K / QK, ng = K / (type == TYPE_Q6_K ? 16 : 32);
+    for (int r = 0; r < ROWS; r++) {
+        const char *row = W + (size_t)r * row_bytes;
+        for (int sb = 0; sb < nsb; sb++) {
+            uint8_t *cr = c + (size_t)r * K + sb * QK;
+            if (type == TYPE_Q4_K)
+                unpack_q4k((const block_q4k *)row + sb, cr, a + r * ng + sb * 8, b + r * ng + sb * 8);
+            else if (type == TYPE_Q5_K)
+                unpack_q5k((const block_q5k *)row + sb, cr, a + r * ng + sb * 8, b + r * ng + sb * 8);
+            else
+                unpack_q6k((const block_q6k *)row + sb, cr, a + r * ng + sb * 16, b + r * ng + sb * 16);
+        }
+    }
+}
+
+typedef void (*unpack_fn)(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a, float *b);
+
+static void unpack_plain(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a, float *b) {
+    unpack_rows(W, row_bytes, type, K, c, a, b);
+}
+
+#if KQ_HAVE_AVX512 /* the same C, vectorized for AVX-512 (about 10% of a Q4_K call at 64 tokens) */
+KQ_AVX512_FN static void unpack_avx512(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a,
+                                       float *b) {
+    unpack_rows(W, row_bytes, type, K, c, a, b);
+}
+#endif
+
 /* ---- activations: int8 per 32 columns, interleaved per block of TB tokens ---------------------- */
 typedef struct {
     int K, T, nblk, G;
@@ -125,16 +211,10 @@ static void free_acts(acts *p) {
     free(p->dq);
 }
 
-#if KQ_FAST
-/* 32 values of one token: the same rounding as the plain loop below (nearest even) */
-static inline void quantize32_fast(const float *x, int K, int G, int k0, int blk, int lane, acts *p) {
-    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    const __m512 vi = _mm512_set1_ps(inv);
-    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi));
+/* Where 32 quantized columns k0.. of one token go: dx, dq (one or two groups), 8 words of codes. */
+static void store32(acts *p, int k0, int blk, int lane, float dx, int s0, int s1, const int32_t w[8]) {
+    const int K = p->K, G = p->G;
     p->dx[((size_t)blk * (K / 32) + k0 / 32) * TB + lane] = dx;
-    const int s0 = _mm512_reduce_add_epi32(i0), s1 = _mm512_reduce_add_epi32(i1);
     float *dq = p->dq + ((size_t)blk * (K / G) + k0 / G) * TB + lane;
     if (G == 16) {
         dq[0] = dx * (float)s0;
@@ -142,15 +222,72 @@ static inline void quantize32_fast(const float *x, int K, int G, int k0, int blk
     } else {
         dq[0] = dx * (float)(s0 + s1);
     }
-    int32_t w[8]; /* 4 codes per word; word k/4 of this token sits at [k/4][TB][4] */
-    _mm_storeu_si128((__m128i *)w, _mm512_cvtepi32_epi8(i0));
-    _mm_storeu_si128((__m128i *)(w + 4), _mm512_cvtepi32_epi8(i1));
-    int32_t *q = (int32_t *)(p->q + (size_t)blk * K * TB) + (size_t)(k0 / 4) * TB + lane;
+    int32_t *q = (int32_t *)(p->q + (size_t)blk * K * TB) + (size_t)(k0 / 4) * TB + lane; /* [k/4][TB][4] */
     for (int i = 0; i < 8; i++) q[(size_t)i * TB] = w[i];
+}
+
+typedef void (*quantize_fn)(const float *x, int blk, int lane, acts *p); /* one token, K columns */
+
+static void quantize_plain(const float *x, int blk, int lane, acts *p) {
+    for (int k0 = 0; k0 < p->K; k0 += 32) {
+        float amax = 0.0f;
+        for (int l = 0; l < 32; l++) amax = fmaxf(amax, fabsf(x[k0 + l]));
+        const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t w[8];
+        int8_t *v = (int8_t *)w;
+        int s0 = 0, s1 = 0;
+        for (int l = 0; l < 32; l++) {
+            v[l] = (int8_t)lrintf(x[k0 + l] * inv); /* nearest even, as the vector conversions */
+            if (l < 16) s0 += v[l];
+            else s1 += v[l];
+        }
+        store32(p, k0, blk, lane, dx, s0, s1, w);
+    }
+}
+
+#if KQ_HAVE_AVX512
+KQ_AVX512_FN static void quantize_avx512(const float *x, int blk, int lane, acts *p) {
+    for (int k0 = 0; k0 < p->K; k0 += 32) {
+        const __m512 v0 = _mm512_loadu_ps(x + k0), v1 = _mm512_loadu_ps(x + k0 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const __m512 vi = _mm512_set1_ps(inv);
+        const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi)),
+                      i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi));
+        int32_t w[8];
+        _mm_storeu_si128((__m128i *)w, _mm512_cvtepi32_epi8(i0));
+        _mm_storeu_si128((__m128i *)(w + 4), _mm512_cvtepi32_epi8(i1));
+        store32(p, k0, blk, lane, dx, _mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1), w);
+    }
 }
 #endif
 
-static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int G, int fast) {
+#if KQ_HAVE_NEON_DOT
+KQ_NEON_FN static void quantize_neon(const float *x, int blk, int lane, acts *p) {
+    for (int k0 = 0; k0 < p->K; k0 += 32) {
+        float32x4_t v[8], m = vdupq_n_f32(0.0f);
+        for (int i = 0; i < 8; i++) {
+            v[i] = vld1q_f32(x + k0 + 4 * i);
+            m = vmaxq_f32(m, vabsq_f32(v[i]));
+        }
+        const float amax = vmaxvq_f32(m);
+        const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32x4_t q[8];
+        for (int i = 0; i < 8; i++) q[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], inv)); /* nearest even */
+        const int s0 = vaddvq_s32(vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])));
+        const int s1 = vaddvq_s32(vaddq_s32(vaddq_s32(q[4], q[5]), vaddq_s32(q[6], q[7])));
+        int32_t w[8];
+        for (int h = 0; h < 2; h++) { /* |q| <= 127: the saturating narrows are exact */
+            const int16x8_t lo = vcombine_s16(vqmovn_s32(q[4 * h]), vqmovn_s32(q[4 * h + 1]));
+            const int16x8_t hi = vcombine_s16(vqmovn_s32(q[4 * h + 2]), vqmovn_s32(q[4 * h + 3]));
+            vst1q_s8((int8_t *)(w + 4 * h), vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi)));
+        }
+        store32(p, k0, blk, lane, dx, s0, s1, w);
+    }
+}
+#endif
+
+static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int G, quantize_fn quantize) {
     p->K = K, p->T = T, p->G = G, p->nblk = (T + TB - 1) / TB;
     const size_t nq = (size_t)p->nblk * K * TB, ndx = (size_t)p->nblk * (K / 32) * TB,
                  ndq = (size_t)p->nblk * (K / G) * TB;
@@ -164,38 +301,41 @@ static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int 
     memset(p->q, 0, nq); /* padding tokens of the last block: zero codes and scales */
     memset(p->dx, 0, ndx * sizeof(float));
     memset(p->dq, 0, ndq * sizeof(float));
-    for (int t = 0; t < T; t++) {
-        const float *x = X + (size_t)t * ldx;
-        const int blk = t / TB, lane = t % TB;
-        int8_t *q = p->q + (size_t)blk * K * TB;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-#if KQ_FAST
-            if (fast) {
-                quantize32_fast(x + k0, K, G, k0, blk, lane, p);
-                continue;
-            }
-#endif
-            float amax = 0.0f;
-            for (int l = 0; l < 32; l++) amax = fmaxf(amax, fabsf(x[k0 + l]));
-            const float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int8_t v[32];
-            for (int l = 0; l < 32; l++) v[l] = (int8_t)lrintf(x[k0 + l] * inv);
-            p->dx[((size_t)blk * (K / 32) + k0 / 32) * TB + lane] = dx;
-            for (int g = 0; g < 32 / G; g++) {
-                int s = 0;
-                for (int l = 0; l < G; l++) s += v[g * G + l];
-                p->dq[((size_t)blk * (K / G) + k0 / G + g) * TB + lane] = dx * (float)s;
-            }
-            for (int l = 0; l < 32; l++) q[((size_t)(k0 + l) / 4 * TB + lane) * 4 + ((k0 + l) & 3)] = v[l];
-        }
-    }
+    for (int t = 0; t < T; t++) quantize(X + (size_t)t * ldx, t / TB, t % TB, p);
     return 0;
 }
 
 /* ---- micro-kernels: ROWS weight rows (codes c, row stride K) x one or two token blocks --------- */
-#if KQ_FAST
-static void tile_fast(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
-                      float res[2][ROWS][TB]) {
+typedef void (*tile_fn)(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
+                        float res[2][ROWS][TB]);
+
+static void tile_plain(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
+                       float res[2][ROWS][TB]) {
+    const int K = p->K, G = p->G, ng = K / G;
+    for (int j = 0; j < nb; j++) {
+        const int8_t *xq = p->q + (size_t)(blk + j) * K * TB;
+        const float *dx = p->dx + (size_t)(blk + j) * (K / 32) * TB;
+        const float *dq = p->dq + (size_t)(blk + j) * ng * TB;
+        for (int r = 0; r < ROWS; r++)
+            for (int lane = 0; lane < TB; lane++) {
+                float acc = 0.0f;
+                for (int g = 0; g < ng; g++) {
+                    int32_t s = 0;
+                    for (int k = g * G; k < (g + 1) * G; k++)
+                        s += c[(size_t)r * K + k] * xq[((size_t)k / 4 * TB + lane) * 4 + (k & 3)];
+                    const float scale = a[r * ng + g] * dx[(size_t)(g * G / 32) * TB + lane];
+                    acc = fmaf((float)s, scale, acc);
+                    acc = fmaf(-b[r * ng + g], dq[(size_t)g * TB + lane], acc);
+                }
+                res[j][r][lane] = acc;
+            }
+    }
+}
+
+#if KQ_HAVE_AVX512
+/* one 64-byte load feeds 16 tokens x 4 columns to a vpdpbusd against one row's 4 codes broadcast */
+KQ_AVX512_FN static void tile_avx512(const acts *p, int blk, int nb, const uint8_t *c, const float *a,
+                                     const float *b, float res[2][ROWS][TB]) {
     const int K = p->K, G = p->G, ng = K / G;
     const int8_t *xq[2];
     const float *dx[2], *dq[2];
@@ -236,32 +376,72 @@ static void tile_fast(const acts *p, int blk, int nb, const uint8_t *c, const fl
 }
 #endif
 
-static void tile_plain(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
-                       float res[2][ROWS][TB]) {
+#if KQ_HAVE_NEON_DOT
+/* 16 codes of each row in one register; sdot by lane L multiplies columns k+4L..k+4L+3 of 4 tokens */
+#define KQ_SDOT_STEP(L)                                                                                \
+    do {                                                                                               \
+        const int8_t *xk = xq + (size_t)(k + 4 * (L)) * TB;                                           \
+        const int8x16_t x0 = vld1q_s8(xk), x1 = vld1q_s8(xk + 16), x2 = vld1q_s8(xk + 32),           \
+                        x3 = vld1q_s8(xk + 48);                                                        \
+        for (int r = 0; r < ROWS; r++) {                                                               \
+            s[r][0] = vdotq_laneq_s32(s[r][0], x0, w[r], (L));                                         \
+            s[r][1] = vdotq_laneq_s32(s[r][1], x1, w[r], (L));                                         \
+            s[r][2] = vdotq_laneq_s32(s[r][2], x2, w[r], (L));                                         \
+            s[r][3] = vdotq_laneq_s32(s[r][3], x3, w[r], (L));                                         \
+        }                                                                                              \
+    } while (0)
+
+KQ_NEON_FN static void tile_neon(const acts *p, int blk, int nb, const uint8_t *c, const float *a,
+                                 const float *b, float res[2][ROWS][TB]) {
     const int K = p->K, G = p->G, ng = K / G;
     for (int j = 0; j < nb; j++) {
         const int8_t *xq = p->q + (size_t)(blk + j) * K * TB;
         const float *dx = p->dx + (size_t)(blk + j) * (K / 32) * TB;
         const float *dq = p->dq + (size_t)(blk + j) * ng * TB;
+        float32x4_t acc[ROWS][4];
         for (int r = 0; r < ROWS; r++)
-            for (int lane = 0; lane < TB; lane++) {
-                float acc = 0.0f;
-                for (int g = 0; g < ng; g++) {
-                    int32_t s = 0;
-                    for (int k = g * G; k < (g + 1) * G; k++)
-                        s += c[(size_t)r * K + k] * xq[((size_t)k / 4 * TB + lane) * 4 + (k & 3)];
-                    acc += (float)s * a[r * ng + g] * dx[(size_t)(g * G / 32) * TB + lane];
-                    acc -= b[r * ng + g] * dq[(size_t)g * TB + lane];
-                }
-                res[j][r][lane] = acc;
+            for (int i = 0; i < 4; i++) acc[r][i] = vdupq_n_f32(0.0f);
+        for (int g = 0; g < ng; g++) {
+            int32x4_t s[ROWS][4];
+            for (int r = 0; r < ROWS; r++)
+                for (int i = 0; i < 4; i++) s[r][i] = vdupq_n_s32(0);
+            for (int k = g * G; k < (g + 1) * G; k += 16) { /* G is 16 or 32 */
+                int8x16_t w[ROWS];
+                for (int r = 0; r < ROWS; r++) w[r] = vld1q_s8((const int8_t *)c + (size_t)r * K + k);
+                KQ_SDOT_STEP(0);
+                KQ_SDOT_STEP(1);
+                KQ_SDOT_STEP(2);
+                KQ_SDOT_STEP(3);
             }
+            for (int i = 0; i < 4; i++) {
+                const float32x4_t dxv = vld1q_f32(dx + (size_t)(g * G / 32) * TB + 4 * i);
+                const float32x4_t dqv = vld1q_f32(dq + (size_t)g * TB + 4 * i);
+                for (int r = 0; r < ROWS; r++) {
+                    const float32x4_t scale = vmulq_f32(vdupq_n_f32(a[r * ng + g]), dxv);
+                    acc[r][i] = vfmaq_f32(acc[r][i], vcvtq_f32_s32(s[r][i]), scale);
+                    acc[r][i] = vfmsq_f32(acc[r][i], vdupq_n_f32(b[r * ng + g]), dqv); /* acc - b dq */
+                }
+            }
+        }
+        for (int r = 0; r < ROWS; r++)
+            for (int i = 0; i < 4; i++) vst1q_f32(res[j][r] + 4 * i, acc[r][i]);
     }
 }
+#endif
 
 /* ---- one thread's share: out (T x N, row stride ldo) = X (T x K) W^T (W: N rows of K) ---------- */
-static int matmul(int type, const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
-                  size_t ldo, int ith, int nth, int fast) {
+static int kq_matmul(int type, const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
+                     size_t ldo, int ith, int nth, int path) {
     if ((type != TYPE_Q4_K && type != TYPE_Q5_K && type != TYPE_Q6_K) || K % QK || N % ROWS || T <= 0) return -2;
+    quantize_fn quantize = quantize_plain;
+    unpack_fn unpack = unpack_plain;
+    tile_fn tile = tile_plain;
+#if KQ_HAVE_AVX512
+    if (path == KQ_AVX512_VNNI) quantize = quantize_avx512, unpack = unpack_avx512, tile = tile_avx512;
+#endif
+#if KQ_HAVE_NEON_DOT
+    if (path == KQ_NEON_DOTPROD) quantize = quantize_neon, tile = tile_neon;
+#endif
     const int G = type == TYPE_Q6_K ? 16 : 32, ng = K / G, nsb = K / QK;
     const size_t block = type == TYPE_Q4_K ? sizeof(block_q4k) : type == TYPE_Q5_K ? sizeof(block_q5k) : sizeof(block_q6k);
     const size_t row_bytes = (size_t)nsb * block;
@@ -269,7 +449,7 @@ static int matmul(int type, const void *W, int N, int K, const float *X, int T, 
     const int t0 = ith * per, t1 = t0 + per < ntiles ? t0 + per : ntiles;
     if (t0 >= t1) return 0;
     acts p;
-    if (quantize_acts(&p, X, K, T, ldx, G, fast)) return -1;
+    if (quantize_acts(&p, X, K, T, ldx, G, quantize)) return -1;
     uint8_t *c = aligned_alloc(64, (size_t)ROWS * K);
     float *a = malloc(sizeof(float) * ROWS * ng), *b = malloc(sizeof(float) * ROWS * ng);
     if (!c || !a || !b) {
@@ -277,31 +457,16 @@ static int matmul(int type, const void *W, int N, int K, const float *X, int T, 
         return -1;
     }
     float res[2][ROWS][TB];
-    for (int tile = t0; tile < t1; tile++) {
-        for (int r = 0; r < ROWS; r++) {
-            const char *row = (const char *)W + (size_t)(tile * ROWS + r) * row_bytes;
-            for (int sb = 0; sb < nsb; sb++) {
-                uint8_t *cr = c + (size_t)r * K + sb * QK;
-                if (type == TYPE_Q4_K)
-                    unpack_q4k((const block_q4k *)row + sb, cr, a + r * ng + sb * 8, b + r * ng + sb * 8);
-                else if (type == TYPE_Q5_K)
-                    unpack_q5k((const block_q5k *)row + sb, cr, a + r * ng + sb * 8, b + r * ng + sb * 8);
-                else
-                    unpack_q6k((const block_q6k *)row + sb, cr, a + r * ng + sb * 16, b + r * ng + sb * 16);
-            }
-        }
+    for (int tile_i = t0; tile_i < t1; tile_i++) {
+        unpack((const char *)W + (size_t)tile_i * ROWS * row_bytes, row_bytes, type, K, c, a, b);
         for (int blk = 0; blk < p.nblk; blk += 2) {
             const int nb = blk + 1 < p.nblk ? 2 : 1;
-#if KQ_FAST
-            if (fast) tile_fast(&p, blk, nb, c, a, b, res);
-            else
-#endif
-                tile_plain(&p, blk, nb, c, a, b, res);
+            tile(&p, blk, nb, c, a, b, res);
             for (int j = 0; j < nb; j++)
                 for (int lane = 0; lane < TB; lane++) {
                     const int t = (blk + j) * TB + lane;
                     if (t >= T) break;
-                    for (int r = 0; r < ROWS; r++) out[(size_t)t * ldo + tile * ROWS + r] = res[j][r][lane];
+                    for (int r = 0; r < ROWS; r++) out[(size_t)t * ldo + tile_i * ROWS + r] = res[j][r][lane];
                 }
         }
     }
@@ -319,34 +484,44 @@ typedef struct { /* filled by the runtime once the graph's buffers are allocated
     int32_t status;
 } kq_args;
 
+static int kq_active = KQ_PLAIN; /* set once from kq_detect() when the module loads */
+
+static int path_runs(int path) { return path == KQ_PLAIN || path == kq_active; }
+
 static void kq_op(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     kq_args *u = userdata;
-    const int rc = matmul(u->type, u->w, u->n, u->k, u->x, u->t, (size_t)u->ldx, u->out, (size_t)u->ldo, ith,
-                          nth, KQ_FAST);
+    const int rc = kq_matmul(u->type, u->w, u->n, u->k, u->x, u->t, (size_t)u->ldx, u->out, (size_t)u->ldo,
+                             ith, nth, kq_active);
     if (rc) u->status = rc; /* read by the runtime after the graph ran */
 }
 
-/* ---- Python: op_address(), matmul(...) for the tests, FAST ------------------------------------ */
+/* ---- Python: op_address(), matmul(...) for the tests, PATH / SUPPORTED / COMPILED -------------- */
+#ifndef KQ_NO_PYTHON
+
 static PyObject *py_op_address(PyObject *self, PyObject *args) {
     (void)self, (void)args;
     return PyLong_FromVoidPtr((void *)kq_op);
 }
 
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
-    int type, n, k, t, fast;
+    int type, n, k, t, path = -1;
     unsigned long long w, x, out;
     Py_ssize_t ldx, ldo;
+    const char *name;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iKiiKinKnp", &type, &w, &n, &k, &x, &t, &ldx, &out, &ldo, &fast)) return NULL;
-    if (fast && !KQ_FAST) {
-        PyErr_SetString(PyExc_ValueError, "this build has no AVX512-VNNI kernel");
+    if (!PyArg_ParseTuple(args, "iKiiKinKns", &type, &w, &n, &k, &x, &t, &ldx, &out, &ldo, &name)) return NULL;
+    for (int i = 0; i < KQ_NPATHS; i++)
+        if (!strcmp(name, kq_path_names[i])) path = i;
+    if (path < 0 || !path_runs(path)) {
+        PyErr_Format(PyExc_ValueError, "kquant path: expected 'plain' or '%s' (what this CPU runs), got '%s'",
+                     kq_path_names[kq_active], name);
         return NULL;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = matmul(type, (const void *)(uintptr_t)w, n, k, (const float *)(uintptr_t)x, t, (size_t)ldx,
-                (float *)(uintptr_t)out, (size_t)ldo, 0, 1, fast);
+    rc = kq_matmul(type, (const void *)(uintptr_t)w, n, k, (const float *)(uintptr_t)x, t, (size_t)ldx,
+                   (float *)(uintptr_t)out, (size_t)ldo, 0, 1, path);
     Py_END_ALLOW_THREADS
     if (rc == -2) {
         PyErr_Format(PyExc_ValueError, "unsupported matmul: type %d, %d rows of %d, %d tokens", type, n, k, t);
@@ -356,22 +531,48 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* the names of the paths i with mask[i], as a tuple */
+static PyObject *path_tuple(const int *mask) {
+    PyObject *list = PyList_New(0), *tuple;
+    for (int i = 0; list && i < KQ_NPATHS; i++) {
+        if (!mask[i]) continue;
+        PyObject *s = PyUnicode_FromString(kq_path_names[i]);
+        if (!s || PyList_Append(list, s)) Py_CLEAR(list);
+        Py_XDECREF(s);
+    }
+    if (!list) return NULL;
+    tuple = PyList_AsTuple(list);
+    Py_DECREF(list);
+    return tuple;
+}
+
 static PyMethodDef methods[] = {
     {"op_address", py_op_address, METH_NOARGS, "Address of the ggml custom op (ggml_custom_op_t)."},
     {"matmul", py_matmul, METH_VARARGS,
-     "matmul(type, w, n, k, x, t, ldx, out, ldo, fast): out = x @ dequant(w).T, one thread."},
+     "matmul(type, w, n, k, x, t, ldx, out, ldo, path): out = x @ dequant(w).T on one thread, with the\n"
+     "named path ('plain' or PATH)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kquant", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kquant", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kquant(void) {
+    kq_active = kq_detect();
+    int runs[KQ_NPATHS];
+    for (int i = 0; i < KQ_NPATHS; i++) runs[i] = path_runs(i);
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddIntConstant(m, "FAST", KQ_FAST) || PyModule_AddIntConstant(m, "ROWS", ROWS) ||
-        PyModule_AddIntConstant(m, "QK", QK)) {
+    PyObject *compiled = path_tuple(kq_compiled), *supported = path_tuple(runs);
+    const int bad = !compiled || !supported || PyModule_AddObjectRef(m, "COMPILED", compiled) ||
+                    PyModule_AddObjectRef(m, "SUPPORTED", supported) ||
+                    PyModule_AddStringConstant(m, "PATH", kq_path_names[kq_active]) ||
+                    PyModule_AddIntConstant(m, "ROWS", ROWS) || PyModule_AddIntConstant(m, "QK", QK);
+    Py_XDECREF(compiled);
+    Py_XDECREF(supported);
+    if (bad) {
         Py_DECREF(m);
         return NULL;
     }
     return m;
 }
+#endif

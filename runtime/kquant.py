@@ -3,8 +3,9 @@
 ggml-python 0.0.45 has no batched kernel for these types on x86 (it repacks only Q4_0/Q4_K), so a
 Q4_K_M prefill spent most of its time re-unpacking the Q5_K/Q6_K rows for every token. A graph node
 made by `KQuantOps.matmul` runs the C kernel on ggml's own threads instead; its arguments (data
-pointers) are bound once the graph's buffers are allocated. Used only where the kernel was built
-with AVX512-VNNI (`available()`), for batches of at least MIN_TOKENS; elsewhere ggml's mul_mat runs.
+pointers) are bound once the graph's buffers are allocated. Used only where the CPU runs one of the
+kernel's fast paths (`active_path()`: AVX512-VNNI on x86-64, NEON dotprod on aarch64, chosen when the
+module loads), for batches of at least MIN_TOKENS; elsewhere ggml's mul_mat runs.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ class KQArgs(ctypes.Structure):
     ]
 
 
+def active_path() -> str | None:
+    """The path the kernel runs on this CPU: 'avx512vnni', 'neon-dotprod' or 'plain'; None if unbuilt."""
+    return None if _kquant is None else _kquant.PATH
+
+
 def available() -> bool:
-    return bool(_kquant is not None and _kquant.FAST)
+    """Whether the decoder sends batches here: only a fast path beats ggml's own kernels."""
+    return active_path() not in (None, "plain")
 
 
 def eligible(ggml, w) -> bool:

@@ -32,9 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
+from .checks import check_count, check_threads
 from .config import IMAGE_PLACEHOLDER, PromptConfig
 from .detok import AnswerStream, TokenBytes
-from .errors import ConfigError, ContextOverflowError, ModelFileError, ModelMismatchError, PipelineBusyError
+from .errors import (
+    ClosedError,
+    ConfigError,
+    ContextOverflowError,
+    ModelFileError,
+    ModelMismatchError,
+    PipelineBusyError,
+)
 from .image_cache import ImageCache, file_sha256
 from .images import ImageLimits, ImageSource, load_image
 from .memory import release_heap
@@ -42,9 +50,11 @@ from .prefix_cache import Position, PrefixCache
 from .preprocess import preprocess
 from .prompt import split_prompt
 from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
+from .tokenizer import check_text
 from .vision import VisionEncoder
 
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
+DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
 
 
 @dataclass
@@ -118,7 +128,7 @@ class Pipeline:
         self,
         vision: str | Path | VisionEncoder | None,
         language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
-        n_ctx: int | None = None,  # None: the model's (2048), or at most LOW_MEMORY_CTX in low-memory mode
+        n_ctx: int | None = None,  # None: the model's, <= DEFAULT_MAX_CTX (low-memory: LOW_MEMORY_CTX)
         n_threads: int | None = None,
         kv_type: str = "f16",
         low_memory: bool = False,
@@ -128,6 +138,10 @@ class Pipeline:
         image_cache_dir: str | Path | None = None,  # embeddings also on disk, kept across restarts
     ):
         image_cache = ImageCache(image_cache_size)  # validates the size before any model loads
+        if n_ctx is not None:
+            check_count(n_ctx, "n_ctx")
+        check_threads(n_threads)
+        self._closed = False
         reopenable = isinstance(language, (str, Path)) or callable(language)
         if low_memory and not reopenable:
             raise ConfigError(
@@ -135,7 +149,9 @@ class Pipeline:
             )
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
-        self._decoder_args = dict(n_ctx=n_ctx or 2048, n_threads=n_threads, kv_type=kv_type)
+        self._decoder_args = dict(
+            n_ctx=n_ctx if n_ctx is not None else 2048, n_threads=n_threads, kv_type=kv_type
+        )
         self.gate = Gate(busy_timeout)
         self.image_cache = image_cache
         if isinstance(vision, (str, Path)):
@@ -151,7 +167,7 @@ class Pipeline:
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
             if n_ctx is None:  # low-memory: a 1024-position KV cache (f16: 320 MB instead of 640 MB)
                 trained = trained_context(path)
-                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX) if low_memory else trained
+                self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX if low_memory else DEFAULT_MAX_CTX)
             factory = lambda: _open_decoder(path, **self._decoder_args)  # noqa: E731
         else:
             factory = language if callable(language) else None
@@ -160,6 +176,8 @@ class Pipeline:
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
         self.token_bytes = TokenBytes(self.tokenizer)
+        # the most bytes one token stands for: a text of N bytes needs at least N / this many tokens
+        self.max_token_bytes = max(1, max(map(len, self.token_bytes.table), default=1))
         try:
             self._check_fit()
         except BaseException:
@@ -204,9 +222,14 @@ class Pipeline:
         """Free both models (waits for a running turn; refused from inside one)."""
         self.gate.acquire()
         try:
+            self._closed = True
             self._close()
         finally:
             self.gate.release()
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the pipeline is closed: make a new Pipeline to ask more questions")
 
     def _close(self) -> None:
         if self.vision is not None:
@@ -228,6 +251,7 @@ class Pipeline:
         ).texts[0]
         self.gate.acquire()
         try:
+            self.check_open()
             self.prefix.prefill(list(head), {})
         finally:
             self.gate.release()
@@ -246,6 +270,7 @@ class Pipeline:
         """(key, (Q, H) embeddings), cached by the preprocessed pixels; for the thread holding `gate`."""
         if not self.gate.held():
             raise PipelineBusyError("encode_image: hold pipeline.gate first (or call embed_image)")
+        self.check_open()
         if self.vision is None:
             raise ConfigError("this pipeline has no vision model: ask text-only questions, or give vision=")
         t0 = time.perf_counter()
@@ -307,21 +332,25 @@ class Chat:
         separator no longer ends the answer: the constraint does); `cancel` set ends it at the next token."""
         return Turn(self, question, image, sampling or self.sampling, constraint, cancel)
 
-    def add_turn(self, question: str, image: ImageSource | None = None, answer: str | list[int] = "") -> None:
-        """Record a finished turn whose answer is known (text, or the token ids it was generated as)."""
-        if not isinstance(question, str):
-            raise ConfigError(f"question: expected a string, got {type(question).__name__}")
+    def add_turn(
+        self, question: str, image: ImageSource | None = None, answer: str | list[int] = ""
+    ) -> Timings:
+        """Record a finished turn whose answer is known (text, or the token ids it was generated as);
+        nothing is evaluated (the next turn prefills what the cache lacks). Timings of its image."""
+        check_question(question)
         pipe = self.pipeline
+        timings = Timings()
         images, keys = dict(self.images), []
         if image is not None:
             pipe.gate.acquire()
             try:
-                key, images[key] = pipe.encode_image(image, Timings())
+                key, images[key] = pipe.encode_image(image, timings)
             finally:
                 pipe.gate.release()
             keys.append(key)
         ids = pipe.tokenizer.encode(answer) if isinstance(answer, str) else [int(t) for t in answer]
         self.extend(self.next_positions(question, keys) + ids, images, self.prompt.separator)
+        return timings
 
     def prompt_text(self, question: str, with_image: bool) -> str:
         """The text this turn adds (the full first-turn prompt, or separator + the later-turn template)."""
@@ -333,6 +362,10 @@ class Chat:
         """The history plus this turn's prompt: its text tokens with each image's rows in its slot."""
         pipe = self.pipeline
         text = self.prompt_text(question, with_image=bool(image_keys))
+        held = len(self.positions)
+        fewest = -(-len(text.encode("utf-8")) // pipe.max_token_bytes) + len(image_keys) * pipe.image_tokens
+        if held + fewest + 1 > pipe.n_ctx:  # refused before tokenizing (a 10 MB question costs 1 GB there)
+            raise ContextOverflowError(held, fewest + 1, pipe.n_ctx)
         segments = split_prompt(
             text, pipe.tokenizer, len(image_keys), add_bos=self.turns == 0 and self.prompt.add_bos
         )
@@ -364,8 +397,7 @@ class Turn:
         constraint: TokenConstraint | None = None,
         cancel: threading.Event | None = None,
     ):
-        if not isinstance(question, str):
-            raise ConfigError(f"question: expected a string, got {type(question).__name__}")
+        check_question(question)
         self.chat, self.question, self.image, self.sampling = chat, question, image, sampling
         self.constraint, self.cancel = constraint, cancel
         self.answer: Answer | None = None
@@ -390,6 +422,7 @@ class Turn:
         pipe, chat = self.chat.pipeline, self.chat
         pipe.gate.acquire()
         try:
+            pipe.check_open()
             yield from self._locked(pipe, chat)
         finally:
             pipe.gate.release()
@@ -498,6 +531,17 @@ def _open_decoder(path: Path, **kwargs):
     from .decoder import Decoder  # the ggml half; imported on use
 
     return Decoder(path, **kwargs)
+
+
+def check_question(question: object) -> str:
+    """A question is UTF-8 text without the prompt's image slot (images go in with image=)."""
+    check_text(question, "question")
+    if IMAGE_PLACEHOLDER in question:
+        raise ConfigError(
+            f"question: expected no {IMAGE_PLACEHOLDER} (the prompt's image slot; attach images with "
+            "image=), found one in the text"
+        )
+    return question
 
 
 def trained_context(path: Path) -> int:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericsError
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,9 @@ class Sampler:
     ) -> int:
         """The next token; `allowed` (bool, up to V entries; missing ones count as False) masks the choice."""
         x = np.array(logits, dtype=np.float64).reshape(-1)  # (V,) a copy
-        if not np.isfinite(x).any():
-            raise ValueError(f"no finite logit among {x.size}: the decoder produced NaN/inf")
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise NumericsError(f"{bad} of {x.size} logits are NaN or infinity: expected finite logits")
         cfg = self.cfg
         if cfg.repetition_penalty != 1.0 and len(previous):
             ids = np.unique(np.asarray(previous, dtype=np.int64))
@@ -117,8 +118,12 @@ class Sampler:
 
 
 def warp(x: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """Temperature, then top-k, then top-p (nucleus) masking with -inf; always keeps the best token."""
-    x = x / temperature
+    """Temperature, then top-k, then top-p (nucleus) masking with -inf; always keeps the best token.
+
+    The best logit is moved to 0 before dividing, so a tiny temperature (1e-320) sends the others to
+    -inf (probability 0) instead of every logit to +-inf (NaN probabilities)."""
+    with np.errstate(over="ignore", divide="ignore"):
+        x = (x - x.max()) / temperature
     if 0 < top_k < x.size:
         kth = np.partition(x, -top_k)[-top_k]
         x = np.where(x < kth, -np.inf, x)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from .checks import foreign, not_regular
 from .errors import ConfigError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -35,15 +36,23 @@ class Tokenizer:
         path = Path(path)
         folder = path if path.is_dir() else path.parent
         file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"no tokenizer.json at {file}")
+        kind = not_regular(file)
+        if kind is not None or not file.is_file():
+            raise ConfigError(f"no tokenizer.json at {file}" + (f": found {kind}" if kind else ""))
         bos = eos = ENDOFTEXT
         config = folder / "tokenizer_config.json"
         if config.is_file():
-            data = json.loads(config.read_text())
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise ConfigError(f"cannot read {config}: {e}") from e
+            if not isinstance(data, dict):
+                raise ConfigError(f"{config}: expected a JSON object, got {type(data).__name__}")
             bos = _token_text(data.get("bos_token")) or bos
             eos = _token_text(data.get("eos_token")) or eos
-        return cls(_HFTokenizer.from_file(str(file)), bos, eos)
+        with foreign("tokenizers", f"cannot read tokenizer {file}", ConfigError):
+            hf = _HFTokenizer.from_file(str(file))
+        return cls(hf, bos, eos)
 
     @classmethod
     def from_vocab_merges(
@@ -55,6 +64,9 @@ class Tokenizer:
     ) -> Tokenizer:
         """Rebuild from an id-ordered token list and 'a b' merge strings (GGUF `tokenizer.ggml.*`)."""
         vocab = {tok: i for i, tok in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            dup = next(t for i, t in enumerate(tokens) if vocab[t] != i)
+            raise ConfigError(f"vocabulary: expected unique tokens, {dup!r} appears more than once")
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         hf = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -67,13 +79,34 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        check_text(text)
+        with foreign("tokenizers", "encoding text", ConfigError):
+            return self.hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        with foreign("tokenizers", "decoding token ids", ConfigError):
+            return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
+
+
+def check_text(text: object, what: str = "text") -> str:
+    """`text` if it is a str that UTF-8 can encode; argv and stdin decoded from non-UTF-8 bytes carry
+    lone surrogates (Python's surrogateescape), which no tokenizer accepts."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            bad = text[e.start : e.end].encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            bad = text[e.start : e.end]
+        raise ConfigError(
+            f"{what}: expected UTF-8 text, found the undecodable byte(s) {bad!r} at character {e.start}"
+        ) from None
+    return text
 
 
 def _token_text(value: object) -> str | None:

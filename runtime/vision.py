@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
+from .checks import check_count, check_threads, foreign, regular_file
 from .config import PreprocessConfig
-from .errors import ConfigError, ModelFileError
+from .errors import ConfigError, ModelFileError, NumericsError
 from .memory import release_heap
 
 _REQUIRED = ("image_size", "mean", "std", "num_query_tokens", "embed_dim")
@@ -33,15 +34,17 @@ class VisionEncoder:
 
     def __init__(self, path: str | Path, n_threads: int | None = None, low_memory: bool = False):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise ModelFileError(
                 f"vision model not found: {self.path} (expected an ONNX file, e.g. {C.VISION_FILE_INT8})"
             )
-        self.n_threads = n_threads
+        regular_file(self.path, "vision model", ModelFileError)
+        self.n_threads = check_threads(n_threads)
         self.low_memory = low_memory
         self._session = None
         session = self._open()
         meta = session.get_modelmeta().custom_metadata_map
+        self.format_version = _format_version(meta, self.path)  # before anything a newer layout may change
         missing = [C.ONNX_META[k] for k in _REQUIRED if C.ONNX_META[k] not in meta]
         if missing:
             raise ModelFileError(f"{self.path}: ONNX metadata lacks {missing}; not from the exporter?")
@@ -52,10 +55,10 @@ class VisionEncoder:
                 std=tuple(float(v) for v in _value(meta, "std")),
                 resample=str(_value(meta, "resample", "bicubic")),
             )
-            self.num_query_tokens = int(_value(meta, "num_query_tokens"))
-            self.embed_dim = int(_value(meta, "embed_dim"))
-            self.stage = int(_value(meta, "stage", 0))
-        except (TypeError, ValueError, ConfigError) as e:
+            self.num_query_tokens = check_count(_value(meta, "num_query_tokens"), "num_query_tokens", 1 << 16)
+            self.embed_dim = check_count(_value(meta, "embed_dim"), "embed_dim", 1 << 20)
+            self.stage = check_count(_value(meta, "stage", 0), "stage", 4, lo=0)
+        except (TypeError, ValueError, OverflowError, ConfigError) as e:
             raise ModelFileError(f"{self.path}: bad tinygptv.* metadata: {e}") from e
         self._check_io(session)
         self.metadata = dict(meta)
@@ -75,10 +78,8 @@ class VisionEncoder:
             opts.enable_cpu_mem_arena = False
             if self.low_memory:
                 opts.enable_mem_pattern = False
-            try:
+            with foreign("onnxruntime", f"cannot load vision model {self.path}"):
                 self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-                raise ModelFileError(f"cannot load vision model {self.path}: {e}") from e
         return self._session
 
     def _check_io(self, session) -> None:
@@ -120,11 +121,37 @@ class VisionEncoder:
         S = self.preprocess_cfg.image_size
         if x.ndim != 4 or x.shape[1:] != (3, S, S):
             raise ConfigError(f"expected pixel_values (B, 3, {S}, {S}), got {x.shape}")
-        (out,) = self._open().run([C.VISION_OUTPUT], {C.VISION_INPUT: x})
+        if not np.isfinite(x).all():
+            raise ConfigError("pixel_values: expected finite values, found NaN or infinity")
+        session = self._open()
+        with foreign("onnxruntime", f"{self.path}: running the vision graph"):
+            (out,) = session.run([C.VISION_OUTPUT], {C.VISION_INPUT: x})
         want = (x.shape[0], self.num_query_tokens, self.embed_dim)
         if out.shape != want:
             raise ModelFileError(f"{self.path}: expected image_embeds of shape {want}, got {out.shape}")
-        return np.asarray(out, dtype=np.float32)
+        out = np.asarray(out, dtype=np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(out)))
+        if bad:
+            raise NumericsError(
+                f"{self.path}: the vision graph produced {bad} NaN/inf value(s) in image_embeds "
+                "(expected finite embeddings: its weights or quantization parameters are broken)"
+            )
+        return out
+
+
+def _format_version(meta: dict[str, str], path: Path) -> int:
+    """The graph's format version (1 when written before versions); FormatVersionError when too new."""
+    key = C.ONNX_META["format_version"]
+    raw = meta.get(key)
+    found = None
+    if raw is not None:
+        try:
+            found = int(raw)
+        except ValueError:
+            found = 0
+        if found < 1:
+            raise ModelFileError(f"{path}: metadata {key}: expected a format version >= 1, got {raw!r}")
+    return C.check_format_version(found, C.ONNX_FORMAT_VERSION, path)
 
 
 def _value(meta: dict[str, str], key: str, default=None):

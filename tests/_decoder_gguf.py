@@ -21,6 +21,8 @@ load_ggml()  # before anything else loads ggml: its OpenMP settings only count a
 
 from tinygptv_edge.runtime.contract import (  # noqa: E402
     GGUF_ARCH,
+    GGUF_HPARAMS,
+    PROMPT_KEYS,
     TINYGPTV_KEYS,
     gguf_key,
     language_tensors,
@@ -74,35 +76,12 @@ def write_gguf(
     cfg: LanguageConfig = phi.cfg
     prompt = prompt or PromptConfig()
     w = gguf.GGUFWriter(str(path), arch)
-    ints = {
-        "context_length": cfg.max_positions,
-        "embedding_length": cfg.hidden,
-        "block_count": cfg.layers,
-        "feed_forward_length": cfg.intermediate,
-        "head_count": cfg.heads,
-        "head_count_kv": cfg.heads,
-        "rope_dimension_count": cfg.rotary_dim,
-        "vocab_size": cfg.vocab_size,
-    }
-    for k, v in ints.items():
-        w.add_uint32(gguf_key(k, arch), v)
-    floats = {
-        "layer_norm_epsilon": cfg.layer_norm_eps,
-        "qk_norm_epsilon": cfg.qk_norm_eps,
-        "layer_norm_rms_epsilon": cfg.post_norm_eps,
-        "rope_freq_base": cfg.rope_theta,
-    }
-    for k, v in floats.items():
-        w.add_float32(gguf_key(k, arch), v)
+    for k, h in GGUF_HPARAMS.items():
+        add = w.add_uint32 if h.kind == "uint32" else w.add_float32
+        add(gguf_key(k, arch), getattr(cfg, h.config))
     w.add_uint32(TINYGPTV_KEYS["stage"], 3)
     w.add_uint32(TINYGPTV_KEYS["image_tokens"], image_tokens)
-    for field, key in (
-        ("system", "prompt_system"),
-        ("separator", "prompt_separator"),
-        ("user_template", "prompt_user_template"),
-        ("text_user_template", "prompt_text_user_template"),
-        ("assistant_prefix", "prompt_assistant_prefix"),
-    ):
+    for field, key in PROMPT_KEYS.items():
         w.add_string(TINYGPTV_KEYS[key], getattr(prompt, field))
 
     tok = json.loads(Path(tokenizer_json).read_text())

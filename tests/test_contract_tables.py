@@ -69,3 +69,19 @@ def test_ggml_types_match_ggml_and_gguf_py():
         assert q.name == t.name and gguf.GGML_QUANT_SIZES[q] == (t.block, t.nbytes)
     assert set(G.WEIGHT_TYPES) <= set(G.TYPE_IDS) and set(G.K_QUANTS) <= set(G.WEIGHT_TYPES)
     assert all(G.BY_NAME[n].block == G.QK_K for n in G.K_QUANTS)
+
+
+def test_hparam_table_covers_config_and_decoder_fields():
+    """Every key is written from a LanguageConfig attribute and read into an HParams field (all of them)."""
+    import dataclasses
+
+    from tinygptv_edge.runtime.config import LanguageConfig
+    from tinygptv_edge.runtime.decoder_model import HParams
+
+    L = LanguageConfig()
+    assert all(hasattr(L, h.config) and h.kind in ("uint32", "float32") for h in C.GGUF_HPARAMS.values())
+    read = [h.hparams for h in C.GGUF_HPARAMS.values() if h.hparams]
+    assert sorted(read) == sorted(f.name for f in dataclasses.fields(HParams))
+    for h in C.GGUF_HPARAMS.values():
+        assert isinstance(getattr(L, h.config), int if h.kind == "uint32" else float), h
+    assert C.gguf_key("head_count") == "tinygptv-phi2.attention.head_count"

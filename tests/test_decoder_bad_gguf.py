@@ -11,9 +11,11 @@ import pytest
 from _decoder_gguf import write_gguf
 
 from tinygptv_edge.export.gguf.export import export_gguf
+from tinygptv_edge.runtime.contract import GGUF_FORMAT_VERSION, TINYGPTV_KEYS
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
+    FormatVersionError,
     GGUFFormatError,
     GGUFModelError,
     MissingKeysError,
@@ -224,3 +226,35 @@ def test_model_level_errors(tiny, tmp_path, valid):
         path.write_bytes(bad)
         with pytest.raises(GGUFModelError, match=words):
             Decoder(path, n_ctx=16)
+
+
+def test_format_version(tiny, tmp_path, valid):
+    """A newer file is refused with a typed error that says what to do; an unversioned one reads as 1."""
+    _, data = valid
+    key = TINYGPTV_KEYS["format_version"]
+    pos = _key_value_pos(data, key)
+    assert struct.unpack_from("<II", data, pos) == (4, GGUF_FORMAT_VERSION)  # uint32
+    with Decoder(valid[0], n_ctx=16) as dec:
+        assert dec.format_version == GGUF_FORMAT_VERSION
+    newer = tmp_path / "newer.gguf"
+    newer.write_bytes(_patch(data, pos + 4, "I", GGUF_FORMAT_VERSION + 1))
+    want = (
+        f"{newer}: written by format version {GGUF_FORMAT_VERSION + 1}, this runtime reads up to "
+        f"{GGUF_FORMAT_VERSION}: upgrade tinygptv-edge"
+    )
+    with pytest.raises(FormatVersionError) as e:
+        Decoder(newer, n_ctx=16)
+    assert str(e.value) == want and (e.value.found, e.value.supported) == (GGUF_FORMAT_VERSION + 1, 1)
+    zero = tmp_path / "zero.gguf"
+    zero.write_bytes(_patch(data, pos + 4, "I", 0))
+    with pytest.raises(GGUFModelError, match="format_version: expected a format version >= 1, got 0"):
+        Decoder(zero, n_ctx=16)
+    as_float = tmp_path / "float.gguf"
+    as_float.write_bytes(_patch(data, pos, "I", 6))
+    with pytest.raises(GGUFModelError, match="format_version.*expected an integer, got float32"):
+        Decoder(as_float, n_ctx=16)
+    # written before versions existed: the test-side writer stores no version key
+    old = _model_variant(tiny, tmp_path, "unversioned")
+    assert key not in GGUFFile.open(old).fields
+    with Decoder(old, n_ctx=16) as dec:
+        assert dec.format_version == 1

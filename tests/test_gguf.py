@@ -123,6 +123,13 @@ def test_metadata_tokenizer_and_prompt(tiny, tmp_path):
     assert fields[C.TINYGPTV_KEYS["image_tokens"]] == tiny.cfg.num_image_tokens
 
 
+def test_metadata_has_the_format_version(tiny, tmp_path):
+    out = tmp_path / "lm.gguf"
+    export_gguf(tiny.model, tiny.tokenizer, out, "F32")
+    fields, _ = read(out)
+    assert fields[C.TINYGPTV_KEYS["format_version"]] == C.GGUF_FORMAT_VERSION == 1
+
+
 def test_qkv_rows_are_q_then_k_then_v(tiny, tmp_path):
     out = tmp_path / "lm.gguf"
     export_gguf(tiny.model, tiny.tokenizer, out, "F32")

@@ -1,4 +1,6 @@
-"""runtime/kquant.c: the batched Q5_K/Q6_K matmul against ggml's dequantization, and in the decoder."""
+"""runtime/kquant.c: the batched K-quant matmul against ggml's dequantization, its paths, the decoder.
+
+The NEON path and the fallback on CPUs without the fast path: tests/test_kquant_paths.py (emulated)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from tinygptv_edge.runtime import kquant
 from tinygptv_edge.runtime.ggml_runtime import load_ggml
 
 _kquant = pytest.importorskip("tinygptv_edge.runtime._kquant")
-PATHS = [False, True] if _kquant.FAST else [False]
+PATHS = list(_kquant.SUPPORTED)  # 'plain' and the fast path this CPU runs, if any
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -25,32 +27,32 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.nd
     return out
 
 
-def run(type_name: str, raw: np.ndarray, n: int, k: int, x: np.ndarray, fast: bool) -> np.ndarray:
+def run(type_name: str, raw: np.ndarray, n: int, k: int, x: np.ndarray, path: str) -> np.ndarray:
     out = np.full((x.shape[0], n), np.nan, np.float32)
     tid = kquant.TYPE_IDS[type_name]
     ldx = x.strides[0] // 4
-    _kquant.matmul(tid, raw.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx, out.ctypes.data, n, fast)
+    _kquant.matmul(tid, raw.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx, out.ctypes.data, n, path)
     return out
 
 
-@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("type_name", "n", "k"), [("Q5_K", 24, 512), ("Q6_K", 8, 768)])
 @pytest.mark.parametrize("t", [1, 16, 37])  # one token; one 16-token block; two pairs of blocks + a tail
-def test_matches_dequantized_weights(type_name, n, k, t, fast):
+def test_matches_dequantized_weights(type_name, n, k, t, path):
     rng = np.random.default_rng(n + t)
     w = rng.standard_normal((n, k)).astype(np.float32) * np.linspace(0.01, 0.2, k, dtype=np.float32)
     raw = quantize(w, type_name)
     x = rng.standard_normal((t, k + 5)).astype(np.float32)[:, :k]  # rows with a stride: ldx > k
     ref = x.astype(np.float64) @ dequantize(raw, type_name, (n, k)).T.astype(np.float64)
-    got = run(type_name, raw, n, k, x, fast)
+    got = run(type_name, raw, n, k, x, path)
     # the only approximation is int8 activations per 32 values: ~0.5% of the output scale
     assert np.isfinite(got).all()
-    assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max(), (type_name, t, fast)
+    assert np.abs(got - ref).max() <= 0.01 * np.abs(ref).max(), (type_name, t, path)
 
 
-@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("type_name", list(kquant.TYPE_IDS))
-def test_error_within_the_rounding_bound(type_name, fast):
+def test_error_within_the_rounding_bound(type_name, path):
     """Exact weights, int8 activations (one scale dx per 32 values, rounded to nearest): each output
     is off by at most sum over blocks of dx / 2 * sum |w| in the block."""
     n, k, t = 16, 512, 37
@@ -60,36 +62,47 @@ def test_error_within_the_rounding_bound(type_name, fast):
     x = rng.standard_normal((t, k)).astype(np.float32)
     dx = np.abs(x).reshape(t, k // 32, 32).max(-1) / 127  # (t, blocks)
     bound = (dx / 2) @ np.abs(wd).reshape(n, k // 32, 32).sum(-1).T  # (t, n)
-    err = np.abs(run(type_name, raw, n, k, x, fast) - x.astype(np.float64) @ wd.T)
-    assert (err <= bound * 1.001 + 1e-4).all(), (type_name, fast, (err / bound).max())
+    err = np.abs(run(type_name, raw, n, k, x, path) - x.astype(np.float64) @ wd.T)
+    assert (err <= bound * 1.001 + 1e-4).all(), (type_name, path, (err / bound).max())
 
 
-def test_fast_path_equals_plain_c():
-    if not _kquant.FAST:
-        pytest.skip("built without AVX512-VNNI")
+def test_fast_path_equals_plain_c_bit_for_bit():
+    """Same IEEE operations in the same order (kquant.c's header): not close, identical."""
+    if len(PATHS) < 2:
+        pytest.skip(f"this CPU runs only the plain path (compiled: {_kquant.COMPILED})")
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 512)).astype(np.float32)
     x = rng.standard_normal((40, 512)).astype(np.float32)
     for type_name in kquant.TYPE_IDS:
         raw = quantize(w, type_name)
-        a, b = run(type_name, raw, 16, 512, x, False), run(type_name, raw, 16, 512, x, True)
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+        a, b = run(type_name, raw, 16, 512, x, "plain"), run(type_name, raw, 16, 512, x, PATHS[1])
+        np.testing.assert_array_equal(b, a, err_msg=type_name)
+
+
+def test_active_path_is_reported():
+    assert kquant.active_path() == _kquant.PATH in _kquant.SUPPORTED
+    assert set(_kquant.SUPPORTED) <= set(_kquant.COMPILED) and "plain" in _kquant.SUPPORTED
+    assert kquant.available() == (_kquant.PATH != "plain")
 
 
 def test_rejects_what_it_cannot_compute():
     x = np.zeros((4, 256), np.float32)
     raw = quantize(np.ones((4, 256), np.float32), "Q5_K")
     with pytest.raises(ValueError, match="unsupported matmul"):
-        run("Q5_K", raw, 4, 200, x, False)  # not whole super-blocks
+        run("Q5_K", raw, 4, 200, x, "plain")  # not whole super-blocks
     with pytest.raises(ValueError, match="unsupported matmul"):
-        _kquant.matmul(8, raw.ctypes.data, 4, 256, x.ctypes.data, 4, 256, x.ctypes.data, 4, False)  # Q8_0
+        _kquant.matmul(8, raw.ctypes.data, 4, 256, x.ctypes.data, 4, 256, x.ctypes.data, 4, "plain")  # Q8_0
+    other = {"avx512vnni", "neon-dotprod", "sse9"} - set(_kquant.SUPPORTED)
+    for name in other:  # a path this CPU does not run (or that does not exist) is refused, not run
+        with pytest.raises(ValueError, match="kquant path"):
+            run("Q5_K", raw, 4, 256, x, name)
 
 
 def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
     """A Q4_K_M model (Q5_K attn_qkv, Q6_K in ffn_down): a 40-token batch through the custom op
     against ggml's own kernels; decode steps (1 token) stay on ggml's."""
     if not kquant.available():
-        pytest.skip("the runtime uses the kernel only where it was built with AVX512-VNNI")
+        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {kquant.active_path()}")
     from conftest import wide_source
     from test_decoder import kl_top1
 

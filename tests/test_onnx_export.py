@@ -63,6 +63,13 @@ def test_metadata_props(exported, tiny):
     assert TinyGPTVConfig.from_dict(json.loads(meta[ONNX_META["config"]])) == tiny.cfg
 
 
+def test_metadata_has_the_format_version(exported):
+    from tinygptv_edge.runtime.contract import ONNX_FORMAT_VERSION
+
+    meta = E.read_metadata(onnx.load(str(exported.path), load_external_data=False))
+    assert meta[ONNX_META["format_version"]] == str(ONNX_FORMAT_VERSION) == "1"
+
+
 def test_node_and_weight_names_follow_module_paths(exported, tiny):
     g = onnx.load(str(exported.path))
     names = {n.name for n in g.graph.node}
@@ -173,7 +180,7 @@ def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
     for i, im in enumerate(_images(4)):
         im.save(imgs / f"{i}.png")
     out = tmp_path / "dist"
-    args = ["export-onnx", "--single", str(tiny_single), "--out", str(out), "--calib-images", str(imgs)]
+    args = ["export-onnx", "--model", str(tiny_single), "--out", str(out), "--calib-images", str(imgs)]
     assert main([*args, "--dynamic", "--diagnostics", "--fallback-k", "1", "--method", "entropy"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["diagnostics", VISION_FILE_FP32, "vision.int8-dynamic.onnx", "vision.int8.onnx"]

@@ -144,6 +144,42 @@ def test_vision_file_errors(tmp_path, files):
         VisionEncoder(bare)
 
 
+def test_vision_format_version(tmp_path, files):
+    """A newer graph is refused with a typed error that says what to do; an unversioned one reads as 1."""
+    import onnx
+
+    from tinygptv_edge.runtime.contract import ONNX_FORMAT_VERSION, ONNX_META
+    from tinygptv_edge.runtime.errors import FormatVersionError
+
+    key = ONNX_META["format_version"]
+    assert VisionEncoder(files[0]).format_version == ONNX_FORMAT_VERSION
+
+    def variant(name: str, value: str | None):
+        proto = onnx.load(str(files[0]))
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != key]
+        del proto.metadata_props[:]
+        for k, v in kept + ([(key, value)] if value is not None else []):
+            proto.metadata_props.add(key=k, value=v)
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(proto, str(path))
+        return path
+
+    newer = variant("newer", str(ONNX_FORMAT_VERSION + 1))
+    with pytest.raises(FormatVersionError) as e:
+        VisionEncoder(newer)
+    assert str(e.value) == (
+        f"{newer}: written by format version {ONNX_FORMAT_VERSION + 1}, this runtime reads up to "
+        f"{ONNX_FORMAT_VERSION}: upgrade tinygptv-edge"
+    )
+    assert isinstance(e.value, ModelFileError)
+    for bad in ("0", "two"):
+        with pytest.raises(
+            ModelFileError, match=f"format_version: expected a format version >= 1, got '{bad}'"
+        ):
+            VisionEncoder(variant(f"bad-{bad}", bad))
+    assert VisionEncoder(variant("unversioned", None)).format_version == 1  # written before versions
+
+
 def test_vision_width_must_match_decoder(make_any, files, tmp_path):
     import onnx
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from tinygptv_edge.runtime.errors import TinyGPTVError
@@ -21,6 +23,8 @@ COMMANDS = {
     "train": "tinygptv_edge.export.train.cli",
     "reference": "tinygptv_edge.export.reference.cli",
     "run": "tinygptv_edge.runtime.cli",
+    "serve": "tinygptv_edge.runtime.serve.cli",
+    "bench": "tinygptv_edge.runtime.bench",
     "report": "tinygptv_edge.calib.cli",
 }
 
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except TinyGPTVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`... | head`): stop quietly, as a SIGPIPE'd tool would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not fail again
+        return 128 + getattr(signal, "SIGPIPE", 13)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.bounds import check_layers
 from tinygptv_edge.export.checkpoints.safeio import (
     check_finite,
     iter_safetensors,
@@ -38,6 +40,7 @@ from tinygptv_edge.export.model.vision import interpolate_pos_embed
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig, full_config
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
+    ConfigError,
     MissingKeysError,
     ShapeMismatchError,
     UnexpectedKeysError,
@@ -59,6 +62,7 @@ class LoadSummary:
     pos_embed: str | None = None
     layout: str | None = None
     add_bos: bool | None = None  # the prompt's BOS rule the model was loaded with
+    template: str | None = None  # the prompt's turn template, by name
 
     def format(self) -> str:
         lines = [f"loaded {self.loaded} tensors from {len(self.sources)} source(s)"]
@@ -80,6 +84,8 @@ class LoadSummary:
             lines.append(f"  LoRA merged into {len(self.lora_merged)} linear layer(s)")
         if self.lora_attached:
             lines.append(f"  LoRA attached unmerged to {len(self.lora_attached)} linear layer(s)")
+        if self.template:
+            lines.append(f"  prompt template: {self.template}")
         if self.add_bos is not None:
             lines.append(f"  BOS before the first turn: {'yes' if self.add_bos else 'no'}")
         if self.pos_embed:
@@ -99,6 +105,8 @@ class Collector:
             raise UnexpectedKeysError([name], source)
         if tuple(t.shape) != self.shapes[name]:
             raise ShapeMismatchError(name, self.shapes[name], tuple(t.shape), source)
+        if not t.is_floating_point():  # an integer or bool tensor cast to float would be garbage weights
+            raise CheckpointError(f"{name} in {source}: expected a floating-point tensor, got {t.dtype}")
         t = t.detach().to(torch.float32).contiguous()
         check_finite(name, t, source)
         if name not in self.tensors:
@@ -120,37 +128,54 @@ def phi2_config(folder: str | Path) -> LanguageConfig:
     """LanguageConfig from a Phi-2 `config.json` (transformers `phi` or original `phi-msft` keys)."""
     path = Path(folder) / "config.json"
     try:
-        c = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"cannot read Phi-2 config {path}: {e}") from e
-    if "n_embd" in c:  # phi-msft
-        hidden, heads = c["n_embd"], c["n_head"]
-        return LanguageConfig(
-            vocab_size=c["vocab_size"],
-            hidden=hidden,
-            layers=c["n_layer"],
-            heads=heads,
-            intermediate=c.get("n_inner") or 4 * hidden,
-            max_positions=c.get("n_positions", 2048),
-            partial_rotary_factor=c.get("rotary_dim", 32) / (hidden // heads),
-            layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-            qk_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-        )
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(c).__name__}")
+
+    def get(key: str, kind: type | tuple[type, ...] = int, default=None):
+        value = c.get(key, default)
+        if value is None and default is None:
+            raise CheckpointError(f"{path}: missing config key {key!r}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: {key}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    number = (int, float)
     try:
+        if "n_embd" in c:  # phi-msft
+            hidden, heads = get("n_embd"), get("n_head")
+            rotary = get("rotary_dim", int, 32)
+            return LanguageConfig(
+                vocab_size=get("vocab_size"),
+                hidden=hidden,
+                layers=get("n_layer"),
+                heads=heads,
+                intermediate=get("n_inner", int, 4 * hidden) if c.get("n_inner") else 4 * hidden,
+                max_positions=get("n_positions", int, 2048),
+                partial_rotary_factor=rotary / (hidden // heads) if heads > 0 and hidden >= heads else 0.0,
+                layer_norm_eps=get("layer_norm_epsilon", number, 1e-5),
+                qk_norm_eps=get("layer_norm_epsilon", number, 1e-5),
+            )
         return LanguageConfig(
-            vocab_size=c["vocab_size"],
-            hidden=c["hidden_size"],
-            layers=c["num_hidden_layers"],
-            heads=c["num_attention_heads"],
-            intermediate=c["intermediate_size"],
-            max_positions=c.get("max_position_embeddings", 2048),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            partial_rotary_factor=c.get("partial_rotary_factor", 0.4),
-            layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-            qk_norm_eps=c.get("layer_norm_eps", 1e-5),
+            vocab_size=get("vocab_size"),
+            hidden=get("hidden_size"),
+            layers=get("num_hidden_layers"),
+            heads=get("num_attention_heads"),
+            intermediate=get("intermediate_size"),
+            max_positions=get("max_position_embeddings", int, 2048),
+            rope_theta=float(get("rope_theta", number, 10000.0)),
+            partial_rotary_factor=get("partial_rotary_factor", number, 0.4),
+            layer_norm_eps=get("layer_norm_eps", number, 1e-5),
+            qk_norm_eps=get("layer_norm_eps", number, 1e-5),
         )
-    except KeyError as e:
-        raise CheckpointError(f"{path}: missing config key {e}") from e
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _kind_name(kind) -> str:
+    return "a number" if isinstance(kind, tuple) else "an integer"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -173,6 +198,10 @@ def _weight_file_keys(path: Path) -> list[str]:
     if path.suffix == ".safetensors":
         return safetensors_keys(path)
     return list(tensor_dict(load_pickle(path), path))
+
+
+def _phi2_keys(folder: str | Path) -> list[str]:
+    return [k for f in weight_files(Path(folder)) for k in _weight_file_keys(f)]
 
 
 def detect_phi_layout(keys: Iterable[str]) -> str:
@@ -280,7 +309,15 @@ def _eva_tensors(sd, prefix, cfg, summary, source) -> Iterator[tuple[str, torch.
 
 def _resize_pos_embed(t: torch.Tensor, cfg: TinyGPTVConfig, summary: LoadSummary) -> torch.Tensor:
     grid = cfg.vision.grid
-    old = round((t.shape[1] - 1) ** 0.5)
+    if t.ndim != 3 or t.shape[0] != 1 or t.shape[1] < 2:
+        raise ShapeMismatchError("pos_embed", (1, 1 + grid * grid, cfg.vision.width), tuple(t.shape))
+    old = math.isqrt(t.shape[1] - 1)
+    if old * old != t.shape[1] - 1:
+        raise ShapeMismatchError(
+            f"pos_embed (1 + {t.shape[1] - 1} positions: not a square grid)",
+            (1, 1 + grid * grid, cfg.vision.width),
+            tuple(t.shape),
+        )
     if old != grid:
         summary.pos_embed = f"interpolated bicubically from {old}x{old} to {grid}x{grid}"
         return interpolate_pos_embed(t.float(), grid)
@@ -438,6 +475,7 @@ def _expand_names(templates: list[str], layers: int) -> set[str]:
 def load_phi2(folder: str | Path, cfg: LanguageConfig | None = None) -> tuple[PhiModel, LoadSummary]:
     """A Phi-2 folder alone as the modified language model (TinyGPT-V's norms at their init)."""
     cfg = cfg or phi2_config(folder)
+    check_layers(cfg.layers, _phi2_keys(folder), "language.layers", str(folder))
     summary = LoadSummary(sources=[str(folder)])
     with torch.device("meta"):
         model = PhiModel(cfg)
@@ -454,7 +492,10 @@ def official_config(phi2: str | Path, stage_num: int = 3) -> TinyGPTVConfig:
     prompt as the official inference builds it: the stage's template, no BOS (`OFFICIAL_ADD_BOS`)."""
     cfg = full_config(stage_num)
     prompt = dataclasses.replace(cfg.prompt, add_bos=OFFICIAL_ADD_BOS)
-    return cfg.replace(language=phi2_config(phi2), prompt=prompt)
+    try:
+        return cfg.replace(language=phi2_config(phi2), prompt=prompt)
+    except ConfigError as e:  # vision and Q-Former sizes are in no checkpoint: only a config has them
+        raise ConfigError(f"{e} (the Phi-2 in {phi2} is not TinyGPT-V's size: pass --config JSON)") from e
 
 
 # TinyGPT-V's demo and evaluation (`conversation.py` `get_context_emb`) tokenize every prompt piece with
@@ -481,6 +522,7 @@ def load_tinygptv(
     """
     if cfg is None:
         cfg = official_config(phi2, stage_num)
+    check_layers(cfg.language.layers, _phi2_keys(phi2), "language.layers", str(phi2))
     summary = LoadSummary(sources=[str(p) for p in (phi2, eva, blip2, stage) if p is not None])
     st = read_stage(stage, cfg, summary) if stage is not None else StageTensors([], {})
     if st.rank is not None:

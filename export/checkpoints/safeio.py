@@ -75,10 +75,19 @@ def tensor_dict(obj: dict, path: str | Path, wrapper: str | None = None) -> dict
     """The tensors of a loaded pickle, optionally under `wrapper` (e.g. {'model': state_dict})."""
     if wrapper is not None:
         if wrapper not in obj:
-            raise CheckpointError(f"{path}: expected a dict with key {wrapper!r}, got keys {sorted(obj)[:8]}")
+            shown = sorted(map(repr, obj))[:8]
+            raise CheckpointError(f"{path}: expected a dict with key {wrapper!r}, got keys {shown}")
         obj = obj[wrapper]
+        if not isinstance(obj, dict):
+            raise CheckpointError(
+                f"{path}: {wrapper!r}: expected a dict of tensors (a state dict), got {type(obj).__name__}"
+            )
     out = {}
     for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(
+                f"{path}: expected tensor names (strings) as keys, got {type(k).__name__} {k!r}"
+            )
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
         out[k] = v

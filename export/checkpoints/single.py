@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tinygptv_edge.export.checkpoints import names as N
+from tinygptv_edge.export.checkpoints.bounds import check_config_fits
 from tinygptv_edge.export.checkpoints.loaders import Collector, LoadSummary, qformer_table
-from tinygptv_edge.export.checkpoints.safeio import iter_safetensors
+from tinygptv_edge.export.checkpoints.safeio import iter_safetensors, safetensors_keys
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
+from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, MissingKeysError, UnexpectedKeysError
 
@@ -62,8 +63,7 @@ def save_single(model: TinyGPTV, tokenizer_dir: str | Path, out: str | Path, dty
     if unmapped:
         raise UnexpectedKeysError(unmapped, "reference model (no official name)")
     tensors = {canonical_to_official[k]: v.detach().to(dtype).contiguous() for k, v in sd.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = stage_dir(out)
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "model": cfg.name})
         cfg.save(tmp / CONFIG)
@@ -92,6 +92,7 @@ def load_single(folder: str | Path, cfg: TinyGPTVConfig | None = None) -> tuple[
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {folder}")
+    check_config_fits(cfg, safetensors_keys(weights), str(weights))
     with torch.device("meta"):
         model = TinyGPTV(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -161,6 +161,7 @@ class SourceSpec:
             from tinygptv_edge.export.checkpoints.single import load_single
 
             model, summary = load_single(self.folder, cfg)
+        summary.template = f"{template_name(cfg.prompt)} (stage {cfg.stage})"
         return Loaded(model, self.tokenizer(), summary, self.sha256(), self.label)
 
     def language(self, need_model: bool = False):
@@ -171,6 +172,14 @@ class SourceSpec:
             loaded = self.load()
             return model_source(loaded.model, loaded.tokenizer, loaded.sha256), loaded
         return single_source(self.folder, cfg=self.model_config()), None
+
+
+def template_name(prompt) -> str:
+    """The PROMPT_TEMPLATES name of `prompt`'s turn template (BOS aside), or "custom"."""
+    for name, t in PROMPT_TEMPLATES.items():
+        if dataclasses.replace(t, add_bos=prompt.add_bos) == prompt:
+            return name
+    return "custom"
 
 
 @dataclass

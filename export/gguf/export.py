@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from tinygptv_edge.export.gguf.quant import (
     wanted_type,
 )
 from tinygptv_edge.export.gguf.source import LanguageSource, expected_shapes, model_source
+from tinygptv_edge.export.staging import stage_file
 from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.errors import (
     ExportError,
@@ -199,7 +199,7 @@ def export_source(
     plans = plan_tensors(src, level, pure)
     imatrix = _check_imatrix(imatrix, plans) if imatrix is not None and level.quantized else None
     out = Path(out_path)
-    tmp = _temp_path(out)
+    tmp = stage_file(out)
     report = GGUFReport(out, level.name, plans, imatrix_used=sorted(imatrix or {}))
     try:
         w = GGUFWriter(str(tmp), C.GGUF_ARCH)
@@ -224,17 +224,6 @@ def export_source(
         with contextlib.suppress(OSError):
             tmp.unlink()
     return report
-
-
-def _temp_path(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "xb"):  # the usual file mode (mkstemp would make it 0600)
-            pass
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e}") from e
-    return tmp
 
 
 def _check_imatrix(imatrix: Mapping[str, np.ndarray], plans: list[TensorPlan]) -> dict[str, np.ndarray]:

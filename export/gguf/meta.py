@@ -17,6 +17,7 @@ from tinygptv_edge.runtime.errors import ExportError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
 
 T = GGUFValueType
+VALUE_TYPES = {"uint32": T.UINT32, "float32": T.FLOAT32}  # HParam.kind -> gguf-py value type
 
 
 @dataclass(frozen=True)
@@ -73,35 +74,15 @@ def write_metadata(
     w.add_string(G["level"], level.name)
 
     L = cfg.language
-    hp = {
-        "context_length": (L.max_positions, T.UINT32),
-        "embedding_length": (L.hidden, T.UINT32),
-        "block_count": (L.layers, T.UINT32),
-        "feed_forward_length": (L.intermediate, T.UINT32),
-        "head_count": (L.heads, T.UINT32),
-        "head_count_kv": (L.heads, T.UINT32),
-        "layer_norm_epsilon": (L.layer_norm_eps, T.FLOAT32),
-        "qk_norm_epsilon": (L.qk_norm_eps, T.FLOAT32),
-        "layer_norm_rms_epsilon": (L.post_norm_eps, T.FLOAT32),
-        "rope_dimension_count": (L.rotary_dim, T.UINT32),
-        "rope_freq_base": (L.rope_theta, T.FLOAT32),
-        "vocab_size": (L.vocab_size, T.UINT32),
-    }
-    if set(hp) != set(C.GGUF_KEYS):
-        raise ExportError(
-            f"GGUF hyperparameters out of step with the contract: {sorted(set(C.GGUF_KEYS) ^ set(hp))}"
-        )
-    for key, (value, vtype) in hp.items():
-        w.add_key_value(C.gguf_key(key), value, vtype)
+    for key, h in C.GGUF_HPARAMS.items():
+        w.add_key_value(C.gguf_key(key), getattr(L, h.config), VALUE_TYPES[h.kind])
 
     K, P = C.TINYGPTV_KEYS, cfg.prompt
+    w.add_uint32(K["format_version"], C.GGUF_FORMAT_VERSION)
     w.add_uint32(K["stage"], cfg.stage)
     w.add_uint32(K["image_tokens"], cfg.num_image_tokens)
-    w.add_string(K["prompt_system"], P.system)
-    w.add_string(K["prompt_separator"], P.separator)
-    w.add_string(K["prompt_user_template"], P.user_template)
-    w.add_string(K["prompt_text_user_template"], P.text_user_template)
-    w.add_string(K["prompt_assistant_prefix"], P.assistant_prefix)
+    for field, key in C.PROMPT_KEYS.items():
+        w.add_string(K[key], getattr(P, field))
     w.add_string(K["source_sha256"], json.dumps(sha256, sort_keys=True))
 
     tt = tokenizer_tables(tokenizer, L.vocab_size)

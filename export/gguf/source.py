@@ -67,6 +67,8 @@ def single_source(
     `cfg` replaces the folder's config.json."""
     from safetensors import SafetensorError, safe_open
 
+    from tinygptv_edge.export.checkpoints.bounds import check_config_fits
+    from tinygptv_edge.export.checkpoints.safeio import safetensors_keys
     from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS, file_sha256
 
     folder = Path(folder)
@@ -74,6 +76,7 @@ def single_source(
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {folder}")
+    check_config_fits(cfg, safetensors_keys(weights), str(weights), ("language.layers",))
     layers = range(cfg.language.layers)
     table = {
         N.SINGLE_LM_PREFIX + k: v

@@ -29,9 +29,11 @@ from torch import nn
 
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.onnx.check import ParityConfig, ParityReport, check_parity
+from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.contract import (
     BATCH_AXIS,
+    ONNX_FORMAT_VERSION,
     ONNX_META,
     VISION_FILE_FP32,
     VISION_INPUT,
@@ -91,6 +93,7 @@ def vision_metadata(cfg: TinyGPTVConfig, sources: dict[str, str]) -> dict[str, s
         ONNX_META["embed_dim"]: str(cfg.projection.out_features),
         ONNX_META["source_sha256"]: json.dumps(dict(sorted(sources.items()))),
         ONNX_META["config"]: json.dumps(cfg.to_dict(), sort_keys=True),
+        ONNX_META["format_version"]: str(ONNX_FORMAT_VERSION),
     }
 
 
@@ -252,7 +255,7 @@ def export_vision(
     if external is None:
         external = _weight_bytes(model.vision) > PROTOBUF_LIMIT - 64 * 1024**2
     model = model.eval()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.file_name}.", dir=out_dir))
+    tmp = stage_dir(final)
     try:
         raw_dir = tmp / "raw"
         raw_dir.mkdir()

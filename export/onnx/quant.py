@@ -26,6 +26,7 @@ from tinygptv_edge.export.onnx.check import sample_cosine
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
 from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
 from tinygptv_edge.export.onnx.presets import QuantPreset
+from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import ConfigError, ExportError, OutputPathError, QuantizationError
@@ -266,7 +267,7 @@ def quantize_vision(
     calibration = check_pixels(calibration, S, "calibration pixels")[: preset.max_images]
     check = check_pixels(check, S, "check pixels") if check is not None else calibration[:MAX_CHECK_IMAGES]
     say = progress or (lambda _msg: None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = stage_dir(final)
     try:
         say("pre-processing (shape inference, graph optimisation)")
         pre = _prepare(fp32, tmp)
@@ -311,7 +312,7 @@ def quantize_vision_dynamic(
     check_writable(final.parent)
     check = check_pixels(check, preprocess_config(fp32).image_size, "check pixels")
     _, weight, _ = _quant_types(preset)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = stage_dir(final)
     try:
         pre = _prepare(fp32, tmp)
         graph = onnx.load(str(pre), load_external_data=False)

@@ -1,0 +1,83 @@
+"""Temporary names for outputs being written, and the cleanup of those a killed export left behind.
+
+Every exporter writes `OUT` as a hidden sibling first, verifies it, then renames it into place:
+
+    .OUT.<pid>.<8 hex>.tmp        a file (GGUF) or a folder (ONNX export/quantization, checkpoints)
+
+A SIGKILL between the two leaves that sibling behind. The pid in its name tells the next export to
+the same folder whether the writer is gone: if no such process runs, the leftover is removed and
+reported on the `tinygptv_edge.export` logger (a live pid is left alone: that export may still run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from tinygptv_edge.runtime.errors import OutputPathError
+
+LOG = logging.getLogger("tinygptv_edge.export")
+STAGED = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def staged_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def stage_file(out: str | Path) -> Path:
+    """An empty hidden file beside `out` (stale leftovers in that folder are cleaned first)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out.parent)
+        tmp = staged_path(out)
+        with open(tmp, "xb"):  # the usual file mode (mkstemp would make it 0600)
+            pass
+    except OSError as e:
+        raise OutputPathError(f"cannot write {out}: {e}") from e
+    return tmp
+
+
+def stage_dir(out: str | Path) -> Path:
+    """An empty hidden folder beside `out` (stale leftovers in that folder are cleaned first)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out.parent)
+        tmp = staged_path(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputPathError(f"cannot write {out}: {e}") from e
+    return tmp
+
+
+def clean_stale(folder: str | Path) -> list[Path]:
+    """Remove the staged outputs in `folder` whose writing process no longer runs; return them."""
+    removed = []
+    for path in Path(folder).iterdir():
+        m = STAGED.match(path.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:  # another export cleaned it first
+            continue
+        LOG.warning("removed %s, left by an export that was killed (pid %s)", path, m["pid"])
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or an odd number): leave its files alone
+    return True

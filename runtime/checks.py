@@ -1,0 +1,120 @@
+"""Argument and file checks shared by the runtime, and the one wrapper for errors of foreign libraries.
+
+    check_threads(n)           1 .. max_threads(), so no thread count reaches OpenMP or onnxruntime unbounded
+    check_count(v, what, hi)   a positive int not above a bound derived from the input
+    regular_file(path, what)   refuses FIFOs, devices and folders before open() could block on them
+    check_memory(nbytes, what) refuses an allocation larger than the machine's physical memory
+    foreign(library, where)    onnxruntime / ggml / tokenizers exceptions -> one typed error naming the file
+
+Every check raises a `TinyGPTVError` subclass whose message names what was checked, the expected range
+and the value found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import BackendError, ConfigError, TinyGPTVError
+
+THREADS_PER_CORE = 4  # more threads than 4 per core only adds contention; far below OpenMP's limits
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def max_threads() -> int:
+    return THREADS_PER_CORE * max(cpu_count(), os.cpu_count() or 1)
+
+
+def check_threads(n: int | None, what: str = "n_threads") -> int | None:
+    """None (the library picks) or an int in 1..max_threads()."""
+    if n is None:
+        return None
+    hi = max_threads()
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= hi:
+        raise ConfigError(f"{what}: expected an integer in 1..{hi} ({THREADS_PER_CORE} per CPU), got {n!r}")
+    return n
+
+
+def check_count(value: object, what: str, hi: int | None = None, lo: int = 1) -> int:
+    """An int in lo..hi (hi None: no upper bound)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{what}: expected an integer {rng}, got {value!r}")
+    return value
+
+
+def regular_file(path: str | Path, what: str, error: type[TinyGPTVError] = BackendError) -> Path:
+    """`path` as a Path if it is a regular file (stat does not block on a FIFO; open() would)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise error(f"{what} not found: {path} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {path}: expected a regular file, found {file_kind(st.st_mode)}")
+    return path
+
+
+def not_regular(path: str | Path) -> str | None:
+    """What `path` is when it exists and is not a regular file ('a FIFO (named pipe)', ...), else None."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse `nbytes` when the machine has less physical memory than that (nothing allocated yet)."""
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise ConfigError(
+            f"{what}: needs {nbytes / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB "
+            "of memory"
+        )
+
+
+@contextlib.contextmanager
+def foreign(library: str, where: str, error: type[TinyGPTVError] = BackendError) -> Iterator[None]:
+    """Turn any exception a foreign library raises (its own types) into `error` naming `where`.
+
+    Our own typed errors, MemoryError, KeyboardInterrupt and generator control flow pass through.
+    """
+    try:
+        yield
+    except (TinyGPTVError, MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        detail = text[0] if text else type(e).__name__
+        raise error(f"{where}: {library} failed: {type(e).__name__}: {detail}") from e

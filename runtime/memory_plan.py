@@ -1,0 +1,106 @@
+"""`--low-memory auto`: resident or low-memory mode, from the memory actually available.
+
+    resident   = vision file + language file + KV cache at the resident context (trained, 2048) + margin
+    low-memory = max(vision file, language file + KV cache at LOW_MEMORY_CTX) + margin
+
+Both models keep about their file size in RAM (the ONNX initializers are loaded, the GGUF is mapped
+and read in full per token), the F16 KV cache fills as a conversation grows, and MARGIN covers Python,
+onnxruntime, ggml's graphs and activations (the full-size model measured 2.97 GB resident and 1.88 GB
+low-memory peak RSS against 2.43 GB and 1.37 GB of files: README "Low-memory mode"). Auto picks
+resident mode when MemAvailable (/proc/meminfo: free memory plus reclaimable cache) covers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, ModelFileError
+from .pipeline import LOW_MEMORY_CTX
+
+MODES = ("auto", "on", "off")
+MIB = 1024**2
+MARGIN = 600 * MIB
+
+
+def mem_available_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """MemAvailable (Linux), or None where the kernel does not say."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def kv_bytes_per_position(language: str | Path) -> tuple[int, int]:
+    """(F16 KV cache bytes per position, the trained context), from the GGUF header."""
+    from .decoder_model import read_hparams
+    from .gguf_file import GGUFFile
+
+    gf = GGUFFile.open(language)
+    try:
+        hp = read_hparams(gf)
+    finally:
+        gf.close()
+    return 2 * hp.n_layer * hp.n_embd * 2, hp.n_ctx_train  # K and V, F16
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    low_memory: bool
+    mode: str  # what was asked: auto | on | off
+    available: int | None  # MemAvailable, bytes
+    resident_need: int
+    low_memory_need: int
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"low-memory mode: expected one of {MODES}, got {self.mode!r}")
+
+    @property
+    def reason(self) -> str:
+        gib = 1024**3
+        if self.mode != "auto":
+            return f"--low-memory {self.mode}"
+        if self.available is None:
+            return "MemAvailable unknown: resident mode"
+        picked = "low-memory" if self.low_memory else "resident"
+        return (
+            f"{picked} mode: {self.available / gib:.2f} GiB available, resident needs about "
+            f"{self.resident_need / gib:.2f} GiB, low-memory {self.low_memory_need / gib:.2f} GiB"
+        )
+
+    @property
+    def tight(self) -> bool:
+        """Even low-memory mode may not fit (expect swapping or the OOM killer)."""
+        return self.available is not None and self.available < self.low_memory_need
+
+
+def plan_memory(
+    mode: str,
+    vision: str | Path | None,
+    language: str | Path,
+    n_ctx: int | None = None,
+    available: int | None = None,
+) -> MemoryPlan:
+    """Resolve `mode` (auto | on | off) for these model files; `available` defaults to MemAvailable."""
+    if mode not in MODES:
+        raise ConfigError(f"--low-memory: expected one of {MODES}, got {mode!r}")
+    for label, path, kind in (("vision", vision, "an ONNX file"), ("language", language, "a GGUF file")):
+        if path is not None and not Path(path).is_file():
+            raise ModelFileError(f"{label} model not found: {path} (expected {kind})")
+    vision_bytes = Path(vision).stat().st_size if vision is not None else 0
+    language_bytes = Path(language).stat().st_size
+    per_pos, trained = kv_bytes_per_position(language)  # the contexts Pipeline picks for each mode:
+    resident = vision_bytes + language_bytes + per_pos * (n_ctx or trained) + MARGIN
+    low = max(vision_bytes, language_bytes + per_pos * (n_ctx or min(trained, LOW_MEMORY_CTX))) + MARGIN
+    if available is None and mode == "auto":
+        available = mem_available_bytes()
+    if mode == "auto":
+        low_memory = available is not None and available < resident
+    else:
+        low_memory = mode == "on"
+    return MemoryPlan(low_memory, mode, available, resident, low)

@@ -1,0 +1,368 @@
+"""One model, one worker thread, a bounded queue: the server's requests run here one at a time.
+
+    handler --submit(work)--> Job (admitted if running + waiting <= 1 + max_queue, else 503)
+        worker thread: work(job) --job.emit(kind, value)--> asyncio queue --> handler (SSE / JSON)
+    job.stop(reason) ("timeout" | "disconnected" | "shutdown") sets the job's cancel event: a job not
+    started yet is skipped, a running turn ends at its next token.
+
+A conversation sent back whole is replayed into a Chat (`Chat.add_turn`): answers this server gave are
+remembered as the token ids it generated (keyed by the text it returned), so the replayed history is
+the same positions the KV cache holds and only the new turn is evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+import urllib.request
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..errors import (
+    ConfigError,
+    ContextOverflowError,
+    ImageError,
+    ImageFormatError,
+    ImageTooLargeError,
+    PipelineBusyError,
+    TinyGPTVError,
+)
+from ..images import ImageLimits
+from ..pipeline import Pipeline
+from ..sampling import GREEDY, SamplingConfig
+from .errors import APIError, BadRequest, Overloaded, ServerError, Timeout
+from .grammar import GrammarConstraint, Grammars
+from .schema import ChatPlan, ImageRef, RemoteImage
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "tinygptv-edge"
+    max_queue: int = 8  # requests waiting behind the running one
+    timeout: float = 600.0  # seconds per request, queue wait included
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    remote_timeout: float = 10.0  # seconds to fetch a remote image
+    max_body_bytes: int = 96 * 1024 * 1024
+    sampling: SamplingConfig = GREEDY
+    remember_answers: int = 256  # answers kept as token ids for exact history replay
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_body_bytes", "remember_answers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"ServeConfig.{name}: expected an integer >= 0, got {v!r}")
+        for name in ("timeout", "remote_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ConfigError(f"ServeConfig.{name}: expected a number of seconds > 0, got {v!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError("ServeConfig.api_key: expected a non-empty string or None")
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ConfigError(f"ServeConfig.model_name: expected a non-empty string, got {self.model_name!r}")
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    timings: dict
+
+
+class Job:
+    """One request's link between the event loop and the worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancel = threading.Event()
+        self.reason: str | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def emit(self, kind: str, value: object = None) -> None:
+        """From the worker: hand an event to the handler ("piece", "done", "error")."""
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.cancel.set()
+
+    def error(self) -> APIError:
+        if self.reason == "timeout":
+            return Timeout("the request took longer than the server's --timeout")
+        if self.reason == "shutdown":
+            return Overloaded("the server is shutting down", retry_after=5, code="shutting_down")
+        return ServerError(f"the request was cancelled ({self.reason})")
+
+
+class Engine:
+    """Loads the pipeline in the worker thread, then runs admitted jobs one at a time."""
+
+    def __init__(self, load: Callable[[], Pipeline], cfg: ServeConfig | None = None):
+        self.cfg = cfg or ServeConfig()
+        self._load_fn = load
+        self.state = "loading"  # "loading" | "ready" | "failed" | "closed"
+        self.error: str | None = None
+        self.pipe: Pipeline | None = None
+        self.grammars: Grammars | None = None
+        self.warmed = 0  # positions evaluated at start
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tinygptv-serve")
+        self._admitted = 0
+        self._jobs: set[Job] = set()
+        self._answers: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._job_s = 1.0  # running mean of a job's time, for Retry-After
+        self.stats: Counter = Counter()
+        self.started = time.time()
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def start(self):
+        """Begin loading (in the worker thread); returns its future."""
+        return self._executor.submit(self._load)
+
+    def _load(self) -> None:
+        try:
+            pipe = self._load_fn()
+            self.warmed = pipe.warm()  # BOS + system prompt: every conversation starts with it
+            self.grammars = Grammars(pipe.tokenizer)
+            self.pipe, self.state = pipe, "ready"
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+
+    async def close(self) -> None:
+        """Cancel what still runs or waits, then free the models (after the running turn ends)."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        for job in list(self._jobs):
+            job.stop("shutdown")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_pipe)
+        self._executor.shutdown(wait=True)
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+
+    def health(self) -> dict:
+        return {
+            "status": {"ready": "ok"}.get(self.state, self.state),
+            "model": self.cfg.model_name,
+            "queue": max(0, self._admitted - 1),
+            "running": min(1, self._admitted),
+            **{k: self.stats[k] for k in ("completed", "cancelled", "timed_out", "refused", "failed")},
+            **({"error": self.error} if self.error else {}),
+        }
+
+    # -- admission -------------------------------------------------------------------------------
+    def ready(self) -> None:
+        """Raise the error a request gets when the server cannot take it at all."""
+        if self.state == "loading":
+            raise Overloaded("the model is still loading", retry_after=5, code="loading")
+        if self.state == "failed":
+            raise ServerError(f"the model failed to load: {self.error}", code="load_failed")
+        if self.state == "closed":
+            raise Overloaded("the server is shutting down", retry_after=5, code="shutting_down")
+
+    async def submit(self, work: Callable[[Job], None]) -> Job:
+        """Admit `work` (503 when the queue is full) and start it when the worker is free."""
+        self.ready()
+        if self._admitted >= 1 + self.cfg.max_queue:
+            self.stats["refused"] += 1
+            wait = self._job_s * self._admitted
+            raise Overloaded(
+                f"the queue is full ({self.cfg.max_queue} waiting); retry later", retry_after=wait
+            )
+        loop = asyncio.get_running_loop()
+        job = Job(loop)
+        self._admitted += 1
+        self._jobs.add(job)
+        job.timer = loop.call_later(self.cfg.timeout, job.stop, "timeout")
+        future = loop.run_in_executor(self._executor, self._run, job, work)
+        future.add_done_callback(lambda _: self._finish(job))
+        return job
+
+    def _finish(self, job: Job) -> None:
+        self._admitted -= 1
+        self._jobs.discard(job)
+        job.timer.cancel()
+
+    def _run(self, job: Job, work: Callable[[Job], None]) -> None:
+        if job.cancel.is_set():  # timed out or abandoned while it waited
+            self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
+            job.emit("error", job.error())
+            return
+        t0 = time.perf_counter()
+        try:
+            work(job)
+        except APIError as e:
+            self.stats["failed"] += 1
+            job.emit("error", e)
+        except Exception as e:  # noqa: BLE001 - every failure reaches the client in OpenAI's shape
+            self.stats["failed"] += 1
+            job.emit("error", api_error(e))
+        finally:
+            self._job_s = 0.8 * self._job_s + 0.2 * (time.perf_counter() - t0)
+
+    # -- work ------------------------------------------------------------------------------------
+    def constraint(self, plan: ChatPlan) -> GrammarConstraint | None:
+        self.ready()
+        return self.grammars.for_format(plan.response_format)
+
+    def chat(self, job: Job, plan: ChatPlan, constraint: GrammarConstraint | None) -> None:
+        """Worker side of a chat completion: emits ("piece", text)* then ("done", Result) or ("error", e)."""
+        pipe = self.pipe
+        prompt = pipe.prompt if plan.system is None else dataclasses.replace(pipe.prompt, system=plan.system)
+        chat = pipe.chat(plan.sampling, prompt)
+        earlier = []  # image timings of the replayed turns
+        for past in plan.history:
+            answer = self._answers.get(past.answer)
+            ids_or_text = list(answer) if answer else past.answer
+            earlier.append(chat.add_turn(past.question, self.image(past.image), ids_or_text))
+        turn = chat.stream(plan.question, self.image(plan.image), plan.sampling, constraint, job.cancel)
+        stops = StopFilter(plan.stop)
+        hit = False
+        try:
+            for piece in turn:
+                out, hit = stops.push(piece)
+                if out:
+                    job.emit("piece", out)
+                if hit:
+                    break
+            else:
+                if tail := stops.flush():
+                    job.emit("piece", tail)
+        finally:
+            turn.close()
+        answer = turn.answer
+        if job.reason is not None:  # cancelled mid-answer
+            self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
+            job.emit("error", job.error())
+            return
+        self._remember(chat, answer, stops.text)
+        t = answer.timings
+        for e in earlier:
+            t.images, t.images_cached, t.image_ms = (
+                t.images + e.images,
+                t.images_cached + e.images_cached,
+                t.image_ms + e.image_ms,
+            )
+        finish = "length" if answer.stop in ("max_new_tokens", "context") and not hit else "stop"
+        self.stats["completed"] += 1
+        job.emit(
+            "done",
+            Result(
+                text=stops.text,
+                finish_reason=finish,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=len(answer.token_ids),
+                cached_tokens=answer.prompt_tokens - t.prefill_tokens,
+                timings={k: round(v, 3) if isinstance(v, float) else v for k, v in t.to_dict().items()},
+            ),
+        )
+
+    def embed(self, job: Job, images: list[ImageRef]) -> None:
+        out = []
+        for ref in images:
+            if job.cancel.is_set():
+                job.emit("error", job.error())
+                return
+            out.append(self.pipe.embed_image(self.image(ref)))
+        self.stats["completed"] += 1
+        job.emit("done", out)
+
+    def image(self, ref: ImageRef | None) -> bytes | None:
+        """Bytes of an image reference (remote ones fetched here, size-capped)."""
+        if not isinstance(ref, RemoteImage):
+            return ref
+        cap = self.pipe.image_limits.max_bytes if self.pipe is not None else ImageLimits().max_bytes
+        try:
+            with urllib.request.urlopen(ref.url, timeout=self.cfg.remote_timeout) as r:  # noqa: S310
+                data = r.read(cap + 1)
+        except OSError as e:
+            raise BadRequest(f"cannot fetch image {ref.url}: {e}", "messages", "image_fetch_failed") from None
+        if len(data) > cap:
+            raise BadRequest(f"image {ref.url} is over {cap} bytes", "messages", "image_too_large")
+        return data
+
+    def _remember(self, chat, answer, text: str) -> None:
+        """Keep the answer's token ids under the text returned, when the text is exactly what they say."""
+        if not self.cfg.remember_answers or chat.pending != chat.prompt.separator:
+            return
+        ids = tuple(chat.positions[answer.prompt_tokens :])
+        if not text or self.pipe.tokenizer.decode(ids).strip() != text:
+            return
+        self._answers[text] = ids
+        self._answers.move_to_end(text)
+        while len(self._answers) > self.cfg.remember_answers:
+            self._answers.popitem(last=False)
+
+
+class StopFilter:
+    """Cuts streamed text at the first of `stops`, holding back a tail that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.text = ""  # everything let through
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        self.buf += piece
+        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.buf = self.buf[: min(found)], ""
+            self.text += out
+            return out, True
+        hold = max((_overlap(self.buf, s) for s in self.stops), default=0)
+        out = self.buf[: len(self.buf) - hold]
+        self.buf = self.buf[len(out) :]
+        self.text += out
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        self.text += out
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def api_error(e: BaseException) -> APIError:
+    """The runtime's typed errors as OpenAI errors."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ContextOverflowError):
+        total = e.n_past + e.n_new
+        return BadRequest(
+            f"This model's maximum context length is {e.n_ctx} tokens. However, your messages resulted "
+            f"in {total} tokens ({e.n_past} of history + {e.n_new} for this turn and one answer token).",
+            "messages",
+            "context_length_exceeded",
+        )
+    if isinstance(e, ImageTooLargeError):
+        return BadRequest(f"image refused: {e}", "messages", "image_too_large")
+    if isinstance(e, ImageFormatError):
+        return BadRequest(f"image refused: {e}", "messages", "invalid_image_format")
+    if isinstance(e, ImageError):
+        return BadRequest(f"image refused: {e}", "messages", "invalid_image")
+    if isinstance(e, PipelineBusyError):
+        return Overloaded(str(e), retry_after=1)
+    if isinstance(e, ConfigError):
+        return BadRequest(str(e), None, "invalid_value")
+    if isinstance(e, TinyGPTVError):
+        return ServerError(str(e))
+    return ServerError(f"internal error: {type(e).__name__}: {e}")
