@@ -169,3 +169,17 @@ def test_new_settings_are_checked():
         vqa.VQAConfig(camera=1.5)
     with pytest.raises(ConfigError, match="min_visible"):
         vqa.VQAConfig(min_visible=-0.1)
+
+
+def test_train_config_names_its_data_and_input():
+    from tinygptv_edge.export.train.loop import TrainConfig, model_config
+    from tinygptv_edge.runtime.config import small_config
+
+    assert TrainConfig().data == "varied" and model_config(TrainConfig(), 512) == small_config(512)
+    cfg = model_config(TrainConfig(image_size=64, patch_size=8), 512)
+    assert cfg.vision.grid == 8 and cfg.preprocess.image_size == 64
+    assert cfg.language == small_config(512).language  # every GGUF type still applies
+    with pytest.raises(ConfigError, match="TrainConfig.data"):
+        TrainConfig(data="web")
+    with pytest.raises(ConfigError, match="patch_size"):
+        TrainConfig(image_size=64, patch_size=12)

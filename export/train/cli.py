@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-images", type=int, default=d.eval_images, help="images per other evaluation split")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation every this many steps")
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="the model's square input, pixels")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help="vision patch size, pixels")
     p.set_defaults(func=run)
 
 
@@ -41,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         eval_images=args.eval_images,
         eval_every=args.eval_every,
         threads=args.threads,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
     )
     bars: dict[str, tqdm] = {}
 

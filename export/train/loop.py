@@ -19,7 +19,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     vocab_size: int = 512
+    image_size: int = 64  # the model's square input (small_config: 64)
+    patch_size: int = 16  # its patches (small_config: 16, a 4 x 4 grid)
     eval_every: int = 300
     easy_weight: float = 0.4  # count and caption questions are drawn this much less often (learnt first)
     threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 ran faster than 2 (docs/benchmarks.md)
@@ -94,6 +96,11 @@ class TrainConfig:
         for name in ("pretrain_steps", "scene_weight", "anchor_weight", "anchor_layer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.image_size % self.patch_size or not 2 <= self.image_size // self.patch_size <= 16:
+            raise ConfigError(
+                f"TrainConfig: expected image_size {self.image_size} to be 2-16 patches of "
+                f"patch_size {self.patch_size}"
+            )
         for name in ("lr", "vision_lr", "pretrain_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: expected 0 < {name} < 1, got {getattr(self, name)}")
@@ -112,6 +119,18 @@ class TrainResult:
     val: list[tuple[int, dict[str, float]]]
     seconds: float
     scene: dict[str, float]  # validation accuracies of the scene head after vision pretraining
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> TinyGPTVConfig:
+    """small_config() with the recipe's input and patch size (language widths untouched: every GGUF
+    type still applies)."""
+    base = small_config(vocab_size)
+    if (cfg.image_size, cfg.patch_size) == (base.vision.image_size, base.vision.patch_size):
+        return base
+    vision = replace(
+        base.vision, image_size=cfg.image_size, patch_size=cfg.patch_size, pretrain_image_size=cfg.image_size
+    )
+    return replace(base, vision=vision)
 
 
 def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -> Tokenizer:
@@ -243,8 +262,8 @@ def train(
     torch.manual_seed(cfg.seed)
     work_dir = Path(work_dir)
     tok_dir = work_dir / "tokenizer"
-    tok = build_tokenizer(cfg, small_config(cfg.vocab_size), tok_dir)
-    model_cfg = small_config(tok.vocab_size)
+    tok = build_tokenizer(cfg, model_config(cfg, cfg.vocab_size), tok_dir)
+    model_cfg = model_config(cfg, tok.vocab_size)
     if cfg.anchor_layer >= model_cfg.language.layers:
         raise ConfigError(
             f"TrainConfig.anchor_layer: expected < {model_cfg.language.layers} decoder layers, "
