@@ -183,3 +183,13 @@ def test_train_config_names_its_data_and_input():
         TrainConfig(data="web")
     with pytest.raises(ConfigError, match="patch_size"):
         TrainConfig(image_size=64, patch_size=12)
+
+
+def test_eval_only_prints_every_split(capsys):
+    from tinygptv_edge.cli import main
+
+    assert main(["train", "--eval-only", "--test-images", "1", "--eval-images", "1"]) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.strip().startswith("type"))
+    assert header.split()[1:] == list(vqa.EVAL_SPLITS)
+    assert re.search(r"^\s+all(\s+\d+\.\d%){4}$", out, re.M)

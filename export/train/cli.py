@@ -25,13 +25,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--image-size", type=int, default=d.image_size, help="the model's square input, pixels")
     p.add_argument("--patch-size", type=int, default=d.patch_size, help="vision patch size, pixels")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="train nothing: greedy exact match of --model (default: the shipped model) on every split",
+    )
+    p.add_argument("--model", default=None, help="with --eval-only: a single-checkpoint folder")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tinygptv_edge.export.checkpoints.default import default_model_dir
-    from tinygptv_edge.export.train.loop import TrainConfig, evaluate_greedy, save_default, train
+def evaluate_splits(model, tok, test_images: int, eval_images: int, seed: int) -> dict[str, dict]:
+    """Greedy exact-match tables on every evaluation split (vqa.EVAL_SPLITS), with progress bars."""
+    from tinygptv_edge.export.train.loop import evaluate_greedy
     from tinygptv_edge.export.train.vqa import EVAL_SPLITS
+
+    tables = {}
+    for name in EVAL_SPLITS:
+        n = test_images if name == "test" else eval_images
+        bar = tqdm(total=n, desc=f"{name} (greedy)", unit="image")
+        tables[name] = evaluate_greedy(model, tok, name, n, seed, lambda d, n, bar=bar: bar.update(d - bar.n))
+        bar.close()
+    return tables
+
+
+def print_tables(tables: dict[str, dict]) -> None:
+    print(f"  {'type':<10} " + " ".join(f"{name:>13}" for name in tables))
+    for qtype in tables["test"]:
+        cells = [t[qtype]["accuracy"] if qtype in t else float("nan") for t in tables.values()]
+        print(f"  {qtype:<10} " + " ".join(f"{v:>13.1%}" for v in cells))
+    print(f"  {'questions':<10} " + " ".join(f"{t['all']['total']:>13}" for t in tables.values()))
+
+
+def run_eval_only(args: argparse.Namespace) -> int:
+    import torch
+
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
+    from tinygptv_edge.export.checkpoints.single import load_single
+    from tinygptv_edge.runtime.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    folder = args.model or default_model_dir()
+    model = load_single(folder)[0]
+    print(f"greedy exact match of {folder} per evaluation split:")
+    tok = Tokenizer.from_file(folder)
+    print_tables(evaluate_splits(model, tok, args.test_images, args.eval_images, args.seed))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_only:
+        return run_eval_only(args)
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
+    from tinygptv_edge.export.train.loop import TrainConfig, save_default, train
 
     cfg = TrainConfig(
         seed=args.seed,
@@ -75,20 +120,10 @@ def run(args: argparse.Namespace) -> int:
         from tinygptv_edge.runtime.tokenizer import Tokenizer
 
         tok = Tokenizer.from_file(result.tokenizer_dir)
-        tables = {}
-        for name in EVAL_SPLITS:
-            n = cfg.test_images if name == "test" else cfg.eval_images
-            bar = tqdm(total=n, desc=f"{name} (greedy)", unit="image")
-            tables[name] = evaluate_greedy(
-                result.model, tok, name, n, cfg.seed, lambda d, n, bar=bar: bar.update(d - bar.n)
-            )
-            bar.close()
-        test = tables.pop("test")
-        out = save_default(result, cfg, test, args.out or default_model_dir(), tables)
+        tables = evaluate_splits(result.model, tok, cfg.test_images, cfg.eval_images, cfg.seed)
+        others = {k: v for k, v in tables.items() if k != "test"}
+        out = save_default(result, cfg, tables["test"], args.out or default_model_dir(), others)
     print(f"trained in {result.seconds / 60:.1f} min; greedy exact match per evaluation split:")
-    print(f"  {'type':<10} " + " ".join(f"{name:>13}" for name in EVAL_SPLITS))
-    for qtype in test:
-        cells = [t[qtype]["accuracy"] if qtype in t else float("nan") for t in (test, *tables.values())]
-        print(f"  {qtype:<10} " + " ".join(f"{v:>13.1%}" for v in cells))
+    print_tables(tables)
     print(f"wrote {out}")
     return 0
