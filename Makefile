@@ -11,10 +11,10 @@ setup: $(STAMP)
 
 # torch==2.13.0 is pinned in the `export` extra (a CPU wheel); ggml-python builds ggml from source;
 # runtime/kquant.c (the prefill K-quant matmul) is compiled for this CPU by the editable install.
-$(STAMP): pyproject.toml runtime/kquant.c
+$(STAMP): pyproject.toml runtime/kquant.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve,ray]'
 	touch $@
 
 test: setup
@@ -22,6 +22,18 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# tests/data/: small exports of the shipped model + the PyTorch reference's goldens, for the torch-free
+# tier (tests/shipped_data.py). Run after the model, an exporter or a file format changes.
+.PHONY: test-data test-aarch64
+test-data: setup
+	$(PY) tests/data/make.py
+
+# The torch-free tier, the measurements on tests/data and the demo answer on emulated aarch64
+# (Cortex-A76 = Pi 5, Cortex-A72 = Pi 4) in an arm64 Debian chroot under qemu-user (root; cached in
+# ~/.cache/tinygptv-edge/aarch64). See docs/raspberry-pi.md.
+test-aarch64:
+	bash .ci/aarch64.sh
 
 # The layer rule (pyproject [tool.importlinter]): runtime <- export <- calib. import-linter walks one
 # folder tree per package, so the three folders are laid out under tinygptv_edge/ in build/layers first.

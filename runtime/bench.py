@@ -59,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, help="context length (default: the model's, as `run`)")
     p.add_argument(
         "--low-memory",
+        nargs="?",
         choices=["auto", "on", "off"],
+        const="on",
         default="auto",
         help="one model resident at a time; auto: when MemAvailable is short of both (default)",
     )
@@ -147,13 +149,11 @@ def bench_pipeline(vision, language, cfg: BenchConfig, n_threads, n_ctx, low_mem
     }
 
 
-def bench_decoder(language, cfg: BenchConfig, n_threads, n_ctx) -> dict:
-    """Stage 2: the decoder alone: a prefill batch, then greedy single-token steps."""
+def bench_decoder(language, cfg: BenchConfig, n_threads, n_ctx: int) -> dict:
+    """Stage 2: the decoder alone (at the pipeline's context): a prefill batch, then greedy steps."""
     from .decoder import Decoder
-    from .pipeline import trained_context
 
-    ctx = n_ctx or trained_context(Path(language))  # KV pages become resident only as they fill
-    with Decoder(language, n_ctx=ctx, n_threads=n_threads) as dec:
+    with Decoder(language, n_ctx=n_ctx, n_threads=n_threads) as dec:
         room = dec.n_ctx - 1
         n_prompt = max(1, min(cfg.prompt_tokens, room // 2))
         n_decode = max(1, min(cfg.decode_tokens, room - n_prompt))
@@ -220,7 +220,7 @@ def run_bench(
     say(f"image questions ({cfg.repeats + 1}, low-memory {'on' if plan.low_memory else 'off'})")
     stage1 = bench_pipeline(vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt)
     say(f"decoder: {cfg.repeats + 1} x ({cfg.prompt_tokens} prefill + {cfg.decode_tokens} decode tokens)")
-    stage2 = bench_decoder(language, cfg, n_threads, n_ctx)
+    stage2 = bench_decoder(language, cfg, n_threads, stage1["n_ctx"])
     peak = peak_rss_bytes()
     release_heap(collect=True)
     available = mem_available_bytes()

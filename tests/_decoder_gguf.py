@@ -3,6 +3,7 @@
 Used until the GGUF exporter (issue 4) is on this branch; written independently of it so that the two
 sides are checked against the contract, not against each other's code. Quantization goes through
 ggml's own `ggml_quantize_chunk` (the `gguf` package has no K-quant quantizer).
+Torch-free at import (`quantize` serves the torch-free tier); the writer needs the export extra.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tinygptv_edge.runtime.config import LanguageConfig, PromptConfig
 from tinygptv_edge.runtime.ggml_runtime import load_ggml
@@ -121,6 +121,8 @@ def write_gguf(
 
 def randomize_norms(phi, seed: int = 0) -> None:
     """Give every norm weight/bias a non-trivial value so the test sees a wrong wiring."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in phi.named_parameters():

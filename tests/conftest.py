@@ -1,4 +1,9 @@
-"""Shared fixtures: one tiny random TinyGPT-V, synthesized in the official formats and loaded once."""
+"""Shared fixtures: one tiny random TinyGPT-V, synthesized in the official formats and loaded once.
+
+Torch-free at import: the torch tier's fixtures import torch (and the export toolchain) when first
+used and skip their tests where it is missing, so the runtime's tests run with `pip install .` alone
+(the torch-free tier; tests/shipped_data.py holds its exports of the shipped model).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+
+def need_torch():
+    """torch, or skip the calling test (the export extra is not installed)."""
+    return pytest.importorskip("torch", reason="the export extra (torch) is not installed")
 
 
 @dataclass
@@ -20,6 +28,7 @@ class Tiny:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
+    need_torch()
     from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
     from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
     from tinygptv_edge.runtime.tokenizer import Tokenizer
@@ -61,7 +70,7 @@ def wide_source(tiny, seed: int):
         partial_rotary_factor=0.5,
     )
     cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
-    torch.manual_seed(seed)
+    need_torch().manual_seed(seed)
     model = PhiModel(lang).eval()
     randomize_norms(model)
     return model, model_source(model, tiny.tokenizer, cfg=cfg)

@@ -11,15 +11,17 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
-from _decoder_gguf import randomize_norms
-from conftest import WIDE_LEVELS
 
-from tinygptv_edge.export.gguf.export import export_gguf, export_source
-from tinygptv_edge.export.gguf.source import model_source
-from tinygptv_edge.runtime.decoder import Decoder
-from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError
-from tinygptv_edge.runtime.metrics import kl_divergence
+torch = pytest.importorskip("torch")
+
+from _decoder_gguf import randomize_norms  # noqa: E402
+from conftest import WIDE_LEVELS  # noqa: E402
+
+from tinygptv_edge.export.gguf.export import export_gguf, export_source  # noqa: E402
+from tinygptv_edge.export.gguf.source import model_source  # noqa: E402
+from tinygptv_edge.runtime.decoder import Decoder  # noqa: E402
+from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError  # noqa: E402
+from tinygptv_edge.runtime.metrics import kl_divergence  # noqa: E402
 
 LEVELS = ("F32", "F16", "Q8_0", "Q4_0")
 PROMPT = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3, 200, 45, 18, 2]

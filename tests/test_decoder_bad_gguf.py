@@ -1,5 +1,7 @@
-"""A corpus of malformed GGUF files, generated from a valid tiny one: each must raise a typed error
-from the Python-side checks (never a segfault, a hang or a huge allocation)."""
+"""A corpus of malformed GGUF files, generated from a valid one (the committed Q8_0 export of the shipped
+model, so this runs in the torch-free tier): each must raise a typed error from the Python-side checks
+(never a segfault, a hang or a huge allocation). Model-level variants are written from the tiny
+reference model (torch tier)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from _decoder_gguf import write_gguf
+from shipped_data import language_file
 
-from tinygptv_edge.export.gguf.export import export_gguf
 from tinygptv_edge.runtime.contract import GGUF_FORMAT_VERSION, TINYGPTV_KEYS
 from tinygptv_edge.runtime.decoder import Decoder
 from tinygptv_edge.runtime.errors import (
@@ -26,7 +27,16 @@ from tinygptv_edge.runtime.gguf_file import GGUFFile, GGUFLimits
 
 
 @pytest.fixture(scope="module")
-def valid(tiny, tmp_path_factory):
+def valid():
+    path = language_file("Q8_0")
+    return path, path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def tiny_valid(tiny, tmp_path_factory):
+    """The tiny model through the exporter (the reference for the test-side writer)."""
+    from tinygptv_edge.export.gguf.export import export_gguf
+
     out = tmp_path_factory.mktemp("bad")
     path = export_gguf(tiny.model, tiny.tokenizer, out / "valid.gguf", "Q8_0").path
     return path, path.read_bytes()
@@ -158,15 +168,17 @@ def test_missing_file(tmp_path):
 
 
 def _model_variant(tiny, tmp_path, name, **kw):
+    from _decoder_gguf import write_gguf
+
     return write_gguf(
         tmp_path / f"{name}.gguf", tiny.model.language, tiny.synth.phi2 / "tokenizer.json", **kw
     )
 
 
-def test_own_writer_agrees_with_exporter(tiny, tmp_path, valid):
+def test_own_writer_agrees_with_exporter(tiny, tmp_path, tiny_valid):
     """The test-side writer (for the bad variants below) follows the same contract as the exporter."""
     ours = GGUFFile.open(_model_variant(tiny, tmp_path, "ours", wtype="Q8_0"))
-    theirs = GGUFFile.open(valid[0])
+    theirs = GGUFFile.open(tiny_valid[0])
     assert {n: (t.shape, t.type.name) for n, t in ours.tensors.items()} == {
         n: (t.shape, t.type.name) for n, t in theirs.tensors.items()
     }
@@ -176,7 +188,7 @@ def test_own_writer_agrees_with_exporter(tiny, tmp_path, valid):
     theirs.close()
 
 
-def test_model_level_errors(tiny, tmp_path, valid):
+def test_model_level_errors(tiny, tmp_path, tiny_valid):
     phi = tiny.model.language
     E = phi.cfg.hidden
     cases = [
@@ -212,7 +224,7 @@ def test_model_level_errors(tiny, tmp_path, valid):
             Decoder(path, n_ctx=16)
         assert issubclass(err, CheckpointError)
 
-    _, data = valid
+    _, data = tiny_valid
     blk = _key_value_pos(data, "tinygptv-phi2.block_count")
     float_type = _patch(data, blk, "I", 6)  # the u32 value now read as a float32: still 4 bytes
     renamed = bytearray(data)
@@ -228,8 +240,8 @@ def test_model_level_errors(tiny, tmp_path, valid):
             Decoder(path, n_ctx=16)
 
 
-def test_format_version(tiny, tmp_path, valid):
-    """A newer file is refused with a typed error that says what to do; an unversioned one reads as 1."""
+def test_format_version(tmp_path, valid):
+    """A newer file is refused with a typed error that says what to do."""
     _, data = valid
     key = TINYGPTV_KEYS["format_version"]
     pos = _key_value_pos(data, key)
@@ -253,7 +265,11 @@ def test_format_version(tiny, tmp_path, valid):
     as_float.write_bytes(_patch(data, pos, "I", 6))
     with pytest.raises(GGUFModelError, match="format_version.*expected an integer, got float32"):
         Decoder(as_float, n_ctx=16)
-    # written before versions existed: the test-side writer stores no version key
+
+
+def test_unversioned_file_reads_as_version_1(tiny, tmp_path):
+    """Written before versions existed: the test-side writer stores no version key."""
+    key = TINYGPTV_KEYS["format_version"]
     old = _model_variant(tiny, tmp_path, "unversioned")
     assert key not in GGUFFile.open(old).fields
     with Decoder(old, n_ctx=16) as dec:

@@ -7,8 +7,6 @@ import pytest
 from tinygptv_edge.runtime.detok import AnswerStream, TextStream, TokenBytes
 from tinygptv_edge.runtime.tokenizer import Tokenizer
 
-pytest.importorskip("torch")  # the export extra trains the test tokenizer
-
 TEXTS = [
     "plain ascii text, with punctuation!",
     "naïve café — déjà vu",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
-from tinygptv_edge.runtime.memory import peak_rss_bytes
+torch = pytest.importorskip("torch")
+
+
+from tinygptv_edge.runtime.memory import peak_rss_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,6 @@ from tinygptv_edge.runtime.errors import ConfigError, ImageError, ImageFormatErr
 from tinygptv_edge.runtime.images import ImageLimits, load_image, to_rgb
 from tinygptv_edge.runtime.preprocess import preprocess
 
-torch = pytest.importorskip("torch")
-
 
 def golden(name: str) -> Image.Image:
     """Deterministic photo-like images: gradients, edges and noise, odd sizes, up- and down-sampling."""
@@ -33,6 +31,7 @@ def torchvision_reference(image: Image.Image, cfg: PreprocessConfig) -> np.ndarr
     """Blip2ImageEvalProcessor with torchvision's semantics, written in torch ops (torchvision has no
     CPU wheel here): Resize((S, S), BICUBIC) on a PIL image is PIL's `resize`; ToTensor is
     HWC uint8 -> CHW float / 255; Normalize is (x - mean) / std per channel."""
+    torch = pytest.importorskip("torch")
     resized = image.convert("RGB").resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
     t = torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous().float().div(255)  # ToTensor
     mean = torch.tensor(cfg.mean).view(3, 1, 1)

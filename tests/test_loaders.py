@@ -5,14 +5,16 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
-from tinygptv_edge.export.checkpoints import names as N
-from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv
-from tinygptv_edge.export.checkpoints.single import load_single
-from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
-from tinygptv_edge.export.model import lora as lora_ops
-from tinygptv_edge.runtime.errors import (
+torch = pytest.importorskip("torch")
+
+
+from tinygptv_edge.export.checkpoints import names as N  # noqa: E402
+from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv  # noqa: E402
+from tinygptv_edge.export.checkpoints.single import load_single  # noqa: E402
+from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize  # noqa: E402
+from tinygptv_edge.export.model import lora as lora_ops  # noqa: E402
+from tinygptv_edge.runtime.errors import (  # noqa: E402
     CheckpointError,
     MissingKeysError,
     NonFiniteTensorError,

@@ -8,8 +8,10 @@ LayerNorm and the biased lm_head. The three added norms are covered by their own
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,5 @@
-"""`tinygptv-edge run` on the tiny model: plain, streamed, JSON, chat, dist/ defaults, errors, no torch."""
+"""`tinygptv-edge run` on the committed exports of the shipped model (tests/data): plain, streamed, JSON,
+chat, dist/ defaults, errors, no torch. Runs in the torch-free tier."""
 
 from __future__ import annotations
 
@@ -11,23 +12,20 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from shipped_data import DATA, language_file
 
 from tinygptv_edge.cli import main
 
-pytest.importorskip("torch")  # the fixture exports the tiny model
 pytest.importorskip("tinygptv_edge.runtime.decoder")
 
 
 @pytest.fixture(scope="module")
-def dist(tiny, tmp_path_factory):
+def dist(tmp_path_factory):
     """A dist/ folder as `make export-onnx export-gguf` leaves it (FP32 vision, Q8_0 language)."""
-    from tinygptv_edge.export.gguf.export import export_gguf
-    from tinygptv_edge.export.onnx.export import export_vision
-
     out = tmp_path_factory.mktemp("cli") / "dist"
     out.mkdir()
-    export_vision(tiny.model, out)
-    export_gguf(tiny.model, tiny.tokenizer, out / "language.q8_0.gguf", "Q8_0")
+    shutil.copyfile(DATA / "vision.fp32.onnx", out / "vision.fp32.onnx")
+    shutil.copyfile(language_file("Q8_0"), out / "language.q8_0.gguf")
     img = out.parent / "photo.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(img)
@@ -100,11 +98,14 @@ def test_defaults_to_dist_in_the_working_directory(dist, capsys, monkeypatch, tm
     assert code == 0 and out.endswith("\n")
 
 
-def test_run_does_not_import_torch(dist):
+def test_run_does_not_import_torch(dist, tmp_path):
     argv = ["run", "--dist", str(dist), "--prompt", "q", "--max-new-tokens", "2", "--threads", "1"]
     code = (
         f"import sys; from tinygptv_edge.cli import main; rc = main({argv!r}); "
         "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # outside the source root, whose tinygptv_edge/ would shadow a non-editable install
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr

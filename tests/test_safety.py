@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from tinygptv_edge.export.checkpoints import safeio
-from tinygptv_edge.runtime.errors import CheckpointError, UnsafeCheckpointError
+torch = pytest.importorskip("torch")
+
+
+from tinygptv_edge.export.checkpoints import safeio  # noqa: E402
+from tinygptv_edge.runtime.errors import CheckpointError, UnsafeCheckpointError  # noqa: E402
 
 
 class Payload:

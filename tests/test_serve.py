@@ -393,6 +393,33 @@ def test_disconnect_stops_generation(files):
         assert ask(s.client(), [user("q")], max_tokens=2).choices  # the server stays up
 
 
+def test_abandoned_queued_request_never_runs(files):
+    with LiveServer(loader(files, delay=0.03)) as s:
+        conn, resp = stream_raw(s.url, [user("first")], max_tokens=40)  # holds the model ~1.2 s
+        assert resp.status == 200
+        waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        body = {"model": MODEL, "messages": [user("queued")], "max_tokens": 40}
+        waiting.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        deadline = time.monotonic() + 5
+        while get(s.url + "/health")[2]["queue"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiting.sock.shutdown(socket.SHUT_RDWR)  # gone while it waits
+        waiting.close()
+        rest = resp.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]")
+        deadline = time.monotonic() + 10
+        while (h := get(s.url + "/health")[2])["queue"] or h["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert h["completed"] == 1 and h["cancelled"] == 1
+        first = s.engine.pipe.chat().next_positions("first", [])
+        assert list(s.engine.pipe.prefix.held[: len(first)]) == first  # the queued prompt was never evaluated
+        conn.close()
+
+
 def test_timeout_is_504_and_the_server_stays_up(files):
     with LiveServer(loader(files, delay=0.03), ServeConfig(timeout=0.5)) as s:
         t0 = time.monotonic()

@@ -45,7 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
     r.add_argument("--n-ctx", type=int, help="context length (default: the model's)")
-    r.add_argument("--low-memory", action="store_true", help="one model resident at a time (2 GB boards)")
+    r.add_argument(
+        "--low-memory",
+        nargs="?",
+        choices=["auto", "on", "off"],
+        const="on",
+        default="auto",
+        help="one model resident at a time (2 GB boards); auto (default): when memory is short, as `run`",
+    )
     r.add_argument("--cache-dir", help="keep image embeddings on disk here too (reused across restarts)")
     r.add_argument("--image-cache-size", type=int, default=64, help="image embeddings kept in memory")
     r.add_argument("--max-tokens", type=int, default=300, help="answer length when a request gives none")
@@ -59,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..memory_plan import plan_memory
     from ..pipeline import Pipeline, default_model_paths
     from ..sampling import GREEDY, TINYGPTV
 
@@ -82,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         sampling=sampling,
     )
     vision, language = default_model_paths(args.dist, args.vision, args.language)  # fail before binding
+    plan = plan_memory(args.low_memory, vision, language, args.n_ctx)
+    if (plan.low_memory and plan.mode == "auto") or plan.tight:
+        print(f"note: {plan.reason}", file=sys.stderr)
 
     def load() -> Pipeline:
         return Pipeline(
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             language,
             n_ctx=args.n_ctx,
             n_threads=args.threads,
-            low_memory=args.low_memory,
+            low_memory=plan.low_memory,
             image_cache_size=args.image_cache_size,
             image_cache_dir=args.cache_dir,
         )
