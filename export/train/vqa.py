@@ -1,14 +1,17 @@
 """Synthetic visual question answering: shapes on backgrounds, drawn with PIL, deterministic by seed.
 
-    seed, split, index --rng--> Scene (1-4 shapes, distinct colours, a background kind)
+    seed, split, index --rng--> Scene (1-4 shapes, distinct colours, a background kind; grid or free)
                           --render--> PIL image (size x size, drawn at 2x and downsampled)
                           --ask-----> one question per type that the scene can answer
+                       --wording rng--> its phrasing (phrasings.py: classic, train or held-out)
+                       --camera rng---> optionally a camera frame (non-square, blur, noise, JPEG)
 
 Every image comes from its own random stream `(seed, split, index)`, so the splits never share an
 image and any item can be regenerated alone. Question types (`QTYPES`): colour, shape, count,
 position (left/right, top/bottom of the image), relation (left/right of, above/below another shape),
-exists (yes/no) and caption ("two shapes on a noisy background"); each has several phrasings.
-Answers are one to a few words, lower case.
+exists (yes/no) and caption ("two shapes on a noisy background"). Answers are one to a few words,
+lower case, always of the question's type. `DATASETS` names the scene settings training draws from
+(classic, varied); `EVAL_SPLITS` the evaluation splits (test, test-phrasing, test-layout, test-camera).
 
 The same generator writes calibration images (`write_calibration_images`) for INT8 and imatrix runs.
 """
