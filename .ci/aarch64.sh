@@ -40,8 +40,24 @@ GGML_PY=$(sed -n 's/.*"ggml-python==\([0-9.]*\)".*/\1/p' "$REPO/pyproject.toml")
 GGML_CMAKE_ARGS=${AARCH64_GGML_CMAKE_ARGS:-} # empty: ggml's own native probe, as a plain pip install on a board
 
 T_START=$(date +%s)
+C_START=0
 log() { printf '== [%s +%4ds] %s\n' "$(date +%T)" $(($(date +%s) - T_START)) "$*"; }
-timing() { printf '%-40s %5d s\n' "$1" "$2" | tee -a "$OUT/timings.txt"; }
+# wall time, and the CPU time (user + sys) of the finished child processes: under emulation nearly all
+# of it is qemu's, and unlike wall time it hardly depends on what else the machine runs
+cpu_s() { # sets CPU_S: `times` in this shell (in a $(...) subshell it would see no children)
+    times >"$OUT/.times"
+    CPU_S=$(awk 'NR == 2 { s = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); s += a[1] * 60 + a[2] } printf "%d", s }' "$OUT/.times")
+}
+start() {
+    t0=$(date +%s)
+    cpu_s
+    c0=$CPU_S
+}
+timing() { # timing LABEL [since-wall since-cpu]
+    cpu_s
+    printf '%-40s %5d s wall %5d s CPU\n' "$1" $(($(date +%s) - ${2:-$t0})) $((CPU_S - ${3:-$c0})) \
+        | tee -a "$OUT/timings.txt"
+}
 skip() {
     echo "SKIPPED test-aarch64: $*" >&2
     [ "${AARCH64_REQUIRED:-0}" = 1 ] && exit 1
@@ -81,7 +97,7 @@ apt_install() { # the dpkg lock may be held by someone else for a while
     tail -20 "$OUT/apt.log" >&2
     return 1
 }
-t0=$(date +%s)
+start
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
     || ! command -v update-binfmts >/dev/null || ! command -v zstd >/dev/null; then
     log "host: apt-get install qemu-user-static binfmt-support debootstrap zstd"
@@ -98,7 +114,7 @@ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
 if ! grep -qx enabled $BINFMT/qemu-aarch64 2>/dev/null || ! grep -q '^flags:.*F' $BINFMT/qemu-aarch64; then
     skip "the qemu-aarch64 binfmt entry could not be registered (with flag F) in $BINFMT"
 fi
-timing "host tools + binfmt" $(($(date +%s) - t0))
+timing "host tools + binfmt"
 
 # ---- 2. the arm64 userland (cached; debootstrap's second stage runs emulated) ---------------------
 key() { printf '%s\n' "$@" | sha256sum | cut -c1-12; }
@@ -116,7 +132,7 @@ host_mirror() { # the Debian mirror this host's apt uses (deb822 .sources or a o
     echo "$m"
 }
 if [ ! -f "$ROOT/.ready" ]; then
-    t0=$(date +%s)
+    start
     MIRROR=$(host_mirror)
     [ -n "$MIRROR" ] || die "no Debian mirror found in the host's apt sources"
     log "userland: debootstrap --arch=arm64 $SUITE from $MIRROR (emulated second stage; several minutes)"
@@ -133,7 +149,7 @@ if [ ! -f "$ROOT/.ready" ]; then
     for old in "$CACHE"/root-*; do # userlands of other keys: no longer used
         [ "$old" = "$ROOT" ] || [ ! -d "$old" ] || safe_rm "$old"
     done
-    timing "userland (debootstrap)" $(($(date +%s) - t0))
+    timing "userland (debootstrap)"
 fi
 
 # ---- 3. mounts (undone on exit) -------------------------------------------------------------------
@@ -150,7 +166,7 @@ trap 'exit 130' INT TERM # so that the EXIT trap undoes the mounts
 mnt() { # mnt TARGET mount-args...
     local target=$1
     shift
-    mkdir -p "$target"
+    [ -e "$target" ] || mkdir -p "$target"
     mount "$@" "$target"
     MOUNTED+=("$target")
 }
@@ -162,6 +178,7 @@ mnt "$ROOT/cache" --bind "$CACHE"
 mnt "$ROOT/out" --bind "$OUT"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # the registries may sit behind a TLS proxy that only the host's CA bundle trusts
+mkdir -p "$ROOT/etc/ssl/certs"
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/host-ca-bundle.crt"
 
 # A clean environment inside: the host's PIP_* settings and pip.conf point at host-only folders.
@@ -192,12 +209,12 @@ cpuinfo() { # cpuinfo CPU > file
 }
 
 # ---- 4. the clone (tracked + untracked-not-ignored files: no .venv, build, *.so) ------------------
-t0=$(date +%s)
+start
 rm -rf "$ROOT/opt/src" && mkdir -p "$ROOT/opt/src"
 (cd "$REPO" && git ls-files -z -co --exclude-standard | xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _) \
     | tar -C "$REPO" --null -T - -cf - | tar -C "$ROOT/opt/src" -xf -
 GCC_VERSION=$(in_arm "${CPUS%% *}" gcc -dumpfullversion)
-timing "copy the clone" $(($(date +%s) - t0))
+timing "copy the clone"
 
 FAILED=()
 for CPU in $CPUS; do
@@ -210,7 +227,7 @@ for CPU in $CPUS; do
     WKEY=ggml-$GGML_PY-$CPU-$(key "$GGML_PY" "$GGML_CMAKE_ARGS" "$GCC_VERSION" "$CPU" "$SCRIPT_VERSION")
     WHEELS=$CACHE/wheels/$WKEY
     if ! ls "$WHEELS"/ggml_python-*.whl >/dev/null 2>&1; then
-        t0=$(date +%s)
+        start
         log "ggml-python $GGML_PY from its sdist for $CPU (emulated build; several minutes)"
         rm -rf "$WHEELS.tmp"
         in_arm "$CPU" bash -c '[ -x /opt/build-venv/bin/python ] || python3 -m venv /opt/build-venv'
@@ -220,13 +237,13 @@ for CPU in $CPUS; do
             die "ggml-python build failed on $CPU (log: $OUT/ggml-build-$CPU.log)"
         }
         mv "$WHEELS.tmp" "$WHEELS"
-        timing "ggml-python build ($CPU)" $(($(date +%s) - t0))
+        timing "ggml-python build ($CPU)"
         grep -E "ARM detected|Adding CPU backend variant|-mcpu=|-march=" "$OUT/ggml-build-$CPU.log" | sort -u | head -5 || true
     fi
 
     # -- a fresh venv: deps from PyPI (aarch64 wheels, pip's download cache), ggml from the wheel above,
     #    the project from the clone with `pip install .` (compiles runtime/kquant.c on this CPU)
-    t0=$(date +%s)
+    start
     VENV=/opt/venv-$CPU
     rm -rf "$ROOT$VENV"
     in_arm "$CPU" python3 -m venv "$VENV"
@@ -238,7 +255,7 @@ for CPU in $CPUS; do
     }
     rm -rf "$ROOT/opt/src/build" # setuptools' build folder: not part of the tests
     in_arm "$CPU" python -c 'import sys, tinygptv_edge.runtime.pipeline, tinygptv_edge.runtime.decoder; assert "torch" not in sys.modules'
-    timing "venv + pip install . ($CPU)" $(($(date +%s) - t0))
+    timing "venv + pip install . ($CPU)"
     if [ "${1:-}" = --setup-only ]; then
         umount "$ROOT/proc/cpuinfo" && unset 'MOUNTED[${#MOUNTED[@]}-1]'
         continue
@@ -246,13 +263,13 @@ for CPU in $CPUS; do
 
     # -- the torch-free tier. The pytest entry point, not `python -m pytest`: that would put the source
     #    root on sys.path, whose tinygptv_edge/ lacks the mapped runtime/ export/ calib/ packages.
-    t0=$(date +%s)
+    start
     log "tests on $CPU"
     if in_arm "$CPU" bash -c 'cd /opt/src && pytest -q -p no:cacheprovider tests' \
         2>&1 | tee "$OUT/tests-$CPU.txt"; then :; else FAILED+=("tests on $CPU"); fi
-    timing "torch-free tier ($CPU)" $(($(date +%s) - t0))
+    timing "torch-free tier ($CPU)"
 
-    t0=$(date +%s)
+    start
     if in_arm "$CPU" bash -c "cd /opt/src && python tests/data/measure.py --out /out/measure-$CPU.json" \
         >"$OUT/measure-$CPU.log" 2>&1; then
         tail -30 "$OUT/measure-$CPU.log"
@@ -270,11 +287,11 @@ for CPU in $CPUS; do
         cat "$OUT/run-$CPU.json" "$OUT/run-$CPU.err" >&2
         FAILED+=("demo answer on $CPU")
     fi
-    timing "measurements + demo ($CPU)" $(($(date +%s) - t0))
+    timing "measurements + demo ($CPU)"
     umount "$ROOT/proc/cpuinfo" && unset 'MOUNTED[${#MOUNTED[@]}-1]'
 done
 
-timing "total" $(($(date +%s) - T_START))
+timing "total" "$T_START" "$C_START"
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) (emulated timings; not a board's speed)" \
     | tee -a "$OUT/timings.txt"
 [ ${#FAILED[@]} = 0 ] || die "${FAILED[*]}"

@@ -2,11 +2,12 @@
 
     files: full size (random weights, INT8 vision + Q4_0 language, built and cached by bench/pipeline.py's
            builders in --work), or --tiny (the test suite's tiny random model: a smoke run, not a measure)
-    pipeline: a fresh process: Pipeline -> warm-up question (image A), then image B new, then B again
+    pipeline: a fresh process: Pipeline -> warm-up question (image A), then image B new, then A again
     server:   a fresh `tinygptv-edge serve` process; this process is the client (raw HTTP, SSE):
               the same three questions as three conversations
-    per side: first token for a new image (warm process), for a repeated image, decode tok/s (between the
-              first and last streamed piece, as a client sees it), peak RSS (VmHWM) of the model process
+    per side: first token for a new image (warm process), for a repeated image (A again after B: its
+              embeddings from the image cache, its rows evaluated again), decode tok/s between the first
+              and last streamed piece (as a client sees it) and inside the turn, peak RSS (VmHWM)
 
 Targets (issue #16, 2 threads on the 2-core dev machine): new image <= 2.0 s, repeated image <= 0.5 s,
 server decode >= 0.97x the pipeline's. Run from the repository root:
@@ -15,7 +16,9 @@ server decode >= 0.97x the pipeline's. Run from the repository root:
     .venv/bin/python bench/serve.py --vision V.int8.onnx --language L.q4_0.gguf
     .venv/bin/python bench/serve.py --tiny                             # smoke run on the tiny model
 
-The full-size build needs ~14 GB of RAM for a moment (see bench/pipeline.py).
+The full-size build needs ~14 GB of RAM for a moment (see bench/pipeline.py); `--stand-in-vision`
+pairs the full-size language model with a tiny vision graph of the full output shape (32 x 2560), so
+everything but the ViT's own time is measured at full size.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def build_stand_in_vision(work: Path, say) -> Path:
 
 
 def _pieces(chunks) -> dict:
-    """(time, text) pieces of one streamed answer -> first/last piece times and the token count."""
+    """(time, text) pieces of one streamed answer -> the first and last piece times."""
     return {
         "t_first": chunks[0][0] if chunks else float("nan"),
         "t_last": chunks[-1][0] if chunks else float("nan"),
@@ -119,6 +122,7 @@ def pipeline_child(vision: str, language: str, images: list[str], threads: int, 
                 **_pieces(chunks),
                 "tokens": len(turn.answer.token_ids),
                 "cached": turn.answer.timings.images_cached,
+                "internal_decode_tok_s": turn.answer.timings.decode_tok_s,
             }
         )
     print(json.dumps({"runs": runs, "peak_rss_gb": peak_rss_bytes() / 1024**3}))
@@ -166,6 +170,7 @@ def _ask_stream(port: int, image: Path, tokens: int) -> dict:
         **_pieces(chunks),
         "tokens": usage["completion_tokens"],
         "cached": timings.get("images_cached", 0),
+        "internal_decode_tok_s": timings.get("decode_tok_s", 0.0),
     }
 
 
@@ -216,6 +221,7 @@ def summary(side: dict) -> dict:
         "new_image_ttft_s": new["t_first"],
         "repeat_image_ttft_s": again["t_first"],
         "decode_tok_s": decode,
+        "internal_decode_tok_s": new["internal_decode_tok_s"],
         "tokens": new["tokens"],
         "repeat_cached": again["cached"],
         "peak_rss_gb": side["peak_rss_gb"],
@@ -260,9 +266,10 @@ def main() -> int:
         vision, language = build_stand_in_vision(work, say), bp.build_language(work, say)
     else:
         vision, language = bp.build_vision(work, args.calib, say), bp.build_language(work, say)
-    # warm-up image, a new image, the same image again (each its own conversation)
+    # image A (warm-up), a new image B, then A again (each its own conversation): A's embeddings come
+    # from the image cache, but the KV cache holds B's conversation, so A's rows are evaluated again
     a, b = bp._photo(work / "serve-a.jpg", 1), bp._photo(work / "serve-b.jpg", 2)
-    images = [a, b, b]
+    images = [a, b, a]
 
     say("pipeline (fresh process)")
     child = {"vision": str(vision), "language": str(language), "images": [str(i) for i in images]}
@@ -285,7 +292,8 @@ def main() -> int:
     rows = (
         ("new_image_ttft_s", "first token, new image (s)"),
         ("repeat_image_ttft_s", "first token, repeat (s)"),
-        ("decode_tok_s", "decode (tok/s)"),
+        ("decode_tok_s", "decode, client side (tok/s)"),
+        ("internal_decode_tok_s", "decode, in the turn (tok/s)"),
         ("peak_rss_gb", "peak RSS (GB)"),
     )
     for key, label in rows:
@@ -295,6 +303,10 @@ def main() -> int:
     cached = f"pipeline {pipe['repeat_cached']}, server {serve['repeat_cached']}"
     print(f"repeated image served from the image cache: {cached}")
     ratio = serve["decode_tok_s"] / pipe["decode_tok_s"] if pipe["decode_tok_s"] else float("nan")
+    # the HTTP layer's cost within one run, free of the load changes between the two processes
+    inner = serve["internal_decode_tok_s"]
+    http = serve["decode_tok_s"] / inner if inner else float("nan")
+    print(f"server decode, client side / in the turn: {http:.3f}")
     checks = (
         ("new image first token", serve["new_image_ttft_s"], "<=", TARGETS["new_image_ttft_s"]),
         ("repeated image first token", serve["repeat_image_ttft_s"], "<=", TARGETS["repeat_image_ttft_s"]),

@@ -181,7 +181,7 @@ class Builder:
         return out
 
     def _sha(self, path: Path) -> str:
-        from tinygptv_edge.export.checkpoints.single import file_sha256
+        from tinygptv_edge.runtime.image_cache import file_sha256
 
         return file_sha256(path)
 

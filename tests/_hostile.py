@@ -56,6 +56,6 @@ def run_limited(code: str, mem: int = GiB, timeout: float = 120, env: dict | Non
         text=True,
         timeout=timeout,
         preexec_fn=_limit(mem),
-        cwd=ROOT,
+        cwd=ROOT / "tests",  # not the source root: its tinygptv_edge/ would shadow a non-editable install
         env=env,
     )

@@ -10,16 +10,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from _hostile import GiB, run_limited
-from PIL import Image
 
-from tinygptv_edge.cli import main
-from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv, phi2_config
-from tinygptv_edge.export.checkpoints.safeio import load_pickle, tensor_dict
-from tinygptv_edge.export.checkpoints.single import load_single
-from tinygptv_edge.export.staging import clean_stale, stage_file
-from tinygptv_edge.runtime.errors import (
+torch = pytest.importorskip("torch")
+
+from _hostile import GiB, run_limited  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tinygptv_edge.cli import main  # noqa: E402
+from tinygptv_edge.export.checkpoints.loaders import load_phi2, load_tinygptv, phi2_config  # noqa: E402
+from tinygptv_edge.export.checkpoints.safeio import load_pickle, tensor_dict  # noqa: E402
+from tinygptv_edge.export.checkpoints.single import load_single  # noqa: E402
+from tinygptv_edge.export.staging import clean_stale, stage_file  # noqa: E402
+from tinygptv_edge.runtime.errors import (  # noqa: E402
     CheckpointError,
     ImageTooLargeError,
     ShapeMismatchError,
@@ -268,3 +270,17 @@ def test_a_killed_export_leaves_what_the_next_one_removes(tmp_path):
 
 def test_all_errors_above_are_typed():
     assert issubclass(CheckpointError, TinyGPTVError) and issubclass(ImageTooLargeError, TinyGPTVError)
+
+
+@pytest.mark.parametrize("n", [0, 100000, True])
+def test_export_thread_counts_are_bounded(n):
+    import numpy as np
+
+    from tinygptv_edge.export.gguf.quant import Q, quantize
+    from tinygptv_edge.export.train.loop import TrainConfig
+    from tinygptv_edge.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="threads: expected an integer in 1.."):
+        quantize(np.zeros((4, 32), np.float32), Q.Q8_0, threads=n)
+    with pytest.raises(ConfigError, match="threads"):
+        TrainConfig(threads=n)

@@ -21,6 +21,8 @@ from PIL import Image
 
 from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig, tiny_config
 
+pytest.importorskip("torch", reason="synth and the exporters need the export extra")
+
 QUESTION = "what is in the picture?"
 N_TOKENS = 12
 

@@ -188,7 +188,7 @@ def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "cosine vs FP32" in text and "kept in float" in text
     meta = E.read_metadata(onnx.load(str(out / VISION_FILE_FP32), load_external_data=False))
-    from tinygptv_edge.export.checkpoints.single import file_sha256
+    from tinygptv_edge.runtime.image_cache import file_sha256
 
     assert json.loads(meta[ONNX_META["source_sha256"]]) == {
         "model.safetensors": file_sha256(tiny_single / "model.safetensors")

@@ -94,7 +94,7 @@ def test_shipped_prompt_turns_tokenize_as_the_text_they_join(tok):
     p = small_config().prompt
     first = p.first_turn("What colour is the circle?", with_image=True)
     later = p.separator + p.turn("And the square?", with_image=False)
-    seg = split_prompt(first, tok, 1, add_bos=p.add_bos)
+    seg = split_prompt(first, tok, 1, add_bos=True)
     before, after = first.split(IMAGE_PLACEHOLDER)
     assert tok.decode(list(seg.texts[0][1:])) == before and tok.decode(list(seg.texts[1])) == after
     assert IMAGE_PLACEHOLDER not in later

@@ -10,12 +10,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
 
-from tinygptv_edge.export.checkpoints.source import SourceSpec, spec_from_args
-from tinygptv_edge.runtime.config import STAGE4_PROMPT, PreprocessConfig, PromptConfig, TinyGPTVConfig
-from tinygptv_edge.runtime.errors import CheckpointError, ConfigError, GGUFModelError
-from tinygptv_edge.runtime.preprocess import preprocess
+torch = pytest.importorskip("torch")
+
+from PIL import Image, ImageOps  # noqa: E402
+
+from tinygptv_edge.export.checkpoints.source import SourceSpec, spec_from_args  # noqa: E402
+from tinygptv_edge.runtime.config import STAGE4_PROMPT, PreprocessConfig, PromptConfig, TinyGPTVConfig  # noqa: E402
+from tinygptv_edge.runtime.errors import CheckpointError, ConfigError, GGUFModelError  # noqa: E402
+from tinygptv_edge.runtime.preprocess import preprocess  # noqa: E402
 
 MODEL_COMMANDS = ("export-onnx", "export-gguf", "reference", "report")
 
@@ -53,6 +56,7 @@ def test_old_spellings_are_hidden_aliases():
     args = parse("export-gguf", "--phi2", "p", "--eva", "e", "--blip2", "b", "--stage", "4")
     assert spec_from_args(args).stage_num == 4  # export-gguf's --stage was the number
     assert parse("reference", "--question", "why?").prompt == "why?"
+    assert parse("export-gguf", "--prompts", "q.txt").imatrix_questions == "q.txt"  # not the --prompt concept
     sub = build_parser()._subparsers._group_actions[0].choices
     for command, old in (
         ("export-onnx", "--single"),
@@ -211,8 +215,17 @@ def test_exif_rotated_image_gives_every_consumer_the_same_upright_pixels(rotated
         seen.extend(p for p, _ in pairs)
 
     monkeypatch.setattr(imatrix, "collect_imatrix", capture)
-    args = SimpleNamespace(imatrix_images=str(folder), prompts=None, answer_tokens=0)
+    args = SimpleNamespace(imatrix_images=str(folder), imatrix_questions=None, answer_tokens=0)
     gguf_cli._collect(args, model, None)
     got["importance matrix"] = seen[0]
     for who, pixels in got.items():
         np.testing.assert_array_equal(pixels, upright, err_msg=who)
+    # the report's example thumbnails show the same upright picture (stored 64 x 40, shown 40 x 64)
+    import base64
+    import io
+
+    from tinygptv_edge.calib.report_html import _thumb
+
+    png = base64.b64decode(_thumb(folder, "photo.jpg").split(",", 1)[1])
+    with Image.open(io.BytesIO(png)) as thumb:
+        assert thumb.size == (40, 64)

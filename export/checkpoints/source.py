@@ -35,7 +35,7 @@ OFFICIAL = ("phi2", "eva", "blip2")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What the flags name; validated on construction, nothing read until `config`/`load`."""
+    """What the flags name; validated on construction, nothing read until `model_config`/`load`."""
 
     model: str | None = None
     phi2: str | None = None
@@ -109,7 +109,7 @@ class SourceSpec:
     def sha256(self) -> dict[str, str]:
         from tqdm import tqdm
 
-        from tinygptv_edge.export.checkpoints.single import file_sha256
+        from tinygptv_edge.runtime.image_cache import file_sha256
 
         return {f.name: file_sha256(f) for f in tqdm(self.files(), desc="sha256", unit="file", leave=False)}
 

@@ -146,7 +146,9 @@ class Engine:
             pipe = self._load_fn()
             self.warmed = pipe.warm()  # BOS + system prompt: every conversation starts with it
             self.grammars = Grammars(pipe.tokenizer)
-            self.pipe, self.state = pipe, "ready"
+            self.pipe = pipe
+            if self.state == "loading":  # not closed meanwhile
+                self.state = "ready"
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
 
@@ -254,7 +256,7 @@ class Engine:
         finally:
             turn.close()
         answer = turn.answer
-        if job.reason is not None:  # cancelled mid-answer
+        if answer.stop == "cancelled":  # timed out, abandoned or shut down mid-answer
             self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
             job.emit("error", job.error())
             return
