@@ -193,3 +193,18 @@ def test_eval_only_prints_every_split(capsys):
     header = next(ln for ln in out.splitlines() if ln.strip().startswith("type"))
     assert header.split()[1:] == list(vqa.EVAL_SPLITS)
     assert re.search(r"^\s+all(\s+\d+\.\d%){4}$", out, re.M)
+
+
+def test_answer_of_type_accepts_any_answer_of_the_kind_asked():
+    assert vqa.answer_of_type("colour", "What color is the circle?", "purple")
+    assert not vqa.answer_of_type("colour", "What color is the circle?", "four")
+    assert vqa.answer_of_type("count", "Count the shapes.", "two")
+    assert not vqa.answer_of_type("count", "Count the shapes.", "no")
+    q = "Is the red circle higher or lower than the blue square?"
+    assert vqa.answer_of_type("relation", q, "lower") and not vqa.answer_of_type("relation", q, "below")
+    assert vqa.answer_of_type("caption", "Describe the image.", "two shapes on a noisy background")
+    assert not vqa.answer_of_type("caption", "Describe the image.", "four")
+    for s in (vqa.sample("test", i, cfg=vqa.VQAConfig(phrasings="heldout")) for i in range(10)):
+        assert all(vqa.answer_of_type(qa.qtype, qa.question, qa.answer) for qa in s.qas)
+    with pytest.raises(ConfigError, match="unknown question type"):
+        vqa.answer_of_type("mood", "q", "a")

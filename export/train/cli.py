@@ -54,6 +54,7 @@ def print_tables(tables: dict[str, dict]) -> None:
         cells = [t[qtype]["accuracy"] if qtype in t else float("nan") for t in tables.values()]
         print(f"  {qtype:<10} " + " ".join(f"{v:>13.1%}" for v in cells))
     print(f"  {'questions':<10} " + " ".join(f"{t['all']['total']:>13}" for t in tables.values()))
+    print(f"  {'of type':<10} " + " ".join(f"{t['all']['of_type']:>13.1%}" for t in tables.values()))
 
 
 def run_eval_only(args: argparse.Namespace) -> int:

@@ -45,7 +45,13 @@ from tinygptv_edge.export.train.scene import (
     scene_loss,
     scene_targets,
 )
-from tinygptv_edge.export.train.vqa import DATASETS, eval_split, iter_samples, vocabulary_text
+from tinygptv_edge.export.train.vqa import (
+    DATASETS,
+    answer_of_type,
+    eval_split,
+    iter_samples,
+    vocabulary_text,
+)
 from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
 from tinygptv_edge.runtime.errors import ConfigError
@@ -367,14 +373,18 @@ def evaluate_greedy(
         pixels = torch.from_numpy(preprocess(s.image, model.cfg.preprocess))[None]
         for qa in s.qas:
             got = model.answer(qa.question, tok, pixels, max_new_tokens=16)
-            c = counts.setdefault(qa.qtype, [0, 0])
+            c = counts.setdefault(qa.qtype, [0, 0, 0])
             c[0] += got == qa.answer
             c[1] += 1
+            c[2] += answer_of_type(qa.qtype, qa.question, got)
         if progress:
             progress(i + 1, n_images)
-    table = {t: {"correct": c, "total": n, "accuracy": c / n} for t, (c, n) in sorted(counts.items())}
-    correct, total = sum(c for c, _ in counts.values()), sum(n for _, n in counts.values())
-    table["all"] = {"correct": correct, "total": total, "accuracy": correct / total}
+    table = {
+        t: {"correct": c, "total": n, "accuracy": c / n, "of_type": k / n}
+        for t, (c, n, k) in sorted(counts.items())
+    }
+    correct, total, typed = (sum(c[i] for c in counts.values()) for i in range(3))
+    table["all"] = {"correct": correct, "total": total, "accuracy": correct / total, "of_type": typed / total}
     return table
 
 

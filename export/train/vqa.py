@@ -19,6 +19,7 @@ The same generator writes calibration images (`write_calibration_images`) for IN
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -174,6 +175,29 @@ def eval_split(name: str) -> tuple[str, VQAConfig]:
     if name not in EVAL_SPLITS:
         raise ConfigError(f"unknown evaluation split {name!r}: expected one of {', '.join(EVAL_SPLITS)}")
     return EVAL_SPLITS[name]
+
+
+_ANSWERS = {
+    "colour": set(COLOURS),
+    "shape": set(SHAPES),
+    "count": set(NUMBERS[1:]),
+    "position": {"left", "right", "top", "bottom"},
+    "relation": {"left", "right", "above", "below", "higher", "lower", "over", "under"},
+    "exists": {"yes", "no"},
+}
+_CAPTION = re.compile(rf"(one shape|(two|three|four) shapes) on an? ({'|'.join(BACKGROUNDS)}) background")
+
+
+def answer_of_type(qtype: str, question: str, answer: str) -> bool:
+    """Whether `answer` is an answer of the question's type (right or wrong): a colour for a colour
+    question, a number word for a count, one of the options the question names for a relation..."""
+    if qtype == "caption":
+        return bool(_CAPTION.fullmatch(answer))
+    if qtype not in _ANSWERS:
+        raise ConfigError(f"unknown question type {qtype!r}: expected one of {', '.join(QTYPES)}")
+    if qtype == "relation" and answer not in re.findall(r"\w+", question.lower()):
+        return False
+    return answer in _ANSWERS[qtype]
 
 
 def _rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
