@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_args import add_model_args, add_runtime_args
 from .errors import ConfigError
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -48,23 +49,10 @@ class BenchConfig:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure vision, prefill, decode, memory and bandwidth on this machine")
-    p.add_argument(
-        "--vision", help="vision ONNX file (default: DIST/vision.int8.onnx, else vision.fp32.onnx)"
-    )
-    p.add_argument("--language", help="language GGUF file (default: DIST/language.q4_0.gguf, else any)")
-    p.add_argument("--dist", default="dist", help="where `make export-onnx export-gguf` wrote the models")
+    add_model_args(p)
     p.add_argument("--image", help="image for the questions (default: a generated 640x480 picture)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about each image")
-    p.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
-    p.add_argument("--n-ctx", type=int, help="context length (default: the model's, as `run`)")
-    p.add_argument(
-        "--low-memory",
-        nargs="?",
-        choices=["auto", "on", "off"],
-        const="on",
-        default="auto",
-        help="one model resident at a time; auto: when MemAvailable is short of both (default)",
-    )
+    add_runtime_args(p)
     d = BenchConfig()
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="decoder prefill batch size")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps per decode run")

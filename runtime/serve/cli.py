@@ -11,15 +11,13 @@ import ipaddress
 import os
 import sys
 
+from ..cli_args import add_model_args, add_runtime_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with images, streaming and JSON schemas")
     m = p.add_argument_group("models")
-    m.add_argument("--dist", default="dist", help="where `make export-onnx export-gguf` wrote the models")
-    m.add_argument(
-        "--vision", help="vision ONNX file (default: DIST/vision.int8.onnx, else vision.fp32.onnx)"
-    )
-    m.add_argument("--language", help="language GGUF file (default: DIST/language.q4_0.gguf, else any)")
+    add_model_args(m)
     m.add_argument("--model-name", default="tinygptv-edge", help="the model id /v1/models reports")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -43,16 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = p.add_argument_group("runtime")
-    r.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
-    r.add_argument("--n-ctx", type=int, help="context length (default: the model's)")
-    r.add_argument(
-        "--low-memory",
-        nargs="?",
-        choices=["auto", "on", "off"],
-        const="on",
-        default="auto",
-        help="one model resident at a time (2 GB boards); auto (default): when memory is short, as `run`",
-    )
+    add_runtime_args(r)
     r.add_argument("--cache-dir", help="keep image embeddings on disk here too (reused across restarts)")
     r.add_argument("--image-cache-size", type=int, default=64, help="image embeddings kept in memory")
     r.add_argument("--max-tokens", type=int, default=300, help="answer length when a request gives none")
