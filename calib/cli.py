@@ -1,6 +1,7 @@
 """`tinygptv-edge report`: accuracy drop per quantization level (JSON, Markdown, one HTML page).
 
-Default: the shipped model, its synthetic VQA test split, every vision level x every language level,
+Default: the shipped model, its synthetic VQA evaluation splits (test, test-phrasing, test-layout,
+test-camera), every vision level x every language level,
 written to dist/report/. `--vision` / `--language` / `--cells axes` / `--limit` shrink the run;
 `--max-size-mib`, `--min-accuracy`, `--max-drop` set the budget the recommendation must meet.
 """
@@ -22,7 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="measure the accuracy drop of every quantization level")
     p.add_argument("--out", default="dist/report", help="output folder (default: dist/report)")
     p.add_argument("--eval-dir", help="evaluation folder: questions.jsonl + images (default: VQA test split)")
-    p.add_argument("--n-images", type=int, default=40, help="VQA test images when no --eval-dir")
+    p.add_argument("--n-images", type=int, default=40, help="VQA images per split when no --eval-dir")
+    p.add_argument(
+        "--splits",
+        default="test,test-phrasing,test-layout,test-camera",
+        help="comma-separated VQA evaluation splits when no --eval-dir (export/train/vqa.py EVAL_SPLITS)",
+    )
     p.add_argument("--limit", type=int, help="evaluate the first N questions only")
     p.add_argument("--vision", help=f"comma-separated vision levels (default all: {','.join(VISION_LEVELS)})")
     p.add_argument(
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         source=spec_from_args(args),
         eval_dir=args.eval_dir,
         n_images=args.n_images,
+        splits=args.splits,
         limit=args.limit,
         vision=args.vision,
         language=args.language,

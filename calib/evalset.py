@@ -5,10 +5,13 @@ A folder in this format (any source; the default is written from the synthetic V
     folder/
       questions.jsonl     one JSON object per line:
                           {"image": "img_00000.png", "question": "What colour is the circle?",
-                           "answer": "red", "type": "colour"}      # "type" optional ("all")
+                           "answer": "red", "type": "colour",       # "type" optional ("all")
+                           "split": "test-phrasing"}                # "split" optional ("all")
       img_00000.png ...   paths in "image" are relative to the folder (no "..", no absolute paths)
 
-Several questions may share an image; each image is decoded once. The set's hash (sha256 over
+Several questions may share an image; each image is decoded once. "split" names a part of the set
+(the VQA generator's evaluation splits: test, test-phrasing, test-layout, test-camera); the report
+gives exact match per split and says on which one a level starts to drop. The set's hash (sha256 over
 questions.jsonl and every image it names, in order) goes into the report's provenance.
 """
 
@@ -28,6 +31,7 @@ from tinygptv_edge.runtime.errors import EvalSetError
 
 QUESTIONS = "questions.jsonl"
 DEFAULT_TYPE = "all"
+DEFAULT_SPLIT = "all"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class EvalItem:
     question: str
     answer: str
     qtype: str = DEFAULT_TYPE
+    split: str = DEFAULT_SPLIT
 
 
 @dataclass
@@ -52,6 +57,11 @@ class EvalSet:
     @property
     def types(self) -> list[str]:
         return sorted({it.qtype for it in self.items})
+
+    @property
+    def splits(self) -> list[str]:
+        """Distinct split names in first-use order (["all"] for a set without splits)."""
+        return list(dict.fromkeys(it.split for it in self.items))
 
     def load_image(self, key: str) -> Image.Image:
         from tinygptv_edge.runtime.images import load_image
@@ -84,7 +94,12 @@ def parse_line(line: str, where: str) -> EvalItem:
     qtype = obj.get("type", DEFAULT_TYPE)
     if not isinstance(qtype, str) or not qtype:
         raise EvalSetError(f"{where}: expected a non-empty string for 'type', got {qtype!r}")
-    return EvalItem(_check_rel(obj["image"], where), obj["question"].strip(), obj["answer"].strip(), qtype)
+    split = obj.get("split", DEFAULT_SPLIT)
+    if not isinstance(split, str) or not split.strip():
+        raise EvalSetError(f"{where}: expected a non-empty string for 'split', got {split!r}")
+    return EvalItem(
+        _check_rel(obj["image"], where), obj["question"].strip(), obj["answer"].strip(), qtype, split.strip()
+    )
 
 
 def load_evalset(folder: str | Path, limit: int | None = None) -> EvalSet:
@@ -104,7 +119,8 @@ def load_evalset(folder: str | Path, limit: int | None = None) -> EvalSet:
     items = items[:limit] if limit else items
     h = hashlib.sha256()
     for it in items:
-        h.update(json.dumps([it.image, it.question, it.answer, it.qtype]).encode())
+        row = [it.image, it.question, it.answer, it.qtype]  # the split only where given: old hashes stay
+        h.update(json.dumps(row + ([it.split] if it.split != DEFAULT_SPLIT else [])).encode())
     for key in dict.fromkeys(it.image for it in items):
         path = folder / key
         if not path.is_file():
@@ -114,19 +130,20 @@ def load_evalset(folder: str | Path, limit: int | None = None) -> EvalSet:
 
 
 def write_evalset(folder: str | Path, rows) -> Path:
-    """Write (PIL image, question, answer, type) rows as a folder; an image object shared by
+    """Write (PIL image, question, answer, type[, split]) rows as a folder; an image object shared by
     consecutive rows is written once. Published atomically (temp folder, then rename)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         lines, last, name = [], None, ""
-        for image, question, answer, qtype in rows:
+        for image, question, answer, qtype, *split in rows:
             if image is not last:
                 name = f"img_{len({ln['image'] for ln in lines}):05d}.png"
                 image.save(tmp / name, format="PNG")
                 last = image
-            lines.append({"image": name, "question": question, "answer": answer, "type": qtype})
+            line = {"image": name, "question": question, "answer": answer, "type": qtype}
+            lines.append(line | ({"split": split[0]} if split else {}))
         if not lines:
             raise EvalSetError("write_evalset: expected at least one row, got none")
         (tmp / QUESTIONS).write_text("".join(json.dumps(ln) + "\n" for ln in lines), encoding="utf-8")
@@ -149,3 +166,29 @@ def write_vqa_evalset(folder: str | Path, n_images: int, split: str = "test", se
             "the synthetic VQA generator (export/train/vqa.py) is not available: give an evaluation folder"
         ) from e
     return write_evalset(folder, vqa.iter_vqa(split, n_images, seed))
+
+
+def write_vqa_splits(folder: str | Path, n_images: int, splits: list[str], seed: int = 0) -> Path:
+    """Several of the generator's evaluation splits (`vqa.EVAL_SPLITS`: test, test-phrasing,
+    test-layout, test-camera) as one folder, every question of `n_images` images each, rows tagged
+    with their split."""
+    try:
+        from tinygptv_edge.export.train import vqa
+    except ImportError as e:
+        raise EvalSetError(
+            "the synthetic VQA generator (export/train/vqa.py) is not available: give an evaluation folder"
+        ) from e
+    if not splits:
+        raise EvalSetError("write_vqa_splits: expected at least one split, got none")
+    for name in splits:
+        if name not in vqa.EVAL_SPLITS:
+            raise EvalSetError(f"VQA split: expected one of {', '.join(vqa.EVAL_SPLITS)}, got {name!r}")
+
+    def rows():
+        for name in splits:
+            stream, cfg = vqa.EVAL_SPLITS[name]
+            for s in vqa.iter_samples(stream, n_images, seed, cfg):
+                for qa in s.qas:
+                    yield s.image, qa.question, qa.answer, qa.qtype, name
+
+    return write_evalset(folder, rows())

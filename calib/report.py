@@ -67,6 +67,20 @@ def summarize_cell(
     for t in evalset.types:
         mask = np.array([it.qtype == t for it in items])
         by_type[t] = _pct(em[mask].mean()) if mask.any() else None
+    by_split: dict[str, dict[str, object]] = {}
+    if len(evalset.splits) > 1:  # a set in several parts: each part's exact match and paired change
+        for name in evalset.splits:
+            mask = np.array([it.split == name for it in items])
+            if not mask.any():
+                continue
+            d = M.paired_bootstrap(em_ref[mask], em[mask], n_boot, seed)
+            by_split[name] = {
+                "em": _pct(em[mask].mean()),
+                "em_change": _pct(d.value),
+                "em_change_ci": [_pct(d.low), _pct(d.high)],
+                "drop_significant": bool(d.high < 0),
+                "questions": int(mask.sum()),
+            }
     return {
         "vision": cell.vision,
         "language": cell.language,
@@ -85,6 +99,7 @@ def summarize_cell(
         "delta_p": float(cell.dp.mean()),
         "ppl_ratio": M.perplexity_ratio(ref.nll[: len(cell.nll)], cell.nll),
         "by_type": by_type,
+        "by_split": by_split,
         "seconds": round(cell.seconds, 3),
         "questions": n,
     }
@@ -134,14 +149,40 @@ def _describe(row: dict, ref: dict) -> str:
     )
 
 
+def first_drop(row: dict) -> str | None:
+    """The first split (in the evaluation set's order) on which the cell is significantly below the
+    reference (paired bootstrap, 95%): where the level starts to drop; None if it holds on every one."""
+    return next((name for name, s in row.get("by_split", {}).items() if s["drop_significant"]), None)
+
+
+def split_drops(rows: list[dict]) -> str:
+    """One sentence per cell of a set with splits: where it starts to drop, or that it holds."""
+    parts = []
+    for r in sorted((r for r in rows if not r["reference"]), key=lambda r: -r["size_bytes"]):
+        name = first_drop(r)
+        if name is None:
+            parts.append(f"{r['name']} holds on every split")
+        else:
+            s = r["by_split"][name]
+            lo, hi = s["em_change_ci"]
+            change = f"{s['em_change']:+.1f} points, CI {lo:+.1f} to {hi:+.1f}"
+            parts.append(f"{r['name']} starts to drop on {name} ({change})")
+    return "; ".join(parts)
+
+
 def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
     """The best cell under the budget, with the rule that chose it and its numbers.
 
     Size budget: the highest exact match that fits (ties: lower mean KL, then smaller). Accuracy budget
     alone: the smallest cell that reaches it (ties: higher exact match). No budget: the smallest cell
-    whose exact-match change vs the reference is not significant (its 95% CI includes 0 or is above).
+    whose exact-match change vs the reference is not significant (its 95% CI includes 0 or is above),
+    on the whole set and, for a set in splits, on every split. With splits the text also says, for
+    every cell, the first split on which it starts to drop (`split_drops`).
     """
     ref = next(r for r in rows if r["reference"])
+    with_splits = any(r.get("by_split") for r in rows)
+    drops = {r["name"]: first_drop(r) for r in rows if not r["reference"]} if with_splits else {}
+    where = f" Where each level starts to drop: {split_drops(rows)}." if with_splits else ""
     ok = list(rows)
     rules = []
     if budget.max_size_mib is not None:
@@ -156,6 +197,9 @@ def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
     if not budget.given:
         ok = [r for r in ok if r["em_change_ci"][1] >= 0]
         rules.append("exact match not significantly below the reference (paired bootstrap, 95%)")
+        if with_splits:
+            ok = [r for r in ok if first_drop(r) is None]
+            rules[-1] = rules[-1][:-1] + ", on the whole set and on every split)"
     if not ok:
         smallest = min(rows, key=lambda r: r["size_bytes"])
         return {
@@ -163,7 +207,9 @@ def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
             "rule": "; ".join(rules),
             "text": f"No level meets {' and '.join(rules)}. The smallest measured is "
             + _describe(smallest, ref)
-            + ".",
+            + "."
+            + where,
+            "split_drops": drops,
         }
     if budget.max_size_mib is not None:
         best = max(ok, key=lambda r: (r["em"], -r["kl"]["mean"], -r["size_bytes"]))
@@ -174,7 +220,8 @@ def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
         "vision": best["vision"],
         "language": best["language"],
         "rule": "; ".join(rules),
-        "text": f"Under {' and '.join(rules)}: " + _describe(best, ref) + ".",
+        "text": f"Under {' and '.join(rules)}: " + _describe(best, ref) + "." + where,
+        "split_drops": drops,
     }
 
 
@@ -248,6 +295,7 @@ def build_document(
             "questions": len(evalset.items),
             "images": len(evalset.images),
             "types": evalset.types,
+            "splits": evalset.splits,
         },
         "artifacts": artifacts,
         "vision_axis": [summarize_vision(ax) for ax in result.vision.values()],

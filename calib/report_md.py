@@ -114,6 +114,23 @@ def type_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     return ["cell (reference + Pareto front)", *types], rows
 
 
+def split_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Exact match % per split (change vs the reference in points; ! = significant drop)."""
+    splits = doc["evalset"].get("splits", [])
+    if len(splits) < 2:
+        return [], []
+    rows = []
+    for r in doc["cells"]:
+        by = r.get("by_split", {})
+        cells = []
+        for name in splits:
+            s = by.get(name)
+            mark = "!" if s and s["drop_significant"] else ""
+            cells.append(f"{s['em']:.1f} ({s['em_change']:+.1f}{mark})" if s else "")
+        rows.append([r["name"], *cells])
+    return ["cell", *splits], rows
+
+
 def noise_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     n = doc.get("noise_floor")
     if not n:
@@ -174,6 +191,15 @@ def render_markdown(doc: dict) -> str:
         table(*matrix_rows(doc, "flip_rate")),
         "## Exact match % per question type\n",
         table(*type_rows(doc)),
+        *(
+            [
+                "## Exact match % per evaluation split (change vs the reference, points; "
+                "! = significant drop)\n",
+                table(*split_rows(doc)),
+            ]
+            if split_rows(doc)[0]
+            else []
+        ),
         "## Levels that could not be built\n",
         table(*failed_rows(doc)) or "none\n",
         "## Noise floor\n",

@@ -25,7 +25,7 @@ from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.errors import ReportError
 
 from .artifacts import REPORT_GATE, Builder, Calibration
-from .evalset import load_evalset, write_vqa_evalset
+from .evalset import load_evalset, write_vqa_evalset, write_vqa_splits
 from .levels import LANGUAGE_LEVELS, REFERENCE_LANGUAGE, REFERENCE_VISION, VISION_LEVELS, pick
 from .report import Budget, build_document
 
@@ -39,7 +39,8 @@ class ReportConfig:
     out: str = "dist/report"
     source: SourceSpec = field(default_factory=SourceSpec)  # default: the shipped model
     eval_dir: str | None = None  # evaluation folder (evalset.py format); None: the VQA test split
-    n_images: int = 40  # VQA test images when no eval_dir (every question of each)
+    n_images: int = 40  # VQA images per split when no eval_dir (every question of each)
+    splits: str = "test,test-phrasing,test-layout,test-camera"  # VQA evaluation splits when no eval_dir
     limit: int | None = None  # keep the first questions only
     vision: str | None = None  # comma-separated vision levels; None: all
     language: str | None = None  # comma-separated language levels; None: all
@@ -70,6 +71,8 @@ class ReportConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ReportError(f"{name}: expected a positive integer, got {v!r}")
+        if not [s for s in self.splits.split(",") if s.strip()]:
+            raise ReportError(f"splits: expected comma-separated VQA split names, got {self.splits!r}")
         if self.cells not in ("full", "axes"):
             raise ReportError(f"cells: expected 'full' or 'axes', got {self.cells!r}")
         for name in ("threads", "probe_threads"):
@@ -151,9 +154,16 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     model, tokenizer, sources = loaded.model, loaded.tokenizer, loaded.sha256
     say("setup", 1, 3)
 
+    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    # the generated set is cached per split list (a test-only set keeps its old folder name)
     eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else out / "evalset"
+    if not cfg.eval_dir and splits != ["test"]:
+        eval_dir = out / f"evalset-{'+'.join(splits)}-{cfg.n_images}"
     if not cfg.eval_dir and not (eval_dir / "questions.jsonl").is_file():
-        write_vqa_evalset(eval_dir, cfg.n_images, "test", cfg.seed)
+        if splits == ["test"]:
+            write_vqa_evalset(eval_dir, cfg.n_images, "test", cfg.seed)
+        else:
+            write_vqa_splits(eval_dir, cfg.n_images, splits, cfg.seed)
     evalset = load_evalset(eval_dir, cfg.limit)
     calib = calibration(cfg, model.cfg.preprocess)
     say("setup", 2, 3)

@@ -218,7 +218,7 @@ def test_shipped_model_report(tmp_path):
     if not (default_model_dir() / "model.safetensors").is_file():
         pytest.skip("the shipped default model is not there (make train-default)")
     cfg = ReportConfig(out=str(tmp_path), n_images=20, vision="int8-minmax", language="F16,Q8_0",
-                       cells="axes", probe=False, n_boot=500)  # fmt: skip
+                       cells="axes", probe=False, n_boot=500, splits="test")  # fmt: skip
     doc = json.loads(make_report(cfg)["report.json"].read_text())
     rows = {r["name"]: r for r in doc["cells"]}
     ref = rows["fp32 + F32"]

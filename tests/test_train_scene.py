@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -80,3 +81,12 @@ def test_word_anchors_find_the_named_shape():
     loss.backward()
     touched = hidden.grad.abs().sum(-1)[0].nonzero().flatten().tolist()
     assert touched == sorted(3 + p for _, p, _ in anchors.colour + anchors.kind)  # only the named words
+
+
+def test_a_small_shape_labels_the_patch_under_its_centre():
+    s = vqa.Shape("cross", "blue", 0.6, 0.4, 0.05)  # far less than MIN_COVER of a 16 px patch
+    colour, kind, offset = ts.patch_labels(vqa.Scene((s,), "plain"), grid=4)
+    p = 1 * 4 + 2  # row 1, column 2
+    assert colour[p] == 1 + list(vqa.COLOURS).index("blue") and kind[p] == 1 + vqa.SHAPES.index("cross")
+    assert np.allclose(offset[p], (0.6 - 0.625, 0.4 - 0.375))
+    assert (colour > 0).sum() == 1

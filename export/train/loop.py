@@ -19,7 +19,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,13 @@ from tinygptv_edge.export.train.scene import (
     scene_loss,
     scene_targets,
 )
-from tinygptv_edge.export.train.vqa import VQAConfig, iter_samples, vocabulary_text
+from tinygptv_edge.export.train.vqa import (
+    DATASETS,
+    answer_of_type,
+    eval_split,
+    iter_samples,
+    vocabulary_text,
+)
 from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
 from tinygptv_edge.runtime.errors import ConfigError
@@ -59,9 +65,11 @@ LOSS_PNG = "loss.png"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
+    data: str = "varied"  # scene settings of the training and validation images (vqa.DATASETS)
     train_images: int = 6000
     val_images: int = 150
     test_images: int = 400
+    eval_images: int = 150  # images of each other evaluation split (test-phrasing, -layout, -camera)
     pretrain_steps: int = 2000
     pretrain_images_per_step: int = 32
     pretrain_lr: float = 5e-4
@@ -78,12 +86,17 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     vocab_size: int = 512
+    image_size: int = 64  # the model's square input (small_config: 64)
+    patch_size: int = 16  # its patches (small_config: 16, a 4 x 4 grid)
     eval_every: int = 300
     easy_weight: float = 0.4  # count and caption questions are drawn this much less often (learnt first)
     threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 ran faster than 2 (docs/benchmarks.md)
 
     def __post_init__(self) -> None:
-        names = ("train_images", "val_images", "test_images", "steps", "images_per_step", "threads")
+        if self.data not in DATASETS:
+            raise ConfigError(f"TrainConfig.data: expected one of {', '.join(DATASETS)}, got {self.data!r}")
+        names = ("train_images", "val_images", "test_images", "eval_images", "steps", "images_per_step")
+        names += ("threads",)
         for name in (*names, "questions_per_image", "pretrain_images_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
@@ -91,6 +104,11 @@ class TrainConfig:
         for name in ("pretrain_steps", "scene_weight", "anchor_weight", "anchor_layer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.image_size % self.patch_size or not 2 <= self.image_size // self.patch_size <= 16:
+            raise ConfigError(
+                f"TrainConfig: expected image_size {self.image_size} to be 2-16 patches of "
+                f"patch_size {self.patch_size}"
+            )
         for name in ("lr", "vision_lr", "pretrain_lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: expected 0 < {name} < 1, got {getattr(self, name)}")
@@ -111,12 +129,25 @@ class TrainResult:
     scene: dict[str, float]  # validation accuracies of the scene head after vision pretraining
 
 
+def model_config(cfg: TrainConfig, vocab_size: int) -> TinyGPTVConfig:
+    """small_config() with the recipe's input and patch size (language widths untouched: every GGUF
+    type still applies)."""
+    base = small_config(vocab_size)
+    if (cfg.image_size, cfg.patch_size) == (base.vision.image_size, base.vision.patch_size):
+        return base
+    vision = replace(
+        base.vision, image_size=cfg.image_size, patch_size=cfg.patch_size, pretrain_image_size=cfg.image_size
+    )
+    return replace(base, vision=vision)
+
+
 def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -> Tokenizer:
     """Train the BPE on the shipped prose plus full prompts and answers of the first training images."""
     from tinygptv_edge.export.checkpoints.tokenizer_train import save_tokenizer, train_bpe
 
-    lines = vocabulary_text()
-    for s in iter_samples("train", min(cfg.train_images, 500), cfg.seed):
+    data = DATASETS[cfg.data]
+    lines = vocabulary_text(data.phrasings)
+    for s in iter_samples("train", min(cfg.train_images, 500), cfg.seed, data):
         for qa in s.qas:
             lines.append(model_cfg.prompt.first_turn(qa.question) + qa.answer + model_cfg.prompt.separator)
     save_tokenizer(train_bpe(cfg.vocab_size, extra_text=lines), folder)
@@ -194,7 +225,7 @@ def encode_split(
     scenes = []
 
     def samples():
-        for s in iter_samples(split, n, cfg.seed, VQAConfig()):
+        for s in iter_samples(split, n, cfg.seed, DATASETS[cfg.data]):
             scenes.append(s.scene)
             yield s
 
@@ -239,8 +270,8 @@ def train(
     torch.manual_seed(cfg.seed)
     work_dir = Path(work_dir)
     tok_dir = work_dir / "tokenizer"
-    tok = build_tokenizer(cfg, small_config(cfg.vocab_size), tok_dir)
-    model_cfg = small_config(tok.vocab_size)
+    tok = build_tokenizer(cfg, model_config(cfg, cfg.vocab_size), tok_dir)
+    model_cfg = model_config(cfg, tok.vocab_size)
     if cfg.anchor_layer >= model_cfg.language.layers:
         raise ConfigError(
             f"TrainConfig.anchor_layer: expected < {model_cfg.language.layers} decoder layers, "
@@ -332,22 +363,28 @@ def evaluate_greedy(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Exact match of `TinyGPTV.answer` (greedy, cut at the separator) per question type."""
+    """Exact match of `TinyGPTV.answer` (greedy, cut at the separator) per question type, on an
+    evaluation split (`vqa.EVAL_SPLITS`: test, test-phrasing, test-layout, test-camera)."""
     from tinygptv_edge.runtime.preprocess import preprocess
 
     counts: dict[str, list[int]] = {}
-    for i, s in enumerate(iter_samples(split, n_images, seed, VQAConfig())):
+    stream, scene_cfg = eval_split(split)
+    for i, s in enumerate(iter_samples(stream, n_images, seed, scene_cfg)):
         pixels = torch.from_numpy(preprocess(s.image, model.cfg.preprocess))[None]
         for qa in s.qas:
             got = model.answer(qa.question, tok, pixels, max_new_tokens=16)
-            c = counts.setdefault(qa.qtype, [0, 0])
+            c = counts.setdefault(qa.qtype, [0, 0, 0])
             c[0] += got == qa.answer
             c[1] += 1
+            c[2] += answer_of_type(qa.qtype, qa.question, got)
         if progress:
             progress(i + 1, n_images)
-    table = {t: {"correct": c, "total": n, "accuracy": c / n} for t, (c, n) in sorted(counts.items())}
-    correct, total = sum(c for c, _ in counts.values()), sum(n for _, n in counts.values())
-    table["all"] = {"correct": correct, "total": total, "accuracy": correct / total}
+    table = {
+        t: {"correct": c, "total": n, "accuracy": c / n, "of_type": k / n}
+        for t, (c, n, k) in sorted(counts.items())
+    }
+    correct, total, typed = (sum(c[i] for c in counts.values()) for i in range(3))
+    table["all"] = {"correct": correct, "total": total, "accuracy": correct / total, "of_type": typed / total}
     return table
 
 
@@ -380,8 +417,12 @@ def write_loss_curve(losses: list[float], folder: Path, smooth: int = 20) -> Non
     img.save(folder / LOSS_PNG)
 
 
-def save_default(result: TrainResult, cfg: TrainConfig, test: dict, out: str | Path) -> Path:
-    """The single-checkpoint folder plus training.json and the loss curve, written atomically."""
+def save_default(
+    result: TrainResult, cfg: TrainConfig, test: dict, out: str | Path, splits: dict | None = None
+) -> Path:
+    """The single-checkpoint folder plus training.json and the loss curve, written atomically.
+
+    `test`: the greedy table of the test split; `splits`: those of the other evaluation splits."""
     from tinygptv_edge.export.checkpoints.single import save_single
 
     out = Path(out)
@@ -398,6 +439,7 @@ def save_default(result: TrainResult, cfg: TrainConfig, test: dict, out: str | P
             "scene_after_pretraining": result.scene,
             "validation": [{"step": s, **a} for s, a in result.val],
             "test_greedy_exact_match": test,
+            "eval_splits_greedy_exact_match": splits or {},
             "parameters": sum(p.numel() for p in result.model.parameters()),
         }
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")

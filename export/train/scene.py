@@ -66,15 +66,26 @@ def patch_labels(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray, np.nd
     colour = np.zeros(grid * grid, np.int64)
     kind = np.zeros(grid * grid, np.int64)
     offset = np.zeros((grid * grid, 2), np.float32)
-    for p, block in enumerate(blocks):
-        cover = np.bincount(block, minlength=len(scene.shapes) + 1)[1:]  # pixels of each shape
-        if cover.max() < MIN_COVER * cell * cell:
-            continue
-        s = scene.shapes[int(cover.argmax())]
+
+    def label(p: int, s) -> None:
         row, col = divmod(p, grid)
         colour[p] = 1 + list(COLOURS).index(s.colour)
         kind[p] = 1 + SHAPES.index(s.kind)
-        offset[p] = (s.x - (col + 0.5) / grid, s.y - (row + 0.5) / grid)
+        x, y = scene.frame.place(s.x, s.y)  # in the model's input (a camera frame may squeeze the scene)
+        offset[p] = (x - (col + 0.5) / grid, y - (row + 0.5) / grid)
+
+    for p, block in enumerate(blocks):
+        cover = np.bincount(block, minlength=len(scene.shapes) + 1)[1:]  # pixels of each shape
+        if cover.max() >= MIN_COVER * cell * cell:
+            label(p, scene.shapes[int(cover.argmax())])
+    # a shape too small to cover MIN_COVER of any patch still labels the patch under its centre
+    # (if nothing larger did): otherwise small shapes would teach the encoder nothing
+    for i, s in enumerate(scene.shapes):
+        x, y = scene.frame.place(s.x, s.y)
+        col, row = (min(grid - 1, max(0, int(v * grid))) for v in (x, y))
+        p = row * grid + col
+        if colour[p] == 0 and (blocks[p] == i + 1).any():
+            label(p, s)
     return colour, kind, offset
 
 
@@ -88,7 +99,7 @@ def scene_targets(scenes: Iterable[Scene], cfg: TinyGPTVConfig) -> SceneTargets:
         xy = np.zeros((N_COLOURS, 2), np.float32)
         for s in scene.shapes:
             c = colours.index(s.colour)
-            present[c], kind[c], xy[c] = 1.0, SHAPES.index(s.kind), (s.x, s.y)
+            present[c], kind[c], xy[c] = 1.0, SHAPES.index(s.kind), scene.frame.place(s.x, s.y)
         rows.append(
             (present, kind, xy, len(scene.shapes), BACKGROUNDS.index(scene.background))
             + patch_labels(scene, grid)

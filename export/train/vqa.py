@@ -1,14 +1,17 @@
 """Synthetic visual question answering: shapes on backgrounds, drawn with PIL, deterministic by seed.
 
-    seed, split, index --rng--> Scene (1-4 shapes, distinct colours, a background kind)
+    seed, split, index --rng--> Scene (1-4 shapes, distinct colours, a background kind; grid or free)
                           --render--> PIL image (size x size, drawn at 2x and downsampled)
                           --ask-----> one question per type that the scene can answer
+                       --wording rng--> its phrasing (phrasings.py: classic, train or held-out)
+                       --camera rng---> optionally a camera frame (non-square, blur, noise, JPEG)
 
 Every image comes from its own random stream `(seed, split, index)`, so the splits never share an
 image and any item can be regenerated alone. Question types (`QTYPES`): colour, shape, count,
 position (left/right, top/bottom of the image), relation (left/right of, above/below another shape),
-exists (yes/no) and caption ("two shapes on a noisy background"); each has several phrasings.
-Answers are one to a few words, lower case.
+exists (yes/no) and caption ("two shapes on a noisy background"). Answers are one to a few words,
+lower case, always of the question's type. `DATASETS` names the scene settings training draws from
+(classic, varied); `EVAL_SPLITS` the evaluation splits (test, test-phrasing, test-layout, test-camera).
 
 The same generator writes calibration images (`write_calibration_images`) for INT8 and imatrix runs.
 """
@@ -16,14 +19,16 @@ The same generator writes calibration images (`write_calibration_images`) for IN
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tinygptv_edge.export.train.phrasings import CLASSIC, SETS, surface
 from tinygptv_edge.runtime.errors import ConfigError
 
 COLOURS = {  # name -> RGB; saturated, far apart in hue, all far from the greyish backgrounds
@@ -38,42 +43,12 @@ SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUNDS = ("plain", "gradient", "noisy", "striped")
 NUMBERS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "validation": 1, "test": 2, "calibration": 3}
-LAYOUTS = ("grid", "free")
+LAYOUTS = ("grid", "free", "mixed")
 QTYPES = ("colour", "shape", "count", "position", "relation", "exists", "caption")
 
-PHRASINGS = {
-    "colour": (
-        "What colour is the {s}?",
-        "What is the colour of the {s}?",
-        "Which colour does the {s} have?",
-    ),
-    "shape": ("What shape is the {c} object?", "What is the {c} shape?", "Name the shape of the {c} object."),
-    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes."),
-    "position_x": (
-        "Is the {c} {s} on the left or the right?",
-        "Which side of the image is the {c} {s} on?",
-        "Is the {c} {s} in the left or right half?",
-    ),
-    "position_y": (
-        "Is the {c} {s} at the top or the bottom?",
-        "Is the {c} {s} in the top or bottom half?",
-        "Where is the {c} {s}, top or bottom?",
-    ),
-    "relation_x": (
-        "Is the {c} {s} left or right of the {c2} {s2}?",
-        "Is the {c} {s} to the left or to the right of the {c2} {s2}?",
-        "Which side of the {c2} {s2} is the {c} {s} on?",
-    ),
-    "relation_y": (
-        "Is the {c} {s} above or below the {c2} {s2}?",
-        "Is the {c} {s} higher or lower than the {c2} {s2}?",
-        "Is the {c} {s} over or under the {c2} {s2}?",
-    ),
-    "exists": ("Is there a {c} {s}?", "Does the image contain a {c} {s}?", "Can you see a {c} {s}?"),
-    "caption": ("Describe the image briefly.", "Give a short caption.", "What does the image show?"),
-}
-# relation_y phrasings answer in their own words
-_Y_WORDS = {0: ("above", "below"), 1: ("higher", "lower"), 2: ("over", "under")}
+PHRASINGS = {k: tuple(t for t, _ in v) for k, v in CLASSIC.items()}  # the test split's wording
+PHRASING_SETS = tuple(SETS)
+CAMERA_FRAMES = ((640, 480), (480, 640), (800, 600), (1280, 720), (720, 1280), (480, 480))
 
 
 @dataclass(frozen=True)
@@ -83,7 +58,8 @@ class VQAConfig:
     image_size: int = 128
     min_shapes: int = 1
     max_shapes: int = 4
-    layout: str = "grid"  # "grid": one shape per cell of a grid x grid layout, jittered; "free": anywhere
+    layout: str = "grid"  # "grid": one shape per cell of a grid x grid layout, jittered; "free": anywhere;
+    # "mixed": grid or free, half the images each (grid radii capped at 0.52 / grid)
     grid: int = 4
     jitter: float = 0.03  # grid layout: centre offset from the cell centre, up to this
     min_radius: float = 0.08
@@ -91,6 +67,9 @@ class VQAConfig:
     min_center_gap: float = 0.8  # centres at least this times (r1 + r2) apart: overlaps stay partial
     position_margin: float = 0.1  # |x - 0.5| (or y) at least this for a position question
     relation_margin: float = 0.12  # |x1 - x2| (or y) at least this for a relation question
+    min_visible: float = 0.6  # free layout: every shape keeps at least this share of its area visible
+    phrasings: str = "classic"  # wording: "classic" (the test split's), "train" or "heldout" (phrasings.py)
+    camera: float = 0.0  # share of images shown as camera frames (non-square, JPEG, blur, noise)
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 4096:
@@ -106,6 +85,13 @@ class VQAConfig:
             raise ConfigError(
                 f"VQAConfig: a {self.grid}x{self.grid} grid holds fewer than {self.max_shapes} shapes"
             )
+        if self.phrasings not in PHRASING_SETS:
+            raise ConfigError(
+                f"VQAConfig.phrasings: expected one of {', '.join(PHRASING_SETS)}, got {self.phrasings!r}"
+            )
+        for name in ("min_visible", "camera"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"VQAConfig.{name}: expected 0..1, got {getattr(self, name)}")
         if not 0 < self.min_radius <= self.max_radius < 0.25:
             raise ConfigError(
                 "VQAConfig: expected 0 < min_radius <= max_radius < 0.25, "
@@ -127,9 +113,30 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class Frame:
+    """Where the scene lands in the model's square input: x' = ox + sx * x, y' = oy + sy * y.
+
+    The identity for the generator's own square images; a camera frame padded to another aspect
+    squeezes the scene along one axis once the runtime resizes the frame to its square input.
+    """
+
+    ox: float = 0.0
+    oy: float = 0.0
+    sx: float = 1.0
+    sy: float = 1.0
+
+    def place(self, x: float, y: float) -> tuple[float, float]:
+        return self.ox + self.sx * x, self.oy + self.sy * y
+
+
+IDENTITY = Frame()
+
+
+@dataclass(frozen=True)
 class Scene:
     shapes: tuple[Shape, ...]  # in drawing order: later ones cover earlier ones
     background: str
+    frame: Frame = IDENTITY  # where the shapes are in the model's input (scene_targets, shape_mask)
 
 
 @dataclass(frozen=True)
@@ -146,10 +153,59 @@ class Sample:
     qas: tuple[QA, ...]
 
 
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+# Scene settings by name. "varied" is what training draws from: the training phrasings, grid and free
+# layouts, radii 0.05-0.2 (overlaps up to 40% of a shape), a third of the images as camera frames.
+WIDE = {"min_radius": 0.05, "max_radius": 0.2, "min_center_gap": 0.6}
+DATASETS = {
+    "classic": VQAConfig(),
+    "varied": VQAConfig(phrasings="train", layout="mixed", camera=0.3, **WIDE),
+}
+# Evaluation splits: (generator split, scene settings). Each changes one thing from `test`, whose
+# images and questions stay those of the first default models.
+EVAL_SPLITS = {
+    "test": ("test", VQAConfig()),
+    "test-phrasing": ("test", VQAConfig(phrasings="heldout")),  # test's images and questions, reworded
+    "test-layout": ("test", VQAConfig(layout="free", **WIDE)),  # shapes anywhere, radii 0.05-0.2
+    "test-camera": ("test", VQAConfig(camera=1.0)),  # test's scenes as camera frames
+}
+
+
+def eval_split(name: str) -> tuple[str, VQAConfig]:
+    """(generator split, scene settings) of an evaluation split name (`EVAL_SPLITS`)."""
+    if name not in EVAL_SPLITS:
+        raise ConfigError(f"unknown evaluation split {name!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    return EVAL_SPLITS[name]
+
+
+_ANSWERS = {
+    "colour": set(COLOURS),
+    "shape": set(SHAPES),
+    "count": set(NUMBERS[1:]),
+    "position": {"left", "right", "top", "bottom"},
+    "relation": {"left", "right", "above", "below", "higher", "lower", "over", "under"},
+    "exists": {"yes", "no"},
+}
+_CAPTION = re.compile(rf"(one shape|(two|three|four) shapes) on an? ({'|'.join(BACKGROUNDS)}) background")
+
+
+def answer_of_type(qtype: str, question: str, answer: str) -> bool:
+    """Whether `answer` is an answer of the question's type (right or wrong): a colour for a colour
+    question, a number word for a count, one of the options the question names for a relation..."""
+    if qtype == "caption":
+        return bool(_CAPTION.fullmatch(answer))
+    if qtype not in _ANSWERS:
+        raise ConfigError(f"unknown question type {qtype!r}: expected one of {', '.join(QTYPES)}")
+    if qtype == "relation" and answer not in re.findall(r"\w+", question.lower()):
+        return False
+    return answer in _ANSWERS[qtype]
+
+
+def _rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+    """Stream 0 draws the scene, its pixels and its questions; 1 the wording of non-classic phrasings;
+    2 the camera frame. So a split's images and questions stay the same whatever the wording or frame."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-    return np.random.default_rng([seed, SPLITS[split], index])
+    return np.random.default_rng([seed, SPLITS[split], index] + ([stream] if stream else []))
 
 
 def make_scene(rng: np.random.Generator, cfg: VQAConfig) -> Scene:
@@ -158,13 +214,18 @@ def make_scene(rng: np.random.Generator, cfg: VQAConfig) -> Scene:
     The grid layout puts each shape in its own cell (jittered, so neighbours can still touch or
     overlap a little); the free layout places centres anywhere.
     """
+    layout = cfg.layout
+    if layout == "mixed":
+        layout = "grid" if rng.random() < 0.5 else "free"
     n = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
     colours = rng.choice(list(COLOURS), size=n, replace=False)
-    if cfg.layout == "grid":
+    if layout == "grid":
         cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
         grid_shapes = []
         for colour, cell in zip(colours, cells, strict=True):
             r = float(rng.uniform(cfg.min_radius, cfg.max_radius))
+            if cfg.layout == "mixed":  # wide radius ranges are for the free half: keep cells apart
+                r = min(r, 0.52 / cfg.grid)
             row, col = divmod(int(cell), cfg.grid)
             x, y = ((v + 0.5) / cfg.grid + float(rng.uniform(-cfg.jitter, cfg.jitter)) for v in (col, row))
             grid_shapes.append(Shape(str(rng.choice(SHAPES)), str(colour), x, y, r))
@@ -180,7 +241,19 @@ def make_scene(rng: np.random.Generator, cfg: VQAConfig) -> Scene:
                 break
         else:  # crowded: start over with the same count
             shapes = []
+        if len(shapes) == n and min(visible_shares(Scene(tuple(shapes), "plain"))) < cfg.min_visible:
+            shapes = []  # a shape mostly hidden under later ones: its questions would be guesses
     return Scene(tuple(shapes), str(rng.choice(BACKGROUNDS)))
+
+
+def visible_shares(scene: Scene, size: int = 96) -> list[float]:
+    """Per shape, the share of its area that no later shape covers (rasterised at `size`)."""
+    mask = shape_mask(scene, size)
+    shares = []
+    for i, s in enumerate(scene.shapes):
+        alone = shape_mask(Scene((s,), "plain"), size)
+        shares.append(float((mask == i + 1).sum()) / max(1.0, float(alone.sum())))
+    return shares
 
 
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -206,22 +279,29 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _draw(draw: ImageDraw.ImageDraw, s: Shape, size: int, fill: tuple[int, ...] | int | None = None) -> None:
-    cx, cy, r = s.x * size, s.y * size, s.r * size
+def _draw(
+    draw: ImageDraw.ImageDraw,
+    s: Shape,
+    size: int,
+    fill: tuple[int, ...] | int | None = None,
+    frame: Frame = IDENTITY,
+) -> None:
+    x, y = frame.place(s.x, s.y)
+    cx, cy, rx, ry = x * size, y * size, frame.sx * s.r * size, frame.sy * s.r * size
     fill = COLOURS[s.colour] if fill is None else fill
     if s.kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
     elif s.kind == "square":
-        h = r * 0.85
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        hx, hy = rx * 0.85, ry * 0.85
+        draw.rectangle([cx - hx, cy - hy, cx + hx, cy + hy], fill=fill)
     elif s.kind == "triangle":
         draw.polygon(
-            [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)], fill=fill
+            [(cx, cy - ry), (cx + rx * 0.95, cy + ry * 0.75), (cx - rx * 0.95, cy + ry * 0.75)], fill=fill
         )
     elif s.kind == "cross":
-        w = r * 0.32
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        wx, wy = rx * 0.32, ry * 0.32
+        draw.rectangle([cx - rx, cy - wy, cx + rx, cy + wy], fill=fill)
+        draw.rectangle([cx - wx, cy - ry, cx + wx, cy + ry], fill=fill)
     else:
         raise ConfigError(f"unknown shape kind {s.kind!r}: expected one of {', '.join(SHAPES)}")
 
@@ -237,21 +317,60 @@ def render(scene: Scene, cfg: VQAConfig, rng: np.random.Generator) -> Image.Imag
 
 
 def shape_mask(scene: Scene, size: int) -> np.ndarray:
-    """(size, size) uint8: 1 + the index of the shape on top at each pixel, 0 for background."""
+    """(size, size) uint8: 1 + the index of the shape on top at each pixel of the model's square input
+    (the scene placed by its frame), 0 for background."""
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
     for i, s in enumerate(scene.shapes):
-        _draw(draw, s, size, fill=i + 1)
+        _draw(draw, s, size, fill=i + 1, frame=scene.frame)
     return np.asarray(img)
 
 
-def ask(scene: Scene, rng: np.random.Generator, cfg: VQAConfig) -> tuple[QA, ...]:
-    """One question per type the scene can answer unambiguously, phrasing drawn from `rng`."""
-    shapes = scene.shapes
+def camera_frame(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, Frame]:
+    """The square scene as a camera would pass it on: a non-square frame (`CAMERA_FRAMES`), the scene
+    either padded (centred, bars of one dark colour) or stretched to it, mild blur and sensor noise,
+    then JPEG. Returns the frame and where the scene lands once the frame is resized to a square."""
+    import io
 
-    def phrase(key: str) -> tuple[int, str]:
-        i = int(rng.integers(len(PHRASINGS[key])))
-        return i, PHRASINGS[key][i]
+    from PIL import ImageFilter
+
+    w, h = CAMERA_FRAMES[int(rng.integers(len(CAMERA_FRAMES)))]
+    if rng.random() < 0.5:
+        side = min(w, h)
+        ox, oy = (w - side) // 2, (h - side) // 2
+        bar = tuple(int(v) for v in rng.integers(0, 70) + rng.integers(0, 12, size=3))
+        out = Image.new("RGB", (w, h), bar)
+        out.paste(image.resize((side, side), Image.Resampling.BICUBIC), (ox, oy))
+        frame = Frame(ox / w, oy / h, side / w, side / h)
+    else:
+        out, frame = image.resize((w, h), Image.Resampling.BICUBIC), IDENTITY
+    out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.2)) * min(w, h) / 480))
+    sigma = float(rng.uniform(0.0, 6.0))
+    pixels = np.asarray(out, dtype=np.float32) + sigma * rng.standard_normal((h, w, 1), dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(
+        buf, format="JPEG", quality=int(rng.integers(50, 91))
+    )
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return im.convert("RGB"), frame
+
+
+def ask(
+    scene: Scene, rng: np.random.Generator, cfg: VQAConfig, wording: np.random.Generator | None = None
+) -> tuple[QA, ...]:
+    """One question per type the scene can answer unambiguously; what is asked is drawn from `rng`,
+    the phrasing (`cfg.phrasings`, other than classic) from `wording` (default: `rng`)."""
+    shapes = scene.shapes
+    words = wording or rng  # the wording's own stream (non-classic phrasings)
+
+    def phrase(key: str) -> tuple[str, tuple[str, str] | None]:
+        i = int(rng.integers(len(CLASSIC[key])))  # drawn for every wording: the scene stream stays the same
+        if cfg.phrasings == "classic":
+            return CLASSIC[key][i]
+        table = SETS[cfg.phrasings][key]
+        text, answer_words = table[int(words.integers(len(table)))]
+        return surface(text, words), answer_words
 
     def pick(items):
         return items[int(rng.integers(len(items)))]
@@ -261,19 +380,19 @@ def ask(scene: Scene, rng: np.random.Generator, cfg: VQAConfig) -> tuple[QA, ...
     unique_kind = [s for s in shapes if kinds.count(s.kind) == 1]
     if unique_kind:
         s = pick(unique_kind)
-        qas.append(QA(phrase("colour")[1].format(s=s.kind), s.colour, "colour"))
+        qas.append(QA(phrase("colour")[0].format(s=s.kind), s.colour, "colour"))
     s = pick(shapes)
-    qas.append(QA(phrase("shape")[1].format(c=s.colour), s.kind, "shape"))
-    qas.append(QA(phrase("count")[1], NUMBERS[len(shapes)], "count"))
+    qas.append(QA(phrase("shape")[0].format(c=s.colour), s.kind, "shape"))
+    qas.append(QA(phrase("count")[0], NUMBERS[len(shapes)], "count"))
 
     options = [(s, "x") for s in shapes if abs(s.x - 0.5) >= cfg.position_margin]
     options += [(s, "y") for s in shapes if abs(s.y - 0.5) >= cfg.position_margin]
     if options:
         s, axis = pick(options)
         if axis == "x":
-            q, a = phrase("position_x")[1], "left" if s.x < 0.5 else "right"
+            q, a = phrase("position_x")[0], "left" if s.x < 0.5 else "right"
         else:
-            q, a = phrase("position_y")[1], "top" if s.y < 0.5 else "bottom"
+            q, a = phrase("position_y")[0], "top" if s.y < 0.5 else "bottom"
         qas.append(QA(q.format(c=s.colour, s=s.kind), a, "position"))
 
     pairs = []
@@ -287,11 +406,11 @@ def ask(scene: Scene, rng: np.random.Generator, cfg: VQAConfig) -> tuple[QA, ...
     if pairs:
         a, b, axis = pick(pairs)
         if axis == "x":
-            _, q = phrase("relation_x")
+            q = phrase("relation_x")[0]
             ans = "left" if a.x < b.x else "right"
         else:
-            i, q = phrase("relation_y")
-            ans = _Y_WORDS[i][0] if a.y < b.y else _Y_WORDS[i][1]
+            q, above_below = phrase("relation_y")
+            ans = above_below[0] if a.y < b.y else above_below[1]
         qas.append(QA(q.format(c=a.colour, s=a.kind, c2=b.colour, s2=b.kind), ans, "relation"))
 
     present = {(s.colour, s.kind) for s in shapes}
@@ -302,11 +421,11 @@ def ask(scene: Scene, rng: np.random.Generator, cfg: VQAConfig) -> tuple[QA, ...
         absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
         near = [(c, k) for c, k in absent if c == s.colour or k == s.kind]
         c, k = pick(near if near and rng.random() < 0.7 else absent)
-    qas.append(QA(phrase("exists")[1].format(c=c, s=k), "yes" if (c, k) in present else "no", "exists"))
+    qas.append(QA(phrase("exists")[0].format(c=c, s=k), "yes" if (c, k) in present else "no", "exists"))
 
     n = len(shapes)
     caption = f"{NUMBERS[n]} shape{'s' if n > 1 else ''} on a {scene.background} background"
-    qas.append(QA(phrase("caption")[1], caption, "caption"))
+    qas.append(QA(phrase("caption")[0], caption, "caption"))
     return tuple(qas)
 
 
@@ -316,7 +435,14 @@ def sample(split: str, index: int, seed: int = 0, cfg: VQAConfig | None = None) 
     rng = _rng(seed, split, index)
     scene = make_scene(rng, cfg)
     image = render(scene, cfg, rng)
-    return Sample(image, scene, ask(scene, rng, cfg))
+    wording = _rng(seed, split, index, 1) if cfg.phrasings != "classic" else None
+    qas = ask(scene, rng, cfg, wording)
+    if cfg.camera:
+        cam = _rng(seed, split, index, 2)
+        if cam.random() < cfg.camera:
+            image, frame = camera_frame(image, cam)
+            scene = replace(scene, frame=frame)
+    return Sample(image, scene, qas)
 
 
 def iter_samples(split: str, n_images: int, seed: int = 0, cfg: VQAConfig | None = None) -> Iterator[Sample]:
@@ -333,9 +459,12 @@ def iter_vqa(
             yield s.image, qa.question, qa.answer, qa.qtype
 
 
-def vocabulary_text() -> list[str]:
-    """Every word the questions and answers can use, one phrase per line (for tokenizer training)."""
-    lines = [p for ps in PHRASINGS.values() for p in ps]
+def vocabulary_text(phrasings: str = "classic") -> list[str]:
+    """Every word the questions and answers can use, one phrase per line (for tokenizer training):
+    the templates of one phrasing set (never the held-out ones for a model that is evaluated on them)."""
+    if phrasings not in SETS:
+        raise ConfigError(f"vocabulary_text: expected one of {', '.join(SETS)}, got {phrasings!r}")
+    lines = [t for ts in SETS[phrasings].values() for t, _ in ts]
     names = [*COLOURS, *SHAPES, *BACKGROUNDS, *NUMBERS, "yes", "no", "left", "right", "top", "bottom"]
     lines += [f"{a} {b}" for a in names for b in names[:10]]
     return lines
