@@ -100,6 +100,11 @@ def plot_kl(doc: dict) -> str:
                              max(len(vis), 1)]})  # fmt: skip
     for ax, rs, title, key in ((axes[0], rows, "language levels (vision fp32)", "language"),
                                (axes[1], vis, "vision levels (language F32)", "vision")):  # fmt: skip
+        if not rs:  # only the reference on this axis: nothing to draw on a log scale
+            ax.text(0.5, 0.5, "no levels measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title, fontsize=10)
+            ax.set_axis_off()
+            continue
         names = [r[key] for r in rs]
         x = range(len(rs))
         # log axis: zeros (identical distributions) sit at a floor below the smallest measured value

@@ -58,6 +58,12 @@ def test_report_end_to_end(tiny_single, eval_dir, calib_dir, tmp_path, capsys):
     ref = cells[("fp32", "F32")]
     assert ref["reference"] and ref["kl"]["max"] == 0.0 and ref["flip_rate"] == 0.0
     assert ref["em_change"] == 0.0 and ref["same_top1"] == 100.0 and ref["ppl_ratio"] == 1.0
+
+    from tinygptv_edge.calib.report_html import plot_kl
+
+    # `--vision fp32 --language Q8_0`: the vision axis holds no level; its panel is left empty
+    only_language = {**doc, "cells": [r for r in doc["cells"] if r["vision"] == "fp32"]}
+    assert len(plot_kl(only_language)) > 1000
     q8 = cells[("fp32", "Q8_0")]
     assert 0.0 < q8["kl"]["mean"] <= q8["kl"]["p99"] <= q8["kl"]["max"]
     assert q8["size_bytes"] < ref["size_bytes"]
