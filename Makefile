@@ -11,10 +11,10 @@ setup: $(STAMP)
 
 # torch==2.13.0 is pinned in the `export` extra (a CPU wheel); ggml-python builds ggml from source;
 # runtime/kquant.c (the prefill K-quant matmul) is compiled for this CPU by the editable install.
-$(STAMP): pyproject.toml runtime/kquant.c
+$(STAMP): pyproject.toml runtime/kquant.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve,ray]'
 	touch $@
 
 test: setup

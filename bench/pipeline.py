@@ -83,7 +83,7 @@ def build_vision(work: Path, n_calib: int, say) -> Path:
             for i in range(n_calib + 1)
         ]
     )
-    preset = get_preset("x86-vnni", min_cosine=0.5)  # random weights: the check is not the point here
+    preset = get_preset("x86-vnni", min_cosine=0.5, mean_cosine=0.5)  # random weights: not the point here
     say(f"vision: static INT8 ({n_calib} calibration images)")
     return quantize_vision(fp32, pixels[:n_calib], preset, check=pixels[n_calib:]).path
 

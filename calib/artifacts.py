@@ -2,6 +2,7 @@
 
     model --export_vision--> vision.fp32.onnx --quantize_vision(method)--> vision.int8-<method>.onnx
       |                                     \\--quantize_vision_dynamic--> vision.int8-dynamic.onnx
+      |                                     \\--quantize_vision_int4--> vision.int4.onnx
       \\--export_gguf(level[, imatrix])--> language.<level>.gguf
     calibration (images + questions, hashed) feeds the static INT8 ranges and the importance matrix
 
@@ -151,7 +152,12 @@ class Builder:
 
     def _build_vision(self, level: VisionLevel) -> Path:
         from tinygptv_edge.export.onnx.export import ExportConfig, export_vision
-        from tinygptv_edge.export.onnx.quant import quantize_vision, quantize_vision_dynamic
+        from tinygptv_edge.export.onnx.presets import Int4Config
+        from tinygptv_edge.export.onnx.quant import (
+            quantize_vision,
+            quantize_vision_dynamic,
+            quantize_vision_int4,
+        )
 
         out = self.folder / level.file
         if level.kind == "fp32":
@@ -162,26 +168,36 @@ class Builder:
                 self._record(level.file, key, "")
             return out
         fp32 = self._build_vision(VisionLevel("fp32", "fp32"))
-        preset = self.preset.replace(min_cosine=REPORT_GATE)
+        preset = self.preset.replace(min_cosine=REPORT_GATE, mean_cosine=REPORT_GATE)
         if level.kind == "static":
             preset = preset.replace(method=level.method)
-        settings = {"preset": preset.to_dict(), "calibration": self.calib.sha256, "fp32": self._sha(fp32)}
+        int4 = Int4Config(min_cosine=REPORT_GATE, mean_cosine=REPORT_GATE)
+        settings = {
+            "preset": int4.to_dict() if level.kind == "int4" else preset.to_dict(),
+            "calibration": self.calib.sha256,
+            "fp32": self._sha(fp32),
+        }
         key = self._key(level.file, settings)
         if not self._fresh(level.file, key):
             self.say(f"quantizing {level.file}")
             if level.kind == "static":
                 res = quantize_vision(fp32, self.calib.pixels, preset, out_path=out)
+                gate = (self.preset.min_cosine, self.preset.mean_cosine)
+            elif level.kind == "int4":
+                res = quantize_vision_int4(fp32, self.calib.pixels[:8], int4, out_path=out)
+                gate = (Int4Config().min_cosine, Int4Config().mean_cosine)
             else:
                 res = quantize_vision_dynamic(fp32, preset, self.calib.pixels[:8], out_path=out)
-            gate = self.preset.min_cosine
-            note = f"cosine vs FP32 {res.cosine:.4f} on calibration images"
-            if res.cosine < gate:
-                note += f"; below the exporter's gate {gate} (it would refuse this file)"
+                gate = (self.preset.min_cosine, self.preset.mean_cosine)
+            note = f"cosine vs FP32 mean {res.mean_cosine:.4f}, min {res.cosine:.4f}"
+            note += " on held-out calibration images" if level.kind == "static" else " on calibration images"
+            if res.cosine < gate[0] or res.mean_cosine < gate[1]:
+                note += f"; below the exporter's gate (min {gate[0]}, mean {gate[1]}): it would refuse it"
             self._record(level.file, key, note)
         return out
 
     def _sha(self, path: Path) -> str:
-        from tinygptv_edge.export.checkpoints.single import file_sha256
+        from tinygptv_edge.runtime.image_cache import file_sha256
 
         return file_sha256(path)
 

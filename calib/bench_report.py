@@ -10,6 +10,7 @@ source model --Builder (as make_report)--> one file per chosen level (OUT/artifa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +29,7 @@ from .benchmarks.executor import run_ray, run_serial
 from .benchmarks.runner import RunSpec, make_shards
 from .benchmarks.scoring import Prediction, Scorer, item_scores
 from .levels import LANGUAGE_LEVELS, REFERENCE_LANGUAGE, REFERENCE_VISION, VISION_LEVELS, pick
+from .metrics import bootstrap_mean
 from .report_run import ReportConfig, _git_commit, _versions, _write_atomic, calibration, strict_json
 
 Progress = Callable[[str, int, int], None]
@@ -45,11 +47,12 @@ class BenchConfig:
     ray: str | None = None  # None: serial; "local" or a cluster address ("ray://host:10001", "auto")
     retries: int = 2  # Ray: re-runs of a failed task
     ship_models: bool = False  # Ray: model files through the object store (else a path every node sees)
+    prompts: dict[str, str] = field(default_factory=dict)  # name -> prompt with {question} (default: table)
 
     def __post_init__(self) -> None:
         if not self.benches:
             raise ReportError("--bench: expected at least one NAME=PATH, got none")
-        bad = [n for n in (*self.benches, *self.images) if n not in BENCHMARKS]
+        bad = [n for n in (*self.benches, *self.images, *self.prompts) if n not in BENCHMARKS]
         if bad:
             raise ReportError(
                 f"benchmarks: expected names from {', '.join(BENCHMARKS)}, got {', '.join(bad)}"
@@ -71,6 +74,8 @@ def load_all(bc: BenchConfig, seed: int) -> tuple[dict[str, Benchmark], dict[str
     benches, totals = {}, {}
     for name, path in bc.benches.items():
         full = load_benchmark(name, path, bc.images.get(name))
+        if name in bc.prompts:  # checked by Task: it must hold {question}
+            full.task = dataclasses.replace(full.task, prompt=bc.prompts[name], source="--bench-prompt")
         totals[name] = len(full.items)
         benches[name] = full.select(bc.limit, bc.sample, seed)
     return benches, totals
@@ -125,7 +130,9 @@ def score_cells(
         per_item = vals
         if bench.task.metric == "auroc":  # the accuracy of P(yes) > 0.5 beside the AUROC
             per_item = item_scores(bench, p)
-            row["accuracy"] = _pct(per_item.mean())
+            acc = bootstrap_mean(per_item, n_boot, seed)
+            row["accuracy"] = _pct(acc.value)
+            row["accuracy_ci"] = [_pct(acc.low), _pct(acc.high)]
         types = sorted({it.qtype for it in bench.items})
         if len(types) > 1:
             row["by_type"] = {t: _pct(per_item[[it.qtype == t for it in bench.items]].mean()) for t in types}
@@ -199,9 +206,19 @@ def render_bench_markdown(doc: dict) -> str:
             if not r["reference"]:
                 txt += f" ({_fmt(s['change'], True)}{'*' if s['change_significant'] else ''})"
             if "accuracy" in s:
-                txt += f"; acc {_fmt(s['accuracy'])}"
+                txt += (
+                    f"; acc {_fmt(s['accuracy'])} [{_fmt(s['accuracy_ci'][0])}, {_fmt(s['accuracy_ci'][1])}]"
+                )
             cols.append(txt)
         lines.append("| " + " | ".join(cols) + " |")
+    typed = [n for n in names if any("by_type" in r["scores"][n] for r in doc["cells"])]
+    for n in typed:
+        types = list(doc["cells"][0]["scores"][n]["by_type"])
+        lines += ["", f"### {doc['benchmarks'][n]['label']} by type (%)", "",
+                  "| cell | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 1)]  # fmt: skip
+        for r in doc["cells"]:
+            by = r["scores"][n]["by_type"]
+            lines.append(f"| {r['name']} | " + " | ".join(_fmt(by[t]) for t in types) + " |")
     lines += ["", "## Benchmarks", ""]
     for b in doc["benchmarks"].values():
         part = (

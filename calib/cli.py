@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="benchmark files as released: gqa, vsr, iconqa, vizwiz, hateful_memes, vqav2, textvqa",
     )
     bm.add_argument("--bench-images", action="append", metavar="NAME=DIR", help="a benchmark's image folder")
+    bm.add_argument(
+        "--bench-prompt",
+        action="append",
+        metavar="NAME=TEXT",
+        help="a benchmark's prompt, with {question} (default: TinyGPT-V's evaluation prompt)",
+    )
     bm.add_argument("--sample", type=int, help="evaluate N items drawn at random (--seed) per benchmark")
     bm.add_argument("--shard-size", type=int, default=64, help="items per task (default 64)")
     bm.add_argument(
@@ -158,6 +164,7 @@ def _bench(cfg, args, progress, bars, t0) -> int:
         ray=args.ray,
         retries=args.retries,
         ship_models=args.ray_ship_models,
+        prompts=parse_bench_args(args.bench_prompt, strip=False),
     )
     try:
         paths = make_bench_report(cfg, bc, progress)

@@ -1,6 +1,7 @@
 """The quantization levels the report compares: a table per half of the model.
 
     vision (ONNX)          fp32 | int8-<method> (static QDQ, per calibration method) | int8-dynamic
+                           | int4 (weight-only MatMulNBits)
     language (GGUF)        F32 | F16 | Q8_0 | Q5_K_M | Q4_K_M | Q4_0 | <level>+imat (importance matrix)
 
 The reference is fp32 x F32; every other cell is measured against it.
@@ -17,7 +18,7 @@ from tinygptv_edge.runtime.errors import ReportError
 @dataclass(frozen=True)
 class VisionLevel:
     name: str
-    kind: str  # "fp32" | "static" | "dynamic"
+    kind: str  # "fp32" | "static" | "dynamic" | "int4"
     method: str = ""  # calibration method of a static level
 
     @property
@@ -45,6 +46,7 @@ VISION_LEVELS: dict[str, VisionLevel] = {
         VisionLevel("fp32", "fp32"),
         *(VisionLevel(f"int8-{m}", "static", m) for m in CALIBRATION_METHODS),
         VisionLevel("int8-dynamic", "dynamic"),
+        VisionLevel("int4", "int4"),
     )
 }
 _PLAIN = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0")

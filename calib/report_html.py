@@ -142,17 +142,18 @@ def plot_types(doc: dict) -> str:
 
 
 def _thumb(folder: Path, rel: str, size: int = 96) -> str:
-    from PIL import Image
+    """The image as the model saw it (runtime/images.py: upright, alpha on white), as an inline PNG."""
+    from tinygptv_edge.runtime.errors import ImageError
+    from tinygptv_edge.runtime.images import load_image
 
     try:
-        with Image.open(folder / rel) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    except OSError:
+        im = load_image(folder / rel)
+    except ImageError:
         return ""
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _heat(text: str, lo: float, hi: float) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tinygptv_edge.export.checkpoints.source import SourceSpec
+from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.errors import ReportError
 
 from .artifacts import REPORT_GATE, Builder, Calibration
@@ -71,6 +72,8 @@ class ReportConfig:
                 raise ReportError(f"{name}: expected a positive integer, got {v!r}")
         if self.cells not in ("full", "axes"):
             raise ReportError(f"cells: expected 'full' or 'axes', got {self.cells!r}")
+        for name in ("threads", "probe_threads"):
+            check_threads(getattr(self, name), name)
 
 
 def _versions() -> dict[str, str]:

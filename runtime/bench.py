@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_args import add_model_args, add_runtime_args
 from .errors import ConfigError
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -48,21 +49,10 @@ class BenchConfig:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure vision, prefill, decode, memory and bandwidth on this machine")
-    p.add_argument(
-        "--vision", help="vision ONNX file (default: DIST/vision.int8.onnx, else vision.fp32.onnx)"
-    )
-    p.add_argument("--language", help="language GGUF file (default: DIST/language.q4_0.gguf, else any)")
-    p.add_argument("--dist", default="dist", help="where `make export-onnx export-gguf` wrote the models")
+    add_model_args(p)
     p.add_argument("--image", help="image for the questions (default: a generated 640x480 picture)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about each image")
-    p.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
-    p.add_argument("--n-ctx", type=int, help="context length (default: the model's, as `run`)")
-    p.add_argument(
-        "--low-memory",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="one model resident at a time; auto: when MemAvailable is short of both (default)",
-    )
+    add_runtime_args(p)
     d = BenchConfig()
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="decoder prefill batch size")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps per decode run")
@@ -147,13 +137,11 @@ def bench_pipeline(vision, language, cfg: BenchConfig, n_threads, n_ctx, low_mem
     }
 
 
-def bench_decoder(language, cfg: BenchConfig, n_threads, n_ctx) -> dict:
-    """Stage 2: the decoder alone: a prefill batch, then greedy single-token steps."""
+def bench_decoder(language, cfg: BenchConfig, n_threads, n_ctx: int) -> dict:
+    """Stage 2: the decoder alone (at the pipeline's context): a prefill batch, then greedy steps."""
     from .decoder import Decoder
-    from .pipeline import trained_context
 
-    ctx = n_ctx or trained_context(Path(language))  # KV pages become resident only as they fill
-    with Decoder(language, n_ctx=ctx, n_threads=n_threads) as dec:
+    with Decoder(language, n_ctx=n_ctx, n_threads=n_threads) as dec:
         room = dec.n_ctx - 1
         n_prompt = max(1, min(cfg.prompt_tokens, room // 2))
         n_decode = max(1, min(cfg.decode_tokens, room - n_prompt))
@@ -220,7 +208,7 @@ def run_bench(
     say(f"image questions ({cfg.repeats + 1}, low-memory {'on' if plan.low_memory else 'off'})")
     stage1 = bench_pipeline(vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt)
     say(f"decoder: {cfg.repeats + 1} x ({cfg.prompt_tokens} prefill + {cfg.decode_tokens} decode tokens)")
-    stage2 = bench_decoder(language, cfg, n_threads, n_ctx)
+    stage2 = bench_decoder(language, cfg, n_threads, stage1["n_ctx"])
     peak = peak_rss_bytes()
     release_heap(collect=True)
     available = mem_available_bytes()

@@ -87,6 +87,20 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+MAX_JSON_BYTES = 64 << 20  # a config.json or tokenizer.json (Phi-2's tokenizer.json: ~2 MB)
+
+
+def small_file(
+    path: str | Path, what: str, error: type[TinyGPTVError] = ConfigError, limit: int = MAX_JSON_BYTES
+) -> Path:
+    """A regular file of at most `limit` bytes, checked before it is read into memory."""
+    path = regular_file(path, what, error)
+    size = path.stat().st_size
+    if size > limit:
+        raise error(f"{what} {path}: expected at most {limit} bytes, found {size}")
+    return path
+
+
 def physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

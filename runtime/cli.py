@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from .cli_args import add_model_args, add_runtime_args
+
 CHAT_HELP = """commands: /image PATH  attach an image to your next question
           /reset       start a new conversation
           /quit        leave (or Ctrl-D)"""
@@ -19,11 +21,7 @@ CHAT_HELP = """commands: /image PATH  attach an image to your next question
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="answer a question about an image with the exported models (no torch)")
-    p.add_argument(
-        "--vision", help="vision ONNX file (default: DIST/vision.int8.onnx, else vision.fp32.onnx)"
-    )
-    p.add_argument("--language", help="language GGUF file (default: DIST/language.q4_0.gguf, else any)")
-    p.add_argument("--dist", default="dist", help="where `make export-onnx export-gguf` wrote the models")
+    add_model_args(p)
     p.add_argument(
         "--image", help="image file (JPEG, PNG, WEBP, GIF, BMP, TIFF); omit for a text-only question"
     )
@@ -43,18 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int)
-    r = p.add_argument_group("runtime")
-    r.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
-    r.add_argument("--n-ctx", type=int, help="context length (default: the model's, 2048)")
-    r.add_argument(
-        "--low-memory",
-        nargs="?",
-        choices=["auto", "on", "off"],
-        const="on",
-        default="auto",
-        help="one model resident at a time (2 GB boards); auto (default): when MemAvailable is short of "
-        "both models, see docs/bench-command.md; a bare --low-memory means on",
-    )
+    add_runtime_args(p.add_argument_group("runtime"))
     p.set_defaults(func=run)
 
 

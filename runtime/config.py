@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .checks import small_file
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -378,11 +379,15 @@ class TinyGPTVConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TinyGPTVConfig:
+        small_file(path, "config")
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ConfigError(f"cannot read config {path}: {e}") from e
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     def replace(self, **changes: Any) -> TinyGPTVConfig:
         return dataclasses.replace(self, **changes)

@@ -229,7 +229,7 @@ GGUF_TOKENIZER_KEYS = {
     "bos_id": "tokenizer.ggml.bos_token_id",
     "eos_id": "tokenizer.ggml.eos_token_id",
     "pad_id": "tokenizer.ggml.padding_token_id",
-    "add_bos": "tokenizer.ggml.add_bos_token",  # true: BOS goes first, as in training
+    "add_bos": "tokenizer.ggml.add_bos_token",  # the model's BOS rule (PromptConfig.add_bos)
     "add_eos": "tokenizer.ggml.add_eos_token",  # false
 }
 GGUF_TOKENIZER_MODEL = "gpt2"

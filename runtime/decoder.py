@@ -50,6 +50,15 @@ KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 d
 GRAPH_CACHE = 6  # built graphs kept (LRU)
 
 
+_CHECKED: set[tuple[int, ...]] = set()  # identities of the GGUF files whose values were checked
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """The file as it is now: a rewrite changes its inode, size or modification time."""
+    st = Path(path).stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Decoder:
     """Modified Phi-2 over a memory-mapped GGUF, with an F16 (or F32) KV cache of `n_ctx` positions.
 
@@ -118,10 +127,16 @@ class Decoder:
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
         matmul = {t.gguf for t in language_tensors(hp.n_layer) if t.role == MATMUL}
         # weights are checked for NaN/inf as they load: copied and repacked ones from the bytes read
-        # for them, the ones ggml reads through the mapping (F16/F32, unrepacked K-quants) by `pread`
-        with Background(partial(check_bytes, self._gf)) as checker:  # checks run beside the repacking
-            self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack, check=checker)
-            check_values(self._gf, self._w.mapped, threads=min(2, self.n_threads))
+        # for them, the ones ggml reads through the mapping (F16/F32, unrepacked K-quants) by `pread`;
+        # once per file and process (low-memory mode reopens the decoder for every image turn)
+        identity = _identity(self._gf.path)
+        if identity in _CHECKED:
+            self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
+        else:
+            with Background(partial(check_bytes, self._gf)) as checker:  # beside the repacking
+                self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack, check=checker)
+                check_values(self._gf, self._w.mapped, threads=min(2, self.n_threads))
+            _CHECKED.add(identity)
         if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
             mapped = matmul - set(self._w.repacked)
             self._w.kquant = {n for n in mapped if kq.eligible(ggml, self._w.tensors[n])}

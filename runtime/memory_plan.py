@@ -61,22 +61,26 @@ class MemoryPlan:
             raise ConfigError(f"low-memory mode: expected one of {MODES}, got {self.mode!r}")
 
     @property
-    def reason(self) -> str:
-        gib = 1024**3
-        if self.mode != "auto":
-            return f"--low-memory {self.mode}"
-        if self.available is None:
-            return "MemAvailable unknown: resident mode"
-        picked = "low-memory" if self.low_memory else "resident"
-        return (
-            f"{picked} mode: {self.available / gib:.2f} GiB available, resident needs about "
-            f"{self.resident_need / gib:.2f} GiB, low-memory {self.low_memory_need / gib:.2f} GiB"
-        )
+    def need(self) -> int:
+        """About what the chosen mode needs."""
+        return self.low_memory_need if self.low_memory else self.resident_need
 
     @property
     def tight(self) -> bool:
-        """Even low-memory mode may not fit (expect swapping or the OOM killer)."""
-        return self.available is not None and self.available < self.low_memory_need
+        """The chosen mode may not fit (expect swapping or the OOM killer)."""
+        return self.available is not None and self.available < self.need
+
+    @property
+    def reason(self) -> str:
+        gib = 1024**3
+        picked = "low-memory" if self.low_memory else "resident"
+        if self.available is None:
+            return f"{picked} mode (--low-memory {self.mode}; MemAvailable unknown)"
+        return (
+            f"{picked} mode (--low-memory {self.mode}): {self.available / gib:.2f} GiB available, "
+            f"resident needs about {self.resident_need / gib:.2f} GiB, "
+            f"low-memory {self.low_memory_need / gib:.2f} GiB"
+        )
 
 
 def plan_memory(
@@ -97,7 +101,7 @@ def plan_memory(
     per_pos, trained = kv_bytes_per_position(language)  # the contexts Pipeline picks for each mode:
     resident = vision_bytes + language_bytes + per_pos * (n_ctx or trained) + MARGIN
     low = max(vision_bytes, language_bytes + per_pos * (n_ctx or min(trained, LOW_MEMORY_CTX))) + MARGIN
-    if available is None and mode == "auto":
+    if available is None:
         available = mem_available_bytes()
     if mode == "auto":
         low_memory = available is not None and available < resident

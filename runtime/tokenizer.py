@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from .checks import foreign, not_regular
+from .checks import foreign, not_regular, small_file
 from .errors import ConfigError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -39,9 +39,11 @@ class Tokenizer:
         kind = not_regular(file)
         if kind is not None or not file.is_file():
             raise ConfigError(f"no tokenizer.json at {file}" + (f": found {kind}" if kind else ""))
+        small_file(file, "tokenizer")
         bos = eos = ENDOFTEXT
         config = folder / "tokenizer_config.json"
         if config.is_file():
+            small_file(config, "tokenizer config")
             try:
                 data = json.loads(config.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -52,6 +54,7 @@ class Tokenizer:
             eos = _token_text(data.get("eos_token")) or eos
         with foreign("tokenizers", f"cannot read tokenizer {file}", ConfigError):
             hf = _HFTokenizer.from_file(str(file))
+        _check_unique_ids(hf, file)
         return cls(hf, bos, eos)
 
     @classmethod
@@ -89,6 +92,18 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
+
+
+def _check_unique_ids(hf: _HFTokenizer, file: Path) -> None:
+    """Two tokens with one id: one of them could never be produced or exported (a GGUF holds one per id)."""
+    vocab = hf.get_vocab(with_added_tokens=True)
+    if len(set(vocab.values())) == len(vocab):
+        return
+    seen: dict[int, str] = {}
+    for tok, i in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])):
+        if i in seen:
+            raise ConfigError(f"{file}: expected one token per id, found {seen[i]!r} and {tok!r} at id {i}")
+        seen[i] = tok
 
 
 def check_text(text: object, what: str = "text") -> str:

@@ -161,6 +161,18 @@ for fn in (load_single, single_source):
     assert sum(f"config {part}." in ln and f"= {value}: expected at most" in ln for ln in lines) == expect
 
 
+@pytest.mark.parametrize("part, field", [("vision", "depth"), ("qformer", "layers"), ("language", "layers")])
+def test_official_files_with_a_config_of_1e8_layers(tiny, part, field):
+    import dataclasses
+
+    changes = {field: 10**8, **({"stored_depth": 10**8} if part == "vision" else {})}
+    sub = dataclasses.replace(getattr(tiny.cfg, part), **changes)
+    cfg = tiny.cfg.replace(**{part: sub})
+    s = tiny.synth
+    with pytest.raises(CheckpointError, match=f"config {part}.{field} = 100000000: expected at most"):
+        load_tinygptv(phi2=s.phi2, eva=s.eva, blip2=s.blip2, stage=s.stage, cfg=cfg)
+
+
 def test_phi2_folder_with_1e8_layers(tiny, tmp_path):
     folder = tmp_path / "phi2"
     shutil.copytree(tiny.synth.phi2, folder)
@@ -258,3 +270,17 @@ def test_a_killed_export_leaves_what_the_next_one_removes(tmp_path):
 
 def test_all_errors_above_are_typed():
     assert issubclass(CheckpointError, TinyGPTVError) and issubclass(ImageTooLargeError, TinyGPTVError)
+
+
+@pytest.mark.parametrize("n", [0, 100000, True])
+def test_export_thread_counts_are_bounded(n):
+    import numpy as np
+
+    from tinygptv_edge.export.gguf.quant import Q, quantize
+    from tinygptv_edge.export.train.loop import TrainConfig
+    from tinygptv_edge.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="threads: expected an integer in 1.."):
+        quantize(np.zeros((4, 32), np.float32), Q.Q8_0, threads=n)
+    with pytest.raises(ConfigError, match="threads"):
+        TrainConfig(threads=n)

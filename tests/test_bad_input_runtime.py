@@ -316,14 +316,14 @@ def test_image_sizes_are_checked_from_the_header(size, words, tmp_path):
     path = tmp_path / "strip.png"
     path.write_bytes(_png_header_only(*size))
     code = f"""
-import resource
 from tinygptv_edge.runtime.images import load_image
 from tinygptv_edge.runtime.errors import ImageError
 try:
     load_image({str(path)!r})
 except ImageError as e:
     print("typed:", e)
-print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+print("peak_kb", hwm.split()[1])  # ru_maxrss would carry the parent's peak across fork
 """
     res = run_limited(code, mem=GiB, timeout=60)
     assert res.returncode == 0 and "typed:" in res.stdout, res.stderr
@@ -500,6 +500,18 @@ def test_corrupt_tokenizer_json(tmp_path, body):
     (tmp_path / "tokenizer_config.json").unlink()
 
 
+def test_duplicate_ids_in_tokenizer_json(tiny, tmp_path):
+    import json
+
+    data = json.loads((tiny.synth.phi2 / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[b] = vocab[a]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=f"expected one token per id, found .* at id {vocab[a]}"):
+        Tokenizer.from_file(tmp_path)
+
+
 def test_text_mode_file_objects_are_refused(dist):
     for encoding in ("latin-1", "utf-8"):  # utf-8: reading would raise UnicodeDecodeError
         with open(dist / "photo.png", encoding=encoding) as f, pytest.raises(ImageError, match="binary file"):
@@ -550,9 +562,9 @@ def test_q4_0_bytes_relabelled_as_q4_k_are_refused(tiny, tmp_path):
     names = [n for n, t in gf.tensors.items() if t.type.name == "Q4_0"]
     gf.close()
     assert len(names) >= 8
-    for name in names:
+    for i, name in enumerate(names):
         bad = variant(
-            tmp_path, "relabel", patch_bytes(data, tensor_type_pos(data, name), struct.pack("<I", 12))
+            tmp_path, f"relabel{i}", patch_bytes(data, tensor_type_pos(data, name), struct.pack("<I", 12))
         )
         assert GGUFFile.open(bad).tensors[name].nbytes == GGUFFile.open(path).tensors[name].nbytes
         with pytest.raises((GGUFModelError, NonFiniteTensorError), match=name.replace(".", r"\.")):
@@ -676,3 +688,36 @@ def test_every_typed_error_is_a_tinygptv_error():
     kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert all(issubclass(k, TinyGPTVError) for k in kinds)
     assert threading  # the module imports stay used
+
+
+def test_config_and_tokenizer_files_are_size_checked_before_reading(tmp_path):
+    from tinygptv_edge.runtime.checks import MAX_JSON_BYTES
+    from tinygptv_edge.runtime.config import TinyGPTVConfig
+
+    big = tmp_path / "config.json"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.truncate(MAX_JSON_BYTES + 1)
+    with pytest.raises(ConfigError, match=f"expected at most {MAX_JSON_BYTES} bytes"):
+        TinyGPTVConfig.load(big)
+    big.rename(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match=f"expected at most {MAX_JSON_BYTES} bytes"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "bad.json").write_bytes(b"\x80{}")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        TinyGPTVConfig.load(tmp_path / "bad.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(ConfigError, match="FIFO"):
+        _with_alarm(lambda: TinyGPTVConfig.load(tmp_path / "fifo.json"))
+
+
+def test_weights_are_checked_again_after_the_file_changes(dist, tmp_path):
+    """The value check runs once per file identity: a rewritten file is checked again."""
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(gguf(dist), path)
+    Decoder(path, n_ctx=16, n_threads=1).close()
+    start, _ = tensor_data_pos(path, "output.bias")
+    data = patch_bytes(path.read_bytes(), start, np.float32(np.nan).tobytes())
+    path.unlink()
+    path.write_bytes(data)
+    with pytest.raises(NonFiniteTensorError, match="output.bias"):
+        Decoder(path, n_ctx=16, n_threads=1)

@@ -77,7 +77,9 @@ def test_json_fields_exist_and_agree(dist, capsys):
 
 def test_low_memory_on_and_the_table(dist, capsys):
     r = bench_json(capsys, dist, "--low-memory", "on")
-    assert r["memory"]["low_memory"] is True and r["memory"]["reason"] == "--low-memory on"
+    assert r["memory"]["low_memory"] is True and r["memory"]["reason"].startswith(
+        "low-memory mode (--low-memory on)"
+    )
     assert positive(r["results"]["decode_tok_s"]) and positive(r["results"]["vision_ms_per_image"])
     code = main(["bench", "--dist", str(dist), *FAST, "--bandwidth-mib", "4"])
     out, _ = capsys.readouterr()
@@ -98,15 +100,16 @@ def test_bad_arguments(dist, capsys):
 def test_plan_memory_auto_picks_from_what_is_available(dist):
     v, lang = dist / "vision.fp32.onnx", dist / "language.q8_0.gguf"
     plenty = plan_memory("auto", v, lang, available=1 << 40)
-    assert plenty.low_memory is False and not plenty.tight and "resident mode" in plenty.reason
+    assert plenty.low_memory is False and not plenty.tight and plenty.reason.startswith("resident mode")
     need, low = plenty.resident_need, plenty.low_memory_need
     assert MARGIN < low < need
     assert need >= v.stat().st_size + lang.stat().st_size + MARGIN
     short = plan_memory("auto", v, lang, available=need - 1)
-    assert short.low_memory is True and not short.tight and "low-memory mode" in short.reason
+    assert short.low_memory is True and not short.tight and short.reason.startswith("low-memory mode")
     tiny = plan_memory("auto", v, lang, available=low - 1)
     assert tiny.low_memory is True and tiny.tight
-    assert plan_memory("off", v, lang, available=1).low_memory is False
+    forced = plan_memory("off", v, lang, available=need - 1)
+    assert forced.low_memory is False and forced.tight  # asked for: resident, with a warning
     assert plan_memory("on", v, lang, available=1 << 40).low_memory is True
     # a longer context needs more for the resident KV cache
     assert (
@@ -151,3 +154,15 @@ def test_bench_does_not_import_torch(dist):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "serve"])
+def test_low_memory_flag_is_the_same_everywhere(command):
+    from tinygptv_edge.cli import build_parser
+
+    parser = build_parser(only=command)
+    assert parser.parse_args([command]).low_memory == "auto"
+    assert parser.parse_args([command, "--low-memory", "off"]).low_memory == "off"
+    assert parser.parse_args([command, "--low-memory"]).low_memory == "on"  # the bare flag run had
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--low-memory", "maybe"])

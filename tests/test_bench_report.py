@@ -78,6 +78,9 @@ def test_bench_report_serial(serial_run, bench_files):
                                     for i, p in enumerate(icon)]  # fmt: skip
     md = (serial_run / "bench.md").read_text()
     assert md.startswith("# Benchmarks") and md.count("| fp32 |") == 2 and "VizWiz (vqa_accuracy)" in md
+    assert "### GQA by type (%)" in md and "| fp32 + Q8_0 |" in md  # breakdown by the release's types
+    acc = ref["scores"]["hateful_memes"]
+    assert acc["accuracy_ci"][0] <= acc["accuracy"] <= acc["accuracy_ci"][1]
     run = json.loads((serial_run / "bench.run.json").read_text())
     assert run["executor"] == "serial" and run["shards"] == 2 * sum(
         b["items"] for b in doc["benchmarks"].values()
@@ -182,3 +185,53 @@ def test_ray_retries_a_failed_task(ray_cluster, serial_run, bench_files, tmp_pat
     copies = {p.name: p for p in ship.rglob("*") if p.is_file()}
     assert {"language.f32.gguf", "vision.fp32.onnx"} <= set(copies)
     assert all(p.read_bytes() == (arts / name).read_bytes() for name, p in copies.items())
+
+
+@pytest.mark.slow
+def test_shipped_model_answers_its_questions_in_gqa_layout(tmp_path):
+    """The shipped default model through the GQA reader: its own synthetic questions, asked plainly
+    (--bench-prompt), are mostly answered right, so reader, prompt, greedy decoding and exact match fit."""
+    pytest.importorskip("tinygptv_edge.export.train.vqa")
+    import importlib.util
+
+    from tinygptv_edge.cli import main
+    from tinygptv_edge.export.checkpoints.default import default_model_dir
+
+    if not (default_model_dir() / "model.safetensors").is_file():
+        pytest.skip("the shipped default model is not there (make train-default)")
+    spec = importlib.util.spec_from_file_location(
+        "ray_scaleout", Path(__file__).parents[1] / "bench" / "ray_scaleout.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    questions = mod.write_gqa(tmp_path / "gqa", n_images=6)
+    out = tmp_path / "r"
+    assert main(["report", "--out", str(out), "--vision", "fp32", "--language", "F32", "--n-calib", "4",
+                 "--no-probe", "--no-noise-floor", "--n-boot", "200", "--bench", f"gqa={questions}",
+                 "--bench-prompt", "gqa={question}"]) == 0  # fmt: skip
+    doc = json.loads((out / "bench.json").read_text())
+    row = doc["cells"][0]["scores"]["gqa"]
+    assert doc["benchmarks"]["gqa"]["prompt_source"] == "--bench-prompt"
+    assert row["value"] > 80.0, row  # the model is above 95% on held-out questions of its own set
+    assert set(row["by_type"]) >= {"colour", "count"}
+
+
+def test_unreadable_image_is_a_typed_error_and_the_next_shard_still_runs(serial_run, bench_files, tmp_path):
+    import shutil
+
+    from tinygptv_edge.calib.benchmarks.executor import run_serial
+    from tinygptv_edge.calib.benchmarks.runner import RunSpec, make_shards
+    from tinygptv_edge.runtime.errors import ImageError
+
+    root = tmp_path / "gqa"
+    shutil.copytree(Path(bench_files["gqa"]).parent, root)
+    (root / "images" / "n1.jpg").write_bytes(b"not an image at all")
+    bench = load_benchmark("gqa", root / "testdev_balanced_questions.json")
+    arts = serial_run / "artifacts"
+    spec = RunSpec({"fp32": str(arts / "vision.fp32.onnx")}, {"F32": str(arts / "language.f32.gguf")}, 1, 4)
+    shards = make_shards({"gqa": 2}, [("fp32", "F32")], 1)
+    with pytest.raises(ImageError):
+        run_serial(shards, {"gqa": bench}, spec)
+    got = run_serial(shards[1:], {"gqa": bench}, spec)  # the models kept open still give the same answer
+    want = json.loads((serial_run / "bench.json").read_text())["predictions"]["gqa"]["fp32 + F32"]
+    assert got[shards[1]] == want[1:]

@@ -301,7 +301,7 @@ def test_cli_export_with_imatrix(tiny, tiny_single, tmp_path):
     assert main(["export-gguf", "--model", str(tiny_single), "--out", str(dist), "-q", "Q8_0"]) == 0
     assert (tmp_path / "dist" / "language.q8_0.gguf").is_file()
     argv = ["export-gguf", "--model", str(tiny_single), "--out", str(tmp_path / "x.gguf"), "-q", "Q4_K_M"]
-    assert main([*argv, "--imatrix-images", str(images), "--prompts", str(prompts)]) == 0
+    assert main([*argv, "--imatrix-images", str(images), "--imatrix-questions", str(prompts)]) == 0
     fields, _ = read(tmp_path / "x.gguf")
     assert fields["quantize.imatrix.chunks_count"] == 2
     assert main([*argv, "--imatrix-images", str(tmp_path / "none")]) == 2  # typed error -> exit 2

@@ -181,14 +181,28 @@ def test_cli_export_onnx_end_to_end(tiny_single, tmp_path, capsys):
         im.save(imgs / f"{i}.png")
     out = tmp_path / "dist"
     args = ["export-onnx", "--model", str(tiny_single), "--out", str(out), "--calib-images", str(imgs)]
-    assert main([*args, "--dynamic", "--diagnostics", "--fallback-k", "1", "--method", "entropy"]) == 0
+    # the tiny model's INT4 reaches cosine ~0.95 (docs/onnx.md): a gate for it
+    gate = ["--min-cosine", "0.9", "--mean-cosine", "0.9", "--int4", "--int4-accuracy", "0"]
+    assert main([*args, *gate, "--dynamic", "--diagnostics", "--fallback-k", "1", "--method", "entropy"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["diagnostics", VISION_FILE_FP32, "vision.int8-dynamic.onnx", "vision.int8.onnx"]
-    assert sorted(p.name for p in (out / "diagnostics").iterdir()) == ["sqnr.json", "sqnr.txt"]
+    want = [
+        "diagnostics",
+        VISION_FILE_FP32,
+        "vision.int4.onnx",
+        "vision.int8-dynamic.onnx",
+        "vision.int8.onnx",
+    ]
+    assert names == want
+    diag = sorted(p.name for p in (out / "diagnostics").iterdir())
+    assert diag == ["heldout.json", "heldout.txt", "sqnr.json", "sqnr.txt"]
     text = capsys.readouterr().out
-    assert "cosine vs FP32" in text and "kept in float" in text
+    # 4 images: 3 calibrate, the last one (3.png) is held out and named in the report
+    assert "3 images from" in text and "worst held-out images: 3.png" in text
+    assert "INT4: cosine vs FP32 on 1 held-out image(s)" in text and "fused: BiasGelu" in text
+    int4 = onnx.load(str(out / "vision.int4.onnx"), load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in int4.graph.node)
     meta = E.read_metadata(onnx.load(str(out / VISION_FILE_FP32), load_external_data=False))
-    from tinygptv_edge.export.checkpoints.single import file_sha256
+    from tinygptv_edge.runtime.image_cache import file_sha256
 
     assert json.loads(meta[ONNX_META["source_sha256"]]) == {
         "model.safetensors": file_sha256(tiny_single / "model.safetensors")

@@ -278,6 +278,30 @@ def test_bad_requests_are_400_in_openai_shape(server):
         assert e.value.code == code, e.value.body
 
 
+def test_more_refusals(server):
+    c = server.client()
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
+    no_schema = {"type": "json_schema", "json_schema": {"name": "x"}}
+    for fmt in (bad_schema, no_schema):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, [user("q")], response_format=fmt)
+        assert e.value.param.startswith("response_format"), e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model=MODEL, input=["a text, not an image"])
+    assert e.value.code == "invalid_image_url"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # declared, never sent
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200000000\r\n\r\n"
+        )
+        head = b""
+        while b"body_too_large" not in head and (more := sock.recv(4096)):  # headers and body may split
+            head += more
+    assert head.startswith(b"HTTP/1.1 413") and b"body_too_large" in head
+    status, _, body = get(server.url + "/v1/nowhere")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
 def test_image_over_the_runtime_limits_is_400(server):
     import io
 
@@ -336,7 +360,7 @@ def test_load_every_request_completes_or_gets_503(files, pipe):
     want = {k: pipe.ask(q, None, GREEDY).text for k, q in questions.items()}
     results: dict = {}
     start = threading.Barrier(8)
-    with LiveServer(loader(files, delay=0.01), ServeConfig(max_queue=2)) as s:
+    with LiveServer(loader(files, delay=0.03), ServeConfig(max_queue=2)) as s:
 
         def client_run(c):
             client = s.client()
@@ -391,6 +415,33 @@ def test_disconnect_stops_generation(files):
         health = get(s.url + "/health")[2]
         assert health["running"] == 0 and health["completed"] == 0
         assert ask(s.client(), [user("q")], max_tokens=2).choices  # the server stays up
+
+
+def test_abandoned_queued_request_never_runs(files):
+    with LiveServer(loader(files, delay=0.03)) as s:
+        conn, resp = stream_raw(s.url, [user("first")], max_tokens=100)  # holds the model ~3 s
+        assert resp.status == 200
+        waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        body = {"model": MODEL, "messages": [user("queued")], "max_tokens": 40}
+        waiting.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        deadline = time.monotonic() + 5
+        while get(s.url + "/health")[2]["queue"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiting.sock.shutdown(socket.SHUT_RDWR)  # gone while it waits
+        waiting.close()
+        rest = resp.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]")
+        deadline = time.monotonic() + 10
+        while (h := get(s.url + "/health")[2])["queue"] or h["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert h["completed"] == 1 and h["cancelled"] == 1
+        first = s.engine.pipe.chat().next_positions("first", [])
+        assert list(s.engine.pipe.prefix.held[: len(first)]) == first  # the queued prompt was never evaluated
+        conn.close()
 
 
 def test_timeout_is_504_and_the_server_stays_up(files):

@@ -56,6 +56,7 @@ def test_old_spellings_are_hidden_aliases():
     args = parse("export-gguf", "--phi2", "p", "--eva", "e", "--blip2", "b", "--stage", "4")
     assert spec_from_args(args).stage_num == 4  # export-gguf's --stage was the number
     assert parse("reference", "--question", "why?").prompt == "why?"
+    assert parse("export-gguf", "--prompts", "q.txt").imatrix_questions == "q.txt"  # not the --prompt concept
     sub = build_parser()._subparsers._group_actions[0].choices
     for command, old in (
         ("export-onnx", "--single"),
@@ -72,8 +73,6 @@ def test_bad_source_combinations_are_config_errors():
         SourceSpec(phi2="p")
     with pytest.raises(ConfigError, match="missing --phi2, --eva, --blip2"):
         SourceSpec(stage_ckpt="s")
-    with pytest.raises(ConfigError, match="--stage-num applies to the official files"):
-        SourceSpec(model="m", stage_num=4)
     with pytest.raises(ConfigError, match="--template"):
         SourceSpec(template="alpaca")
     with pytest.raises(CheckpointError, match="--model: expected model.safetensors in"):
@@ -106,6 +105,9 @@ def test_official_files_load_without_bos_and_with_the_stage_template(tiny, tmp_p
 
 
 def test_single_folder_keeps_its_trained_bos_unless_told(tiny_single):
+    assert SourceSpec(model=str(tiny_single), stage_num=3).model_config().stage == 3  # old `--stage 3`
+    with pytest.raises(ConfigError, match="--stage-num 4 but the model in .* is stage 3"):
+        SourceSpec(model=str(tiny_single), stage_num=4).model_config()
     assert SourceSpec(model=str(tiny_single)).model_config().prompt.add_bos is True
     loaded = SourceSpec(model=str(tiny_single), add_bos=False).load()
     assert loaded.model.cfg.prompt.add_bos is False and loaded.summary.add_bos is False
@@ -151,10 +153,12 @@ def test_gguf_add_bos_written_from_the_model_and_read_by_the_runtime(tiny_single
 
 def test_gguf_add_bos_key_missing_or_of_the_wrong_type():
     from tinygptv_edge.runtime import decoder_model as DM
-    from tinygptv_edge.runtime.contract import GGUF_TOKENIZER_KEYS, TINYGPTV_KEYS
+    from tinygptv_edge.runtime.config import PromptConfig
+    from tinygptv_edge.runtime.contract import GGUF_TOKENIZER_KEYS, PROMPT_KEYS, TINYGPTV_KEYS
     from tinygptv_edge.runtime.gguf_file import STRING, Field
 
-    fields = {TINYGPTV_KEYS[k]: Field(STRING, "x") for k in DM.PROMPT_FIELDS.values()}
+    valid = PromptConfig()  # templates are validated as they are read
+    fields = {TINYGPTV_KEYS[k]: Field(STRING, getattr(valid, f)) for f, k in PROMPT_KEYS.items()}
     gf = SimpleNamespace(path=Path("m.gguf"), fields=fields)
     assert DM.read_prompt(gf).add_bos is True  # files from before the key was honoured had a BOS
     fields[GGUF_TOKENIZER_KEYS["add_bos"]] = Field(DM.BOOL, False)
@@ -211,8 +215,17 @@ def test_exif_rotated_image_gives_every_consumer_the_same_upright_pixels(rotated
         seen.extend(p for p, _ in pairs)
 
     monkeypatch.setattr(imatrix, "collect_imatrix", capture)
-    args = SimpleNamespace(imatrix_images=str(folder), prompts=None, answer_tokens=0)
+    args = SimpleNamespace(imatrix_images=str(folder), imatrix_questions=None, answer_tokens=0)
     gguf_cli._collect(args, model, None)
     got["importance matrix"] = seen[0]
     for who, pixels in got.items():
         np.testing.assert_array_equal(pixels, upright, err_msg=who)
+    # the report's example thumbnails show the same upright picture (stored 64 x 40, shown 40 x 64)
+    import base64
+    import io
+
+    from tinygptv_edge.calib.report_html import _thumb
+
+    png = base64.b64decode(_thumb(folder, "photo.jpg").split(",", 1)[1])
+    with Image.open(io.BytesIO(png)) as thumb:
+        assert thumb.size == (40, 64)

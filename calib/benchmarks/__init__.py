@@ -86,8 +86,8 @@ def load_benchmark(name: str, path: str | Path, images: str | Path | None = None
     return spec.reader(path, spec.task, images)
 
 
-def parse_bench_args(values: list[str] | None) -> dict[str, str]:
-    """["gqa=PATH", ...] -> {"gqa": "PATH"}; each name once."""
+def parse_bench_args(values: list[str] | None, strip: bool = True) -> dict[str, str]:
+    """["gqa=PATH", ...] -> {"gqa": "PATH"}; each name once (`strip`: trim the value's spaces)."""
     out: dict[str, str] = {}
     for v in values or []:
         name, sep, path = v.partition("=")
@@ -100,7 +100,7 @@ def parse_bench_args(values: list[str] | None) -> dict[str, str]:
             raise EvalSetError(f"--bench: expected NAME one of {', '.join(BENCHMARKS)}, got {name!r}")
         if name in out:
             raise EvalSetError(f"--bench: expected each benchmark once, got {name} twice")
-        out[name] = path.strip()
+        out[name] = path.strip() if strip else path
     return out
 
 

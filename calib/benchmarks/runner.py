@@ -67,7 +67,8 @@ def make_shards(sizes: dict[str, int], cells: list[tuple[str, str]], shard_size:
 
 
 class _Models:
-    """The models open in this process: one vision encoder and one decoder, reopened on a change."""
+    """The models open in this process: one vision encoder and one decoder, reopened on a change.
+    A failed open or evaluation leaves nothing half-set: the next call opens or evaluates afresh."""
 
     def __init__(self):
         self.enc = self.dec = None
@@ -81,7 +82,9 @@ class _Models:
         if self.enc_key != (path, threads):
             if self.enc is not None:
                 self.enc.close()
-            self.enc, self.enc_key = VisionEncoder(path, threads), (path, threads)
+            self.enc = self.enc_key = None
+            self.enc = VisionEncoder(path, threads)
+            self.enc_key = (path, threads)
         return self.enc
 
     def decoder(self, path: str, threads: int):
@@ -90,24 +93,22 @@ class _Models:
         if self.dec_key != (path, threads):
             if self.dec is not None:
                 self.dec.close()
-            self.dec = None
-            probe = Decoder(path, n_ctx=1, n_threads=threads)
-            n_ctx = min(probe.hparams.n_ctx_train, N_CTX_CAP)
-            probe.close()
-            self.dec, self.dec_key, self.prefix, self.n0 = (
-                Decoder(path, n_ctx=n_ctx, n_threads=threads),
-                (path, threads),
-                [],
-                0,
-            )
+            self.dec = self.dec_key = None
+            self.prefix, self.n0 = [], 0
+            with Decoder(path, n_ctx=1, n_threads=threads) as probe:
+                n_ctx = min(probe.hparams.n_ctx_train, N_CTX_CAP)
+            self.dec = Decoder(path, n_ctx=n_ctx, n_threads=threads)
+            self.dec_key = (path, threads)
         return self.dec
 
     def at_prefix(self, prefix: list[int]) -> int:
         """The cache holding exactly `prefix` (evaluated once per decoder); returns its length."""
         dec = self.dec
-        if prefix != self.prefix:
+        if prefix != self.prefix or dec.n_past < self.n0:
+            self.prefix = []
             dec.reset()
-            dec.eval_tokens(prefix)
+            if prefix:
+                dec.eval_tokens(prefix)
             self.prefix, self.n0 = list(prefix), dec.n_past
         dec.truncate(self.n0)
         return self.n0

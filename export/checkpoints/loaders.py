@@ -37,6 +37,7 @@ from tinygptv_edge.export.model import lora as lora_ops
 from tinygptv_edge.export.model.phi import PhiModel
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.model.vision import interpolate_pos_embed
+from tinygptv_edge.runtime.checks import small_file
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig, full_config
 from tinygptv_edge.runtime.errors import (
     CheckpointError,
@@ -126,7 +127,7 @@ PHI_LAYOUTS = ("hf", "tinygptv", "msft")
 
 def phi2_config(folder: str | Path) -> LanguageConfig:
     """LanguageConfig from a Phi-2 `config.json` (transformers `phi` or original `phi-msft` keys)."""
-    path = Path(folder) / "config.json"
+    path = small_file(Path(folder) / "config.json", "Phi-2 config", CheckpointError)
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -522,6 +523,10 @@ def load_tinygptv(
     """
     if cfg is None:
         cfg = official_config(phi2, stage_num)
+    else:  # a user's config: its vision and Q-Former depths against the files (official ones are fixed)
+        check_layers(cfg.vision.depth, tensor_dict(load_pickle(eva), eva), "vision.depth", str(eva))
+        keys = tensor_dict(load_pickle(blip2), blip2, wrapper="model")
+        check_layers(cfg.qformer.layers, keys, "qformer.layers", str(blip2))
     check_layers(cfg.language.layers, _phi2_keys(phi2), "language.layers", str(phi2))
     summary = LoadSummary(sources=[str(p) for p in (phi2, eva, blip2, stage) if p is not None])
     st = read_stage(stage, cfg, summary) if stage is not None else StageTensors([], {})

@@ -11,7 +11,6 @@ Writes go to a temporary folder that is verified, then renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -41,14 +40,6 @@ def single_table(cfg: TinyGPTVConfig) -> dict[str, str]:
         **N.expand(N.PROJECTION),
         **{N.SINGLE_LM_PREFIX + k: v for k, v in phi.items()},
     }
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_single(model: TinyGPTV, tokenizer_dir: str | Path, out: str | Path, dtype=torch.float32) -> Path:

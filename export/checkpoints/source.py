@@ -35,7 +35,7 @@ OFFICIAL = ("phi2", "eva", "blip2")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What the flags name; validated on construction, nothing read until `config`/`load`."""
+    """What the flags name; validated on construction, nothing read until `model_config`/`load`."""
 
     model: str | None = None
     phi2: str | None = None
@@ -60,10 +60,6 @@ class SourceSpec:
             )
         if self.stage_num is not None and self.stage_num not in (1, 2, 3, 4):
             raise ConfigError(f"--stage-num: expected 1, 2, 3 or 4, got {self.stage_num!r}")
-        if self.stage_num is not None and not given:
-            raise ConfigError(
-                "--stage-num applies to the official files; a single folder's config has its stage"
-            )
         if self.template is not None and self.template not in PROMPT_TEMPLATES:
             raise ConfigError(
                 f"--template: expected one of {sorted(PROMPT_TEMPLATES)}, got {self.template!r}"
@@ -113,7 +109,7 @@ class SourceSpec:
     def sha256(self) -> dict[str, str]:
         from tqdm import tqdm
 
-        from tinygptv_edge.export.checkpoints.single import file_sha256
+        from tinygptv_edge.runtime.image_cache import file_sha256
 
         return {f.name: file_sha256(f) for f in tqdm(self.files(), desc="sha256", unit="file", leave=False)}
 
@@ -135,6 +131,11 @@ class SourceSpec:
             add_bos = OFFICIAL_ADD_BOS
         else:
             cfg = TinyGPTVConfig.load(self.config or self.folder / CONFIG)
+            if self.stage_num is not None and self.stage_num != cfg.stage:
+                raise ConfigError(
+                    f"--stage-num {self.stage_num} but the model in {self.folder} is stage {cfg.stage}: "
+                    "a single folder's config has its stage"
+                )
             add_bos = cfg.prompt.add_bos
         prompt = PROMPT_TEMPLATES[self.template] if self.template else cfg.prompt
         add_bos = add_bos if self.add_bos is None else self.add_bos

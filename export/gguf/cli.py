@@ -29,7 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pure", action="store_true", help="every weight at the level's type (no mix rules)")
     im = p.add_argument_group("importance matrix (quantized levels)")
     im.add_argument("--imatrix-images", help="folder of calibration images")
-    im.add_argument("--prompts", help="text file, one question per line (default: a few generic questions)")
+    im.add_argument(
+        "--imatrix-questions",
+        help="text file, one question per line (default: a few generic questions)",
+    )
+    im.add_argument(
+        "--prompts", dest="imatrix_questions", help=argparse.SUPPRESS
+    )  # old spelling, one release
     im.add_argument("--answer-tokens", type=int, default=0, help="greedy answer tokens also counted")
     im.add_argument("--imatrix-out", help="also save the collected importance matrix (.npz)")
     im.add_argument("--imatrix", help="use a saved importance matrix (.npz) instead of collecting one")
@@ -96,10 +102,12 @@ def _collect(args: argparse.Namespace, model, tokenizer):
     folder = Path(args.imatrix_images)
     images = list_images(folder)
     questions = DEFAULT_QUESTIONS
-    if args.prompts:
-        questions = tuple(q.strip() for q in Path(args.prompts).read_text().splitlines() if q.strip())
+    if args.imatrix_questions:
+        questions = tuple(
+            q.strip() for q in Path(args.imatrix_questions).read_text().splitlines() if q.strip()
+        )
         if not questions:
-            raise ConfigError(f"no questions in {args.prompts}")
+            raise ConfigError(f"no questions in {args.imatrix_questions}")
     cfg = model.cfg.preprocess
 
     def pairs():

@@ -30,6 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from tinygptv_edge.runtime import ggml_types
+from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.errors import ConfigError, ExportError
 
 Q = GGMLQuantizationType
@@ -233,7 +234,7 @@ def quantize(
         # `start` counts values; ggml offsets src by it and dst by start / n rows
         return ggml.ggml_quantize_chunk(int(qtype), src, dst, r0 * n, count, n, im_ptr)
 
-    threads = threads or default_threads()
+    threads = check_threads(threads, "quantizer threads") or default_threads()
     step = max(1, -(-rows // (4 * threads)), (1 << 16) // n)  # >= 64 Ki values a job
     jobs = [(r0, min(step, rows - r0)) for r0 in range(0, rows, step)]
     if threads == 1 or len(jobs) == 1:

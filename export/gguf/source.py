@@ -69,7 +69,8 @@ def single_source(
 
     from tinygptv_edge.export.checkpoints.bounds import check_config_fits
     from tinygptv_edge.export.checkpoints.safeio import safetensors_keys
-    from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS, file_sha256
+    from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS
+    from tinygptv_edge.runtime.image_cache import file_sha256
 
     folder = Path(folder)
     cfg = cfg or TinyGPTVConfig.load(folder / CONFIG)

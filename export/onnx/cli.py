@@ -3,9 +3,11 @@
 Source (export/checkpoints/source.py, the same flags on every command): `--model DIR` (the project's
 single checkpoint), or the official files (`--phi2 --eva --blip2 [--stage-ckpt] [--stage-num]`), or
 nothing: the shipped default model; `--config JSON` for other sizes. Output in `--out` (default `dist/`):
-vision.fp32.onnx, vision.int8.onnx (+ vision.int8-dynamic.onnx with --dynamic, SQNR tables with
---diagnostics). Calibration images: `--calib-images DIR`, or by default images drawn by the
-synthetic VQA generator (`export/train/vqa.py`) into OUT/calib-images.
+vision.fp32.onnx, vision.int8.onnx (+ vision.int4.onnx with --int4, vision.int8-dynamic.onnx with
+--dynamic, SQNR tables and the held-out report with --diagnostics). Calibration images: `--calib-images
+DIR`, or by default images drawn by the synthetic VQA generator (`export/train/vqa.py`) into
+OUT/calib-images. The gate runs on held-out images: `--check-images DIR`, or else the last quarter
+(at most 8) of the calibration images, which are then not calibrated on.
 """
 
 from __future__ import annotations
@@ -41,10 +43,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--exclude", action="append", default=[], metavar="GLOB", help="node-name glob kept in float"
     )
-    q.add_argument("--fallback-k", type=int, default=0, help="keep the k most sensitive nodes in float")
-    q.add_argument("--min-cosine", type=float, default=None, help="refuse INT8 under this cosine vs FP32")
-    q.add_argument("--diagnostics", action="store_true", help="write per-activation SQNR to OUT/diagnostics")
+    q.add_argument(
+        "--check-images", help="folder of held-out images for the gate (default: the last calibration images)"
+    )
+    q.add_argument(
+        "--fallback-k",
+        type=int,
+        default=0,
+        help="when the gate fails, keep up to k most sensitive nodes (1, 2, 4, ...) in float until it passes",
+    )
+    q.add_argument(
+        "--min-cosine", type=float, default=None, help="gate: per-image minimum cosine vs FP32 (0.98)"
+    )
+    q.add_argument("--mean-cosine", type=float, default=None, help="gate: mean cosine vs FP32 (0.995)")
+    q.add_argument("--no-fuse", action="store_true", help="quantize the graph without transformer fusions")
+    q.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="write per-activation SQNR and per-image held-out cosines to OUT/diagnostics",
+    )
     q.add_argument("--dynamic", action="store_true", help="also write the dynamic-INT8 baseline")
+    q4 = p.add_argument_group("INT4 weights")
+    q4.add_argument("--int4", action="store_true", help="also write vision.int4.onnx (MatMulNBits)")
+    q4.add_argument("--int4-block", type=int, default=None, help="INT4 block size along K (32)")
+    q4.add_argument("--int4-accuracy", type=int, default=None, help="MatMulNBits accuracy_level (4: int8)")
     p.set_defaults(func=run)
 
 
@@ -66,23 +88,52 @@ def default_calibration_folder(out: Path, n: int) -> Path:
     return folder
 
 
+def _images(folder: Path, pre, n: int):
+    """(pixels, file names) of the first `n` images of `folder`."""
+    from tinygptv_edge.export.onnx.calib_data import list_images, load_folder
+
+    pixels = load_folder(folder, pre, n)
+    return pixels, [p.name for p in list_images(folder)[: len(pixels)]]
+
+
+def _gate_lines(res, what: str) -> list[str]:
+    lines = [f"  {what}: {res.check.summary()}", f"  worst held-out images: {res.check.format_worst()}"]
+    if res.fused:
+        lines.append(f"  {res.fused.format()}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from tinygptv_edge.export.checkpoints.source import spec_from_args
-    from tinygptv_edge.export.onnx.calib_data import load_folder
     from tinygptv_edge.export.onnx.check import ParityConfig
     from tinygptv_edge.export.onnx.export import ExportConfig, export_vision
-    from tinygptv_edge.export.onnx.presets import get_preset
-    from tinygptv_edge.export.onnx.quant import preprocess_config, quantize_vision, quantize_vision_dynamic
+    from tinygptv_edge.export.onnx.presets import Int4Config, get_preset
+    from tinygptv_edge.export.onnx.quant import (
+        MAX_CHECK_IMAGES,
+        preprocess_config,
+        quantize_vision,
+        quantize_vision_dynamic,
+        quantize_vision_int4,
+        split_holdout,
+    )
 
     overrides = {"exclude": tuple(args.exclude), "fallback_k": args.fallback_k, "max_images": args.n_calib}
+    overrides["fuse"] = not args.no_fuse
+    gate = {
+        k: v for k, v in (("min_cosine", args.min_cosine), ("mean_cosine", args.mean_cosine)) if v is not None
+    }
     if args.method:
         overrides["method"] = args.method
-    if args.min_cosine is not None:
-        overrides["min_cosine"] = args.min_cosine
-    preset = get_preset(args.preset, **overrides)  # validate flags before the slow steps
+    preset = get_preset(args.preset, **overrides, **gate)  # validate flags before the slow steps
+    int4 = {
+        k: v
+        for k, v in (("block_size", args.int4_block), ("accuracy_level", args.int4_accuracy))
+        if v is not None
+    }
+    int4_cfg = Int4Config(fuse=not args.no_fuse, **int4, **gate)
     spec = spec_from_args(args)
     out = Path(args.out)
-    steps = tqdm(total=3 if args.no_int8 else 5 + args.dynamic, desc="export-onnx", unit="step")
+    steps = tqdm(total=3 if args.no_int8 else 5 + args.dynamic + args.int4, desc="export-onnx", unit="step")
 
     def progress(msg: str) -> None:
         steps.set_postfix_str(msg[:60])
@@ -97,27 +148,50 @@ def run(args: argparse.Namespace) -> int:
     lines = [loaded.summary.format(), f"wrote {fp32.path} ({fp32.n_nodes} nodes); {fp32.parity.format()}"]
     if not args.no_int8:
         progress("reading calibration images")
+        pre = preprocess_config(fp32.path)
         folder = (
-            Path(args.calib_images) if args.calib_images else default_calibration_folder(out, args.n_calib)
+            Path(args.calib_images)
+            if args.calib_images
+            else default_calibration_folder(out, args.n_calib + MAX_CHECK_IMAGES)
         )
-        pixels = load_folder(folder, preprocess_config(fp32.path), preset.max_images)
+        if args.check_images:
+            pixels, _ = _images(folder, pre, preset.max_images)
+            check, names = _images(Path(args.check_images), pre, MAX_CHECK_IMAGES)
+        else:
+            pixels, names = _images(folder, pre, preset.max_images + MAX_CHECK_IMAGES)
+            pixels, check = split_holdout(pixels, None)
+            names = names[len(pixels) :]
         steps.update()
         diag_dir = out / "diagnostics" if args.diagnostics else None
-        q = quantize_vision(fp32.path, pixels, preset, diagnostics_dir=diag_dir, progress=progress)
-        steps.update()
-        lines.append(
-            f"wrote {q.path} ({preset.name}, {preset.method}, {len(pixels)} images from {folder}); "
-            f"cosine vs FP32 {q.cosine:.5f}"
+        q = quantize_vision(
+            fp32.path,
+            pixels,
+            preset,
+            check=check,
+            check_names=names,
+            diagnostics_dir=diag_dir,
+            progress=progress,
         )
+        steps.update()
+        lines.append(f"wrote {q.path} ({preset.name}, {preset.method}, {len(pixels)} images from {folder})")
+        lines += _gate_lines(q, "INT8")
         if q.fallback:
-            lines.append(f"  kept in float (most sensitive): {', '.join(q.fallback)}")
+            lines.append(f"  kept in float (most sensitive, until the gate passed): {', '.join(q.fallback)}")
         if diag_dir:
-            lines.append(f"  SQNR per activation: {diag_dir}/sqnr.txt, sqnr.json")
+            lines.append(
+                f"  SQNR per activation: {diag_dir}/sqnr.txt; held-out images: {diag_dir}/heldout.txt"
+            )
+        if args.int4:
+            progress("INT4 weights")
+            q4 = quantize_vision_int4(fp32.path, check, int4_cfg, check_names=names, progress=progress)
+            steps.update()
+            lines.append(f"wrote {q4.path} (INT4 weights, block {int4_cfg.block_size})")
+            lines += _gate_lines(q4, "INT4")
         if args.dynamic:
             progress("dynamic INT8 baseline")
-            d = quantize_vision_dynamic(fp32.path, preset, pixels[:8])
+            d = quantize_vision_dynamic(fp32.path, preset, check)
             steps.update()
-            lines.append(f"wrote {d.path} (dynamic); cosine vs FP32 {d.cosine:.5f}")
+            lines.append(f"wrote {d.path} (dynamic); {d.check.summary()}")
     steps.update()
     steps.close()
     print("\n".join(lines))

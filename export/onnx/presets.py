@@ -13,6 +13,11 @@ model, against 0.998 asymmetric (tests/test_shipped_exports.py).
 Only MatMul, Gemm and Conv are quantized by default (QDQ, per-channel weights); LayerNorm, Softmax
 and GELU stay in float between them. Exclusions are node-name globs on the exported graph
 (`/vision/qformer/*`, `/vision/encoder/blocks.0/attn/*`).
+
+The gate (both INT8 and INT4): on held-out images (not the calibration images) the per-image minimum
+cosine vs FP32 must reach `min_cosine` and the mean `mean_cosine`; the worst image is what a user meets.
+`Int4Config`: weight-only INT4 (onnxruntime MatMulNBits, blocks of `block_size` along K, one fp32
+scale per block); `accuracy_level` 4 computes in int8 (activations quantized per block at run time).
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ class QuantPreset:
     method: str = "minmax"  # one of CALIBRATION_METHODS
     percentile: float = 99.999  # for method "percentile"
     exclude: tuple[str, ...] = ()  # node-name globs kept in float
-    fallback_k: int = 0  # the k most sensitive nodes (lowest SQNR) kept in float
-    min_cosine: float = 0.99  # a quantized graph under this cosine vs FP32 is refused
+    fallback_k: int = 0  # at most this many nodes (lowest SQNR first) kept in float until the gate passes
+    min_cosine: float = 0.98  # gate: per-image minimum cosine vs FP32 on held-out images
+    mean_cosine: float = 0.995  # gate: mean cosine vs FP32 on held-out images
     max_images: int = 64  # calibration images used at most
+    fuse: bool = True  # onnxruntime transformer fusions (export/onnx/fuse.py) before quantizing
 
     def __post_init__(self) -> None:
         if self.activation_type not in QUANT_TYPES:
@@ -61,14 +68,54 @@ class QuantPreset:
             raise ConfigError(f"percentile: expected in (50, 100], got {self.percentile!r}")
         if not isinstance(self.fallback_k, int) or self.fallback_k < 0:
             raise ConfigError(f"fallback_k: expected an integer >= 0, got {self.fallback_k!r}")
-        if not 0.0 < self.min_cosine <= 1.0:
-            raise ConfigError(f"min_cosine: expected in (0, 1], got {self.min_cosine!r}")
+        _check_gate(self.min_cosine, self.mean_cosine)
         if not isinstance(self.max_images, int) or self.max_images < 1:
             raise ConfigError(f"max_images: expected a positive integer, got {self.max_images!r}")
         if any(not isinstance(p, str) or not p for p in self.exclude):
             raise ConfigError(f"exclude: expected non-empty node-name globs, got {self.exclude!r}")
 
     def replace(self, **changes) -> QuantPreset:
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_gate(min_cosine: float, mean_cosine: float) -> None:
+    for name, v in (("min_cosine", min_cosine), ("mean_cosine", mean_cosine)):
+        if not 0.0 < v <= 1.0:
+            raise ConfigError(f"{name}: expected in (0, 1], got {v!r}")
+
+
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    """Weight-only INT4 of every MatMul with a constant weight (Conv and attention stay float)."""
+
+    block_size: int = 32  # the shipped model: 128 and 64 fall under the 0.99 mean gate (docs/onnx.md)
+    accuracy_level: int = 4
+    symmetric: bool = False  # a 4-bit zero point per block: closer to FP32 on the tiny model (docs/onnx.md)
+    exclude: tuple[str, ...] = ()  # node-name globs kept in float
+    min_cosine: float = 0.98
+    mean_cosine: float = 0.99
+    fuse: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise ConfigError(f"int4 block_size: expected one of {INT4_BLOCK_SIZES}, got {self.block_size!r}")
+        if self.accuracy_level not in INT4_ACCURACY_LEVELS:
+            raise ConfigError(
+                f"int4 accuracy_level: expected one of {INT4_ACCURACY_LEVELS}, got {self.accuracy_level!r}"
+            )
+        _check_gate(self.min_cosine, self.mean_cosine)
+        if any(not isinstance(p, str) or not p for p in self.exclude):
+            raise ConfigError(f"exclude: expected non-empty node-name globs, got {self.exclude!r}")
+
+    def replace(self, **changes) -> Int4Config:
         changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
         return dataclasses.replace(self, **changes)
 

@@ -1,11 +1,15 @@
-"""INT8 vision graphs from the FP32 export: static QDQ calibrated on images, and a dynamic baseline.
+"""Quantized vision graphs from the FP32 export: static INT8 (QDQ), weight-only INT4, a dynamic baseline.
 
-    vision.fp32.onnx --quant_pre_process--> pre.onnx --quantize_static(QDQ, per-channel,
-        calibration over images)--> [diagnose: SQNR per activation --fall back k nodes--> requantize
-        with the cached ranges] --verify vs FP32 (finite, cosine)--> vision.int8.onnx
+    vision.fp32.onnx [--fuse (fuse.py): SkipLayerNorm, BiasGelu; parity vs FP32]-->
+        --quant_pre_process--> pre.onnx --quantize_static(QDQ, per-channel, calibration images)-->
+        --gate (gate.py) on held-out images: min and mean cosine vs FP32 --fails and fallback_k > 0-->
+        [SQNR per activation (diag.py); keep the 1, 2, 4, ... <= k lowest-SQNR nodes in float,
+         re-quantize with the cached ranges, until the gate passes] --> vision.int8.onnx
+    vision.fp32.onnx [--fuse] --MatMulNBits (4-bit blocks)--> gate --> vision.int4.onnx
 
-Nothing is published unless the quantized graph gives finite outputs whose cosine with the FP32
-graph reaches `preset.min_cosine` on the check images.
+Nothing is published unless the quantized graph gives finite outputs whose per-image cosine with
+the FP32 graph reaches the gate on held-out images: the `check` pixels, or when none are given the
+last quarter (at most 8) of the calibration pixels, which are then not used to calibrate.
 """
 
 from __future__ import annotations
@@ -22,29 +26,67 @@ import numpy as np
 import onnx
 
 from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
-from tinygptv_edge.export.onnx.check import sample_cosine
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
 from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
-from tinygptv_edge.export.onnx.presets import QuantPreset
+from tinygptv_edge.export.onnx.fuse import FuseConfig, FuseReport, check_fused_parity, fuse_graph
+from tinygptv_edge.export.onnx.gate import (
+    INT4_HINT,
+    CheckResult,
+    compare,
+    enforce,
+    image_names,
+    reference_outputs,
+)
+from tinygptv_edge.export.onnx.presets import Int4Config, QuantPreset
 from tinygptv_edge.export.staging import stage_dir
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8, VISION_INPUT, VISION_OUTPUT
-from tinygptv_edge.runtime.errors import ConfigError, ExportError, OutputPathError, QuantizationError
+from tinygptv_edge.runtime.errors import (
+    CalibrationError,
+    ConfigError,
+    ExportError,
+    OutputPathError,
+    QuantizationError,
+)
 
 VISION_FILE_INT8_DYNAMIC = "vision.int8-dynamic.onnx"
+VISION_FILE_INT4 = "vision.int4.onnx"
 QUANT_META_KEY = "tinygptv.quantization"  # JSON: preset, method, excluded nodes, cosine vs FP32
 MAX_CHECK_IMAGES = 8
+FUSE_PARITY_IMAGES = 2
 
 
 @dataclass
 class QuantResult:
     path: Path
-    kind: str  # "static" or "dynamic"
-    cosine: float  # min per-image cosine vs FP32 on the check images
+    kind: str  # "static", "dynamic" or "int4"
+    cosine: float  # min per-image cosine vs FP32 on the held-out images
     max_abs: float
     excluded: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)
     diagnostics: Diagnostics | None = None
+    check: CheckResult | None = None
+    fused: FuseReport | None = None
+    attempts: list[tuple[int, float, float]] = field(default_factory=list)  # (nodes in float, min, mean)
+
+    @property
+    def mean_cosine(self) -> float:
+        return self.check.mean if self.check else self.cosine
+
+
+def split_holdout(calibration: np.ndarray, check: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, held-out): `check` when given, else the last quarter (1..8) of the calibration
+    pixels, which are then not calibrated on."""
+    if check is not None:
+        return calibration, check
+    n = len(calibration)
+    if n < 2:
+        raise CalibrationError(
+            f"calibration pixels: expected >= 2 images (some are held out for the gate) or separate "
+            f"check pixels, got {n}"
+        )
+    k = min(MAX_CHECK_IMAGES, max(1, n // 4))
+    return calibration[: n - k], calibration[n - k :]
 
 
 def preprocess_config(fp32_path: str | Path) -> PreprocessConfig:
@@ -64,8 +106,12 @@ def preprocess_config(fp32_path: str | Path) -> PreprocessConfig:
 
 
 def _model_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Graph file + the external data its tensors refer to (wherever it lives)."""
+    model = onnx.load(str(path), load_external_data=False)
+    external = sum(
+        int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "length"
+    )
+    return path.stat().st_size + external
 
 
 def expand_exclusions(patterns: tuple[str, ...] | list[str], graph: onnx.ModelProto, op_types) -> list[str]:
@@ -179,37 +225,30 @@ def run_graph(path: Path, pixels: np.ndarray) -> np.ndarray:
     )
 
 
-def verify(fp32: Path, quantized: Path, pixels: np.ndarray, min_cosine: float) -> tuple[float, float]:
-    """(min cosine, max |diff|) of the quantized graph vs FP32; QuantizationError when unusable."""
-    want, got = run_graph(fp32, pixels), run_graph(quantized, pixels)
-    bad = int(got.size - np.isfinite(got).sum())
-    if bad:
-        raise QuantizationError(
-            f"quantized graph: expected finite outputs, got {bad} NaN/inf value(s); not written"
-        )
-    bad = int(want.size - np.isfinite(want).sum())
-    if bad:
-        raise QuantizationError(
-            f"check images: the FP32 graph itself gives {bad} NaN/inf value(s), so INT8 cannot be verified; "
-            "expected check pixels the FP32 graph handles"
-        )
-    cos = float(sample_cosine(got, want).min())
-    if not cos >= min_cosine:
-        raise QuantizationError(
-            f"quantized graph: expected cosine vs FP32 >= {min_cosine}, got {cos:.5f} "
-            f"on {len(pixels)} image(s); "
-            "not written (try another --method, --exclude nodes or --fallback-k)"
-        )
-    return cos, float(np.abs(got - want).max())
+class _Gate:
+    """FP32 outputs of the held-out pixels, computed once; `measure` compares a quantized graph."""
+
+    def __init__(self, fp32: Path, pixels: np.ndarray, names: list[str]):
+        self.pixels, self.names = pixels, names
+        self.want = reference_outputs(run_graph(fp32, pixels))
+
+    def measure(self, quantized: Path) -> CheckResult:
+        return compare(run_graph(quantized, self.pixels), self.want, self.names)
 
 
-def _verify_and_publish(fp32, staged, final, check, preset, info: dict) -> tuple[float, float]:
-    """Check the staged INT8 graph against FP32, stamp its metadata, and move it into place."""
-    cos, max_abs = verify(fp32, staged, check, preset.min_cosine)
+def _stamp_and_publish(fp32: Path, staged: Path, final: Path, res: CheckResult, info: dict) -> None:
+    """Stamp the gate's numbers into the staged graph's metadata and move it into place."""
     meta = read_metadata(onnx.load(str(fp32), load_external_data=False))
-    meta[QUANT_META_KEY] = json.dumps({**info, "cosine_vs_fp32": round(cos, 6)})
+    meta[QUANT_META_KEY] = json.dumps(
+        {
+            **info,
+            "cosine_vs_fp32": round(res.min, 6),
+            "cosine_mean_vs_fp32": round(res.mean, 6),
+            "heldout_images": len(res.cosines),
+            "worst_images": [[n, round(c, 6)] for n, c in res.worst()],
+        }
+    )
     _publish(staged, final, meta)
-    return cos, max_abs
 
 
 def _publish(staged: Path, final: Path, meta: dict[str, str]) -> None:
@@ -243,6 +282,25 @@ def _prepare(fp32: Path, tmp: Path) -> Path:
     return pre
 
 
+def _fuse(fp32: Path, tmp: Path, gate: _Gate, say) -> tuple[Path, FuseReport]:
+    """The fused FP32 graph in `tmp`, parity-checked against the FP32 graph on held-out pixels."""
+    say("fusing (SkipLayerNormalization, BiasGelu)")
+    fused = tmp / "fused.onnx"
+    report = fuse_graph(fp32, fused, FuseConfig())
+    k = FUSE_PARITY_IMAGES
+    check_fused_parity(fused, gate.pixels[:k], gate.want[:k], report)
+    return fused, report
+
+
+def _fallback_steps(k: int) -> list[int]:
+    """Node counts tried in turn: 1, 2, 4, ... up to k (k last)."""
+    steps, n = [], 1
+    while n < k:
+        steps.append(n)
+        n *= 2
+    return [*steps, k] if k else []
+
+
 def quantize_vision(
     fp32_path: str | Path,
     calibration: np.ndarray,
@@ -251,12 +309,14 @@ def quantize_vision(
     check: np.ndarray | None = None,
     diagnostics_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    check_names: list[str] | None = None,
 ) -> QuantResult:
     """Static INT8 (QDQ) of the FP32 vision graph, calibrated on `calibration` pixels (N,3,S,S).
 
-    `check` pixels (default: the first calibration images) decide whether the result is published.
-    With `diagnostics_dir` (or `preset.fallback_k`), per-activation SQNR is measured; its JSON and
-    table go to `diagnostics_dir`.
+    `check` pixels (held-out images, named by `check_names`) decide whether the result is published;
+    without them the last calibration images are held out (`split_holdout`). When the gate fails and
+    `preset.fallback_k` > 0, the lowest-SQNR nodes are kept in float, 1, 2, 4, ... up to k of them,
+    until it passes. With `diagnostics_dir`, the SQNR tables and the held-out report are written there.
     """
     fp32 = Path(fp32_path)
     if not fp32.is_file():
@@ -264,36 +324,141 @@ def quantize_vision(
     final = Path(out_path) if out_path else fp32.with_name(VISION_FILE_INT8)
     check_writable(final.parent)
     S = preprocess_config(fp32).image_size
-    calibration = check_pixels(calibration, S, "calibration pixels")[: preset.max_images]
-    check = check_pixels(check, S, "check pixels") if check is not None else calibration[:MAX_CHECK_IMAGES]
+    calibration = check_pixels(calibration, S, "calibration pixels")
+    if check is not None:
+        check = check_pixels(check, S, "check pixels")
+    calibration, check = split_holdout(calibration, check)
+    calibration = calibration[: preset.max_images]
     say = progress or (lambda _msg: None)
     tmp = stage_dir(final)
     try:
+        say("running FP32 on the held-out images")
+        gate = _Gate(fp32, check, image_names(len(check), check_names))
+        src, fused = _fuse(fp32, tmp, gate, say) if preset.fuse else (fp32, None)
         say("pre-processing (shape inference, graph optimisation)")
-        pre = _prepare(fp32, tmp)
+        pre = _prepare(src, tmp)
         graph = onnx.load(str(pre), load_external_data=False)
         excluded = expand_exclusions(preset.exclude, graph, preset.op_types)
         staged, cache = tmp / final.name, tmp / "calibration.json"
         say(f"calibrating ({preset.method}, {len(calibration)} images) and quantizing")
         _run_static(pre, staged, calibration, preset, excluded, cache)
+        say("checking held-out images")
+        res = gate.measure(staged)
+        attempts = [(0, res.min, res.mean)]
         diag, fallback = None, []
-        if diagnostics_dir is not None or preset.fallback_k:
+        passes = res.passes(preset.min_cosine, preset.mean_cosine)
+        if diagnostics_dir is not None or (preset.fallback_k and not passes):
             say("measuring SQNR per activation")
             diag = diagnose(pre, staged, calibration[:MAX_CHECK_IMAGES], preset.op_types, tmp / "diag")
-            if preset.fallback_k:
-                fallback = diag.most_sensitive(preset.fallback_k)
-                say(f"re-quantizing with {len(fallback)} node(s) in float")
+        if preset.fallback_k and not passes:
+            ranked = diag.most_sensitive(preset.fallback_k)
+            for n in _fallback_steps(len(ranked)):
+                fallback = ranked[:n]
+                say(f"gate failed (min {res.min:.4f}, mean {res.mean:.4f}): {n} node(s) in float")
                 _run_static(pre, staged, calibration, preset, excluded + fallback, cache)
-            if diagnostics_dir is not None:
-                diag.write(diagnostics_dir)
-        say("verifying against FP32")
-        info = {"kind": "static", "preset": preset.to_dict(), "excluded": excluded, "fallback": fallback}
-        cos, max_abs = _verify_and_publish(fp32, staged, final, check, preset, info)
+                res = gate.measure(staged)
+                attempts.append((n, res.min, res.mean))
+                if res.passes(preset.min_cosine, preset.mean_cosine):
+                    break
+        if diagnostics_dir is not None:
+            diag.write(diagnostics_dir)
+            res.write(diagnostics_dir)
+        enforce(res, preset.min_cosine, preset.mean_cosine)
+        info = {
+            "kind": "static",
+            "preset": preset.to_dict(),
+            "excluded": excluded,
+            "fallback": fallback,
+            "fused": fused.fused if fused else {},
+        }
+        _stamp_and_publish(fp32, staged, final, res, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return QuantResult(final, "static", cos, max_abs, excluded, fallback, diag)
+    return QuantResult(final, "static", res.min, res.max_abs, excluded, fallback, diag, res, fused, attempts)
+
+
+def _nbits_quantizer():
+    """onnxruntime's MatMulNBitsQuantizer; its module calls logging.basicConfig(level=INFO) when first
+    imported, which would print every later INFO record of every library: the root logger is restored."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.setLevel(level)
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    return MatMulNBitsQuantizer
+
+
+def quantize_vision_int4(
+    fp32_path: str | Path,
+    check: np.ndarray,
+    cfg: Int4Config | None = None,
+    out_path: str | Path | None = None,
+    check_names: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> QuantResult:
+    """Weight-only INT4 (onnxruntime MatMulNBits) of every MatMul with a constant weight.
+
+    Needs no calibration; `check` (held-out) pixels gate it like INT8 (`cfg.min_cosine`, `cfg.mean_cosine`).
+    """
+    import logging
+
+    MatMulNBitsQuantizer = _nbits_quantizer()
+    cfg = cfg or Int4Config()
+    fp32 = Path(fp32_path)
+    if not fp32.is_file():
+        raise ExportError(f"FP32 vision graph not found: {fp32}")
+    final = Path(out_path) if out_path else fp32.with_name(VISION_FILE_INT4)
+    check_writable(final.parent)
+    check = check_pixels(check, preprocess_config(fp32).image_size, "check pixels")
+    say = progress or (lambda _msg: None)
+    tmp = stage_dir(final)
+    try:
+        say("running FP32 on the held-out images")
+        gate = _Gate(fp32, check, image_names(len(check), check_names))
+        src, fused = _fuse(fp32, tmp, gate, say) if cfg.fuse else (fp32, None)
+        say(f"INT4 weights (block {cfg.block_size}, accuracy level {cfg.accuracy_level})")
+        model = onnx.load(str(src))
+        excluded = expand_exclusions(cfg.exclude, model, ("MatMul",))
+        logging.disable(logging.INFO)  # the quantizer logs every node at INFO
+        try:
+            q = MatMulNBitsQuantizer(
+                model,
+                bits=4,
+                block_size=cfg.block_size,
+                is_symmetric=cfg.symmetric,
+                accuracy_level=cfg.accuracy_level,
+                nodes_to_exclude=excluded,
+                op_types_to_quantize=("MatMul",),
+            )
+            q.process()
+        except (ValueError, RuntimeError, AssertionError, TypeError) as e:
+            raise QuantizationError(f"onnxruntime MatMulNBits quantization failed: {e}") from e
+        finally:
+            logging.disable(logging.NOTSET)
+        staged = tmp / final.name
+        quantized = q.model.model
+        del model, q
+        large = quantized.ByteSize() > PROTOBUF_LIMIT - 64 * 1024**2
+        onnx.save(quantized, str(staged), save_as_external_data=large, location=staged.name + ".data")
+        del quantized
+        say("checking held-out images")
+        res = gate.measure(staged)
+        enforce(res, cfg.min_cosine, cfg.mean_cosine, INT4_HINT)
+        info = {"kind": "int4", "int4": cfg.to_dict(), "excluded": excluded}
+        info["fused"] = fused.fused if fused else {}
+        _stamp_and_publish(fp32, staged, final, res, info)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {final}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return QuantResult(final, "int4", res.min, res.max_abs, excluded, [], None, res, fused)
 
 
 def quantize_vision_dynamic(
@@ -314,6 +479,7 @@ def quantize_vision_dynamic(
     _, weight, _ = _quant_types(preset)
     tmp = stage_dir(final)
     try:
+        gate = _Gate(fp32, check, image_names(len(check), None))
         pre = _prepare(fp32, tmp)
         graph = onnx.load(str(pre), load_external_data=False)
         excluded = expand_exclusions(preset.exclude, graph, preset.op_types)
@@ -331,10 +497,12 @@ def quantize_vision_dynamic(
             )
         except (ValueError, RuntimeError, AssertionError) as e:
             raise QuantizationError(f"onnxruntime quantize_dynamic failed: {e}") from e
+        res = gate.measure(staged)
+        enforce(res, preset.min_cosine, preset.mean_cosine)
         info = {"kind": "dynamic", "preset": preset.to_dict(), "excluded": excluded}
-        cos, max_abs = _verify_and_publish(fp32, staged, final, check, preset, info)
+        _stamp_and_publish(fp32, staged, final, res, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return QuantResult(final, "dynamic", cos, max_abs, excluded)
+    return QuantResult(final, "dynamic", res.min, res.max_abs, excluded, check=res)

@@ -30,13 +30,14 @@ def run(args: argparse.Namespace) -> int:
 
     from tinygptv_edge.export.checkpoints.source import spec_from_args
     from tinygptv_edge.export.reference.answer import image_pixels
+    from tinygptv_edge.runtime.checks import check_threads
     from tinygptv_edge.runtime.errors import ConfigError
 
     if args.prompt is None:
         raise ConfigError("reference: expected --prompt (the question)")
     spec = spec_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(check_threads(args.threads, "--threads"))
     loaded = spec.load()
     print(loaded.summary.format(), file=sys.stderr)
     model, tok = loaded.model, loaded.tokenizer

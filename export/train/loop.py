@@ -46,6 +46,7 @@ from tinygptv_edge.export.train.scene import (
     scene_targets,
 )
 from tinygptv_edge.export.train.vqa import VQAConfig, iter_samples, vocabulary_text
+from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
 from tinygptv_edge.runtime.errors import ConfigError
 from tinygptv_edge.runtime.tokenizer import Tokenizer
@@ -86,6 +87,7 @@ class TrainConfig:
         for name in (*names, "questions_per_image", "pretrain_images_per_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
+        check_threads(self.threads, "TrainConfig.threads")
         for name in ("pretrain_steps", "scene_weight", "anchor_weight", "anchor_layer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")

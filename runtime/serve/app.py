@@ -129,9 +129,8 @@ def create_app(engine: Engine) -> Starlette:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text, event = [], first
-        while event[0] == "piece":
-            text.append(event[1])
+        event = first
+        while event[0] == "piece":  # the worker joins the pieces into Result.text
             event = await next_event(job, request)
         if event[0] == "error":
             raise event[1]

@@ -11,15 +11,13 @@ import ipaddress
 import os
 import sys
 
+from ..cli_args import add_model_args, add_runtime_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with images, streaming and JSON schemas")
     m = p.add_argument_group("models")
-    m.add_argument("--dist", default="dist", help="where `make export-onnx export-gguf` wrote the models")
-    m.add_argument(
-        "--vision", help="vision ONNX file (default: DIST/vision.int8.onnx, else vision.fp32.onnx)"
-    )
-    m.add_argument("--language", help="language GGUF file (default: DIST/language.q4_0.gguf, else any)")
+    add_model_args(m)
     m.add_argument("--model-name", default="tinygptv-edge", help="the model id /v1/models reports")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -43,9 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = p.add_argument_group("runtime")
-    r.add_argument("--threads", type=int, help="CPU threads for both models (default: the cores)")
-    r.add_argument("--n-ctx", type=int, help="context length (default: the model's)")
-    r.add_argument("--low-memory", action="store_true", help="one model resident at a time (2 GB boards)")
+    add_runtime_args(r)
     r.add_argument("--cache-dir", help="keep image embeddings on disk here too (reused across restarts)")
     r.add_argument("--image-cache-size", type=int, default=64, help="image embeddings kept in memory")
     r.add_argument("--max-tokens", type=int, default=300, help="answer length when a request gives none")
@@ -59,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..memory_plan import plan_memory
     from ..pipeline import Pipeline, default_model_paths
     from ..sampling import GREEDY, TINYGPTV
 
@@ -82,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         sampling=sampling,
     )
     vision, language = default_model_paths(args.dist, args.vision, args.language)  # fail before binding
+    plan = plan_memory(args.low_memory, vision, language, args.n_ctx)
+    if (plan.low_memory and plan.mode == "auto") or plan.tight:
+        print(f"note: {plan.reason}", file=sys.stderr)
 
     def load() -> Pipeline:
         return Pipeline(
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             language,
             n_ctx=args.n_ctx,
             n_threads=args.threads,
-            low_memory=args.low_memory,
+            low_memory=plan.low_memory,
             image_cache_size=args.image_cache_size,
             image_cache_dir=args.cache_dir,
         )

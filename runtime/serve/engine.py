@@ -86,6 +86,8 @@ class Job:
         self.cancel = threading.Event()
         self.reason: str | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.started = False  # set by the worker when it takes the job
+        self._lock = threading.Lock()  # orders `start` against `stop`: exactly one side answers a stop
 
     def emit(self, kind: str, value: object = None) -> None:
         """From the worker: hand an event to the handler ("piece", "done", "error")."""
@@ -93,9 +95,19 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
     def stop(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.cancel.set()
+        """From the event loop: cancel; a job still waiting in the queue is answered at once."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            self.cancel.set()
+            if not self.started:
+                self.events.put_nowait(("error", self.error()))
+
+    def start(self) -> bool:
+        """From the worker: take the job; False when it was stopped while waiting (already answered)."""
+        with self._lock:
+            self.started = True
+            return not self.cancel.is_set()
 
     def error(self) -> APIError:
         if self.reason == "timeout":
@@ -134,7 +146,9 @@ class Engine:
             pipe = self._load_fn()
             self.warmed = pipe.warm()  # BOS + system prompt: every conversation starts with it
             self.grammars = Grammars(pipe.tokenizer)
-            self.pipe, self.state = pipe, "ready"
+            self.pipe = pipe
+            if self.state == "loading":  # not closed meanwhile
+                self.state = "ready"
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
 
@@ -196,9 +210,8 @@ class Engine:
         job.timer.cancel()
 
     def _run(self, job: Job, work: Callable[[Job], None]) -> None:
-        if job.cancel.is_set():  # timed out or abandoned while it waited
+        if not job.start():  # timed out or abandoned while it waited (already answered)
             self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
-            job.emit("error", job.error())
             return
         t0 = time.perf_counter()
         try:
@@ -243,7 +256,7 @@ class Engine:
         finally:
             turn.close()
         answer = turn.answer
-        if job.reason is not None:  # cancelled mid-answer
+        if answer.stop == "cancelled":  # timed out, abandoned or shut down mid-answer
             self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
             job.emit("error", job.error())
             return
