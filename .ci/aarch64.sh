@@ -8,7 +8,7 @@
 #      an ARM /proc/cpuinfo bind-mounted over the chroot's, ggml-python built from its sdist by pip on
 #      that CPU (cached wheel), a venv with the project installed from this clone (`pip install .`, no
 #      extras), the torch-free test tier (`pytest tests/`: every torch test skips), the measurements
-#      on the committed exports (tests/data/measure.py) and the demo answer (`tinygptv-edge run --json`
+#      on the committed exports (tests/shipped_data.py) and the demo answer (`tinygptv-edge run --json`
 #      on the x86-made tests/data exports, compared with the PyTorch reference's golden answer).
 # Fails when any of that fails. Skips (exit 0, with a message) only where the qemu-aarch64 binfmt entry
 # cannot be registered; AARCH64_REQUIRED=1 turns that skip into a failure.
@@ -37,7 +37,12 @@ CACHE=${AARCH64_CACHE:-$HOME/.cache/tinygptv-edge/aarch64}
 CPUS=${AARCH64_CPUS:-cortex-a76 cortex-a72}
 OUT=$REPO/build/aarch64
 GGML_PY=$(sed -n 's/.*"ggml-python==\([0-9.]*\)".*/\1/p' "$REPO/pyproject.toml")
-GGML_CMAKE_ARGS=${AARCH64_GGML_CMAKE_ARGS:-} # empty: ggml's own native probe, as a plain pip install on a board
+GGML_CMAKE_ARGS=${AARCH64_GGML_CMAKE_ARGS:-} # more CMAKE_ARGS for the ggml build
+GGML_BUILD=${AARCH64_GGML_BUILD:-cross}     # cross | emulated (see step 3)
+# the -march a board's own `pip install` gets from ggml's native probe (GGML_NATIVE): Cortex-A76 (Pi 5)
+# is ARMv8.2 with dotprod and fp16 arithmetic, no i8mm/SVE; Cortex-A72 (Pi 4's BCM2711) is ARMv8.0
+# with CRC and no crypto extensions
+declare -A ARM_ARCH=([cortex-a76]=armv8.2-a+dotprod+fp16 [cortex-a72]=armv8-a+crc)
 
 T_START=$(date +%s)
 C_START=0
@@ -98,11 +103,14 @@ apt_install() { # the dpkg lock may be held by someone else for a while
     return 1
 }
 start
+HOST_PKGS=(qemu-user-static binfmt-support debootstrap zstd python3-venv)
+[ "$GGML_BUILD" = cross ] && HOST_PKGS+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
-    || ! command -v update-binfmts >/dev/null || ! command -v zstd >/dev/null; then
-    log "host: apt-get install qemu-user-static binfmt-support debootstrap zstd"
-    command -v apt-get >/dev/null || skip "no apt-get: install qemu-user-static and debootstrap by hand"
-    apt_install qemu-user-static binfmt-support debootstrap zstd || die "apt-get install failed"
+    || ! command -v update-binfmts >/dev/null || ! command -v zstd >/dev/null \
+    || { [ "$GGML_BUILD" = cross ] && ! command -v aarch64-linux-gnu-g++ >/dev/null; }; then
+    log "host: apt-get install ${HOST_PKGS[*]}"
+    command -v apt-get >/dev/null || skip "no apt-get: install ${HOST_PKGS[*]} by hand"
+    apt_install "${HOST_PKGS[@]}" || die "apt-get install failed"
 fi
 BINFMT=/proc/sys/fs/binfmt_misc
 if [ ! -e $BINFMT/register ]; then
@@ -199,7 +207,7 @@ cpuinfo() { # cpuinfo CPU > file
     local part var feat i
     case "$1" in
         cortex-a76) part=0xd0b var=0x4 feat="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp" ;;
-        cortex-a72) part=0xd08 var=0x0 feat="fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid" ;;
+        cortex-a72) part=0xd08 var=0x0 feat="fp asimd evtstrm crc32 cpuid" ;; # Pi 4: no crypto
         *) die "no /proc/cpuinfo table for $1 (known: cortex-a76, cortex-a72)" ;;
     esac
     for ((i = 0; i < $(nproc); i++)); do
@@ -223,33 +231,66 @@ for CPU in $CPUS; do
     mnt "$ROOT/proc/cpuinfo" --bind "$CACHE/cpuinfo-$CPU"
     in_arm "$CPU" uname -m | grep -qx aarch64 || die "the chroot does not run aarch64 programs"
 
-    # -- ggml-python wheel, built on this CPU's native probe (cached by version + flags + compiler + CPU)
-    WKEY=ggml-$GGML_PY-$CPU-$(key "$GGML_PY" "$GGML_CMAKE_ARGS" "$GCC_VERSION" "$CPU" "$SCRIPT_VERSION")
+    # -- the ggml-python wheel for this CPU, from its sdist (cached by version + flags + compiler + CPU).
+    #    cross (default): compiled on the host by gcc-aarch64-linux-gnu for the flags ggml's native probe
+    #    picks on that board; about 1 CPU-minute. emulated: `pip wheel` inside the chroot, ggml probing
+    #    the emulated CPU, exactly as on a board; 30+ minutes per CPU on a 2-core host.
+    if [ "$GGML_BUILD" = cross ]; then
+        ARCH=${ARM_ARCH[$CPU]:-}
+        [ -n "$ARCH" ] || die "no -march for $CPU (known: ${!ARM_ARCH[*]})"
+        CMARGS="-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc"
+        CMARGS+=" -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=$ARCH $GGML_CMAKE_ARGS"
+        COMPILER=$(aarch64-linux-gnu-g++ -dumpfullversion)
+    else
+        CMARGS=$GGML_CMAKE_ARGS
+        COMPILER=$GCC_VERSION
+    fi
+    WKEY=ggml-$GGML_PY-$CPU-$GGML_BUILD-$(key "$GGML_PY" "$CMARGS" "$COMPILER" "$CPU" "$SCRIPT_VERSION")
     WHEELS=$CACHE/wheels/$WKEY
     if ! ls "$WHEELS"/ggml_python-*.whl >/dev/null 2>&1; then
         start
-        log "ggml-python $GGML_PY from its sdist for $CPU (emulated build; several minutes)"
+        log "ggml-python $GGML_PY from its sdist for $CPU ($GGML_BUILD build)"
         rm -rf "$WHEELS.tmp"
-        in_arm "$CPU" bash -c '[ -x /opt/build-venv/bin/python ] || python3 -m venv /opt/build-venv'
-        in_arm "$CPU" env CMAKE_ARGS="$GGML_CMAKE_ARGS" /opt/build-venv/bin/pip wheel -v --no-cache-dir --no-deps \
-            -w "/cache/wheels/$WKEY.tmp" "ggml-python==$GGML_PY" >"$OUT/ggml-build-$CPU.log" 2>&1 || {
+        # --no-cache-dir: pip's wheel cache is keyed by the sdist alone, not by CMAKE_ARGS
+        if [ "$GGML_BUILD" = cross ]; then
+            [ -x "$CACHE/xbuild/bin/pip" ] || python3 -m venv "$CACHE/xbuild"
+            env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+                _PYTHON_HOST_PLATFORM=linux-aarch64 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="$CMARGS" \
+                "$CACHE/xbuild/bin/pip" wheel -v --no-cache-dir --no-deps --no-binary ggml-python \
+                -w "$WHEELS.tmp" "ggml-python==$GGML_PY" >"$OUT/ggml-build-$CPU.log" 2>&1
+        else
+            in_arm "$CPU" bash -c '[ -x /opt/build-venv/bin/python ] || python3 -m venv /opt/build-venv'
+            in_arm "$CPU" env CMAKE_ARGS="$CMARGS" /opt/build-venv/bin/pip wheel -v --no-cache-dir --no-deps \
+                -w "/cache/wheels/$WKEY.tmp" "ggml-python==$GGML_PY" >"$OUT/ggml-build-$CPU.log" 2>&1
+        fi || {
             tail -40 "$OUT/ggml-build-$CPU.log" >&2
-            die "ggml-python build failed on $CPU (log: $OUT/ggml-build-$CPU.log)"
+            die "ggml-python build failed for $CPU (log: $OUT/ggml-build-$CPU.log)"
         }
+        ls "$WHEELS.tmp"/ggml_python-*-linux_aarch64.whl >/dev/null || die "no linux_aarch64 ggml wheel in $WHEELS.tmp"
         mv "$WHEELS.tmp" "$WHEELS"
-        timing "ggml-python build ($CPU)"
-        grep -E "ARM detected|Adding CPU backend variant|-mcpu=|-march=" "$OUT/ggml-build-$CPU.log" | sort -u | head -5 || true
+        timing "ggml-python build ($CPU, $GGML_BUILD)"
+        grep -E "ARM detected|Adding CPU backend variant" "$OUT/ggml-build-$CPU.log" | sort -u | head -3 || true
     fi
 
-    # -- a fresh venv: deps from PyPI (aarch64 wheels, pip's download cache), ggml from the wheel above,
-    #    the project from the clone with `pip install .` (compiles runtime/kquant.c on this CPU)
+    # -- the venv: deps from PyPI (aarch64 wheels, pip's download cache), ggml from the wheel above, the
+    #    project from the clone with `pip install .` (compiles runtime/kquant.c on this CPU). The venv is
+    #    kept while what it holds stays the same (pyproject's dependency list, the ggml wheel, the test
+    #    tools, the userland); the project itself is installed anew on every run.
     start
     VENV=/opt/venv-$CPU
-    rm -rf "$ROOT$VENV"
-    in_arm "$CPU" python3 -m venv "$VENV"
-    in_arm "$CPU" bash -c "pip install -q /cache/wheels/$WKEY/ggml_python-*.whl" >"$OUT/install-$CPU.log" 2>&1 \
-        && in_arm "$CPU" pip install -q /opt/src >>"$OUT/install-$CPU.log" 2>&1 \
-        && in_arm "$CPU" pip install -q "pytest>=8" "hypothesis>=6" >>"$OUT/install-$CPU.log" 2>&1 || {
+    TEST_REQS=("pytest>=8" "hypothesis>=6" "setuptools>=74.1" "wheel")
+    VKEY=$(key "$(sed -n '/^dependencies = \[/,/^\]/p' "$REPO/pyproject.toml")" "$WKEY" "${TEST_REQS[*]}" "$ROOT" "$SCRIPT_VERSION")
+    if [ "$(cat "$ROOT$VENV/.key" 2>/dev/null)" != "$VKEY" ]; then
+        rm -rf "$ROOT$VENV"
+        in_arm "$CPU" python3 -m venv "$VENV"
+        in_arm "$CPU" bash -c "pip install -q /cache/wheels/$WKEY/ggml_python-*.whl" >"$OUT/install-$CPU.log" 2>&1 \
+            && in_arm "$CPU" pip install -q /opt/src >>"$OUT/install-$CPU.log" 2>&1 \
+            && in_arm "$CPU" pip install -q "${TEST_REQS[@]}" >>"$OUT/install-$CPU.log" 2>&1 \
+            && echo "$VKEY" >"$ROOT$VENV/.key"
+    else # the dependencies are there: the project only (no build isolation: setuptools is in the venv)
+        in_arm "$CPU" pip install -q --no-deps --no-build-isolation --force-reinstall /opt/src \
+            >"$OUT/install-$CPU.log" 2>&1
+    fi || {
         tail -40 "$OUT/install-$CPU.log" >&2
         die "install failed on $CPU (log: $OUT/install-$CPU.log)"
     }
@@ -270,7 +311,7 @@ for CPU in $CPUS; do
     timing "torch-free tier ($CPU)"
 
     start
-    if in_arm "$CPU" bash -c "cd /opt/src && python tests/data/measure.py --out /out/measure-$CPU.json" \
+    if in_arm "$CPU" bash -c "cd /opt/src && python tests/shipped_data.py --out /out/measure-$CPU.json" \
         >"$OUT/measure-$CPU.log" 2>&1; then
         tail -30 "$OUT/measure-$CPU.log"
     else
@@ -280,8 +321,8 @@ for CPU in $CPUS; do
     # the demo answer: the CLI on the x86-made exports, against the PyTorch reference's golden answer
     if in_arm "$CPU" bash -c "cd /opt/src && tinygptv-edge run --json --vision tests/data/vision.int8.onnx \
         --language tests/data/language.q4_0.gguf --image export/data/example.png \
-        --prompt \"\$(python tests/data/measure.py --demo-question)\"" >"$OUT/run-$CPU.json" 2>"$OUT/run-$CPU.err" \
-        && in_arm "$CPU" python /opt/src/tests/data/measure.py --check-demo "/out/run-$CPU.json"; then
+        --prompt \"\$(python tests/shipped_data.py --demo-question)\"" >"$OUT/run-$CPU.json" 2>"$OUT/run-$CPU.err" \
+        && in_arm "$CPU" python /opt/src/tests/shipped_data.py --check-demo "/out/run-$CPU.json"; then
         cat "$OUT/run-$CPU.json"
     else
         cat "$OUT/run-$CPU.json" "$OUT/run-$CPU.err" >&2
