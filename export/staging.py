@@ -81,3 +81,19 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, OSError):
         return True  # someone else's process (or an odd number): leave its files alone
     return True
+
+
+def write_texts(folder: str | Path, texts: dict[str, str], what: str) -> list[Path]:
+    """Each `name: text` as `folder/name`, written to a temp file in `folder` and renamed into place."""
+    folder = Path(folder)
+    out = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            tmp = staged_path(folder / name)
+            tmp.write_text(text)
+            os.replace(tmp, folder / name)
+            out.append(folder / name)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {what} to {folder}: {e}") from e
+    return out

@@ -12,15 +12,13 @@ SQNR = 20 log10(|x| / |x - y|) in dB; higher is better.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from tinygptv_edge.runtime.errors import OutputPathError
+from tinygptv_edge.export.staging import write_texts
 from tinygptv_edge.runtime.metrics import sqnr_db_from_sums
 
 DQ_SUFFIX = "_DequantizeLinear_Output"
@@ -67,22 +65,9 @@ class Diagnostics:
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:
         """`sqnr.json` and `sqnr.txt` in `folder`, each written to a temp file and renamed."""
-        folder = Path(folder)
-        out = []
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, text in (
-                (REPORT_JSON, json.dumps(self.to_dict(), indent=1)),
-                (REPORT_TABLE, self.table()),
-            ):
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, folder / name)
-                out.append(folder / name)
-        except OSError as e:
-            raise OutputPathError(f"cannot write diagnostics to {folder}: {e}") from e
-        return out[0], out[1]
+        texts = {REPORT_JSON: json.dumps(self.to_dict(), indent=1), REPORT_TABLE: self.table()}
+        json_path, table_path = write_texts(folder, texts, "diagnostics")
+        return json_path, table_path
 
 
 def _quantized_consumers(qdq: onnx.ModelProto, op_types: tuple[str, ...]) -> dict[str, list[str]]:

@@ -11,15 +11,14 @@ The mean hides the one image a user meets at cosine 0.95 (issue #17); both are g
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tinygptv_edge.runtime.errors import OutputPathError, QuantizationError
+from tinygptv_edge.export.staging import write_texts
+from tinygptv_edge.runtime.errors import QuantizationError
 
 REPORT_JSON = "heldout.json"
 REPORT_TABLE = "heldout.txt"
@@ -71,20 +70,9 @@ class CheckResult:
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:
         """`heldout.json` and `heldout.txt` in `folder`, each written to a temp file and renamed."""
-        folder = Path(folder)
-        out = []
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            texts = ((REPORT_JSON, json.dumps(self.to_dict(), indent=1)), (REPORT_TABLE, self.table()))
-            for name, text in texts:
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, folder / name)
-                out.append(folder / name)
-        except OSError as e:
-            raise OutputPathError(f"cannot write the held-out report to {folder}: {e}") from e
-        return out[0], out[1]
+        texts = {REPORT_JSON: json.dumps(self.to_dict(), indent=1), REPORT_TABLE: self.table()}
+        json_path, table_path = write_texts(folder, texts, "the held-out report")
+        return json_path, table_path
 
 
 def image_names(n: int, names: Sequence[str] | None) -> list[str]:
