@@ -44,11 +44,21 @@ def _photo(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_vision(work: Path, n_calib: int, say) -> Path:
-    import torch
+def vision_holder(cfg):
+    """A module with what export_vision needs, `.vision` and `.cfg`, the tower built from `cfg`."""
     from torch import nn
 
     from tinygptv_edge.export.model.vision import VisionTower
+
+    holder = nn.Module()
+    holder.cfg = cfg
+    holder.vision = VisionTower(cfg.vision, cfg.qformer, cfg.projection)
+    return holder
+
+
+def build_vision(work: Path, n_calib: int, say) -> Path:
+    import torch
+
     from tinygptv_edge.export.onnx.export import export_vision
     from tinygptv_edge.export.onnx.presets import get_preset
     from tinygptv_edge.export.onnx.quant import quantize_vision
@@ -61,16 +71,9 @@ def build_vision(work: Path, n_calib: int, say) -> Path:
         return int8
     cfg = full_config()
     torch.manual_seed(0)
-
-    class Holder(nn.Module):  # what export_vision needs: `.vision` and `.cfg`
-        def __init__(self):
-            super().__init__()
-            self.cfg = cfg
-            self.vision = VisionTower(cfg.vision, cfg.qformer, cfg.projection)
-
     say("vision: random full-size tower")
     with torch.no_grad():
-        m = Holder().eval()
+        m = vision_holder(cfg).eval()
         for name, p in m.named_parameters():
             if p.ndim >= 2 or name.endswith(("q_bias", "v_bias")):
                 p.normal_(0.0, 0.02)

@@ -69,9 +69,7 @@ def build_stand_in_vision(work: Path, say) -> Path:
     import dataclasses
 
     import torch
-    from torch import nn
 
-    from tinygptv_edge.export.model.vision import VisionTower
     from tinygptv_edge.export.onnx.export import export_vision
     from tinygptv_edge.runtime.config import ProjectionConfig, full_config, tiny_config
 
@@ -83,17 +81,10 @@ def build_stand_in_vision(work: Path, say) -> Path:
     proj = ProjectionConfig(tiny.projection.in_features, tiny.projection.mid_features, full.language.hidden)
     cfg = full.replace(vision=tiny.vision, qformer=qformer, projection=proj)
     torch.manual_seed(0)
-
-    class Holder(nn.Module):  # what export_vision needs: `.vision` and `.cfg`
-        def __init__(self):
-            super().__init__()
-            self.cfg = cfg
-            self.vision = VisionTower(cfg.vision, cfg.qformer, cfg.projection)
-
     say("stand-in vision: exporting")
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        return export_vision(Holder().eval(), out).path
+        return export_vision(_bench_pipeline().vision_holder(cfg).eval(), out).path
 
 
 def _pieces(chunks) -> dict:
