@@ -15,7 +15,6 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from .ggml_runtime import (
     place_weights,
 )
 from .gguf_file import GGUFFile
-from .gguf_values import Background, check_bytes, check_values
+from .gguf_values import check_values
 from .tokenizer import Tokenizer
 
 KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
@@ -126,17 +125,14 @@ class Decoder:
         self._backend = ggml.ggml_backend_dev_init(self._dev, None)
         ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
         matmul = {t.gguf for t in language_tensors(hp.n_layer) if t.role == MATMUL}
-        # weights are checked for NaN/inf as they load: copied and repacked ones from the bytes read
-        # for them, the ones ggml reads through the mapping (F16/F32, unrepacked K-quants) by `pread`;
+        # weights are checked for NaN/inf (and K-quant scale signs) before anything is allocated or
+        # repacked, with `pread` into one small buffer per thread: a refused file costs no memory;
         # once per file and process (low-memory mode reopens the decoder for every image turn)
         identity = _identity(self._gf.path)
-        if identity in _CHECKED:
-            self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
-        else:
-            with Background(partial(check_bytes, self._gf)) as checker:  # beside the repacking
-                self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack, check=checker)
-                check_values(self._gf, self._w.mapped, threads=min(2, self.n_threads))
+        if identity not in _CHECKED:
+            check_values(self._gf, threads=min(2, self.n_threads))
             _CHECKED.add(identity)
+        self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
         if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
             mapped = matmul - set(self._w.repacked)
             self._w.kquant = {n for n in mapped if kq.eligible(ggml, self._w.tensors[n])}

@@ -19,15 +19,12 @@ import ctypes
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .ggml_types import TYPE_IDS
 from .gguf_file import GGUFFile, TensorInfo
-
-Checker = Callable[[str, bytes], None]
 
 # OpenMP settings the runtime wants unless the user set one of OMP_KEYS (see bench/decoder.py --omp).
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive"}
@@ -132,18 +129,15 @@ class Weights:
     kquant: set[str] = field(default_factory=set)  # mapped K-quant weights: batches use kquant.c
 
 
-def place_weights(
-    ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True, check: Checker | None = None
-) -> Weights:
+def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True) -> Weights:
     """Create the tensors, map them onto the file, and repack the matmul weights the CPU kernels accept.
 
-    `check(name, data)` sees the bytes of every tensor that is read (copied or repacked), before ggml
-    gets them; whatever it raises frees what was allocated and propagates.
+    Whatever fails frees what was allocated and propagates.
     """
     ctx = new_context(ggml, len(gf.tensors) + 8)
     buffers: list[int] = []
     try:
-        return _place(ggml, gf, dev, matmul_weights, repack, check, ctx, buffers)
+        return _place(ggml, gf, dev, matmul_weights, repack, ctx, buffers)
     except BaseException:
         for buf in buffers:
             ggml.ggml_backend_buffer_free(buf)
@@ -151,7 +145,7 @@ def place_weights(
         raise
 
 
-def _place(ggml, gf, dev, matmul_weights, repack, check, ctx, buffers) -> Weights:
+def _place(ggml, gf, dev, matmul_weights, repack, ctx, buffers) -> Weights:
     tensors = {}
     for name, info in gf.tensors.items():
         ne = (ctypes.c_int64 * len(info.shape))(*info.shape)
@@ -197,14 +191,14 @@ def _place(ggml, gf, dev, matmul_weights, repack, check, ctx, buffers) -> Weight
             sbase = ggml.ggml_backend_buffer_get_base(small)
             for name in copied:
                 _check(ggml.ggml_backend_tensor_alloc(small, tensors[name], sbase + offsets[name]), name)
-                _set_from_file(ggml, f, tensors[name], gf.tensors[name], check)
+                _set_from_file(ggml, f, tensors[name], gf.tensors[name])
         if to_repack:
             buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, extras[0])
             if not buf:
                 raise MemoryError("cannot allocate the repack buffer")
             buffers.append(buf)
             for name in sorted(to_repack, key=lambda n: gf.tensors[n].offset):
-                _set_from_file(ggml, f, tensors[name], gf.tensors[name], check)
+                _set_from_file(ggml, f, tensors[name], gf.tensors[name])
     nbytes = sum(gf.tensors[n].nbytes for n in to_repack)
     return Weights(tensors, mapped, to_repack, ctx, buffers, nbytes)
 
@@ -214,15 +208,13 @@ def _check(status: int, name: str) -> None:
         raise RuntimeError(f"ggml_backend_tensor_alloc failed for {name} (status {status})")
 
 
-def _set_from_file(ggml, f, tensor, info: TensorInfo, check: Checker | None) -> None:
+def _set_from_file(ggml, f, tensor, info: TensorInfo) -> None:
     """Read the bytes with pread (not through the mapping, so none of it stays resident) and hand them
     to the tensor's buffer (the repack buffer converts them to its layout)."""
     offset, nbytes = info.offset, info.nbytes
     data = os.pread(f.fileno(), nbytes, offset)
     if len(data) != nbytes:
         raise OSError(f"short read of {nbytes} bytes at {offset}: the file changed on disk")
-    if check is not None:
-        check(info.name, data)
     ggml.ggml_backend_tensor_set(tensor, data, 0, nbytes)
 
 

@@ -16,9 +16,8 @@ GIL so that two threads scan at once.
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,34 +81,36 @@ def bad_values(raw: np.ndarray, type_name: str, block_bytes: int) -> tuple[int, 
     return nonfinite, negative
 
 
-def _scan_one(fd: int, t: TensorInfo) -> tuple[int, int]:
-    step = max(t.type.nbytes, CHUNK // t.type.nbytes * t.type.nbytes)
+def _scan_one(fd: int, t: TensorInfo, buf: np.ndarray) -> tuple[int, int]:
+    step = max(t.type.nbytes, len(buf) // t.type.nbytes * t.type.nbytes)
     nonfinite = negative = 0
     for start in range(0, t.nbytes, step):
         n = min(step, t.nbytes - start)
-        data = os.pread(fd, n, t.offset + start)
-        if len(data) != n:
+        if os.preadv(fd, [buf[:n]], t.offset + start) != n:  # into one reused buffer: no page faults
             raise OSError(f"short read of {n} bytes at {t.offset + start}: the file changed on disk")
-        a, b = bad_values(np.frombuffer(data, dtype=np.uint8), t.type.name, t.type.nbytes)
+        a, b = bad_values(buf[:n], t.type.name, t.type.nbytes)
         nonfinite, negative = nonfinite + a, negative + b
     return nonfinite, negative
 
 
 def check_values(gf: GGUFFile, names: list[str] | None = None, threads: int = 2) -> None:
-    """Raise NonFiniteTensorError (or GGUFModelError for a negative K-quant scale) naming the tensor."""
+    """Raise NonFiniteTensorError (or GGUFModelError for a negative K-quant scale) naming the tensor.
+
+    Memory stays at one CHUNK per thread whatever the file holds, so a refused file costs no more
+    than that (the decoder runs this before it allocates or repacks any weight).
+    """
     tensors = [gf.tensors[n] for n in (names if names is not None else gf.tensors)]
     tensors = [t for t in tensors if t.type.name in FIELDS]
+    buffers: dict[int, np.ndarray] = {}  # one per worker thread
+
+    def scan(fd: int, t: TensorInfo) -> tuple[int, int]:
+        buf = buffers.setdefault(threading.get_ident(), np.empty(CHUNK, dtype=np.uint8))
+        return _scan_one(fd, t, buf)
+
     with open(gf.path, "rb") as f, ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(lambda t: _scan_one(f.fileno(), t), tensors))
+        results = list(pool.map(lambda t: scan(f.fileno(), t), tensors))
     for t, counts in zip(tensors, results, strict=True):
         _raise(gf, t, *counts)
-
-
-def check_bytes(gf: GGUFFile, name: str, raw: bytes) -> None:
-    """The same check on the bytes of tensor `name` already read (e.g. for the repack buffer)."""
-    t = gf.tensors[name]
-    if t.type.name in FIELDS:
-        _raise(gf, t, *bad_values(np.frombuffer(raw, dtype=np.uint8), t.type.name, t.type.nbytes))
 
 
 def _raise(gf: GGUFFile, t: TensorInfo, nonfinite: int, negative: int) -> None:
@@ -121,34 +122,3 @@ def _raise(gf: GGUFFile, t: TensorInfo, nonfinite: int, negative: int) -> None:
             f"super-block scale (d/dmin): expected >= 0 as ggml writes them; found data of "
             f"another type labelled as {t.type.name}?"
         )
-
-
-class Background:
-    """`check(name, data)` calls run on one worker thread, at most `depth` behind the caller (so at
-    most `depth` tensors' bytes are held for it); leaving the block waits for all and raises the first
-    error. The loader hands ggml tensor N while tensor N-1 is checked: on two cores the check is hidden.
-    """
-
-    def __init__(self, check: Callable[[str, bytes], None], depth: int = 2):
-        self.check, self.depth = check, depth
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="gguf-check")
-        self.pending: deque[Future] = deque()
-
-    def __call__(self, name: str, data: bytes) -> None:
-        self.pending.append(self.pool.submit(self.check, name, data))
-        while len(self.pending) > self.depth:
-            self.pending.popleft().result()
-
-    def __enter__(self) -> Background:
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        try:
-            while self.pending:
-                future = self.pending.popleft()
-                if exc_type is None:
-                    future.result()
-                else:
-                    future.cancel()
-        finally:
-            self.pool.shutdown(wait=True)

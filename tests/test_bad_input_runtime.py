@@ -549,6 +549,26 @@ def test_non_finite_weights_are_refused_at_open(dist, tmp_path, tensor, offset, 
         Decoder(path, n_ctx=16, n_threads=1)
 
 
+def test_non_finite_weights_are_refused_before_any_weight_is_allocated(dist, tmp_path, monkeypatch):
+    """A NaN in the last weight stored must not cost the memory of loading the ones before it."""
+    from tinygptv_edge.runtime import decoder as D
+
+    gf = GGUFFile.open(gguf(dist))
+    last = max(gf.tensors.values(), key=lambda t: t.offset)
+    gf.close()
+    start, _ = tensor_data_pos(gguf(dist), last.name)
+    nan = np.float32(np.nan) if last.type.name == "F32" else np.float16(np.nan)
+    path = variant(tmp_path, "nanlast", patch_bytes(gguf(dist).read_bytes(), start, nan.tobytes()))
+
+    def allocate(*args, **kwargs):
+        raise AssertionError("weights were allocated before the values were checked")
+
+    monkeypatch.setattr(D, "place_weights", allocate)
+    monkeypatch.setattr(D, "_CHECKED", set())
+    with pytest.raises(NonFiniteTensorError, match=last.name.replace(".", r"\.")):
+        Decoder(path, n_ctx=16, n_threads=1)
+
+
 def test_q4_0_bytes_relabelled_as_q4_k_are_refused(tiny, tmp_path):
     """Same byte count for rows of 256; the K-quant super-block scales give the relabelling away."""
     from conftest import wide_source
