@@ -41,6 +41,7 @@ from .ggml_runtime import (
     new_kv_cache,
     place_weights,
 )
+from .ggml_types import BY_NAME
 from .gguf_file import GGUFFile
 from .gguf_values import check_values
 from .tokenizer import Tokenizer
@@ -107,7 +108,7 @@ class Decoder:
                     f"n_ctx: expected at most the model's trained context of {hp.n_ctx_train} "
                     f"({self._gf.path}), got {n_ctx}"
                 )
-            kv_bytes = 2 * hp.n_layer * hp.n_embd * n_ctx * (2 if kv_type == "f16" else 4)
+            kv_bytes = 2 * hp.n_layer * BY_NAME[KV_TYPES[kv_type]].row_nbytes(hp.n_embd) * n_ctx
             check_memory(kv_bytes, f"a KV cache of n_ctx={n_ctx} positions")
             self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
             self.n_threads = n_threads or cpu_count()
@@ -198,6 +199,49 @@ class Decoder:
 
     def reset(self) -> None:
         self.truncate(0)
+
+    @property
+    def kv_row_bytes(self) -> int:
+        """Bytes one position takes in the cache (K and V, every layer)."""
+        return 2 * self.hparams.n_layer * self._kv_row()
+
+    def read_kv(self, stop: int) -> np.ndarray:
+        """Copy cache positions [0, stop) out: uint8 (n_layer, 2, stop, row bytes), for `write_kv`."""
+        with self._lock:
+            self._check_open()
+            if not isinstance(stop, int) or not 0 <= stop <= self.n_past:
+                raise ConfigError(f"read_kv: expected 0 <= stop <= {self.n_past}, got {stop!r}")
+            row = self._kv_row()
+            out = np.empty((self.hparams.n_layer, 2, stop, row), dtype=np.uint8)
+            for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
+                for j, t in enumerate(pair):
+                    self._ggml.ggml_backend_tensor_get(t, out[i, j].ctypes.data, 0, stop * row)
+            return out
+
+    def write_kv(self, rows: np.ndarray, start: int) -> None:
+        """Make the cache hold [0, stop) from rows saved by `read_kv` (stop = rows.shape[2]), writing
+        only positions start..stop-1: the caller vouches that the first `start` already match."""
+        with self._lock:
+            self._check_open()
+            row, stop = self._kv_row(), rows.shape[2] if rows.ndim == 4 else -1
+            want = (self.hparams.n_layer, 2, stop, row)
+            if rows.dtype != np.uint8 or rows.shape != want or stop > self.n_ctx:
+                raise ConfigError(
+                    f"write_kv: expected uint8 rows of shape {want} with {stop} <= n_ctx={self.n_ctx}, "
+                    f"got {rows.dtype} {rows.shape}"
+                )
+            if not isinstance(start, int) or not 0 <= start <= min(self.n_past, stop):
+                raise ConfigError(f"write_kv: expected 0 <= start <= {min(self.n_past, stop)}, got {start!r}")
+            part = np.ascontiguousarray(rows[:, :, start:])
+            for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
+                for j, t in enumerate(pair):
+                    self._ggml.ggml_backend_tensor_set(
+                        t, part[i, j].ctypes.data, start * row, part[i, j].nbytes
+                    )
+            self.n_past = stop
+
+    def _kv_row(self) -> int:
+        return BY_NAME[KV_TYPES[self.kv_type]].row_nbytes(self.n_embd)
 
     def close(self) -> None:
         """Free the weights, the cache and the graphs (waits for a call in progress)."""

@@ -55,6 +55,7 @@ from .vision import VisionEncoder
 
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
 DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
+CACHE_RAM_MIB = 256  # default host memory for KV snapshots (runtime/prefix_cache.py); low-memory: none
 
 
 @dataclass
@@ -62,7 +63,8 @@ class Timings:
     image_ms: float = 0.0  # load + preprocess + vision graph (0 when every image was cached)
     images: int = 0
     images_cached: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # positions evaluated
+    prefill_restored: int = 0  # positions copied from a KV snapshot instead (runtime/prefix_cache.py)
     prefill_ms: float = 0.0
     decode_tokens: int = 0
     decode_ms: float = 0.0
@@ -136,10 +138,20 @@ class Pipeline:
         image_cache_size: int = 16,
         busy_timeout: float | None = None,
         image_cache_dir: str | Path | None = None,  # embeddings also on disk, kept across restarts
+        cache_ram_mib: int
+        | None = None,  # KV snapshots of earlier prompts; None: CACHE_RAM_MIB (0 low-memory)
     ):
         image_cache = ImageCache(image_cache_size)  # validates the size before any model loads
         if n_ctx is not None:
             check_count(n_ctx, "n_ctx")
+        if cache_ram_mib is None:
+            cache_ram_mib = 0 if low_memory else CACHE_RAM_MIB
+        if (
+            not isinstance(cache_ram_mib, int)
+            or isinstance(cache_ram_mib, bool)
+            or not 0 <= cache_ram_mib < 1 << 20
+        ):
+            raise ConfigError(f"cache_ram_mib: expected an integer in [0, 1048576), got {cache_ram_mib!r}")
         check_threads(n_threads)
         self._closed = False
         reopenable = isinstance(language, (str, Path)) or callable(language)
@@ -171,7 +183,9 @@ class Pipeline:
             factory = lambda: _open_decoder(path, **self._decoder_args)  # noqa: E731
         else:
             factory = language if callable(language) else None
-        self.prefix = PrefixCache(factory, None if factory is not None else language)
+        self.prefix = PrefixCache(
+            factory, None if factory is not None else language, snapshot_bytes=cache_ram_mib << 20
+        )
         d = self.prefix.decoder
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
         self.n_embd, self.n_ctx, self.image_tokens = d.n_embd, d.n_ctx, d.image_tokens
@@ -443,6 +457,7 @@ class Turn:
 
         pre = pipe.prefix.prefill(positions, images)
         timings.prefill_tokens += pre.evaluated
+        timings.prefill_restored += pre.restored
         timings.prefill_ms += pre.ms
         logits = pre.logits
         sampler = Sampler(self.sampling)

@@ -8,11 +8,19 @@ A position is a token id or (image key, embedding row). `prefill` keeps the long
 truncates the decoder there and evaluates the rest (always at least the last position, whose logits
 are returned); `step` appends one token. A failure inside the decoder leaves nothing trusted: `resync`
 empties the cache (and drops the decoder when it can be reopened), so the next call starts over.
+
+Snapshots (llama-server's `--cache-ram`, in spirit): before the KV cache's contents are overwritten
+by another prompt, or lost when the decoder is released, they are copied to host memory (about
+0.3 MiB per position at full size). `prefill` then starts from whichever holds the longest prefix
+of what it wants: a second question on an image seen a few requests ago, or the same request again,
+evaluates only what follows the shared part. Least recently used snapshots go first past
+`snapshot_bytes`; a decoder without `read_kv`/`write_kv` (test stand-ins) gets none.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +36,14 @@ class Prefill:
     logits: np.ndarray  # (V,) of the last position
     evaluated: int  # positions run through the decoder (the rest were already cached)
     ms: float
+    restored: int = 0  # positions copied back from a snapshot instead of evaluated
+
+
+def common_prefix(a: Sequence[Position], b: Sequence[Position]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class PrefixCache:
@@ -37,12 +53,16 @@ class PrefixCache:
     call reopens it with an empty cache. Without one, `decoder` is used as given and never reopened.
     """
 
-    def __init__(self, factory: Callable[[], object] | None = None, decoder=None):
+    def __init__(self, factory: Callable[[], object] | None = None, decoder=None, snapshot_bytes: int = 0):
         if factory is None and decoder is None:
             raise ConfigError("PrefixCache: give a decoder or a factory that makes one")
+        if not isinstance(snapshot_bytes, int) or snapshot_bytes < 0:
+            raise ConfigError(f"snapshot_bytes: expected an integer >= 0, got {snapshot_bytes!r}")
         self._factory = factory
         self._decoder = decoder if decoder is not None else factory()
         self._held: list[Position] = []
+        self.snapshot_bytes = snapshot_bytes
+        self._snapshots: OrderedDict[tuple[Position, ...], np.ndarray] = OrderedDict()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -73,10 +93,48 @@ class PrefixCache:
 
     def shared(self, positions: Sequence[Position]) -> int:
         """How many leading positions the cache can keep for `positions` (never the last one)."""
-        keep, limit = 0, min(len(self._held), len(positions) - 1)
-        while keep < limit and self._held[keep] == positions[keep]:
-            keep += 1
-        return keep
+        return common_prefix(self._held, positions[: len(positions) - 1])
+
+    @property
+    def snapshots(self) -> list[tuple[Position, ...]]:
+        """The positions each snapshot holds, least recently used first."""
+        return list(self._snapshots)
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def _can_snapshot(self) -> bool:
+        return self.snapshot_bytes > 0 and hasattr(self._decoder, "read_kv")
+
+    def _save(self) -> None:
+        """Copy what the live cache holds to a snapshot, unless a snapshot already holds it."""
+        held = tuple(self._held)
+        if not held or not self._can_snapshot():
+            return
+        if any(key[: len(held)] == held for key in self._snapshots):
+            return
+        if len(held) * self._decoder.kv_row_bytes > self.snapshot_bytes:
+            return
+        for key in [k for k in self._snapshots if held[: len(k)] == k]:  # superseded
+            del self._snapshots[key]
+        self._snapshots[held] = self._decoder.read_kv(len(held))
+        while sum(a.nbytes for a in self._snapshots.values()) > self.snapshot_bytes:
+            self._snapshots.popitem(last=False)
+
+    def _restore(self, positions: Sequence[Position], keep: int) -> int:
+        """Extend the live prefix `keep` from the snapshot sharing most of `positions`; the new keep."""
+        if not self._snapshots or not hasattr(self._decoder, "write_kv"):
+            return keep
+        want = positions[: len(positions) - 1]
+        best, n = max(((k, common_prefix(k, want)) for k in self._snapshots), key=lambda kn: kn[1])
+        if n <= keep:
+            return keep
+        rows = self._snapshots[best]
+        self._save()  # what the live cache holds beyond `keep` is about to be overwritten
+        self._decoder.truncate(keep)
+        self._decoder.write_kv(rows[:, :, :n], keep)
+        if best in self._snapshots:
+            self._snapshots.move_to_end(best)
+        self._held = list(positions[:n])
+        return n
 
     # -- evaluation ----------------------------------------------------------------------------
     def prefill(self, positions: Sequence[Position], images: Mapping[str, np.ndarray]) -> Prefill:
@@ -87,6 +145,10 @@ class PrefixCache:
         keep = self.shared(positions)
         t0 = time.perf_counter()
         try:
+            live = keep
+            keep = self._restore(positions, keep)
+            if keep == live and keep < len(self._held):
+                self._save()  # about to be overwritten
             dec.truncate(keep)
             del self._held[keep:]
             rest = list(positions[keep:])
@@ -98,7 +160,7 @@ class PrefixCache:
             self.resync()
             raise
         self._held = list(positions)
-        return Prefill(logits, len(rest), (time.perf_counter() - t0) * 1e3)
+        return Prefill(logits, len(rest), (time.perf_counter() - t0) * 1e3, keep - live)
 
     def step(self, token: int) -> np.ndarray:
         """Append one token; its logits."""
@@ -141,6 +203,7 @@ class PrefixCache:
         """Close the decoder to free its memory (reopened on next use); False when it cannot be."""
         if self._factory is None or self._decoder is None:
             return False
+        self._save()  # the reopened decoder starts from it instead of evaluating it again
         self._decoder.close()
         self._decoder, self._held = None, []
         return True
@@ -150,3 +213,4 @@ class PrefixCache:
             self._decoder.close()
             self._decoder = None
         self._held = []
+        self._snapshots.clear()

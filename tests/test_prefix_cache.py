@@ -126,3 +126,80 @@ def test_bad_arguments():
         PrefixCache()
     with pytest.raises(ConfigError, match="at least one position"):
         PrefixCache(decoder=ListDecoder()).prefill([], {})
+
+
+class SnapshotDecoder(ListDecoder):
+    """ListDecoder with runtime/decoder.py's read_kv/write_kv: rows as (1, 2, T, H * 4) bytes."""
+
+    kv_row_bytes = 2 * H * 4
+
+    @property
+    def n_past(self):
+        return len(self.rows)
+
+    def read_kv(self, stop):
+        rows = np.asarray(self.rows[:stop], dtype=np.float32).reshape(stop, H)
+        return np.stack([rows, rows])[None].view(np.uint8)
+
+    def write_kv(self, rows, start):
+        assert start <= len(self.rows), "write_kv past what the cache holds"
+        floats = rows.view(np.float32)[0, 0]
+        self.rows = self.rows[:start] + [r.copy() for r in floats[start:]]
+
+
+def test_snapshots_give_back_an_overwritten_prefix():
+    dec = SnapshotDecoder()
+    cache = PrefixCache(decoder=dec, snapshot_bytes=1 << 20)
+    img = {"a": np.full((3, H), 7.0, np.float32), "b": np.full((3, H), 5.0, np.float32)}
+    a = [1, 2, ("a", 0), ("a", 1), ("a", 2), 3, 4]
+    b = [1, 2, ("b", 0), ("b", 1), ("b", 2), 3, 4]
+    first = cache.prefill(a, img)
+    cache.step(9)
+    assert cache.snapshots == []  # nothing overwritten yet
+    cache.prefill(b, img)  # overwrites a's rows: they are saved first
+    assert cache.snapshots == [(*a, 9)]
+    other = [*a[:5], 6, 4]  # image a again, another question
+    pre = cache.prefill(other, img)
+    assert (pre.restored, pre.evaluated) == (3, 2)  # a's image rows restored, the question evaluated
+    assert cache.held == tuple(other)
+    fresh = ListDecoder()
+    ref = PrefixCache(decoder=fresh).prefill(other, img)
+    np.testing.assert_array_equal(pre.logits, ref.logits)
+    np.testing.assert_array_equal(np.asarray(dec.rows), np.asarray(fresh.rows))
+    again = cache.prefill(a, img)  # the first request again: 5 positions live, 1 restored, 1 evaluated
+    assert (again.restored, again.evaluated) == (1, 1)
+    np.testing.assert_array_equal(again.logits, first.logits)
+
+
+def test_snapshots_respect_their_budget_and_survive_a_release():
+    made = []
+
+    def factory():
+        made.append(SnapshotDecoder())
+        return made[-1]
+
+    row = SnapshotDecoder.kv_row_bytes
+    cache = PrefixCache(factory, snapshot_bytes=9 * row)  # room for 9 positions: one 5-position prefix
+    seqs = [[1, 2, 3, 4, k] for k in (10, 11, 12)]
+    for s in seqs:
+        cache.prefill(s, {})
+    # each overwritten 5-position prefix was saved; the oldest went when the third did not fit
+    assert cache.snapshots == [tuple(seqs[1])]
+    long = list(range(20, 32))  # 12 positions: never fits, never saved
+    cache.prefill(long, {})
+    cache.prefill(seqs[0], {})
+    assert tuple(long) not in cache.snapshots
+    # low-memory mode closes the decoder: what it held is saved, the reopened one starts from it
+    assert cache.release()
+    pre = cache.prefill([*seqs[0], 13], {})
+    assert len(made) == 2 and (pre.restored, pre.evaluated) == (5, 1)
+
+
+def test_no_snapshots_without_a_budget_or_without_read_kv():
+    for dec, budget in ((SnapshotDecoder(), 0), (ListDecoder(), 1 << 20)):
+        cache = PrefixCache(decoder=dec, snapshot_bytes=budget)
+        cache.prefill([1, 2, 3], {})
+        cache.prefill([4, 5, 6], {})
+        assert cache.snapshots == [] and cache.prefill([1, 2, 3], {}).restored == 0
+    with pytest.raises(ConfigError, match="snapshot_bytes"):
+        PrefixCache(decoder=ListDecoder(), snapshot_bytes=-1)

@@ -44,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(r)
     r.add_argument("--cache-dir", help="keep image embeddings on disk here too (reused across restarts)")
     r.add_argument("--image-cache-size", type=int, default=64, help="image embeddings kept in memory")
+    r.add_argument(
+        "--cache-ram",
+        type=int,
+        metavar="MIB",
+        help="host memory for KV snapshots of earlier prompts, so a repeated image or prompt is not "
+        "evaluated again (default: 256, 0 in low-memory mode; 0 turns them off)",
+    )
     r.add_argument("--max-tokens", type=int, default=300, help="answer length when a request gives none")
     r.add_argument(
         "--sample",
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             low_memory=plan.low_memory,
             image_cache_size=args.image_cache_size,
             image_cache_dir=args.cache_dir,
+            cache_ram_mib=args.cache_ram,
         )
 
     if not _loopback(args.host) and cfg.api_key is None:
