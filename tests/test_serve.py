@@ -156,6 +156,24 @@ def test_multi_turn_with_earlier_image_reuses_the_kv_prefix(server, pipe):
     assert second.model_extra["timings"]["images_cached"] == 1  # the earlier image skipped the vision graph
 
 
+def test_a_repeated_image_is_restored_from_a_kv_snapshot(server, pipe):
+    """Image A, image B, then A with another question: A's rows come back from the snapshot taken
+    when B overwrote them (--cache-ram), so only the new question is evaluated; answers unchanged."""
+    a, b = png(31), png(32)
+    c = server.client()
+    ask(c, [user("first question", a)])
+    ask(c, [user("first question", b)])
+    got = ask(c, [user("a different question", a)])
+    assert got.choices[0].message.content == pipe.ask("a different question", a, GREEDY).text
+    question = len(
+        pipe.tokenizer.encode(
+            pipe.prompt.first_turn("a different question", True).split(IMAGE_PLACEHOLDER)[1]
+        )
+    )
+    evaluated = got.usage.prompt_tokens - got.usage.prompt_tokens_details.cached_tokens
+    assert evaluated <= question + 1, (evaluated, question)
+
+
 def test_system_message_replaces_the_system_prompt(server, pipe):
     import dataclasses
 
