@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -22,12 +23,32 @@ import numpy as np
 from .errors import ConfigError, OutputPathError
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (hex), read in chunks."""
-    h = hashlib.sha256()
+def file_sha256(path: str | Path, chunk: int = 1 << 20, h=None) -> str:
+    """sha256 of a file's bytes (hex), read in chunks (into `h` when given)."""
+    h = h if h is not None else hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+# an ONNX TensorProto's external_data entry {key: "location", value: NAME} as protobuf writes it
+# (field 1 "location", then field 2 with a one-byte length); the runtime reads no ONNX protobufs
+_LOCATION = re.compile(rb"\x0a\x08location\x12([\x01-\x7f])")
+
+
+def onnx_sha256(path: str | Path) -> str:
+    """sha256 over an ONNX graph and the external data files it names (sorted), so that a model whose
+    weights changed only in `<name>.data` gets another hash."""
+    path = Path(path)
+    data = path.read_bytes()
+    names = {data[m.end() : m.end() + m.group(1)[0]] for m in _LOCATION.finditer(data)}
+    h = hashlib.sha256(data)
+    for name in sorted(names):
+        extra = path.parent / name.decode("utf-8", "replace")
+        h.update(b"\0" + name + b"\0")
+        if extra.is_file():
+            file_sha256(extra, h=h)
     return h.hexdigest()
 
 

@@ -43,7 +43,7 @@ from .errors import (
     ModelMismatchError,
     PipelineBusyError,
 )
-from .image_cache import ImageCache, file_sha256
+from .image_cache import ImageCache, onnx_sha256
 from .images import ImageLimits, ImageSource, load_image
 from .memory import release_heap
 from .prefix_cache import Position, PrefixCache
@@ -171,7 +171,7 @@ class Pipeline:
         self.vision = vision
         if image_cache_dir is not None and vision is not None:  # disk keys name the vision graph too
             shape = (vision.num_query_tokens, vision.embed_dim)
-            model_id = file_sha256(vision.path)
+            model_id = onnx_sha256(vision.path)  # graph and external weights
             self.image_cache = ImageCache(image_cache_size, image_cache_dir, model_id, shape)
         if isinstance(language, (str, Path)):
             path = Path(language)

@@ -69,3 +69,26 @@ def test_file_sha256(tmp_path):
     f = tmp_path / "f.bin"
     f.write_bytes(b"x" * 3_000_001)
     assert file_sha256(f, chunk=1000) == hashlib.sha256(b"x" * 3_000_001).hexdigest()
+
+
+def test_onnx_sha256_covers_the_external_data(tmp_path):
+    """The disk cache's model key: a re-quantization that rewrote only `<name>.data` changes it."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tinygptv_edge.runtime.image_cache import onnx_sha256
+
+    def save(weights: np.ndarray, path):
+        w = numpy_helper.from_array(weights, "w")
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+        onnx.save(helper.make_model(graph), str(path), save_as_external_data=True,
+                  location=path.name + ".data", size_threshold=0)  # fmt: skip
+
+    path = tmp_path / "v.onnx"
+    save(np.ones((64, 64), np.float32), path)
+    first, graph = onnx_sha256(path), file_sha256(path)
+    data = tmp_path / "v.onnx.data"
+    data.write_bytes((2 * np.ones((64, 64), np.float32)).tobytes())  # new weights, same graph file
+    assert file_sha256(path) == graph and onnx_sha256(path) != first
