@@ -183,6 +183,13 @@ def test_train_config_names_its_data_and_input():
         TrainConfig(data="web")
     with pytest.raises(ConfigError, match="patch_size"):
         TrainConfig(image_size=64, patch_size=12)
+    wide = model_config(TrainConfig(image_size=128, vision_width=192, vision_depth=4), 512)
+    v = wide.vision
+    assert (v.width, v.depth, v.stored_depth, v.heads, v.mlp_hidden) == (192, 4, 4, 6, 768)
+    assert wide.qformer.vision_width == 192 and wide.vision.grid == 8 and wide.preprocess.image_size == 128
+    assert wide.language == small_config(512).language
+    with pytest.raises(ConfigError, match="vision_width"):
+        TrainConfig(vision_width=100)
 
 
 def test_eval_only_prints_every_split(capsys):

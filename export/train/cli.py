@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--image-size", type=int, default=d.image_size, help="the model's square input, pixels")
     p.add_argument("--patch-size", type=int, default=d.patch_size, help="vision patch size, pixels")
+    p.add_argument("--vision-width", type=int, default=d.vision_width, help="EVA encoder width")
+    p.add_argument("--vision-depth", type=int, default=d.vision_depth, help="EVA encoder blocks")
+    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="vision pretraining peak rate")
     p.add_argument(
         "--eval-only",
         action="store_true",
@@ -91,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         image_size=args.image_size,
         patch_size=args.patch_size,
+        vision_width=args.vision_width,
+        vision_depth=args.vision_depth,
+        pretrain_lr=args.pretrain_lr,
     )
     bars: dict[str, tqdm] = {}
 

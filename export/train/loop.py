@@ -88,6 +88,8 @@ class TrainConfig:
     vocab_size: int = 512
     image_size: int = 64  # the model's square input (small_config: 64)
     patch_size: int = 16  # its patches (small_config: 16, a 4 x 4 grid)
+    vision_width: int = 128  # EVA encoder width (small_config: 128; heads of 32, MLP 4x)
+    vision_depth: int = 3  # EVA encoder blocks (small_config: 3)
     eval_every: int = 300
     easy_weight: float = 0.4  # count and caption questions are drawn this much less often (learnt first)
     threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 ran faster than 2 (docs/benchmarks.md)
@@ -108,6 +110,11 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig: expected image_size {self.image_size} to be 2-16 patches of "
                 f"patch_size {self.patch_size}"
+            )
+        if self.vision_width % 32 or not 32 <= self.vision_width <= 1024 or not 1 <= self.vision_depth <= 24:
+            raise ConfigError(
+                "TrainConfig: expected vision_width a multiple of 32 in 32..1024 and vision_depth 1..24, "
+                f"got {self.vision_width}, {self.vision_depth}"
             )
         for name in ("lr", "vision_lr", "pretrain_lr"):
             if not 0 < getattr(self, name) < 1:
@@ -130,15 +137,25 @@ class TrainResult:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> TinyGPTVConfig:
-    """small_config() with the recipe's input and patch size (language widths untouched: every GGUF
-    type still applies)."""
+    """small_config() with the recipe's input, patch size and encoder width and depth (language widths
+    untouched: every GGUF type still applies)."""
     base = small_config(vocab_size)
-    if (cfg.image_size, cfg.patch_size) == (base.vision.image_size, base.vision.patch_size):
+    want = (cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_depth)
+    v = base.vision
+    if want == (v.image_size, v.patch_size, v.width, v.depth):
         return base
     vision = replace(
-        base.vision, image_size=cfg.image_size, patch_size=cfg.patch_size, pretrain_image_size=cfg.image_size
+        v,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        pretrain_image_size=cfg.image_size,
+        width=cfg.vision_width,
+        depth=cfg.vision_depth,
+        stored_depth=cfg.vision_depth,
+        heads=cfg.vision_width // 32,
+        mlp_hidden=4 * cfg.vision_width,
     )
-    return replace(base, vision=vision)
+    return replace(base, vision=vision, qformer=replace(base.qformer, vision_width=cfg.vision_width))
 
 
 def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -> Tokenizer:
@@ -236,12 +253,12 @@ def encode_split(
 def pretrain_vision(
     model: TinyGPTV,
     heads: SceneHeads,
-    data: tuple[Encoded, SceneTargets],
+    pixels: torch.Tensor,
+    targets: SceneTargets,
     cfg: TrainConfig,
     progress: Callable[[str, int, int, dict], None],
 ) -> None:
     """Stage 1: the vision tower and the scene heads on the scene loss alone."""
-    pixels, targets = data[0].pixels, data[1]
     named = list(model.vision.named_parameters()) + list(heads.named_parameters())
     opt = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.pretrain_lr, betas=(0.9, 0.98))
     order = torch.Generator().manual_seed(cfg.seed)
@@ -285,7 +302,7 @@ def train(
     model = TinyGPTV(model_cfg)
     init_weights(model)
     heads = SceneHeads(model_cfg)
-    pretrain_vision(model, heads, (train_set, train_scenes), cfg, progress)
+    pretrain_vision(model, heads, train_set.pixels, train_scenes, cfg, progress)
     scene = scene_accuracy(heads, model, val_set.pixels, val_scenes)
     progress("scene", 1, 1, scene)
 
