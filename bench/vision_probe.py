@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--val-images", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--mirror", action="store_true", help="mirror half of each batch left-right")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
         pretrain_steps=args.steps,
         pretrain_images_per_step=args.batch,
         pretrain_lr=args.lr,
+        pretrain_mirror=args.mirror,
         warmup=args.warmup,
         threads=args.threads,
     )

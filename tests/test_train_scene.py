@@ -90,3 +90,17 @@ def test_a_small_shape_labels_the_patch_under_its_centre():
     assert colour[p] == 1 + list(vqa.COLOURS).index("blue") and kind[p] == 1 + vqa.SHAPES.index("cross")
     assert np.allclose(offset[p], (0.6 - 0.625, 0.4 - 0.375))
     assert (colour > 0).sum() == 1
+
+
+def test_mirror_matches_the_mirrored_scene():
+    cfg = small_config(64)
+    shapes = (vqa.Shape("triangle", "red", 0.375, 0.625, 0.1), vqa.Shape("cross", "blue", 0.875, 0.125, 0.1))
+    scene = vqa.Scene(shapes, "plain")
+    mirrored = vqa.Scene(tuple(vqa.Shape(s.kind, s.colour, 1 - s.x, s.y, s.r) for s in shapes), "plain")
+    t = ts.scene_targets([scene, scene], cfg)
+    want = ts.scene_targets([scene, mirrored], cfg)
+    pixels = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    x, got = ts.mirror(pixels, t, torch.tensor([False, True]))
+    assert torch.equal(x[0], pixels[0]) and torch.equal(x[1], pixels[1].flip(-1))
+    for f in ts.SceneTargets.__dataclass_fields__:
+        assert torch.allclose(getattr(got, f).float(), getattr(want, f).float(), atol=1e-6), f

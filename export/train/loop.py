@@ -41,6 +41,7 @@ from tinygptv_edge.export.train.scene import (
     SceneTargets,
     anchor_loss,
     find_anchors,
+    mirror,
     scene_accuracy,
     scene_loss,
     scene_targets,
@@ -73,6 +74,7 @@ class TrainConfig:
     pretrain_steps: int = 2000
     pretrain_images_per_step: int = 32
     pretrain_lr: float = 5e-4
+    pretrain_mirror: bool = False  # stage 1: mirror half the images left-right (labels to match)
     steps: int = 4000
     images_per_step: int = 16
     questions_per_image: int = 2  # drawn at random from the image's 5-7 questions
@@ -267,7 +269,10 @@ def pretrain_vision(
         for g in opt.param_groups:
             g["lr"] = cfg.pretrain_lr * lr_at(step, cfg.pretrain_steps, cfg.warmup, cfg.min_lr_ratio)
         idx = torch.randint(0, len(pixels), (cfg.pretrain_images_per_step,), generator=order)
-        loss = scene_loss(heads(model, pixels[idx]), targets[idx])
+        x, t = pixels[idx], targets[idx]
+        if cfg.pretrain_mirror:
+            x, t = mirror(x, t, torch.rand(len(idx), generator=order) < 0.5)
+        loss = scene_loss(heads(model, x), t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)

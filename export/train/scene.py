@@ -21,8 +21,9 @@ and the answer only has to read it from there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -87,6 +88,30 @@ def patch_labels(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray, np.nd
         if colour[p] == 0 and (blocks[p] == i + 1).any():
             label(p, s)
     return colour, kind, offset
+
+
+def mirror(pixels: torch.Tensor, t: SceneTargets, flip: torch.Tensor) -> tuple[torch.Tensor, SceneTargets]:
+    """The images where `flip` (N,) bool is set, mirrored left-right, and their labels to match.
+
+    Every kind is its own mirror image (the triangle points up), so a mirrored scene is another valid
+    scene: x -> 1 - x, patch columns reversed, patch offsets' x negated. Colours, kinds, count and
+    background stay.
+    """
+    grid = math.isqrt(t.patch_colour.shape[1])
+    f = flip.view(-1, 1, 1, 1)
+    pixels = torch.where(f, pixels.flip(-1), pixels)
+
+    def cols(x: torch.Tensor) -> torch.Tensor:  # (N, P, ...) -> the same with each row's columns reversed
+        g = x.reshape(x.shape[0], grid, grid, *x.shape[2:]).flip(2).reshape(x.shape)
+        return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), g, x)
+
+    sign = torch.tensor([-1.0, 1.0])
+    shown = flip.view(-1, 1, 1) & t.present.bool()[..., None]  # absent colours keep their (0, 0)
+    xy = torch.where(shown, torch.stack([1 - t.xy[..., 0], t.xy[..., 1]], -1), t.xy)
+    offset = cols(torch.where(flip.view(-1, 1, 1), t.patch_offset * sign, t.patch_offset))
+    return pixels, replace(
+        t, xy=xy, patch_colour=cols(t.patch_colour), patch_kind=cols(t.patch_kind), patch_offset=offset
+    )
 
 
 def scene_targets(scenes: Iterable[Scene], cfg: TinyGPTVConfig) -> SceneTargets:
