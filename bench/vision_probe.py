@@ -22,14 +22,39 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 RADIUS_BUCKETS = (0.0, 3.0, 4.5, 6.0, 9.0, 1e9)  # shape radius in the model's input pixels
 
 
-def make_split(split: str, n: int, seed: int, scene_cfg, model_cfg):
-    """(pixels, SceneTargets, per-slot radius in input pixels (N, colours), per-image camera flag)."""
+def make_split(split: str, n: int, seed: int, scene_cfg, model_cfg, cache: str | None = None):
+    """(pixels, SceneTargets, per-slot radius in input pixels (N, colours), per-image camera flag),
+    kept in `cache` (a folder) by the settings that make them."""
+    import hashlib
+
+    import torch
+
+    from tinygptv_edge.export.train.scene import SceneTargets
+
+    key = repr((split, n, seed, scene_cfg, model_cfg.vision.image_size, model_cfg.vision.patch_size))
+    path = Path(cache, hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt") if cache else None
+    if path and path.exists():
+        d = torch.load(path, weights_only=True)
+        t = SceneTargets(*(d[f] for f in SceneTargets.__dataclass_fields__))
+        return d["pixels"], t, d["radius"].numpy(), d["camera"].numpy()
+    out = _make_split(split, n, seed, scene_cfg, model_cfg)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        d = {f: getattr(out[1], f) for f in SceneTargets.__dataclass_fields__}
+        d.update(pixels=out[0], radius=torch.from_numpy(out[2]), camera=torch.from_numpy(out[3]))
+        torch.save(d, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    return out
+
+
+def _make_split(split: str, n: int, seed: int, scene_cfg, model_cfg):
     import torch
 
     from tinygptv_edge.export.train.scene import scene_targets
@@ -97,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--cache", default=None, help="keep the generated images in this folder")
     args = ap.parse_args(argv)
 
     import torch
@@ -128,8 +154,8 @@ def main(argv=None) -> int:
         scene_cfg = replace(scene_cfg, min_radius=args.min_radius)
     model_cfg = model_config(cfg, 512)
     load0, wall0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    train = make_split("train", args.train_images, args.seed, scene_cfg, model_cfg)
-    val = make_split("validation", args.val_images, args.seed, scene_cfg, model_cfg)
+    train = make_split("train", args.train_images, args.seed, scene_cfg, model_cfg, args.cache)
+    val = make_split("validation", args.val_images, args.seed, scene_cfg, model_cfg, args.cache)
     data_s = time.perf_counter() - wall0
     print(f"data: {args.train_images} + {args.val_images} images in {data_s:.0f} s", flush=True)
 
