@@ -6,7 +6,7 @@
         --> init_weights --> pretrain_vision (the recipe's stage 1: the scene heads of scene.py)
     scene heads on the validation images (and on the first training images, for the gap): present, kind,
         centre within 0.05, count, background; per-patch kind on foreground patches; kind per shape
-        size in the model's input pixels (radius x the frame's squeeze x input side)
+        size in the model's input (radius x the frame's squeeze, a fraction of the side)
     wall time, process CPU time, load average before and after (the machine may be shared)
 
 Run from the repository root, one probe per process (threads 1):
@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-RADIUS_BUCKETS = (0.0, 3.0, 4.5, 6.0, 9.0, 1e9)  # shape radius in the model's input pixels
+# shape radius in the model's input, as a fraction of its side (x 64: pixels of the 64 px input)
+RADIUS_BUCKETS = (0.0, 0.047, 0.07, 0.094, 0.14, 1.0)
 
 
 def make_split(split: str, n: int, seed: int, scene_cfg, model_cfg, cache: str | None = None):
-    """(pixels, SceneTargets, per-slot radius in input pixels (N, colours), per-image camera flag),
+    """(pixels, SceneTargets, per-slot radius in the input (N, colours; fraction of its side), per-image
+    camera flag),
     kept in `cache` (a folder) by the settings that make them."""
     import hashlib
 
@@ -62,7 +64,6 @@ def _make_split(split: str, n: int, seed: int, scene_cfg, model_cfg):
     from tinygptv_edge.runtime.preprocess import preprocess
 
     colours = list(COLOURS)
-    side = model_cfg.vision.image_size
     pixels, scenes = [], []
     radius = np.zeros((n, len(colours)), np.float32)
     camera = np.zeros(n, bool)
@@ -72,7 +73,7 @@ def _make_split(split: str, n: int, seed: int, scene_cfg, model_cfg):
         camera[i] = s.image.size != (scene_cfg.image_size, scene_cfg.image_size)
         squeeze = min(s.scene.frame.sx, s.scene.frame.sy)
         for sh in s.scene.shapes:
-            radius[i, colours.index(sh.colour)] = sh.r * squeeze * side
+            radius[i, colours.index(sh.colour)] = sh.r * squeeze
     return torch.from_numpy(np.stack(pixels)), scene_targets(scenes, model_cfg), radius, camera
 
 
@@ -95,8 +96,8 @@ def evaluate(heads, model, pixels, targets, radius, camera) -> dict:
     for lo, hi in zip(RADIUS_BUCKETS, RADIUS_BUCKETS[1:], strict=False):
         sel = (r >= lo) & (r < hi)
         if sel.any():
-            by_size[f"r {lo:g}-{hi:g} px"] = {"kind": float(hit[sel].mean()), "shapes": int(sel.sum())}
-    acc["kind_by_radius_px"] = by_size
+            by_size[f"r {lo:g}-{hi:g}"] = {"kind": float(hit[sel].mean()), "shapes": int(sel.sum())}
+    acc["kind_by_radius"] = by_size
     acc["kind_camera"] = float(hit[cam].mean()) if cam.any() else None
     acc["kind_square_images"] = float(hit[~cam].mean()) if (~cam).any() else None
     model.train()
