@@ -72,12 +72,13 @@ def refuse(path: str, threads: int) -> None:
 
 
 def poisoned(path: Path) -> tuple[Path, str]:
-    """A copy of `path` with the first fp16 scale of its last-stored weight set to NaN."""
+    """A copy of `path` with the first block scale of its last-stored quantized weight set to NaN."""
     from tinygptv_edge.runtime.gguf_file import GGUFFile
+    from tinygptv_edge.runtime.gguf_values import FIELDS
 
     gf = GGUFFile.open(path)
-    last = max(gf.tensors.values(), key=lambda t: t.offset)
-    offset = last.offset
+    last = max((t for t in gf.tensors.values() if FIELDS[t.type.name].fp16), key=lambda t: t.offset)
+    offset = last.offset + FIELDS[last.type.name].fp16[0]
     gf.close()
     out = path.with_name(path.stem + ".nan-last.gguf")
     if not out.exists():

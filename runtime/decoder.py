@@ -205,40 +205,42 @@ class Decoder:
         """Bytes one position takes in the cache (K and V, every layer)."""
         return 2 * self.hparams.n_layer * self._kv_row()
 
-    def read_kv(self, stop: int) -> np.ndarray:
-        """Copy cache positions [0, stop) out: uint8 (n_layer, 2, stop, row bytes), for `write_kv`."""
+    def read_kv(self, start: int, stop: int) -> np.ndarray:
+        """Copy cache positions [start, stop) out: uint8 (n_layer, 2, stop - start, row bytes)."""
         with self._lock:
             self._check_open()
-            if not isinstance(stop, int) or not 0 <= stop <= self.n_past:
-                raise ConfigError(f"read_kv: expected 0 <= stop <= {self.n_past}, got {stop!r}")
+            if not all(isinstance(v, int) for v in (start, stop)) or not 0 <= start <= stop <= self.n_past:
+                raise ConfigError(
+                    f"read_kv: expected 0 <= start <= stop <= {self.n_past}, got {start!r}, {stop!r}"
+                )
             row = self._kv_row()
-            out = np.empty((self.hparams.n_layer, 2, stop, row), dtype=np.uint8)
+            out = np.empty((self.hparams.n_layer, 2, stop - start, row), dtype=np.uint8)
+            get = self._ggml.ggml_backend_tensor_get
             for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
                 for j, t in enumerate(pair):
-                    self._ggml.ggml_backend_tensor_get(t, out[i, j].ctypes.data, 0, stop * row)
+                    get(t, out[i, j].ctypes.data, start * row, out[i, j].nbytes)
             return out
 
     def write_kv(self, rows: np.ndarray, start: int) -> None:
-        """Make the cache hold [0, stop) from rows saved by `read_kv` (stop = rows.shape[2]), writing
-        only positions start..stop-1: the caller vouches that the first `start` already match."""
+        """Write rows read by `read_kv` at positions start.., and make the cache end after them: the
+        caller vouches that the `start` positions before them are the ones the rows were computed on."""
         with self._lock:
             self._check_open()
-            row, stop = self._kv_row(), rows.shape[2] if rows.ndim == 4 else -1
-            want = (self.hparams.n_layer, 2, stop, row)
-            if rows.dtype != np.uint8 or rows.shape != want or stop > self.n_ctx:
+            row, n = self._kv_row(), rows.shape[2] if rows.ndim == 4 else -1
+            want = (self.hparams.n_layer, 2, n, row)
+            if not isinstance(start, int) or not 0 <= start <= self.n_past:
+                raise ConfigError(f"write_kv: expected 0 <= start <= {self.n_past}, got {start!r}")
+            if rows.dtype != np.uint8 or rows.shape != want or start + n > self.n_ctx:
                 raise ConfigError(
-                    f"write_kv: expected uint8 rows of shape {want} with {stop} <= n_ctx={self.n_ctx}, "
-                    f"got {rows.dtype} {rows.shape}"
+                    f"write_kv: expected uint8 rows of shape {want} ending at most at n_ctx={self.n_ctx}, "
+                    f"got {rows.dtype} {rows.shape} from position {start}"
                 )
-            if not isinstance(start, int) or not 0 <= start <= min(self.n_past, stop):
-                raise ConfigError(f"write_kv: expected 0 <= start <= {min(self.n_past, stop)}, got {start!r}")
-            part = np.ascontiguousarray(rows[:, :, start:])
+            set_ = self._ggml.ggml_backend_tensor_set
             for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
                 for j, t in enumerate(pair):
-                    self._ggml.ggml_backend_tensor_set(
-                        t, part[i, j].ctypes.data, start * row, part[i, j].nbytes
-                    )
-            self.n_past = stop
+                    block = np.ascontiguousarray(rows[i, j])  # a view when `rows` was cut on axis 2
+                    set_(t, block.ctypes.data, start * row, block.nbytes)
+            self.n_past = start + n
 
     def _kv_row(self) -> int:
         return BY_NAME[KV_TYPES[self.kv_type]].row_nbytes(self.n_embd)

@@ -11,10 +11,12 @@ empties the cache (and drops the decoder when it can be reopened), so the next c
 
 Snapshots (llama-server's `--cache-ram`, in spirit): before the KV cache's contents are overwritten
 by another prompt, or lost when the decoder is released, they are copied to host memory (about
-0.3 MiB per position at full size). `prefill` then starts from whichever holds the longest prefix
-of what it wants: a second question on an image seen a few requests ago, or the same request again,
-evaluates only what follows the shared part. Least recently used snapshots go first past
-`snapshot_bytes`; a decoder without `read_kv`/`write_kv` (test stand-ins) gets none.
+0.3 MiB per position at full size), from the first position the next prompt does not share (the
+shared ones, e.g. the system prompt, stay live; a snapshot is used only while they do). `prefill`
+then starts from whichever holds the longest prefix of what it wants: a second question on an image
+seen a few requests ago, or the same request again, evaluates only what follows the shared part.
+Least recently used snapshots go first past `snapshot_bytes`; a decoder without `read_kv`/`write_kv`
+(test stand-ins) gets none.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class PrefixCache:
         self._decoder = decoder if decoder is not None else factory()
         self._held: list[Position] = []
         self.snapshot_bytes = snapshot_bytes
-        self._snapshots: OrderedDict[tuple[Position, ...], np.ndarray] = OrderedDict()
+        # positions held -> (base, KV rows of positions base..): see _save
+        self._snapshots: OrderedDict[tuple[Position, ...], tuple[int, np.ndarray]] = OrderedDict()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -104,33 +107,36 @@ class PrefixCache:
     def _can_snapshot(self) -> bool:
         return self.snapshot_bytes > 0 and hasattr(self._decoder, "read_kv")
 
-    def _save(self) -> None:
-        """Copy what the live cache holds to a snapshot, unless a snapshot already holds it."""
+    def _save(self, base: int) -> None:
+        """Copy what the live cache holds from position `base` on to a snapshot (the positions before
+        `base` stay live: the prompt about to run shares them), unless a snapshot already holds it."""
         held = tuple(self._held)
-        if not held or not self._can_snapshot():
+        if len(held) <= base or not self._can_snapshot():
             return
-        if any(key[: len(held)] == held for key in self._snapshots):
+        if any(key[: len(held)] == held and b <= base for key, (b, _) in self._snapshots.items()):
             return
-        if len(held) * self._decoder.kv_row_bytes > self.snapshot_bytes:
+        if (len(held) - base) * self._decoder.kv_row_bytes > self.snapshot_bytes:
             return
-        for key in [k for k in self._snapshots if held[: len(k)] == k]:  # superseded
-            del self._snapshots[key]
-        self._snapshots[held] = self._decoder.read_kv(len(held))
-        while sum(a.nbytes for a in self._snapshots.values()) > self.snapshot_bytes:
+        for key in [k for k, (b, _) in self._snapshots.items() if held[: len(k)] == k and b >= base]:
+            del self._snapshots[key]  # superseded
+        self._snapshots[held] = (base, self._decoder.read_kv(base, len(held)))
+        while sum(rows.nbytes for _, rows in self._snapshots.values()) > self.snapshot_bytes:
             self._snapshots.popitem(last=False)
 
     def _restore(self, positions: Sequence[Position], keep: int) -> int:
-        """Extend the live prefix `keep` from the snapshot sharing most of `positions`; the new keep."""
+        """Extend the live prefix `keep` from the snapshot sharing most of `positions`; the new keep.
+        A snapshot taken from position `base` on needs the live cache to hold the first `base`."""
         if not self._snapshots or not hasattr(self._decoder, "write_kv"):
             return keep
         want = positions[: len(positions) - 1]
-        best, n = max(((k, common_prefix(k, want)) for k in self._snapshots), key=lambda kn: kn[1])
+        usable = [(k, common_prefix(k, want)) for k, (base, _) in self._snapshots.items() if base <= keep]
+        best, n = max(usable, key=lambda kn: kn[1], default=(None, 0))
         if n <= keep:
             return keep
-        rows = self._snapshots[best]
-        self._save()  # what the live cache holds beyond `keep` is about to be overwritten
+        base, rows = self._snapshots[best]
+        self._save(keep)  # what the live cache holds beyond `keep` is about to be overwritten
         self._decoder.truncate(keep)
-        self._decoder.write_kv(rows[:, :, :n], keep)
+        self._decoder.write_kv(rows[:, :, keep - base : n - base], keep)
         if best in self._snapshots:
             self._snapshots.move_to_end(best)
         self._held = list(positions[:n])
@@ -148,7 +154,7 @@ class PrefixCache:
             live = keep
             keep = self._restore(positions, keep)
             if keep == live and keep < len(self._held):
-                self._save()  # about to be overwritten
+                self._save(keep)  # about to be overwritten
             dec.truncate(keep)
             del self._held[keep:]
             rest = list(positions[keep:])
@@ -203,7 +209,7 @@ class PrefixCache:
         """Close the decoder to free its memory (reopened on next use); False when it cannot be."""
         if self._factory is None or self._decoder is None:
             return False
-        self._save()  # the reopened decoder starts from it instead of evaluating it again
+        self._save(0)  # the reopened decoder starts from it instead of evaluating it again
         self._decoder.close()
         self._decoder, self._held = None, []
         return True

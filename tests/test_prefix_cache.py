@@ -132,19 +132,25 @@ class SnapshotDecoder(ListDecoder):
     """ListDecoder with runtime/decoder.py's read_kv/write_kv: rows as (1, 2, T, H * 4) bytes."""
 
     kv_row_bytes = 2 * H * 4
+    saved: list
+
+    def __init__(self):
+        super().__init__()
+        self.saved = []  # (start, stop) of each read_kv
 
     @property
     def n_past(self):
         return len(self.rows)
 
-    def read_kv(self, stop):
-        rows = np.asarray(self.rows[:stop], dtype=np.float32).reshape(stop, H)
+    def read_kv(self, start, stop):
+        self.saved.append((start, stop))
+        rows = np.asarray(self.rows[start:stop], dtype=np.float32).reshape(stop - start, H)
         return np.stack([rows, rows])[None].view(np.uint8)
 
     def write_kv(self, rows, start):
         assert start <= len(self.rows), "write_kv past what the cache holds"
-        floats = rows.view(np.float32)[0, 0]
-        self.rows = self.rows[:start] + [r.copy() for r in floats[start:]]
+        floats = np.ascontiguousarray(rows).view(np.float32)[0, 0]
+        self.rows = self.rows[:start] + [r.copy() for r in floats]
 
 
 def test_snapshots_give_back_an_overwritten_prefix():
@@ -156,8 +162,8 @@ def test_snapshots_give_back_an_overwritten_prefix():
     first = cache.prefill(a, img)
     cache.step(9)
     assert cache.snapshots == []  # nothing overwritten yet
-    cache.prefill(b, img)  # overwrites a's rows: they are saved first
-    assert cache.snapshots == [(*a, 9)]
+    cache.prefill(b, img)  # overwrites a's rows: they are saved first (from position 2: b shares 1, 2)
+    assert cache.snapshots == [(*a, 9)] and dec.saved == [(2, 8)]
     other = [*a[:5], 6, 4]  # image a again, another question
     pre = cache.prefill(other, img)
     assert (pre.restored, pre.evaluated) == (3, 2)  # a's image rows restored, the question evaluated
@@ -180,7 +186,7 @@ def test_snapshots_respect_their_budget_and_survive_a_release():
 
     row = SnapshotDecoder.kv_row_bytes
     cache = PrefixCache(factory, snapshot_bytes=9 * row)  # room for 9 positions: one 5-position prefix
-    seqs = [[1, 2, 3, 4, k] for k in (10, 11, 12)]
+    seqs = [[k, 1, 2, 3, 4] for k in (10, 11, 12)]  # nothing shared: saved whole
     for s in seqs:
         cache.prefill(s, {})
     # each overwritten 5-position prefix was saved; the oldest went when the third did not fit
