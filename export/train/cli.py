@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vision-depth", type=int, default=d.vision_depth, help="EVA encoder blocks")
     p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="vision pretraining peak rate")
     p.add_argument(
+        "--pretrain-mirror",
+        action=argparse.BooleanOptionalAction,
+        default=d.pretrain_mirror,
+        help="vision pretraining mirrors half of each batch left-right",
+    )
+    p.add_argument(
         "--eval-only",
         action="store_true",
         help="train nothing: greedy exact match of --model (default: the shipped model) on every split",
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         vision_width=args.vision_width,
         vision_depth=args.vision_depth,
         pretrain_lr=args.pretrain_lr,
+        pretrain_mirror=args.pretrain_mirror,
     )
     bars: dict[str, tqdm] = {}
 
