@@ -454,10 +454,11 @@ def tiny_config(stage: int = 3, vocab_size: int = 512) -> TinyGPTVConfig:
 
 
 def small_config(vocab_size: int = 512) -> TinyGPTVConfig:
-    """The shipped default model (`make train-default`): trainable from scratch on a CPU in minutes.
+    """The small TinyGPT-V: trainable from scratch on a CPU in minutes.
 
-    Same code paths as the full model; 64 px images in a 4 x 4 grid of 16 px patches, the cells
-    of the synthetic scenes' layout grid (`export/train/vqa.py`). Language widths are
+    Same code paths as the full model; 64 px images in a 4 x 4 grid of 16 px patches. The shipped
+    default model is this with a 128 px input (an 8 x 8 grid: `export/train/loop.model_config` with
+    the recipe of `make train-default`; its config.json says so). Language widths are
     multiples of 256 so every GGUF type applies (K-quants need rows of 256); head_dim 64 with
     partial rotary 0.5 (32 rotary dims).
     """

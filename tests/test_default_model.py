@@ -143,10 +143,11 @@ def test_shipped_model_loads_through_the_official_loader(shipped):
     from safetensors import safe_open
 
     from tinygptv_edge.export.checkpoints.default import default_model_dir
-    from tinygptv_edge.runtime.config import small_config
+    from tinygptv_edge.export.train.loop import TrainConfig, model_config
 
     model, tok, _ = shipped
-    assert model.cfg == small_config(tok.vocab_size)
+    recipe = json.loads((default_model_dir() / "training.json").read_text())["train_config"]
+    assert model.cfg == model_config(TrainConfig(**recipe), tok.vocab_size)  # what its recipe builds
     with safe_open(str(default_model_dir() / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "visual_encoder.blocks.0.attn.qkv.weight" in keys and "llama_proj2.weight" in keys
