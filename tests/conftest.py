@@ -7,10 +7,25 @@ used and skip their tests where it is missing, so the runtime's tests run with `
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+MEASURE_OUT = "TINYGPTV_MEASURE_OUT"  # .ci/aarch64.sh: write tests/shipped_data.py's measurements here
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With $TINYGPTV_MEASURE_OUT set, write the measurements on the committed exports (the same ones
+    tests/test_shipped_exports.py asserts on, computed once and cached in shipped_data) as JSON."""
+    out = os.environ.get(MEASURE_OUT)
+    if out:
+        import json
+
+        import shipped_data
+
+        Path(out).write_text(json.dumps(shipped_data.measure(), indent=1) + "\n")
 
 
 def need_torch():

@@ -77,6 +77,7 @@ def cosine(a: np.ndarray, b: np.ndarray, axis=None) -> np.ndarray:
     return (a * b).sum(axis) / np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
 
 
+@cache  # computed once per process: the tests and measure() share them
 def vision(name: str) -> dict:
     """Embeddings of every held-out image by the ONNX graph `name` vs the reference's: cosine of each
     image's flattened (Q, H) embedding (min, mean over the images: the exporter's INT8 check), the
@@ -116,6 +117,7 @@ def prompt_embeds(dec, question: str, image: str) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
+@cache
 def logits(level: str) -> dict:
     """Last-position logits of every golden prompt by the GGUF at `level` vs the reference's (F32):
     max |difference| over the reference's logit range, and how often the argmax agrees."""
@@ -136,6 +138,7 @@ def logits(level: str) -> dict:
     return {"max_rel_diff": max(rel), "top1_agree": top1 / len(qs), "prompt_lengths_match": bool(prompt_ok)}
 
 
+@cache
 def answers(vision_name: str, level: str) -> dict:
     """Greedy answers of the whole pipeline (image file in, text out) vs the reference's."""
     from tinygptv_edge.runtime.pipeline import Pipeline
