@@ -53,6 +53,11 @@ GRAPH_CACHE = 6  # built graphs kept (LRU)
 _CHECKED: set[tuple[int, ...]] = set()  # identities of the GGUF files whose values were checked
 
 
+def _kv_row_nbytes(kv_type: str, n_embd: int) -> int:
+    """Bytes one position takes in one layer's K (or V) cache."""
+    return BY_NAME[KV_TYPES[kv_type]].row_nbytes(n_embd)
+
+
 def _identity(path: Path) -> tuple[int, ...]:
     """The file as it is now: a rewrite changes its inode, size or modification time."""
     st = Path(path).stat()
@@ -108,7 +113,7 @@ class Decoder:
                     f"n_ctx: expected at most the model's trained context of {hp.n_ctx_train} "
                     f"({self._gf.path}), got {n_ctx}"
                 )
-            kv_bytes = 2 * hp.n_layer * BY_NAME[KV_TYPES[kv_type]].row_nbytes(hp.n_embd) * n_ctx
+            kv_bytes = 2 * hp.n_layer * _kv_row_nbytes(kv_type, hp.n_embd) * n_ctx
             check_memory(kv_bytes, f"a KV cache of n_ctx={n_ctx} positions")
             self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
             self.n_threads = n_threads or cpu_count()
@@ -203,7 +208,7 @@ class Decoder:
     @property
     def kv_row_bytes(self) -> int:
         """Bytes one position takes in the cache (K and V, every layer)."""
-        return 2 * self.hparams.n_layer * self._kv_row()
+        return 2 * self.hparams.n_layer * _kv_row_nbytes(self.kv_type, self.n_embd)
 
     def read_kv(self, start: int, stop: int) -> np.ndarray:
         """Copy cache positions [start, stop) out: uint8 (n_layer, 2, stop - start, row bytes)."""
@@ -213,7 +218,7 @@ class Decoder:
                 raise ConfigError(
                     f"read_kv: expected 0 <= start <= stop <= {self.n_past}, got {start!r}, {stop!r}"
                 )
-            row = self._kv_row()
+            row = _kv_row_nbytes(self.kv_type, self.n_embd)
             out = np.empty((self.hparams.n_layer, 2, stop - start, row), dtype=np.uint8)
             get = self._ggml.ggml_backend_tensor_get
             for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
@@ -226,7 +231,7 @@ class Decoder:
         caller vouches that the `start` positions before them are the ones the rows were computed on."""
         with self._lock:
             self._check_open()
-            row, n = self._kv_row(), rows.shape[2] if rows.ndim == 4 else -1
+            row, n = _kv_row_nbytes(self.kv_type, self.n_embd), rows.shape[2] if rows.ndim == 4 else -1
             want = (self.hparams.n_layer, 2, n, row)
             if not isinstance(start, int) or not 0 <= start <= self.n_past:
                 raise ConfigError(f"write_kv: expected 0 <= start <= {self.n_past}, got {start!r}")
@@ -241,9 +246,6 @@ class Decoder:
                     block = np.ascontiguousarray(rows[i, j])  # a view when `rows` was cut on axis 2
                     set_(t, block.ctypes.data, start * row, block.nbytes)
             self.n_past = start + n
-
-    def _kv_row(self) -> int:
-        return BY_NAME[KV_TYPES[self.kv_type]].row_nbytes(self.n_embd)
 
     def close(self) -> None:
         """Free the weights, the cache and the graphs (waits for a call in progress)."""

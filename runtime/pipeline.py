@@ -138,20 +138,14 @@ class Pipeline:
         image_cache_size: int = 16,
         busy_timeout: float | None = None,
         image_cache_dir: str | Path | None = None,  # embeddings also on disk, kept across restarts
-        cache_ram_mib: int
-        | None = None,  # KV snapshots of earlier prompts; None: CACHE_RAM_MIB (0 low-memory)
+        cache_ram_mib: int | None = None,  # KV snapshots; None: CACHE_RAM_MIB (low-memory: 0)
     ):
         image_cache = ImageCache(image_cache_size)  # validates the size before any model loads
         if n_ctx is not None:
             check_count(n_ctx, "n_ctx")
         if cache_ram_mib is None:
             cache_ram_mib = 0 if low_memory else CACHE_RAM_MIB
-        if (
-            not isinstance(cache_ram_mib, int)
-            or isinstance(cache_ram_mib, bool)
-            or not 0 <= cache_ram_mib < 1 << 20
-        ):
-            raise ConfigError(f"cache_ram_mib: expected an integer in [0, 1048576), got {cache_ram_mib!r}")
+        check_count(cache_ram_mib, "cache_ram_mib", hi=(1 << 20) - 1, lo=0)
         check_threads(n_threads)
         self._closed = False
         reopenable = isinstance(language, (str, Path)) or callable(language)
