@@ -292,6 +292,17 @@ def _fuse(fp32: Path, tmp: Path, gate: _Gate, say) -> tuple[Path, FuseReport]:
     return fused, report
 
 
+def _io_paths(fp32_path: str | Path, out_path: str | Path | None, default: str) -> tuple[Path, Path, int]:
+    """(the FP32 graph, which must exist; the output path, whose folder must be writable; the graph's
+    input side S) for each quantizer."""
+    fp32 = Path(fp32_path)
+    if not fp32.is_file():
+        raise ExportError(f"FP32 vision graph not found: {fp32}")
+    final = Path(out_path) if out_path else fp32.with_name(default)
+    check_writable(final.parent)
+    return fp32, final, preprocess_config(fp32).image_size
+
+
 def _fallback_steps(k: int) -> list[int]:
     """Node counts tried in turn: 1, 2, 4, ... up to k (k last)."""
     steps, n = [], 1
@@ -318,12 +329,7 @@ def quantize_vision(
     `preset.fallback_k` > 0, the lowest-SQNR nodes are kept in float, 1, 2, 4, ... up to k of them,
     until it passes. With `diagnostics_dir`, the SQNR tables and the held-out report are written there.
     """
-    fp32 = Path(fp32_path)
-    if not fp32.is_file():
-        raise ExportError(f"FP32 vision graph not found: {fp32}")
-    final = Path(out_path) if out_path else fp32.with_name(VISION_FILE_INT8)
-    check_writable(final.parent)
-    S = preprocess_config(fp32).image_size
+    fp32, final, S = _io_paths(fp32_path, out_path, VISION_FILE_INT8)
     calibration = check_pixels(calibration, S, "calibration pixels")
     if check is not None:
         check = check_pixels(check, S, "check pixels")
@@ -411,12 +417,8 @@ def quantize_vision_int4(
 
     MatMulNBitsQuantizer = _nbits_quantizer()
     cfg = cfg or Int4Config()
-    fp32 = Path(fp32_path)
-    if not fp32.is_file():
-        raise ExportError(f"FP32 vision graph not found: {fp32}")
-    final = Path(out_path) if out_path else fp32.with_name(VISION_FILE_INT4)
-    check_writable(final.parent)
-    check = check_pixels(check, preprocess_config(fp32).image_size, "check pixels")
+    fp32, final, S = _io_paths(fp32_path, out_path, VISION_FILE_INT4)
+    check = check_pixels(check, S, "check pixels")
     say = progress or (lambda _msg: None)
     tmp = stage_dir(final)
     try:
@@ -470,12 +472,8 @@ def quantize_vision_dynamic(
     """The baseline: weights INT8 per channel, activations quantized at run time (MatMul/Gemm only)."""
     from onnxruntime.quantization import quantize_dynamic
 
-    fp32 = Path(fp32_path)
-    if not fp32.is_file():
-        raise ExportError(f"FP32 vision graph not found: {fp32}")
-    final = Path(out_path) if out_path else fp32.with_name(VISION_FILE_INT8_DYNAMIC)
-    check_writable(final.parent)
-    check = check_pixels(check, preprocess_config(fp32).image_size, "check pixels")
+    fp32, final, S = _io_paths(fp32_path, out_path, VISION_FILE_INT8_DYNAMIC)
+    check = check_pixels(check, S, "check pixels")
     _, weight, _ = _quant_types(preset)
     tmp = stage_dir(final)
     try:
