@@ -71,10 +71,10 @@ export-gguf: setup
 	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) $(SOURCE) \
 		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
 
-# The shipped default model: train from scratch on the synthetic VQA set (time: docs/benchmarks.md),
-# writing export/default_model/ (weights, config, tokenizer, training.json, loss curve).
-# The shipped model's recipe (export/default_model/training.json records it): the varied data, a 128 px
-# input in 16 px patches, stage 1 on 10000 images with half of each batch mirrored. ~47 min, 1 thread.
+# The shipped default model: train from scratch on the synthetic VQA set, writing export/default_model/
+# (weights, config, tokenizer, training.json, loss curve). Its recipe (training.json records it): the
+# varied data, a 128 px input in 16 px patches, stage 1 on 10000 images with half of each batch
+# mirrored; ~47 min on 1 thread (docs/benchmarks.md).
 TRAIN_ARGS ?= --seed 0 --data varied --image-size 128 --patch-size 16 --pretrain-steps 6000 \
 	--train-images 10000 --pretrain-mirror --test-images 90 --eval-images 90 --threads 1
 train-default: setup
