@@ -12,6 +12,7 @@ interface is documented in docs/decoder.md (the pipeline codes against it).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -141,9 +142,16 @@ class Decoder:
         self._w = place_weights(ggml, self._gf, self._dev, matmul, repack=repack)
         if kquant and kq.available():  # batches through runtime/kquant.c (see kquant.py)
             mapped = matmul - set(self._w.repacked)
-            self._w.kquant = {n for n in mapped if kq.eligible(ggml, self._w.tensors[n])}
+            w = self._w.tensors
+            self._w.kquant = {n: w[n].contents.type for n in mapped if kq.eligible(ggml, w[n])}
+            self._w.kquant |= kq.repacked_q4_0(ggml, self._file_bytes, w, self._w.repacked)
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, self.n_ctx, self.kv_type)
+
+    def _file_bytes(self, name: str, nbytes: int) -> bytes:
+        """The first `nbytes` of a tensor as the file holds them (pread: the mapping stays untouched)."""
+        with open(self._gf.path, "rb") as f:
+            return os.pread(f.fileno(), nbytes, self._gf.tensors[name].offset)
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -72,7 +72,7 @@ def build_graph(
 
     def linear(x, wn: str, bn: str):
         if kq is not None and wn in w.kquant and x.contents.ne[1] >= MIN_TOKENS:
-            return ggml.ggml_add(ctx, kq.matmul(ctx, t[wn], x), t[bn])
+            return ggml.ggml_add(ctx, kq.matmul(ctx, t[wn], x, w.kquant[wn]), t[bn])
         return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, t[wn], x), t[bn])
 
     if embeddings:

@@ -126,7 +126,7 @@ class Weights:
     repacked_bytes: int = 0
     qk_norms: list[tuple[object, object]] = field(default_factory=list)  # per layer (weight, bias) (D, 2H)
     qk_ctx: int = 0
-    kquant: set[str] = field(default_factory=set)  # mapped K-quant weights: batches use kquant.c
+    kquant: dict[str, int] = field(default_factory=dict)  # weights whose batches use kquant.c: their layout
 
 
 def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True) -> Weights:

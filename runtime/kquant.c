@@ -8,6 +8,13 @@
  *
  * Q4_K weights, repacked by ggml on x86, take this path only when not repacked (repack=False).
  *
+ * Q4_0 (w = d * (c - 8), one fp16 d per 32 columns) is the same math with a_g = d, b_g = 8 d, and is
+ * read in either of two layouts: plain rows of block_q4_0 (TYPE_Q4_0), or ggml's x86 repack
+ * (TYPE_Q4_0_X8: block_q4_0x8, eight rows interleaved 8 bytes at a time, nibbles XOR 0x88; see
+ * make_block_q4_0x8 in ggml-cpu/repack.cpp), so that a repacked model keeps ggml's one-token gemv
+ * and batches come here, in the same memory. ggml's own Q4_0 gemm evaluated a full-size prompt at
+ * about 50 G multiply-adds/s per thread on the AVX512-VNNI machine this was written on.
+ *
  * The math (per weight row, per group g of G columns: G = 32 for Q4_K/Q5_K, 16 for Q6_K):
  *     w[k] = a_g * c[k] - b_g            c: unsigned codes (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63)
  *     Q4_K, Q5_K: a_g = d * sc_g, b_g = dmin * m_g;   Q6_K: a_g = d * sc_g, b_g = 32 * a_g
@@ -95,10 +102,14 @@ static int kq_detect(void) {
 #define QK 256      /* K-quant super-block */
 #define TB 16       /* tokens per block (one zmm of int32 / float lanes, four NEON q registers) */
 #define ROWS 4      /* weight rows per micro-tile */
-#define TYPE_Q4_K 12 /* ggml_type ids */
+#define TYPE_Q4_0 2 /* ggml_type ids */
+#define TYPE_Q4_0_X8 (0x100 | TYPE_Q4_0) /* not a ggml type: Q4_0 in ggml's x86 8-row repack */
+#define TYPE_Q4_K 12
 #define TYPE_Q5_K 13
 #define TYPE_Q6_K 14
 
+typedef struct { uint16_t d; uint8_t qs[16]; } block_q40;
+typedef struct { uint16_t d[8]; uint8_t qs[128]; } block_q40x8;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4k;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5k;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6k;
@@ -166,9 +177,48 @@ static KQ_INLINE void unpack_q6k(const block_q6k *x, uint8_t *c, float *a, float
     }
 }
 
+/* 32 codes of Q4_0: 16 bytes, columns l (low nibble) and l + 16 (high) */
+static KQ_INLINE void unpack_q40(const uint8_t *qs, uint8_t *c) {
+    for (int l = 0; l < 16; l++) {
+        c[l] = qs[l] & 15;
+        c[l + 16] = qs[l] >> 4;
+    }
+}
+
+/* Q4_0: plain rows (row stride row_bytes), or row `sub + r` of an 8-row group of block_q40x8 */
+static KQ_INLINE void unpack_rows_q40(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
+                                      float *a, float *b) {
+    const int nb = K / 32;
+    for (int r = 0; r < ROWS; r++)
+        for (int j = 0; j < nb; j++) {
+            float d;
+            uint8_t qs[16];
+            if (type == TYPE_Q4_0) {
+                const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
+                d = half_to_float(x->d);
+                memcpy(qs, x->qs, 16);
+            } else {
+                const block_q40x8 *x = (const block_q40x8 *)W + j;
+                const int i = sub + r;
+                d = half_to_float(x->d[i]);
+                for (int l = 0; l < 8; l++) { /* bytes 0-7 are chunk i, bytes 8-15 chunk i + 8 */
+                    qs[l] = x->qs[8 * i + l] ^ 0x88;
+                    qs[8 + l] = x->qs[64 + 8 * i + l] ^ 0x88;
+                }
+            }
+            unpack_q40(qs, c + (size_t)r * K + 32 * j);
+            a[r * nb + j] = d;
+            b[r * nb + j] = 8.0f * d;
+        }
+}
+
 /* ROWS rows of weights (row stride row_bytes) -> codes c (ROWS x K) and per-group a, b (ROWS x K/G) */
-static KQ_INLINE void unpack_rows(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a,
-                                  float *b) {
+static KQ_INLINE void unpack_rows(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
+                                  float *a, float *b) {
+    if (type == TYPE_Q4_0 || type == TYPE_Q4_0_X8) {
+        unpack_rows_q40(W, row_bytes, type, sub, K, c, a, b);
+        return;
+    }
     const int nsb = K / QK, ng = K / (type == TYPE_Q6_K ? 16 : 32);
     for (int r = 0; r < ROWS; r++) {
         const char *row = W + (size_t)r * row_bytes;
@@ -184,16 +234,52 @@ static KQ_INLINE void unpack_rows(const char *W, size_t row_bytes, int type, int
     }
 }
 
-typedef void (*unpack_fn)(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a, float *b);
+typedef void (*unpack_fn)(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c, float *a,
+                          float *b);
 
-static void unpack_plain(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a, float *b) {
-    unpack_rows(W, row_bytes, type, K, c, a, b);
+static void unpack_plain(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c, float *a,
+                         float *b) {
+    unpack_rows(W, row_bytes, type, sub, K, c, a, b);
 }
 
 #if KQ_HAVE_AVX512 /* the same C, vectorized for AVX-512 (about 10% of a Q4_K call at 64 tokens) */
-KQ_AVX512_FN static void unpack_avx512(const char *W, size_t row_bytes, int type, int K, uint8_t *c, float *a,
-                                       float *b) {
-    unpack_rows(W, row_bytes, type, K, c, a, b);
+/* Q4_0 by hand: the compiler leaves the byte loop above scalar, and at 16-64 tokens a Q4_0 row is
+ * unpacked for few products */
+KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
+                                           float *a, float *b) {
+    const int nb = K / 32;
+    const __m128i m4 = _mm_set1_epi8(15), flip = _mm_set1_epi8((char)0x88);
+    for (int r = 0; r < ROWS; r++)
+        for (int j = 0; j < nb; j++) {
+            uint16_t dh;
+            __m128i q;
+            if (type == TYPE_Q4_0) {
+                const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
+                dh = x->d;
+                q = _mm_loadu_si128((const __m128i *)x->qs);
+            } else {
+                const block_q40x8 *x = (const block_q40x8 *)W + j;
+                const int i = sub + r;
+                dh = x->d[i];
+                q = _mm_xor_si128(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * i)),
+                                                     _mm_loadl_epi64((const __m128i *)(x->qs + 64 + 8 * i))),
+                                  flip);
+            }
+            uint8_t *o = c + (size_t)r * K + 32 * j;
+            _mm_storeu_si128((__m128i *)o, _mm_and_si128(q, m4));
+            _mm_storeu_si128((__m128i *)(o + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+            const float d = half_to_float(dh);
+            a[r * nb + j] = d;
+            b[r * nb + j] = 8.0f * d;
+        }
+}
+
+KQ_AVX512_FN static void unpack_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
+                                       float *a, float *b) {
+    if (type == TYPE_Q4_0 || type == TYPE_Q4_0_X8)
+        unpack_q40_avx512(W, row_bytes, type, sub, K, c, a, b);
+    else
+        unpack_rows(W, row_bytes, type, sub, K, c, a, b);
 }
 #endif
 
@@ -432,7 +518,10 @@ KQ_NEON_FN static void tile_neon(const acts *p, int blk, int nb, const uint8_t *
 /* ---- one thread's share: out (T x N, row stride ldo) = X (T x K) W^T (W: N rows of K) ---------- */
 static int kq_matmul(int type, const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
                      size_t ldo, int ith, int nth, int path) {
-    if ((type != TYPE_Q4_K && type != TYPE_Q5_K && type != TYPE_Q6_K) || K % QK || N % ROWS || T <= 0) return -2;
+    const int q40 = type == TYPE_Q4_0 || type == TYPE_Q4_0_X8;
+    if ((!q40 && type != TYPE_Q4_K && type != TYPE_Q5_K && type != TYPE_Q6_K) || K % (q40 ? 32 : QK) ||
+        N % (type == TYPE_Q4_0_X8 ? 8 : ROWS) || T <= 0)
+        return -2;
     quantize_fn quantize = quantize_plain;
     unpack_fn unpack = unpack_plain;
     tile_fn tile = tile_plain;
@@ -442,9 +531,11 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
 #if KQ_HAVE_NEON_DOT
     if (path == KQ_NEON_DOTPROD) quantize = quantize_neon, tile = tile_neon;
 #endif
-    const int G = type == TYPE_Q6_K ? 16 : 32, ng = K / G, nsb = K / QK;
-    const size_t block = type == TYPE_Q4_K ? sizeof(block_q4k) : type == TYPE_Q5_K ? sizeof(block_q5k) : sizeof(block_q6k);
-    const size_t row_bytes = (size_t)nsb * block;
+    const int G = type == TYPE_Q6_K ? 16 : 32, ng = K / G;
+    const size_t row_bytes = q40                  ? (size_t)(K / 32) * sizeof(block_q40)
+                             : type == TYPE_Q4_K ? (size_t)(K / QK) * sizeof(block_q4k)
+                             : type == TYPE_Q5_K ? (size_t)(K / QK) * sizeof(block_q5k)
+                                                 : (size_t)(K / QK) * sizeof(block_q6k);
     const int ntiles = N / ROWS, per = (ntiles + nth - 1) / nth;
     const int t0 = ith * per, t1 = t0 + per < ntiles ? t0 + per : ntiles;
     if (t0 >= t1) return 0;
@@ -458,7 +549,11 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
     }
     float res[2][ROWS][TB];
     for (int tile_i = t0; tile_i < t1; tile_i++) {
-        unpack((const char *)W + (size_t)tile_i * ROWS * row_bytes, row_bytes, type, K, c, a, b);
+        if (type == TYPE_Q4_0_X8) /* 8-row groups of the same bytes: two tiles per group */
+            unpack((const char *)W + (size_t)(tile_i / 2) * 8 * row_bytes, row_bytes, type, (tile_i % 2) * ROWS,
+                   K, c, a, b);
+        else
+            unpack((const char *)W + (size_t)tile_i * ROWS * row_bytes, row_bytes, type, 0, K, c, a, b);
         for (int blk = 0; blk < p.nblk; blk += 2) {
             const int nb = blk + 1 < p.nblk ? 2 : 1;
             tile(&p, blk, nb, c, a, b, res);
@@ -566,7 +661,8 @@ PyMODINIT_FUNC PyInit__kquant(void) {
     const int bad = !compiled || !supported || PyModule_AddObjectRef(m, "COMPILED", compiled) ||
                     PyModule_AddObjectRef(m, "SUPPORTED", supported) ||
                     PyModule_AddStringConstant(m, "PATH", kq_path_names[kq_active]) ||
-                    PyModule_AddIntConstant(m, "ROWS", ROWS) || PyModule_AddIntConstant(m, "QK", QK);
+                    PyModule_AddIntConstant(m, "ROWS", ROWS) || PyModule_AddIntConstant(m, "QK", QK) ||
+                    PyModule_AddIntConstant(m, "Q4_0_X8", TYPE_Q4_0_X8);
     Py_XDECREF(compiled);
     Py_XDECREF(supported);
     if (bad) {

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
+
 from . import ggml_types
 
 try:
@@ -19,7 +21,8 @@ try:
 except ImportError:  # not built (e.g. a source tree without the editable install)
     _kquant = None
 
-TYPE_IDS = {name: ggml_types.TYPE_IDS[name] for name in ggml_types.K_QUANTS}  # ggml_type
+TYPE_IDS = {name: ggml_types.TYPE_IDS[name] for name in (*ggml_types.K_QUANTS, "Q4_0")}  # ggml_type
+BLOCK = {name: ggml_types.GGML_TYPES[i].block for name, i in TYPE_IDS.items()}  # columns per block
 MIN_TOKENS = 16  # below one 16-token block the kernel would compute padding
 
 
@@ -51,15 +54,47 @@ def available() -> bool:
 
 
 def eligible(ggml, w) -> bool:
-    """A weight the kernel takes: Q4_K/Q5_K/Q6_K, whole super-blocks per row, rows in tiles of ROWS."""
+    """A weight in plain rows the kernel takes: Q4_0/Q4_K/Q5_K/Q6_K, whole (super-)blocks per row, rows
+    in tiles of ROWS."""
     c = w.contents
+    names = {i: n for n, i in TYPE_IDS.items()}
     return (
         _kquant is not None
-        and c.type in TYPE_IDS.values()
-        and c.ne[0] % _kquant.QK == 0
+        and c.type in names
+        and c.ne[0] % (32 if names[c.type] == "Q4_0" else _kquant.QK) == 0
         and c.ne[1] % _kquant.ROWS == 0
         and ggml.ggml_is_contiguous(w)
     )
+
+
+def interleave_q4_0x8(rows: bytes, k: int) -> bytes:
+    """Eight Q4_0 rows of `k` columns as ggml's x86 repack lays them out (make_block_q4_0x8 in
+    ggml-cpu/repack.cpp): per block of 32 columns the 8 fp16 scales, then the 8 rows' 16 bytes of
+    nibbles in 8-byte chunks (chunk i: row i % 8, bytes 8 * (i // 8)...), each byte XOR 0x88."""
+    nb = k // 32
+    b = np.frombuffer(rows, np.uint8).reshape(8, nb, 18).transpose(1, 0, 2)  # (block, row, 18)
+    qs = b[..., 2:]
+    chunks = np.concatenate([qs[..., :8].reshape(nb, 64), qs[..., 8:].reshape(nb, 64)], axis=1) ^ 0x88
+    return np.concatenate([b[..., :2].reshape(nb, 16), chunks], axis=1).tobytes()
+
+
+def repacked_q4_0(ggml, file_rows, tensors: dict[str, object], repacked: list[str]) -> dict[str, int]:
+    """The repacked Q4_0 weights whose layout is ggml's x86 8-row interleave, as {name: kernel type}.
+
+    The layout is confirmed on the first such weight: its first 8 rows as the repack buffer holds them
+    must equal `interleave_q4_0x8` of the file's bytes (`file_rows(name, nbytes)`); on any other
+    layout (aarch64's 4-row ones) nothing is returned and ggml's own kernels keep the batches."""
+    if _kquant is None or not hasattr(_kquant, "Q4_0_X8"):
+        return {}
+    shapes = {n: tensors[n].contents for n in repacked}
+    q40 = [n for n, c in shapes.items() if c.type == TYPE_IDS["Q4_0"] and not (c.ne[1] % 8 or c.ne[0] % 32)]
+    if not q40:
+        return {}
+    t = tensors[q40[0]].contents
+    nbytes = 8 * (t.ne[0] // 32) * 18
+    if ctypes.string_at(t.data, nbytes) != interleave_q4_0x8(file_rows(q40[0], nbytes), t.ne[0]):
+        return {}
+    return dict.fromkeys(q40, _kquant.Q4_0_X8)
 
 
 _OP = None  # the C function as a ggml_custom_op_t, kept alive with the module
@@ -75,11 +110,12 @@ class KQuantOps:
         self.ggml = ggml
         self.nodes: list[tuple[KQArgs, object, object, object]] = []  # (args, w, x, out)
 
-    def matmul(self, ctx, w, x):
-        """W x for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like ggml_mul_mat."""
+    def matmul(self, ctx, w, x, kind: int):
+        """W x for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like ggml_mul_mat. `kind`: the
+        weight's layout as the kernel names it (its ggml type, or Q4_0_X8 for ggml's x86 Q4_0 repack)."""
         ggml = self.ggml
         n, k, t = w.contents.ne[1], w.contents.ne[0], x.contents.ne[1]
-        args = KQArgs(type=w.contents.type, n=n, k=k, t=t)
+        args = KQArgs(type=kind, n=n, k=k, t=t)
         srcs = (ctypes.POINTER(ggml.ggml_tensor) * 2)(w, x)
         user = ctypes.cast(ctypes.pointer(args), ctypes.c_void_p)
         out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, n, t, 1, 1, srcs, 2, _OP, -1, user)

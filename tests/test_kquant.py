@@ -122,3 +122,68 @@ def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
             logits[on] = np.concatenate([batch, dec.eval_tokens(ids[:1])[None]])
     kl, top1 = kl_top1(logits[False], logits[True])
     assert kl < 1e-3 and top1 >= 0.95, (kl, top1)
+
+
+def x8_layout(raw: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Q4_0 rows as ggml's x86 repack holds them, 8 rows at a time."""
+    rows = raw.reshape(n // 8, -1)
+    return np.frombuffer(b"".join(kquant.interleave_q4_0x8(r.tobytes(), k) for r in rows), np.uint8)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("t", [1, 16, 37])
+def test_q4_0_in_ggmls_repacked_layout_equals_plain_rows(t, path):
+    n, k = 24, 320  # 3 groups of 8 rows (6 tiles: both halves of each group), 10 blocks per row
+    rng = np.random.default_rng(t)
+    raw = quantize(rng.standard_normal((n, k)).astype(np.float32), "Q4_0")
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    x8 = x8_layout(raw, n, k)
+    assert x8.nbytes == raw.nbytes and not np.array_equal(x8, raw.reshape(-1))
+    out = np.full((t, n), np.nan, np.float32)
+    _kquant.matmul(_kquant.Q4_0_X8, x8.ctypes.data, n, k, x.ctypes.data, t, k, out.ctypes.data, n, path)
+    np.testing.assert_array_equal(out, run("Q4_0", raw, n, k, x, path))
+    with pytest.raises(ValueError, match="unsupported matmul"):  # the repack needs whole 8-row groups
+        _kquant.matmul(_kquant.Q4_0_X8, x8.ctypes.data, 20, k, x.ctypes.data, t, k, out.ctypes.data, n, path)
+
+
+def test_decoder_sends_repacked_q4_0_batches_here_and_agrees_with_ggml(tiny, tmp_path):
+    """A Q4_0 model repacked by ggml: the layout is confirmed against ggml's own repack buffer, batches
+    of at least MIN_TOKENS come here, decode steps stay on ggml's repacked gemv."""
+    if not kquant.available():
+        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {kquant.active_path()}")
+    from conftest import wide_source
+    from test_decoder import kl_top1
+
+    from tinygptv_edge.export.gguf.export import export_source
+    from tinygptv_edge.runtime.decoder import Decoder
+
+    path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_0").path
+    ids = np.random.default_rng(4).integers(0, 512, 40).tolist()
+    logits = {}
+    for on in (True, False):
+        with Decoder(path, n_ctx=64, n_threads=2, kquant=on) as dec:
+            q40 = {n for n in dec.repacked if dec._w.tensors[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
+            if on and _kquant.PATH == "avx512vnni":  # x86: ggml repacks Q4_0 8 rows at a time
+                assert q40 and all(dec._w.kquant[n] == _kquant.Q4_0_X8 for n in q40)
+            if not on:
+                assert not dec._w.kquant
+            batch = dec.eval_tokens(ids, all_logits=True)
+            logits[on] = np.concatenate([batch, dec.eval_tokens(ids[:1])[None]])
+    kl, top1 = kl_top1(logits[False], logits[True])
+    assert kl < 1e-3 and top1 >= 0.95, (kl, top1)
+
+
+def test_an_unknown_repack_layout_keeps_ggmls_kernels(tiny, tmp_path):
+    from conftest import wide_source
+
+    from tinygptv_edge.export.gguf.export import export_source
+    from tinygptv_edge.runtime.decoder import Decoder
+
+    path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_0").path
+    with Decoder(path, n_ctx=64, n_threads=1, kquant=False) as dec:
+        w, names = dec._w.tensors, dec.repacked
+        ggml = load_ggml()
+        assert kquant.repacked_q4_0(ggml, lambda n, nbytes: bytes(nbytes), w, names) == {}
+        found = kquant.repacked_q4_0(ggml, dec._file_bytes, w, names)
+        q40 = {n for n in names if w[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
+        assert set(found) == (q40 if _kquant.PATH == "avx512vnni" else set())  # aarch64 repacks 4 rows
