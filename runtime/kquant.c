@@ -48,7 +48,7 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #define KQ_HAVE_AVX512 1
-#define KQ_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define KQ_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 #else
 #define KQ_HAVE_AVX512 0
 #endif
@@ -249,18 +249,18 @@ KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int 
                                            float *a, float *b) {
     const int nb = K / 32;
     const __m128i m4 = _mm_set1_epi8(15), flip = _mm_set1_epi8((char)0x88);
-    for (int r = 0; r < ROWS; r++)
-        for (int j = 0; j < nb; j++) {
-            uint16_t dh;
+    for (int j = 0; j < nb; j++) {
+        uint16_t dh[ROWS];
+        for (int r = 0; r < ROWS; r++) {
             __m128i q;
             if (type == TYPE_Q4_0) {
                 const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
-                dh = x->d;
+                dh[r] = x->d;
                 q = _mm_loadu_si128((const __m128i *)x->qs);
             } else {
                 const block_q40x8 *x = (const block_q40x8 *)W + j;
                 const int i = sub + r;
-                dh = x->d[i];
+                dh[r] = x->d[i];
                 q = _mm_xor_si128(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * i)),
                                                      _mm_loadl_epi64((const __m128i *)(x->qs + 64 + 8 * i))),
                                   flip);
@@ -268,10 +268,15 @@ KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int 
             uint8_t *o = c + (size_t)r * K + 32 * j;
             _mm_storeu_si128((__m128i *)o, _mm_and_si128(q, m4));
             _mm_storeu_si128((__m128i *)(o + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-            const float d = half_to_float(dh);
-            a[r * nb + j] = d;
-            b[r * nb + j] = 8.0f * d;
         }
+        /* fp16 -> fp32 is exact either way: vcvtph2ps gives half_to_float's values */
+        float d[8];
+        _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadl_epi64((const __m128i *)dh)));
+        for (int r = 0; r < ROWS; r++) {
+            a[r * nb + j] = d[r];
+            b[r * nb + j] = 8.0f * d[r];
+        }
+    }
 }
 
 KQ_AVX512_FN static void unpack_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
