@@ -6,10 +6,12 @@
 Writes two GGUFs of identical dimensions and per-tensor types with random weights: ours
 (`tinygptv-phi2`) and a vanilla `phi2` for llama.cpp (llama-cpp-python, the `bench` extra). Each side
 runs in its own subprocess (the two ship different builds of libggml): prompt processing of
-`--pp` tokens in one batch, then `--tg` single-token steps; best of `--reps`. llama.cpp runs with
-flash attention off and on, and each ratio is taken against its faster setting. Also prints the
-effective weight bandwidth beside a measured memory copy, peak RSS against weights + KV cache, and
-(with --omp) our generation speed under OpenMP settings.
+`--pp` tokens in one batch, then `--tg` single-token steps; best of `--reps`. Ours runs twice, with
+prompt batches through runtime/kquant.c (the default) and through ggml's own kernels (`kquant=False`),
+also on the short prompts of `--pp-short`; without llama-cpp-python only that comparison prints.
+llama.cpp runs with flash attention off and on, and each ratio is taken against its faster setting.
+Also prints the effective weight bandwidth beside a measured memory copy, peak RSS against weights +
+KV cache, and (with --omp) our generation speed under OpenMP settings.
 """
 
 from __future__ import annotations
@@ -136,11 +138,17 @@ def worker_ours(a) -> dict:
     from tinygptv_edge.runtime.decoder import Decoder
 
     t0 = time.perf_counter()
-    dec = Decoder(a.model, n_ctx=a.ctx, n_threads=a.threads)
+    dec = Decoder(a.model, n_ctx=a.ctx, n_threads=a.threads, kquant=not a.no_kquant)
     load = time.perf_counter() - t0
     ids = np.random.default_rng(1).integers(0, 50000, a.pp + a.tg).tolist()
     best_pp = best_tg = float("inf")
+    short = {n: float("inf") for n in a.pp_short}
     for _ in range(a.reps):
+        for n in short:  # the short batches a server evaluates: a new question, an image and its question
+            dec.reset()
+            t0 = time.perf_counter()
+            dec.eval_tokens(ids[:n])
+            short[n] = min(short[n], time.perf_counter() - t0)
         dec.reset()
         t0 = time.perf_counter()
         dec.eval_tokens(ids[: a.pp])
@@ -153,6 +161,7 @@ def worker_ours(a) -> dict:
         "load_s": load,
         "pp_tok_s": a.pp / best_pp,
         "tg_tok_s": a.tg / best_tg,
+        **{f"pp{n}_tok_s": n / t for n, t in short.items()},
         "peak_rss": peak_rss_bytes(),
         "weight_bytes": dec.weight_bytes,
         "kv_bytes": dec.kv_bytes,
@@ -214,7 +223,10 @@ def memcpy_gbs(nbytes: int = 1 << 29, reps: int = 5) -> float:
 
 
 def run_worker(kind: str, model: Path, a, env: dict | None = None) -> dict:
-    worker, extra = ("llama", ["--flash-attn"]) if kind == "llama-fa" else (kind, [])
+    worker, extra = {"llama-fa": ("llama", ["--flash-attn"]), "ours-ggml": ("ours", ["--no-kquant"])}.get(
+        kind, (kind, [])
+    )
+    extra += ["--pp-short", ",".join(map(str, a.pp_short))] if worker == "ours" else []
     cmd = [sys.executable, __file__, "--worker", worker, "--model", str(model), *extra]
     cmd += ["--threads", str(a.threads), "--ctx", str(a.ctx), "--pp", str(a.pp), "--tg", str(a.tg)]
     cmd += ["--reps", str(a.reps)]
@@ -234,7 +246,7 @@ def _best(results: list[dict]) -> dict:
     if not ok:
         return results[0]
     best = dict(ok[0])
-    for key in ("pp_tok_s", "tg_tok_s"):
+    for key in [k for k in best if k.endswith("_tok_s")]:
         best[key] = max(r[key] for r in ok)
     best["peak_rss"] = max(r["peak_rss"] for r in ok)
     return best
@@ -247,6 +259,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--pp", type=int, default=128)
+    p.add_argument(
+        "--pp-short",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[22, 58],
+        help="also time these short prompts (ours only): a server's new question, image + question",
+    )
+    p.add_argument("--no-kquant", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tg", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tinygptv-bench"))
@@ -271,15 +290,30 @@ def main(argv=None) -> None:
         one = argparse.Namespace(**{**vars(a), "reps": 1})
         # llama.cpp twice: flash attention off (llama-cpp-python's default) and on (llama.cpp's own
         # default on CPU, and what our graph uses); each metric is compared with its faster setting
-        runs: dict[str, list[dict]] = {"ours": [], "llama": [], "llama-fa": []}
+        # ours twice: prompt batches through runtime/kquant.c (the default) and through ggml's own kernels
+        runs: dict[str, list[dict]] = {"ours": [], "ours-ggml": [], "llama": [], "llama-fa": []}
         for _ in range(a.reps):
             for kind in runs:
-                runs[kind].append(run_worker(kind, ours if kind == "ours" else theirs, one))
+                runs[kind].append(run_worker(kind, theirs if kind.startswith("llama") else ours, one))
         best = {k: _best(v) for k, v in runs.items()}
-        r_ours = best["ours"]
+        r_ours, r_ggml = best["ours"], best["ours-ggml"]
         print(f"\n== {level} ==")
-        if any("error" in r for r in best.values()):
+        if "error" in r_ours or "error" in r_ggml:
             print("\n".join(f"{k}: {r}" for k, r in best.items()))
+            continue
+        for n in [*a.pp_short, a.pp]:
+            key = f"pp{n}_tok_s" if n in a.pp_short else "pp_tok_s"
+            print(
+                f"prompt {n:3d} tok/s       kquant.c {r_ours[key]:7.2f}   "
+                f"ggml's kernels {r_ggml[key]:7.2f}   ratio {r_ours[key] / r_ggml[key]:.3f}"
+            )
+        print(
+            f"generation tok/s      kquant.c {r_ours['tg_tok_s']:7.2f}   "
+            f"ggml's kernels {r_ggml['tg_tok_s']:7.2f}   ratio {r_ours['tg_tok_s'] / r_ggml['tg_tok_s']:.3f} "
+            "(one-token steps: ggml's gemv both times)"
+        )
+        if any("error" in best[k] for k in ("llama", "llama-fa")):
+            print(f"llama.cpp: {best['llama'].get('error', best['llama-fa'].get('error'))[-200:]}")
             continue
         r_llama = {}
         for key, label in (("pp_tok_s", f"prompt {a.pp} tok/s"), ("tg_tok_s", f"generation {a.tg} tok/s")):
