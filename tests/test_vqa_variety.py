@@ -91,7 +91,7 @@ def test_answers_are_always_of_the_questions_type(name):
                 assert re.fullmatch(r"(one shape|(two|three|four) shapes) on a \w+ background", qa.answer)
             else:
                 assert qa.answer in ANSWERS[qa.qtype], qa
-            if qa.qtype == "relation":
+            if qa.qtype == "relation" and " or " in qa.question:  # it offers options: the answer is one
                 assert re.search(rf"\b{qa.answer}\b", qa.question.lower()), qa
     assert seen == set(vqa.QTYPES)
 
@@ -169,6 +169,35 @@ def test_new_settings_are_checked():
         vqa.VQAConfig(camera=1.5)
     with pytest.raises(ConfigError, match="min_visible"):
         vqa.VQAConfig(min_visible=-0.1)
+    with pytest.raises(ConfigError, match="word_noise"):
+        vqa.VQAConfig(word_noise=2.0)
+
+
+def test_word_noise_edits_one_word_and_never_a_slot_or_an_option():
+    rng = np.random.default_rng(0)
+    templates = [t for ts in P.TRAIN.values() for t, _ in ts]
+    edits = {"replace": 0, "drop": 0, "add": 0}
+    for k in range(600):
+        t = templates[k % len(templates)]
+        got = P.noise(t, rng, 1.0)
+        assert got != t
+        a, b = t.split(" "), got.split(" ")
+        # slots and options survive, in order
+        keep = [w.strip("?.,:") for w in a if "{" in w or w.strip("?.,:'s").lower() in P.OPTIONS]
+        assert [w.strip("?.,:") for w in b if w.strip("?.,:") in keep] == keep, (t, got)
+        edits["add" if len(b) > len(a) else "drop" if len(b) < len(a) else "replace"] += 1
+    assert min(edits.values()) > 100, edits
+    assert P.noise("Count the shapes.", rng, 0.0) == "Count the shapes."
+
+
+def test_word_noise_is_training_data_only():
+    assert vqa.DATASETS["varied"].word_noise > 0
+    assert all(cfg.word_noise == 0 for _, cfg in vqa.EVAL_SPLITS.values())
+    vocab = {w.strip("?.,:").lower() for ts in P.TRAIN.values() for t, _ in ts for w in t.split()}
+    vocab |= {*vqa.COLOURS, *vqa.SHAPES}
+    noisy = [qa.question for i in range(40) for qa in vqa.sample("train", i, cfg=vqa.DATASETS["varied"]).qas]
+    unseen = [q for q in noisy if any(w.strip("?.,:").lower() not in vocab for w in q.split())]
+    assert 0.15 < len(unseen) / len(noisy) < 0.45, len(unseen) / len(noisy)
 
 
 def test_train_config_names_its_data_and_input():

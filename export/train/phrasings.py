@@ -10,7 +10,10 @@
 A template is `(text, answer words)`: the text has slots `{c}` (colour) and `{s}` (kind) of the shape
 asked about and `{c2}` `{s2}` of the other shape of a relation; the answer words, for relation_y only,
 are what the template says for (above, below), so every answer repeats one of the question's options.
-Non-classic questions are also lower-cased or lose their final mark some of the time (`surface`).
+Non-classic questions are also lower-cased or lose their final mark some of the time (`surface`), and
+training questions can have a word made up, dropped or added (`noise`), so that a word the model has
+never seen (the tokenizer splits it into pieces) reads as noise and the question's type comes from
+the words it shares with its kind: the colour or kind it names, the options it offers.
 """
 
 from __future__ import annotations
@@ -265,3 +268,32 @@ def surface(text: str, rng: np.random.Generator) -> str:
     if rng.random() < BARE_SHARE:
         text = text.rstrip("?.")
     return text
+
+
+# Words `noise` never touches: the options a question offers (its answer repeats one of them).
+OPTIONS = frozenset((*AB, *HL, *OU, "left", "right", "top", "bottom"))
+NOISE_EDITS = ("replace", "drop", "add")
+
+
+def noise(text: str, rng: np.random.Generator, share: float) -> str:
+    """With probability `share`, replace, drop or add one word of a template (never a slot such as
+    `{c}`, nor an option word) with a made-up lower-case word of 2-9 letters."""
+    if share <= 0 or rng.random() >= share:
+        return text
+    words = text.split(" ")
+    free = [i for i, w in enumerate(words) if "{" not in w and w.strip("?.,:'s").lower() not in OPTIONS]
+    edit = NOISE_EDITS[int(rng.integers(len(NOISE_EDITS)))]
+    made_up = "".join(chr(97 + int(c)) for c in rng.integers(26, size=int(rng.integers(2, 10))))
+    if edit == "add" or not free:
+        words.insert(int(rng.integers(len(words) + 1)), made_up)
+    else:
+        i = free[int(rng.integers(len(free)))]
+        tail = words[i][len(words[i].rstrip("?.,:")) :]  # keep the punctuation the word carried
+        if edit == "replace":
+            words[i] = made_up + tail
+        elif len(words) > 2:
+            del words[i]
+            if tail and i > 0:
+                words[i - 1] += tail
+    out = " ".join(words)
+    return out[0].upper() + out[1:] if text[:1].isupper() else out

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tinygptv_edge.export.train.phrasings import CLASSIC, SETS, surface
+from tinygptv_edge.export.train.phrasings import CLASSIC, SETS, noise, surface
 from tinygptv_edge.runtime.errors import ConfigError
 
 COLOURS = {  # name -> RGB; saturated, far apart in hue, all far from the greyish backgrounds
@@ -70,6 +70,7 @@ class VQAConfig:
     min_visible: float = 0.6  # free layout: every shape keeps at least this share of its area visible
     phrasings: str = "classic"  # wording: "classic" (the test split's), "train" or "heldout" (phrasings.py)
     camera: float = 0.0  # share of images shown as camera frames (non-square, JPEG, blur, noise)
+    word_noise: float = 0.0  # share of non-classic questions with one word made up, dropped or added
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 4096:
@@ -89,7 +90,7 @@ class VQAConfig:
             raise ConfigError(
                 f"VQAConfig.phrasings: expected one of {', '.join(PHRASING_SETS)}, got {self.phrasings!r}"
             )
-        for name in ("min_visible", "camera"):
+        for name in ("min_visible", "camera", "word_noise"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"VQAConfig.{name}: expected 0..1, got {getattr(self, name)}")
         if not 0 < self.min_radius <= self.max_radius < 0.25:
@@ -154,11 +155,12 @@ class Sample:
 
 
 # Scene settings by name. "varied" is what training draws from: the training phrasings, grid and free
-# layouts, radii 0.05-0.2 (overlaps up to 40% of a shape), a third of the images as camera frames.
+# layouts, radii 0.05-0.2 (overlaps up to 40% of a shape), 30% of the images as camera frames, 30% of
+# the questions with a word made up, dropped or added.
 WIDE = {"min_radius": 0.05, "max_radius": 0.2, "min_center_gap": 0.6}
 DATASETS = {
     "classic": VQAConfig(),
-    "varied": VQAConfig(phrasings="train", layout="mixed", camera=0.3, **WIDE),
+    "varied": VQAConfig(phrasings="train", layout="mixed", camera=0.3, word_noise=0.3, **WIDE),
 }
 # Evaluation splits: (generator split, scene settings). Each changes one thing from `test`, whose
 # images and questions stay those of the first default models.
@@ -370,7 +372,7 @@ def ask(
             return CLASSIC[key][i]
         table = SETS[cfg.phrasings][key]
         text, answer_words = table[int(words.integers(len(table)))]
-        return surface(text, words), answer_words
+        return surface(noise(text, words, cfg.word_noise), words), answer_words
 
     def pick(items):
         return items[int(rng.integers(len(items)))]
