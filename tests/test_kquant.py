@@ -98,30 +98,45 @@ def test_rejects_what_it_cannot_compute():
             run("Q5_K", raw, 4, 256, x, name)
 
 
-def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
-    """A Q4_K_M model (Q5_K attn_qkv, Q6_K in ffn_down): a 40-token batch through the custom op
-    against ggml's own kernels; decode steps (1 token) stay on ggml's."""
-    if not kquant.available():
-        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {kquant.active_path()}")
+def _export(tiny, tmp_path, level: str):
     from conftest import wide_source
-    from test_decoder import kl_top1
 
     from tinygptv_edge.export.gguf.export import export_source
+
+    return export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", level).path
+
+
+def _kernel_against_ggml(path, check) -> None:
+    """A 40-token batch and one decode step with the kernel on and off (`check(dec, on)` looks at each
+    decoder first): the logits must agree."""
+    if not kquant.available():
+        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {kquant.active_path()}")
+    from test_decoder import kl_top1
+
     from tinygptv_edge.runtime.decoder import Decoder
 
-    path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_K_M").path
     ids = np.random.default_rng(4).integers(0, 512, 40).tolist()
     logits = {}
     for on in (True, False):
         with Decoder(path, n_ctx=64, n_threads=2, kquant=on) as dec:
-            used = dec._w.kquant
-            assert bool(used) == on and all(
-                n.endswith(("attn_qkv.weight", "ffn_down.weight", "output.weight")) for n in used
-            )
+            check(dec, on)
             batch = dec.eval_tokens(ids, all_logits=True)
             logits[on] = np.concatenate([batch, dec.eval_tokens(ids[:1])[None]])
     kl, top1 = kl_top1(logits[False], logits[True])
     assert kl < 1e-3 and top1 >= 0.95, (kl, top1)
+
+
+def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
+    """A Q4_K_M model (Q5_K attn_qkv, Q6_K in ffn_down): a 40-token batch through the custom op
+    against ggml's own kernels; decode steps (1 token) stay on ggml's."""
+
+    def check(dec, on):
+        used = dec._w.kquant
+        assert bool(used) == on and all(
+            n.endswith(("attn_qkv.weight", "ffn_down.weight", "output.weight")) for n in used
+        )
+
+    _kernel_against_ggml(_export(tiny, tmp_path, "Q4_K_M"), check)
 
 
 def x8_layout(raw: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -149,37 +164,21 @@ def test_q4_0_in_ggmls_repacked_layout_equals_plain_rows(t, path):
 def test_decoder_sends_repacked_q4_0_batches_here_and_agrees_with_ggml(tiny, tmp_path):
     """A Q4_0 model repacked by ggml: the layout is confirmed against ggml's own repack buffer, batches
     of at least MIN_TOKENS come here, decode steps stay on ggml's repacked gemv."""
-    if not kquant.available():
-        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {kquant.active_path()}")
-    from conftest import wide_source
-    from test_decoder import kl_top1
 
-    from tinygptv_edge.export.gguf.export import export_source
-    from tinygptv_edge.runtime.decoder import Decoder
+    def check(dec, on):
+        q40 = {n for n in dec.repacked if dec._w.tensors[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
+        if on and _kquant.PATH == "avx512vnni":  # x86: ggml repacks Q4_0 8 rows at a time
+            assert q40 and all(dec._w.kquant[n] == _kquant.Q4_0_X8 for n in q40)
+        if not on:
+            assert not dec._w.kquant
 
-    path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_0").path
-    ids = np.random.default_rng(4).integers(0, 512, 40).tolist()
-    logits = {}
-    for on in (True, False):
-        with Decoder(path, n_ctx=64, n_threads=2, kquant=on) as dec:
-            q40 = {n for n in dec.repacked if dec._w.tensors[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
-            if on and _kquant.PATH == "avx512vnni":  # x86: ggml repacks Q4_0 8 rows at a time
-                assert q40 and all(dec._w.kquant[n] == _kquant.Q4_0_X8 for n in q40)
-            if not on:
-                assert not dec._w.kquant
-            batch = dec.eval_tokens(ids, all_logits=True)
-            logits[on] = np.concatenate([batch, dec.eval_tokens(ids[:1])[None]])
-    kl, top1 = kl_top1(logits[False], logits[True])
-    assert kl < 1e-3 and top1 >= 0.95, (kl, top1)
+    _kernel_against_ggml(_export(tiny, tmp_path, "Q4_0"), check)
 
 
 def test_an_unknown_repack_layout_keeps_ggmls_kernels(tiny, tmp_path):
-    from conftest import wide_source
-
-    from tinygptv_edge.export.gguf.export import export_source
     from tinygptv_edge.runtime.decoder import Decoder
 
-    path = export_source(wide_source(tiny, seed=3)[1], tmp_path / "m.gguf", "Q4_0").path
+    path = _export(tiny, tmp_path, "Q4_0")
     with Decoder(path, n_ctx=64, n_threads=1, kquant=False) as dec:
         w, names = dec._w.tensors, dec.repacked
         ggml = load_ggml()
