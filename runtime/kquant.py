@@ -22,7 +22,7 @@ except ImportError:  # not built (e.g. a source tree without the editable instal
     _kquant = None
 
 TYPE_IDS = {name: ggml_types.TYPE_IDS[name] for name in (*ggml_types.K_QUANTS, "Q4_0")}  # ggml_type
-BLOCK = {name: ggml_types.GGML_TYPES[i].block for name, i in TYPE_IDS.items()}  # columns per block
+Q4_0 = ggml_types.GGML_TYPES[TYPE_IDS["Q4_0"]]  # 32 columns in 18 bytes
 MIN_TOKENS = 16  # below one 16-token block the kernel would compute padding
 
 
@@ -57,11 +57,10 @@ def eligible(ggml, w) -> bool:
     """A weight in plain rows the kernel takes: Q4_0/Q4_K/Q5_K/Q6_K, whole (super-)blocks per row, rows
     in tiles of ROWS."""
     c = w.contents
-    names = {i: n for n, i in TYPE_IDS.items()}
     return (
         _kquant is not None
-        and c.type in names
-        and c.ne[0] % (32 if names[c.type] == "Q4_0" else _kquant.QK) == 0
+        and c.type in TYPE_IDS.values()
+        and c.ne[0] % ggml_types.GGML_TYPES[c.type].block == 0
         and c.ne[1] % _kquant.ROWS == 0
         and ggml.ggml_is_contiguous(w)
     )
@@ -71,8 +70,8 @@ def interleave_q4_0x8(rows: bytes, k: int) -> bytes:
     """Eight Q4_0 rows of `k` columns as ggml's x86 repack lays them out (make_block_q4_0x8 in
     ggml-cpu/repack.cpp): per block of 32 columns the 8 fp16 scales, then the 8 rows' 16 bytes of
     nibbles in 8-byte chunks (chunk i: row i % 8, bytes 8 * (i // 8)...), each byte XOR 0x88."""
-    nb = k // 32
-    b = np.frombuffer(rows, np.uint8).reshape(8, nb, 18).transpose(1, 0, 2)  # (block, row, 18)
+    nb = k // Q4_0.block
+    b = np.frombuffer(rows, np.uint8).reshape(8, nb, Q4_0.nbytes).transpose(1, 0, 2)  # (block, row, 18)
     qs = b[..., 2:]
     chunks = np.concatenate([qs[..., :8].reshape(nb, 64), qs[..., 8:].reshape(nb, 64)], axis=1) ^ 0x88
     return np.concatenate([b[..., :2].reshape(nb, 16), chunks], axis=1).tobytes()
@@ -91,7 +90,7 @@ def repacked_q4_0(ggml, file_rows, tensors: dict[str, object], repacked: list[st
     if not q40:
         return {}
     t = tensors[q40[0]].contents
-    nbytes = 8 * (t.ne[0] // 32) * 18
+    nbytes = 8 * Q4_0.row_nbytes(t.ne[0])
     if ctypes.string_at(t.data, nbytes) != interleave_q4_0x8(file_rows(q40[0], nbytes), t.ne[0]):
         return {}
     return dict.fromkeys(q40, _kquant.Q4_0_X8)
