@@ -12,7 +12,6 @@ interface is documented in docs/decoder.md (the pipeline codes against it).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from .ggml_runtime import (
     load_ggml,
     new_kv_cache,
     place_weights,
+    pread_exact,
 )
 from .ggml_types import BY_NAME
 from .gguf_file import GGUFFile
@@ -151,7 +151,7 @@ class Decoder:
     def _file_bytes(self, name: str, nbytes: int) -> bytes:
         """The first `nbytes` of a tensor as the file holds them (pread: the mapping stays untouched)."""
         with open(self._gf.path, "rb") as f:
-            return os.pread(f.fileno(), nbytes, self._gf.tensors[name].offset)
+            return pread_exact(f, nbytes, self._gf.tensors[name].offset)
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -211,11 +211,16 @@ def _check(status: int, name: str) -> None:
 def _set_from_file(ggml, f, tensor, info: TensorInfo) -> None:
     """Read the bytes with pread (not through the mapping, so none of it stays resident) and hand them
     to the tensor's buffer (the repack buffer converts them to its layout)."""
-    offset, nbytes = info.offset, info.nbytes
+    data = pread_exact(f, info.nbytes, info.offset)
+    ggml.ggml_backend_tensor_set(tensor, data, 0, info.nbytes)
+
+
+def pread_exact(f, nbytes: int, offset: int) -> bytes:
+    """`nbytes` of the open file `f` at `offset`, read with pread (the file's mapping stays untouched)."""
     data = os.pread(f.fileno(), nbytes, offset)
     if len(data) != nbytes:
         raise OSError(f"short read of {nbytes} bytes at {offset}: the file changed on disk")
-    ggml.ggml_backend_tensor_set(tensor, data, 0, nbytes)
+    return data
 
 
 def add_qk_norms(ggml, w: Weights, n_layer: int, n_head: int, head_dim: int) -> None:
