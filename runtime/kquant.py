@@ -83,7 +83,7 @@ def repacked_q4_0(ggml, file_rows, tensors: dict[str, object], repacked: list[st
     The layout is confirmed on the first such weight: its first 8 rows as the repack buffer holds them
     must equal `interleave_q4_0x8` of the file's bytes (`file_rows(name, nbytes)`); on any other
     layout (aarch64's 4-row ones) nothing is returned and ggml's own kernels keep the batches."""
-    if _kquant is None or not hasattr(_kquant, "Q4_0_X8"):
+    if _kquant is None:
         return {}
     shapes = {n: tensors[n].contents for n in repacked}
     q40 = [n for n, c in shapes.items() if c.type == TYPE_IDS["Q4_0"] and not (c.ne[1] % 8 or c.ne[0] % 32)]
