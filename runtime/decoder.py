@@ -5,8 +5,10 @@
         logits = dec.eval_embeddings(image_embeds)   # (T, n_embd) float32, appended to the cache
         dec.truncate(3)                              # forget positions >= 3
 
-Calls append to the KV cache. Long inputs are evaluated in batches of `n_batch` positions. The
-interface is documented in docs/decoder.md (the pipeline codes against it).
+Calls append to the KV cache. Long inputs are evaluated in batches of `n_batch` positions. A call of
+two or more positions is a prompt (tiled attention, the same result per position whatever the batch),
+one of a single position a decode step (runtime/ggml_graph.py). The interface is documented in
+docs/decoder.md (the pipeline codes against it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .decoder_model import (
     read_tokenizer,
 )
 from .errors import BackendError, ClosedError, ConfigError, ContextOverflowError
-from .ggml_graph import Graph, build_graph, free_graph
+from .ggml_graph import Graph, build_graph, free_graph, mask_rows
 from .ggml_runtime import (
     KV_TYPES,
     add_qk_norms,
@@ -306,17 +308,17 @@ class Decoder:
             T = len(inp)
             if self.n_past + T > self.n_ctx:
                 raise ContextOverflowError(self.n_past, T, self.n_ctx)
-            outs = []
+            outs, prompt = [], T > 1  # every batch of a prompt, its last one of 1 position too
             for s in range(0, T, self.n_batch):
                 chunk = inp[s : s + self.n_batch]
-                outs.append(self._run(chunk, embeddings, all_logits))
+                outs.append(self._run(chunk, embeddings, all_logits, prompt))
             return np.concatenate(outs) if all_logits else outs[-1][-1]
 
-    def _graph(self, T: int, n_kv: int, embeddings: bool, all_logits: bool) -> Graph:
-        key = (T, n_kv, embeddings, all_logits)
+    def _graph(self, T: int, n_kv: int, embeddings: bool, all_logits: bool, prompt: bool) -> Graph:
+        key = (T, n_kv, embeddings, all_logits, prompt)
         g = self._graphs.get(key)
         if g is None:
-            g = build_graph(self._ggml, self.hparams, self._w, self._kv, T, n_kv, embeddings, all_logits)
+            g = build_graph(self._ggml, self.hparams, self._w, self._kv, *key)
             self._graphs[key] = g
             while len(self._graphs) > GRAPH_CACHE:
                 free_graph(self._ggml, self._graphs.popitem(last=False)[1])
@@ -324,16 +326,17 @@ class Decoder:
             self._graphs.move_to_end(key)
         return g
 
-    def _run(self, inp: np.ndarray, embeddings: bool, all_logits: bool) -> np.ndarray:
-        """One batch of T positions at n_past..n_past+T-1 -> logits (R, n_vocab)."""
+    def _run(self, inp: np.ndarray, embeddings: bool, all_logits: bool, prompt: bool) -> np.ndarray:
+        """One batch of T positions at n_past..n_past+T-1 -> logits (R, n_vocab). `prompt`: attention
+        through ggml's tiled kernel whatever T (runtime/ggml_graph.py)."""
         ggml, T, p0 = self._ggml, len(inp), self.n_past
         n_kv = min(self.n_ctx, -(-(p0 + T) // KV_PAD) * KV_PAD)
         all_logits = all_logits and T > 1
-        g = self._graph(T, n_kv, embeddings, all_logits)
+        g = self._graph(T, n_kv, embeddings, all_logits, prompt)
 
         pos = np.arange(p0, p0 + T, dtype=np.int32)
-        mask = np.full((T, n_kv), -np.inf, dtype=np.float16)  # query t sees slots 0..p0+t
-        mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
+        mask = np.full((mask_rows(T, prompt), n_kv), -np.inf, dtype=np.float16)  # query t sees slots 0..p0+t
+        mask[:T][np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
         for t, a in ((g.inp, inp), (g.pos, pos), (g.k_idx, pos.astype(np.int64)), (g.mask, mask)):
             ggml.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
         status = ggml.ggml_backend_graph_compute(self._backend, g.gf)

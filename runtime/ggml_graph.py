@@ -17,10 +17,14 @@ tensors, so a graph is built once and reused for the next 256 positions of decod
         x    = x + o + f
     logits = W_out (LayerNorm(x[:, rows]) * w + b) + b_out          (n_vocab, R)
 
-Attention is ggml's fused flash-attention op: it skips masked slots (whole 64x64 tiles of a prefill,
-single slots of a decode step) and runs a prefill of >= 64 tokens as tiled fp32 GEMMs. When only the
-last position's logits are wanted, the last layer computes its attention output and FFN for that
-position alone (its keys and values are still written for all T).
+Attention is ggml's fused flash-attention op. A prompt graph (`prompt`: every batch of a decoder
+call of more than one position) runs it as tiled fp32 GEMMs over 64 queries x 64 slots, skipping
+whole masked tiles. ggml tiles only from 64 queries on, so shorter batches are padded with zero
+queries whose mask rows are all -inf. The tiled kernel computes every query the same way, so a
+prompt position gets the same output in a batch of 58 as in one of 2 (runtime/prefix_cache.py
+relies on it). One-position calls (decode steps) keep ggml's one-query kernel, whose q and V sum
+are fp16. When only the last position's logits are wanted, the last layer computes its attention
+output and FFN for that position alone (its keys and values are still written for all T).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .ggml_runtime import KVCache, Weights, new_context
 from .kquant import MIN_TOKENS, KQuantOps
 
 NODES_PER_LAYER = 48
+FA_TILE_Q = 64  # GGML_FA_TILE_Q (ggml-cpu/common.h): ggml's flash attention tiles >= this many queries
 
 
 @dataclass
@@ -45,14 +50,22 @@ class Graph:
     inp: object  # token ids (I32, T) or embeddings (F32, E x T)
     pos: object  # I32 (T,)
     k_idx: object  # I64 (T,): cache slot of each new position
-    mask: object  # F16 (n_kv, T): 0 where query t may attend slot j, -inf elsewhere
+    mask: object  # F16 (n_kv, mask_rows(T, prompt)): 0 where query t may attend slot j, -inf elsewhere
     out: object  # F32 logits (n_vocab, R)
     rows: int
     kq: KQuantOps | None = None  # runtime/kquant.c matmul nodes (bound after allocation)
 
 
 def build_graph(
-    ggml, hp: HParams, w: Weights, kv: KVCache, T: int, n_kv: int, embeddings: bool, all_logits: bool
+    ggml,
+    hp: HParams,
+    w: Weights,
+    kv: KVCache,
+    T: int,
+    n_kv: int,
+    embeddings: bool,
+    all_logits: bool,
+    prompt: bool,
 ) -> Graph:
     E, H, D = hp.n_embd, hp.n_head, hp.head_dim
     size = NODES_PER_LAYER * hp.n_layer + 64
@@ -83,7 +96,7 @@ def build_graph(
         x = ggml.ggml_get_rows(ctx, t["token_embd.weight"], inp)  # (E, T)
     pos = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I32, T)
     k_idx = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_I64, T)
-    mask = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F16, n_kv, T)
+    mask = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F16, n_kv, mask_rows(T, prompt))
     for x_in, s in ((inp, "inp"), (pos, "inp_pos"), (k_idx, "inp_k_idx"), (mask, "mask")):
         name(x_in, s)
         ggml.ggml_set_input(x_in)
@@ -116,16 +129,18 @@ def build_graph(
         t0 = T - 1 if i == hp.n_layer - 1 and not all_logits else 0
         q = ggml.ggml_view_3d(ctx, qk, D, H, T - t0, D * 4, 2 * E * 4, t0 * 2 * E * 4)  # (D, H, T')
         if t0:
-            h, x, m = (
+            h, x = (
                 ggml.ggml_view_2d(ctx, a, a.contents.ne[0], 1, a.contents.nb[1], t0 * a.contents.nb[1])
-                for a in (h, x, mask)
+                for a in (h, x)
             )
-        else:
-            m = mask
-        qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, T', H)
-        o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (D, H, T')
+        n_q = max(T - t0, FA_TILE_Q) if prompt else T - t0  # queries the kernel sees, padding included
+        if n_q > T - t0:
+            q = ggml.ggml_pad(ctx, q, 0, 0, n_q - (T - t0), 0)  # zero queries; their mask rows are -inf
+        m = ggml.ggml_view_2d(ctx, mask, n_kv, n_q, mask.contents.nb[1], t0 * mask.contents.nb[1])
+        qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, n_q, H)
+        o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (D, H, n_q)
         ggml.ggml_flash_attn_ext_set_prec(o, ggml.GGML_PREC_F32)
-        o = name(ggml.ggml_reshape_2d(ctx, o, E, T - t0), f"/blk.{i}/attn")  # (E, T')
+        o = name(ggml.ggml_view_2d(ctx, o, E, T - t0, E * 4, 0), f"/blk.{i}/attn")  # (E, T'), no padding
         o = linear(o, p + "attn_output.weight", p + "attn_output.bias")
         o = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, o, hp.eps_rms), t[p + "attn_post_norm.weight"])
         o = name(o, f"/blk.{i}/attn_post_norm")
@@ -148,6 +163,12 @@ def build_graph(
     if kq is not None:
         kq.bind()
     return Graph(ctx, g, galloc, inp, pos, k_idx, mask, out, rows, kq if kq and kq.nodes else None)
+
+
+def mask_rows(T: int, prompt: bool) -> int:
+    """Rows of a T-position graph's mask: one per query, and for a prompt FA_TILE_Q - 1 more of -inf,
+    so that any run of queries from t0 on can be padded to a whole tile."""
+    return T + FA_TILE_Q - 1 if prompt else T
 
 
 def _rope(ggml, ctx, x, pos, hp: HParams):

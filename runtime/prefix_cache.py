@@ -5,9 +5,12 @@ r"""The decoder's KV cache as a prefix of positions: what it holds, how to make 
                         \______________ kept _______________/ \ evaluated: t10 (x is dropped)
 
 A position is a token id or (image key, embedding row). `prefill` keeps the longest common prefix,
-truncates the decoder there and evaluates the rest (always at least the last position, whose logits
-are returned); `step` appends one token. A failure inside the decoder leaves nothing trusted: `resync`
-empties the cache (and drops the decoder when it can be reopened), so the next call starts over.
+truncates the decoder there and evaluates the rest, always at least the last two positions: the
+decoder runs a call of two or more as a prompt, whose positions come out the same however many are
+evaluated with them, while a single position would take its decode-step kernel. So the last
+position's logits do not depend on what was cached. `step` appends one token. A failure inside the
+decoder leaves nothing trusted: `resync` empties the cache (and drops the decoder when it can be
+reopened), so the next call starts over.
 
 Snapshots (llama-server's `--cache-ram`, in spirit): before the KV cache's contents are overwritten
 by another prompt, or lost when the decoder is released, they are copied to host memory (about
@@ -46,6 +49,14 @@ def common_prefix(a: Sequence[Position], b: Sequence[Position]) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+EVALUATED = 2  # positions a prefill always evaluates (see the module docstring)
+
+
+def _keepable(positions: Sequence[Position]) -> Sequence[Position]:
+    """The part of a prompt that may come from the cache: all but the last EVALUATED positions."""
+    return positions[: max(len(positions) - EVALUATED, 0)]
 
 
 class PrefixCache:
@@ -95,8 +106,8 @@ class PrefixCache:
         return len(self._held)
 
     def shared(self, positions: Sequence[Position]) -> int:
-        """How many leading positions the cache can keep for `positions` (never the last one)."""
-        return common_prefix(self._held, positions[: len(positions) - 1])
+        """How many leading positions the cache can keep for `positions` (never the last two)."""
+        return common_prefix(self._held, _keepable(positions))
 
     @property
     def snapshots(self) -> list[tuple[Position, ...]]:
@@ -128,7 +139,7 @@ class PrefixCache:
         A snapshot taken from position `base` on needs the live cache to hold the first `base`."""
         if not self._snapshots or not hasattr(self._decoder, "write_kv"):
             return keep
-        want = positions[: len(positions) - 1]
+        want = _keepable(positions)
         usable = [(k, common_prefix(k, want)) for k, (base, _) in self._snapshots.items() if base <= keep]
         best, n = max(usable, key=lambda kn: kn[1], default=(None, 0))
         if n <= keep:

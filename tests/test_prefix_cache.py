@@ -63,13 +63,15 @@ def test_prefill_evaluates_only_what_the_cache_lacks():
     longer = [*first, 4, 5]
     pre = cache.prefill(longer, IMG)
     assert pre.evaluated == 2 and dec.evaluated == 8 and len(cache) == 8
-    # the same positions again: the last one is re-evaluated for its logits
+    # the same positions again: the last two are re-evaluated (a prompt, for the last one's logits)
     again = cache.prefill(longer, IMG)
-    assert again.evaluated == 1 and np.array_equal(again.logits, pre.logits)
+    assert again.evaluated == 2 and np.array_equal(again.logits, pre.logits)
     # a branch: kept up to where they differ
-    branch = [1, 2, ("k", 0), 9]
+    branch = [1, 2, ("k", 0), ("k", 1), 9]
     assert cache.shared(branch) == 3
-    assert cache.prefill(branch, IMG).evaluated == 1 and cache.held == tuple(branch) and len(dec.rows) == 4
+    assert cache.prefill(branch, IMG).evaluated == 2 and cache.held == tuple(branch) and len(dec.rows) == 5
+    assert cache.shared([1, 2, ("k", 0), ("k", 1)]) == 2  # never the last two, even when cached
+    assert cache.shared([1]) == 0
 
 
 def test_step_appends():
@@ -172,8 +174,8 @@ def test_snapshots_give_back_an_overwritten_prefix():
     ref = PrefixCache(decoder=fresh).prefill(other, img)
     np.testing.assert_array_equal(pre.logits, ref.logits)
     np.testing.assert_array_equal(np.asarray(dec.rows), np.asarray(fresh.rows))
-    again = cache.prefill(a, img)  # the first request again: 5 positions live, 1 restored, 1 evaluated
-    assert (again.restored, again.evaluated) == (1, 1)
+    again = cache.prefill(a, img)  # the first request again: 5 positions live, the last 2 evaluated
+    assert (again.restored, again.evaluated) == (0, 2)
     np.testing.assert_array_equal(again.logits, first.logits)
 
 
@@ -198,7 +200,7 @@ def test_snapshots_respect_their_budget_and_survive_a_release():
     # low-memory mode closes the decoder: what it held is saved, the reopened one starts from it
     assert cache.release()
     pre = cache.prefill([*seqs[0], 13], {})
-    assert len(made) == 2 and (pre.restored, pre.evaluated) == (5, 1)
+    assert len(made) == 2 and (pre.restored, pre.evaluated) == (4, 2)
 
 
 def test_no_snapshots_without_a_budget_or_without_read_kv():
