@@ -37,7 +37,7 @@ def run(type_name: str, raw: np.ndarray, n: int, k: int, x: np.ndarray, path: st
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("type_name", "n", "k"), [("Q5_K", 24, 512), ("Q6_K", 8, 768)])
-@pytest.mark.parametrize("t", [1, 16, 37])  # one token; one 16-token block; two pairs of blocks + a tail
+@pytest.mark.parametrize("t", [1, 16, 22, 37])  # one token; one block; a block and 6; two and 5
 def test_matches_dequantized_weights(type_name, n, k, t, path):
     rng = np.random.default_rng(n + t)
     w = rng.standard_normal((n, k)).astype(np.float32) * np.linspace(0.01, 0.2, k, dtype=np.float32)
@@ -72,11 +72,12 @@ def test_fast_path_equals_plain_c_bit_for_bit():
         pytest.skip(f"this CPU runs only the plain path (compiled: {_kquant.COMPILED})")
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 512)).astype(np.float32)
-    x = rng.standard_normal((40, 512)).astype(np.float32)
-    for type_name in kquant.TYPE_IDS:
-        raw = quantize(w, type_name)
-        a, b = run(type_name, raw, 16, 512, x, "plain"), run(type_name, raw, 16, 512, x, PATHS[1])
-        np.testing.assert_array_equal(b, a, err_msg=type_name)
+    for t in (40, 22, 24, 25, 9, 8, 1):  # last block of 8 or fewer tokens (AVX-512 pair lanes) or more
+        x = rng.standard_normal((t, 512)).astype(np.float32)
+        for type_name in kquant.TYPE_IDS:
+            raw = quantize(w, type_name)
+            a, b = run(type_name, raw, 16, 512, x, "plain"), run(type_name, raw, 16, 512, x, PATHS[1])
+            np.testing.assert_array_equal(b, a, err_msg=f"{type_name}, {t} tokens")
 
 
 def test_active_path_is_reported():
@@ -146,7 +147,7 @@ def x8_layout(raw: np.ndarray, n: int, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("t", [1, 16, 37])
+@pytest.mark.parametrize("t", [1, 16, 22, 37])
 def test_q4_0_in_ggmls_repacked_layout_equals_plain_rows(t, path):
     n, k = 24, 320  # 3 groups of 8 rows (6 tiles: both halves of each group), 10 blocks per row
     rng = np.random.default_rng(t)
