@@ -8,9 +8,15 @@ A position is a token id or (image key, embedding row). `prefill` keeps the long
 truncates the decoder there and evaluates the rest, always at least the last two positions: the
 decoder runs a call of two or more as a prompt, whose positions come out the same however many are
 evaluated with them, while a single position would take its decode-step kernel. So the last
-position's logits do not depend on what was cached. `step` appends one token. A failure inside the
+position's logits do not depend on what was cached, wherever the matmuls do not depend on the batch
+size either (ggml's own kernels; runtime/kquant.c takes batches of 16 or more and rounds its
+activations differently from ggml: KL ~1e-4 between the two at full size). `step` appends one token. A failure inside the
 decoder leaves nothing trusted: `resync` empties the cache (and drops the decoder when it can be
 reopened), so the next call starts over.
+
+The last position's logits of recent prompts are kept too (LOGITS_KEPT of them, 0.2 MiB each at
+full size): the same prompt again, while the cache or a snapshot still holds all of it, evaluates
+nothing and returns the logits the first evaluation gave, so it answers exactly as the first time.
 
 Snapshots (llama-server's `--cache-ram`, in spirit): before the KV cache's contents are overwritten
 by another prompt, or lost when the decoder is released, they are copied to host memory (about
@@ -51,12 +57,8 @@ def common_prefix(a: Sequence[Position], b: Sequence[Position]) -> int:
     return n
 
 
-EVALUATED = 2  # positions a prefill always evaluates (see the module docstring)
-
-
-def _keepable(positions: Sequence[Position]) -> Sequence[Position]:
-    """The part of a prompt that may come from the cache: all but the last EVALUATED positions."""
-    return positions[: max(len(positions) - EVALUATED, 0)]
+EVALUATED = 2  # positions a prefill evaluates unless it knows the prompt's logits (module docstring)
+LOGITS_KEPT = 8  # prompts whose last logits are kept
 
 
 class PrefixCache:
@@ -77,6 +79,7 @@ class PrefixCache:
         self.snapshot_bytes = snapshot_bytes
         # positions held -> (base, KV rows of positions base..): see _save
         self._snapshots: OrderedDict[tuple[Position, ...], tuple[int, np.ndarray]] = OrderedDict()
+        self._logits: OrderedDict[tuple[Position, ...], np.ndarray] = OrderedDict()  # prompt -> its last
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -106,8 +109,15 @@ class PrefixCache:
         return len(self._held)
 
     def shared(self, positions: Sequence[Position]) -> int:
-        """How many leading positions the cache can keep for `positions` (never the last two)."""
-        return common_prefix(self._held, _keepable(positions))
+        """How many leading positions the cache can keep for `positions`: all of them when their logits
+        are known, else never the last two."""
+        return common_prefix(self._held, self._keepable(positions))
+
+    def _keepable(self, positions: Sequence[Position]) -> Sequence[Position]:
+        """The part of a prompt that may come from the cache (see EVALUATED)."""
+        if tuple(positions) in self._logits:
+            return positions
+        return positions[: max(len(positions) - EVALUATED, 0)]
 
     @property
     def snapshots(self) -> list[tuple[Position, ...]]:
@@ -139,7 +149,7 @@ class PrefixCache:
         A snapshot taken from position `base` on needs the live cache to hold the first `base`."""
         if not self._snapshots or not hasattr(self._decoder, "write_kv"):
             return keep
-        want = _keepable(positions)
+        want = self._keepable(positions)
         usable = [(k, common_prefix(k, want)) for k, (base, _) in self._snapshots.items() if base <= keep]
         best, n = max(usable, key=lambda kn: kn[1], default=(None, 0))
         if n <= keep:
@@ -169,7 +179,9 @@ class PrefixCache:
             dec.truncate(keep)
             del self._held[keep:]
             rest = list(positions[keep:])
-            if all(isinstance(p, int) for p in rest):
+            if not rest:  # all of it cached, and its logits known (_keepable)
+                logits = self._logits[tuple(positions)]
+            elif all(isinstance(p, int) for p in rest):
                 logits = dec.eval_tokens(rest)
             else:
                 logits = dec.eval_embeddings(self.embeddings(rest, images))
@@ -177,7 +189,11 @@ class PrefixCache:
             self.resync()
             raise
         self._held = list(positions)
-        return Prefill(logits, len(rest), (time.perf_counter() - t0) * 1e3, keep - live)
+        self._logits[tuple(positions)] = logits
+        self._logits.move_to_end(tuple(positions))
+        while len(self._logits) > LOGITS_KEPT:
+            self._logits.popitem(last=False)
+        return Prefill(logits.copy(), len(rest), (time.perf_counter() - t0) * 1e3, keep - live)
 
     def step(self, token: int) -> np.ndarray:
         """Append one token; its logits."""
@@ -231,3 +247,4 @@ class PrefixCache:
             self._decoder = None
         self._held = []
         self._snapshots.clear()
+        self._logits.clear()

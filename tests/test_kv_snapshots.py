@@ -63,8 +63,8 @@ def test_pipeline_answers_are_unchanged_and_repeats_are_restored():
     off, on = runs[0][2].timings, runs[64][2].timings
     assert off.prefill_restored == 0 and on.prefill_restored >= image_tokens
     assert on.prefill_tokens == off.prefill_tokens - on.prefill_restored
-    same = runs[64][3].timings  # the first request again: only its last two positions are evaluated
-    assert same.prefill_tokens == 2 and same.prefill_restored > 0
+    same = runs[64][3].timings  # the first request again: restored whole, its logits kept
+    assert same.prefill_tokens == 0 and same.prefill_restored > 0
 
 
 def test_cache_ram_is_checked():

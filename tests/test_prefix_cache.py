@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tinygptv_edge.runtime.errors import ConfigError
-from tinygptv_edge.runtime.prefix_cache import PrefixCache
+from tinygptv_edge.runtime.prefix_cache import LOGITS_KEPT, PrefixCache
 
 H, V = 4, 16
 
@@ -63,15 +63,34 @@ def test_prefill_evaluates_only_what_the_cache_lacks():
     longer = [*first, 4, 5]
     pre = cache.prefill(longer, IMG)
     assert pre.evaluated == 2 and dec.evaluated == 8 and len(cache) == 8
-    # the same positions again: the last two are re-evaluated (a prompt, for the last one's logits)
+    # the same positions again: nothing evaluated, the logits are the ones kept from the first time
+    n = dec.evaluated
     again = cache.prefill(longer, IMG)
-    assert again.evaluated == 2 and np.array_equal(again.logits, pre.logits)
+    assert again.evaluated == 0 and dec.evaluated == n and np.array_equal(again.logits, pre.logits)
+    again.logits[:] = -1  # the caller's copy
+    assert np.array_equal(cache.prefill(longer, IMG).logits, pre.logits)
+    # a prompt whose logits are not known: its last two are evaluated, even when cached
+    cache._logits.clear()
+    assert cache.prefill(longer, IMG).evaluated == 2
     # a branch: kept up to where they differ
     branch = [1, 2, ("k", 0), ("k", 1), 9]
     assert cache.shared(branch) == 3
     assert cache.prefill(branch, IMG).evaluated == 2 and cache.held == tuple(branch) and len(dec.rows) == 5
     assert cache.shared([1, 2, ("k", 0), ("k", 1)]) == 2  # never the last two, even when cached
     assert cache.shared([1]) == 0
+
+
+def test_kept_logits_are_bounded_and_need_the_whole_prompt_cached():
+    dec = ListDecoder()
+    cache = PrefixCache(decoder=dec)
+    prompts = [[1, k, 2] for k in range(LOGITS_KEPT + 1)]
+    for p in prompts:
+        cache.prefill(p, {})
+    assert cache.prefill(prompts[-1], {}).evaluated == 0
+    assert cache.prefill(prompts[0], {}).evaluated == 2  # the oldest was forgotten
+    assert cache.prefill(prompts[2], {}).evaluated == 2  # known logits, but the cache holds only [1]
+    cache.step(5)
+    assert cache.prefill(prompts[2], {}).evaluated == 0  # a prefix of what the cache holds
 
 
 def test_step_appends():
@@ -174,8 +193,8 @@ def test_snapshots_give_back_an_overwritten_prefix():
     ref = PrefixCache(decoder=fresh).prefill(other, img)
     np.testing.assert_array_equal(pre.logits, ref.logits)
     np.testing.assert_array_equal(np.asarray(dec.rows), np.asarray(fresh.rows))
-    again = cache.prefill(a, img)  # the first request again: 5 positions live, the last 2 evaluated
-    assert (again.restored, again.evaluated) == (0, 2)
+    again = cache.prefill(a, img)  # the first request again: 5 positions live, 2 restored, logits kept
+    assert (again.restored, again.evaluated) == (2, 0)
     np.testing.assert_array_equal(again.logits, first.logits)
 
 
