@@ -10,9 +10,9 @@ decoder runs a call of two or more as a prompt, whose positions come out the sam
 evaluated with them, while a single position would take its decode-step kernel. So the last
 position's logits do not depend on what was cached, wherever the matmuls do not depend on the batch
 size either (ggml's own kernels; runtime/kquant.c takes batches of 16 or more and rounds its
-activations differently from ggml: KL ~1e-4 between the two at full size). `step` appends one token. A failure inside the
-decoder leaves nothing trusted: `resync` empties the cache (and drops the decoder when it can be
-reopened), so the next call starts over.
+activations differently from ggml: KL ~1e-4 between the two at full size). `step` appends one token.
+A failure inside the decoder leaves nothing trusted: `resync` empties the cache (and drops the
+decoder when it can be reopened), so the next call starts over.
 
 The last position's logits of recent prompts are kept too (LOGITS_KEPT of them, 0.2 MiB each at
 full size): the same prompt again, while the cache or a snapshot still holds all of it, evaluates
