@@ -218,7 +218,13 @@ def test_example_image_is_the_generators():
 @pytest.mark.slow
 def test_make_demo_answers_the_example(tmp_path):
     out = subprocess.run(
-        ["make", "demo", f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True, text=True, timeout=1800
+        # --no-print-directory: under `make test-slow` this make is a sub-make, which would end its
+        # output with "make[1]: Leaving directory ..."
+        ["make", "--no-print-directory", "demo", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert out.returncode == 0, out.stderr
     # the demo asks for the colour of the one circle in test image 0 and prints --json
