@@ -245,38 +245,42 @@ static void unpack_plain(const char *W, size_t row_bytes, int type, int sub, int
 
 #if KQ_HAVE_AVX512 /* the same C, vectorized for AVX-512 (about 10% of a Q4_K call at 64 tokens) */
 /* Q4_0 by hand: the compiler leaves the byte loop above scalar, and at 16-64 tokens a Q4_0 row is
- * unpacked for few products */
+ * unpacked for few products. The scales of up to 64 blocks are gathered first and converted 16 at a
+ * time: converting and storing each block's 4 one by one was a third of the unpack. */
 KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
                                            float *a, float *b) {
     const int nb = K / 32;
     const __m128i m4 = _mm_set1_epi8(15), flip = _mm_set1_epi8((char)0x88);
-    for (int j = 0; j < nb; j++) {
-        uint16_t dh[ROWS];
-        for (int r = 0; r < ROWS; r++) {
-            __m128i q;
-            if (type == TYPE_Q4_0) {
-                const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
-                dh[r] = x->d;
-                q = _mm_loadu_si128((const __m128i *)x->qs);
-            } else {
-                const block_q40x8 *x = (const block_q40x8 *)W + j;
-                const int i = sub + r;
-                dh[r] = x->d[i];
-                q = _mm_xor_si128(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * i)),
-                                                     _mm_loadl_epi64((const __m128i *)(x->qs + 64 + 8 * i))),
-                                  flip);
+    for (int j0 = 0; j0 < nb; j0 += 64) {
+        const int n = nb - j0 < 64 ? nb - j0 : 64;
+        uint16_t dh[ROWS][64];
+        for (int j = j0; j < j0 + n; j++)
+            for (int r = 0; r < ROWS; r++) {
+                __m128i q;
+                if (type == TYPE_Q4_0) {
+                    const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
+                    dh[r][j - j0] = x->d;
+                    q = _mm_loadu_si128((const __m128i *)x->qs);
+                } else {
+                    const block_q40x8 *x = (const block_q40x8 *)W + j;
+                    const int i = sub + r;
+                    dh[r][j - j0] = x->d[i];
+                    q = _mm_xor_si128(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * i)),
+                                                         _mm_loadl_epi64((const __m128i *)(x->qs + 64 + 8 * i))),
+                                      flip);
+                }
+                uint8_t *o = c + (size_t)r * K + 32 * j;
+                _mm_storeu_si128((__m128i *)o, _mm_and_si128(q, m4));
+                _mm_storeu_si128((__m128i *)(o + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
             }
-            uint8_t *o = c + (size_t)r * K + 32 * j;
-            _mm_storeu_si128((__m128i *)o, _mm_and_si128(q, m4));
-            _mm_storeu_si128((__m128i *)(o + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-        }
-        /* fp16 -> fp32 is exact either way: vcvtph2ps gives half_to_float's values */
-        float d[8];
-        _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadl_epi64((const __m128i *)dh)));
-        for (int r = 0; r < ROWS; r++) {
-            a[r * nb + j] = d[r];
-            b[r * nb + j] = 8.0f * d[r];
-        }
+        /* fp16 -> fp32 is exact either way: vcvtph2ps gives half_to_float's values; 8 d is exact */
+        for (int r = 0; r < ROWS; r++)
+            for (int i = 0; i < n; i += 16) {
+                const __mmask16 k = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+                const __m512 d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dh[r] + i));
+                _mm512_mask_storeu_ps(a + (size_t)r * nb + j0 + i, k, d);
+                _mm512_mask_storeu_ps(b + (size_t)r * nb + j0 + i, k, _mm512_mul_ps(_mm512_set1_ps(8.0f), d));
+            }
     }
 }
 
