@@ -299,6 +299,8 @@ typedef struct {
     int8_t *q;  /* nblk x [K/4][TB][4] */
     float *dx;  /* nblk x [K/32][TB]: scale of each 32 columns */
     float *dq;  /* nblk x [K/G][TB]: dx * sum of the group's codes */
+    const char *pf; /* weight bytes the next unpack reads that this one did not, fetched into L2 ... */
+    size_t pf_len;  /* ... while a tile runs (AVX-512 path; 0: none) */
 } acts;
 
 static void free_acts(acts *p) {
@@ -385,6 +387,7 @@ KQ_NEON_FN static void quantize_neon(const float *x, int blk, int lane, acts *p)
 
 static int quantize_acts(acts *p, const float *X, int K, int T, size_t ldx, int G, quantize_fn quantize) {
     p->K = K, p->T = T, p->G = G, p->nblk = (T + TB - 1) / TB;
+    p->pf = NULL, p->pf_len = 0;
     const size_t nq = (size_t)p->nblk * K * TB, ndx = (size_t)p->nblk * (K / 32) * TB,
                  ndq = (size_t)p->nblk * (K / G) * TB;
     p->q = aligned_alloc(64, nq);
@@ -447,7 +450,13 @@ KQ_AVX512_FN static KQ_INLINE void tile_avx512_n(const acts *p, int blk, const u
     __m512 acc[2][ROWS];
     for (int j = 0; j < NB; j++)
         for (int r = 0; r < ROWS; r++) acc[j][r] = _mm512_setzero_ps();
+    /* a few lines of the next weights per group, during the first pass: in ggml's 8-row Q4_0 layout
+     * the unpack otherwise waited on them (one 2560 x 10240 matmul 7.8 -> 7.3 ms at 22 tokens, 6.0 ->
+     * 5.4 at 1); into L2, where the tile's own streams do not evict them (into L1 did not help) */
+    const size_t pf_per_group = blk == 0 ? (p->pf_len / ng + 63) / 64 * 64 : 0;
     for (int g = 0; g < ng; g++) {
+        for (size_t o = g * pf_per_group; o < (g + 1) * pf_per_group && o < p->pf_len; o += 64)
+            _mm_prefetch(p->pf + o, _MM_HINT_T1);
         __m512i s[2][ROWS];
         for (int j = 0; j < NB; j++)
             for (int r = 0; r < ROWS; r++) s[j][r] = _mm512_setzero_si512();
@@ -570,12 +579,18 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
         return -1;
     }
     float res[2][ROWS][TB];
+    const size_t span = (size_t)ROWS * row_bytes;
     for (int tile_i = t0; tile_i < t1; tile_i++) {
-        if (type == TYPE_Q4_0_X8) /* 8-row groups of the same bytes: two tiles per group */
-            unpack((const char *)W + (size_t)(tile_i / 2) * 8 * row_bytes, row_bytes, type, (tile_i % 2) * ROWS,
-                   K, c, a, b);
-        else
-            unpack((const char *)W + (size_t)tile_i * ROWS * row_bytes, row_bytes, type, 0, K, c, a, b);
+        if (type == TYPE_Q4_0_X8) { /* 8-row groups of the same bytes: two tiles per group, each
+                                      * prefetching half of the next group */
+            unpack((const char *)W + (size_t)(tile_i / 2) * 2 * span, row_bytes, type, (tile_i % 2) * ROWS, K, c,
+                   a, b);
+            p.pf = (const char *)W + (size_t)(tile_i / 2 + 1) * 2 * span + (size_t)(tile_i % 2) * span;
+        } else {
+            unpack((const char *)W + (size_t)tile_i * span, row_bytes, type, 0, K, c, a, b);
+            p.pf = (const char *)W + (size_t)(tile_i + 1) * span;
+        }
+        p.pf_len = (type == TYPE_Q4_0_X8 ? (tile_i / 2 + 1) * 2 : tile_i + 1) < t1 ? span : 0; /* ours only */
         for (int blk = 0; blk < p.nblk; blk += 2) {
             const int nb = blk + 1 < p.nblk ? 2 : 1;
             tile(&p, blk, nb, c, a, b, res);
