@@ -433,13 +433,15 @@ static void tile_plain(const acts *p, int blk, int nb, const uint8_t *c, const f
 
 #if KQ_HAVE_AVX512
 /* One 64-byte load feeds 16 tokens x 4 columns to a vpdpbusd against one row's 4 codes broadcast.
- * NB (blocks of 16 tokens, 1 or 2) is a constant in each instance below, so the loops over blocks and
- * rows unroll and the sums stay in registers: with a run-time block count GCC kept bookkeeping for
- * each sum in the inner loop, and one 2560 x 10240 Q4_0 matmul took 8.2 ms instead of 7.0 at 22
- * tokens, 13.9 instead of 11.9 at 58 (docs/benchmarks.md). */
+ * NB (blocks of 16 tokens, 1 or 2) and the group size G are constants in each instance below, so the
+ * loops over blocks, rows and a group's columns unroll and the sums stay in registers. With a run-time
+ * block count GCC kept bookkeeping for each sum in the inner loop, and with the group's loop rolled it
+ * spilled and shuffled them: one 2560 x 10240 Q4_0 matmul at 22 tokens took 8.2 ms, then 7.9 with
+ * NB constant (other changes between), 6.6 with G too (docs/benchmarks.md). */
 KQ_AVX512_FN static KQ_INLINE void tile_avx512_n(const acts *p, int blk, const uint8_t *c, const float *a,
-                                                const float *b, float res[2][ROWS][TB], const int NB) {
-    const int K = p->K, G = p->G, ng = K / G;
+                                                const float *b, float res[2][ROWS][TB], const int NB,
+                                                const int G) {
+    const int K = p->K, ng = K / G;
     const int8_t *xq[2];
     const float *dx[2], *dq[2];
     for (int j = 0; j < NB; j++) {
@@ -460,6 +462,7 @@ KQ_AVX512_FN static KQ_INLINE void tile_avx512_n(const acts *p, int blk, const u
         __m512i s[2][ROWS];
         for (int j = 0; j < NB; j++)
             for (int r = 0; r < ROWS; r++) s[j][r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
         for (int k = g * G; k < (g + 1) * G; k += 4) {
             __m512i xv[2];
             for (int j = 0; j < NB; j++) xv[j] = _mm512_load_si512((const void *)(xq[j] + (size_t)k * TB));
@@ -486,10 +489,10 @@ KQ_AVX512_FN static KQ_INLINE void tile_avx512_n(const acts *p, int blk, const u
 
 KQ_AVX512_FN static void tile_avx512(const acts *p, int blk, int nb, const uint8_t *c, const float *a,
                                      const float *b, float res[2][ROWS][TB]) {
-    if (nb == 2)
-        tile_avx512_n(p, blk, c, a, b, res, 2);
+    if (p->G == 16)
+        nb == 2 ? tile_avx512_n(p, blk, c, a, b, res, 2, 16) : tile_avx512_n(p, blk, c, a, b, res, 1, 16);
     else
-        tile_avx512_n(p, blk, c, a, b, res, 1);
+        nb == 2 ? tile_avx512_n(p, blk, c, a, b, res, 2, 32) : tile_avx512_n(p, blk, c, a, b, res, 1, 32);
 }
 #endif
 
