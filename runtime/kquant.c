@@ -246,33 +246,43 @@ static void unpack_plain(const char *W, size_t row_bytes, int type, int sub, int
 #if KQ_HAVE_AVX512 /* the same C, vectorized for AVX-512 (about 10% of a Q4_K call at 64 tokens) */
 /* Q4_0 by hand: the compiler leaves the byte loop above scalar, and at 16-64 tokens a Q4_0 row is
  * unpacked for few products. The scales of up to 64 blocks are gathered first and converted 16 at a
- * time: converting and storing each block's 4 one by one was a third of the unpack. */
+ * time: converting and storing each block's 4 one by one was a third of the unpack. In ggml's 8-row
+ * layout the 4 rows' nibbles are two 32-byte loads, unpacked with 256-bit ops (7.4 -> 6.5 ms for one
+ * 2560 x 10240 matmul at 22 tokens, against a row at a time). */
 KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
                                            float *a, float *b) {
     const int nb = K / 32;
-    const __m128i m4 = _mm_set1_epi8(15), flip = _mm_set1_epi8((char)0x88);
+    const __m128i m4 = _mm_set1_epi8(15);
     for (int j0 = 0; j0 < nb; j0 += 64) {
         const int n = nb - j0 < 64 ? nb - j0 : 64;
         uint16_t dh[ROWS][64];
-        for (int j = j0; j < j0 + n; j++)
-            for (int r = 0; r < ROWS; r++) {
-                __m128i q;
-                if (type == TYPE_Q4_0) {
-                    const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
-                    dh[r][j - j0] = x->d;
-                    q = _mm_loadu_si128((const __m128i *)x->qs);
-                } else {
-                    const block_q40x8 *x = (const block_q40x8 *)W + j;
-                    const int i = sub + r;
-                    dh[r][j - j0] = x->d[i];
-                    q = _mm_xor_si128(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(x->qs + 8 * i)),
-                                                         _mm_loadl_epi64((const __m128i *)(x->qs + 64 + 8 * i))),
-                                      flip);
+        for (int j = j0; j < j0 + n; j++) {
+            if (type == TYPE_Q4_0_X8) { /* the 4 rows' bytes 0-7, then 8-15, are 32 contiguous bytes each */
+                const block_q40x8 *x = (const block_q40x8 *)W + j;
+                const __m256i flip8 = _mm256_set1_epi8((char)0x88), m48 = _mm256_set1_epi8(15);
+                const __m256i lo8 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(x->qs + 8 * sub)), flip8),
+                              hi8 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(x->qs + 64 + 8 * sub)),
+                                                     flip8);
+                for (int h = 0; h < 2; h++) { /* rows sub + h (lane 0) and sub + h + 2 (lane 1): 16 bytes each */
+                    const __m256i q = h ? _mm256_unpackhi_epi64(lo8, hi8) : _mm256_unpacklo_epi64(lo8, hi8);
+                    const __m256i cl = _mm256_and_si256(q, m48), ch = _mm256_and_si256(_mm256_srli_epi16(q, 4), m48);
+                    _mm256_storeu_si256((__m256i *)(c + (size_t)h * K + 32 * j),
+                                        _mm256_permute2x128_si256(cl, ch, 0x20));
+                    _mm256_storeu_si256((__m256i *)(c + (size_t)(h + 2) * K + 32 * j),
+                                        _mm256_permute2x128_si256(cl, ch, 0x31));
                 }
+                for (int r = 0; r < ROWS; r++) dh[r][j - j0] = x->d[sub + r];
+                continue;
+            }
+            for (int r = 0; r < ROWS; r++) {
+                const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
+                dh[r][j - j0] = x->d;
+                const __m128i q = _mm_loadu_si128((const __m128i *)x->qs);
                 uint8_t *o = c + (size_t)r * K + 32 * j;
                 _mm_storeu_si128((__m128i *)o, _mm_and_si128(q, m4));
                 _mm_storeu_si128((__m128i *)(o + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
             }
+        }
         /* fp16 -> fp32 is exact either way: vcvtph2ps gives half_to_float's values; 8 d is exact */
         for (int r = 0; r < ROWS; r++)
             for (int i = 0; i < n; i += 16) {
