@@ -14,7 +14,7 @@
  * make_block_q4_0x8 in ggml-cpu/repack.cpp), so that a repacked model keeps ggml's one-token gemv
  * and batches come here, in the same memory. ggml's own Q4_0 gemm ran at about 60 G multiply-adds/s
  * per thread inside a full-size prompt (80% of its time) on the AVX512-VNNI machine this was written
- * on; with this kernel 22 / 58 / 128-token prompts ran 1.3x / 1.7x / 2.0x faster (docs/benchmarks.md).
+ * on; with this kernel 22 / 58 / 128-token prompts ran 1.5x / 1.9x / 1.7x faster (docs/benchmarks.md).
  *
  * The math (per weight row, per group g of G columns: G = 32 for Q4_0/Q4_K/Q5_K, 16 for Q6_K):
  *     w[k] = a_g * c[k] - b_g            c: unsigned codes (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63)
