@@ -594,16 +594,16 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
     float res[2][ROWS][TB];
     const size_t span = (size_t)ROWS * row_bytes;
     for (int tile_i = t0; tile_i < t1; tile_i++) {
-        if (type == TYPE_Q4_0_X8) { /* 8-row groups of the same bytes: two tiles per group, each
-                                      * prefetching half of the next group */
+        /* 8-row groups of the same bytes for Q4_0_X8: two tiles per group, each prefetching half of the
+         * next group; the next tile, or group, only when it is this thread's */
+        const int x8 = type == TYPE_Q4_0_X8, next = x8 ? (tile_i / 2 + 1) * 2 : tile_i + 1;
+        if (x8)
             unpack((const char *)W + (size_t)(tile_i / 2) * 2 * span, row_bytes, type, (tile_i % 2) * ROWS, K, c,
                    a, b);
-            p.pf = (const char *)W + (size_t)(tile_i / 2 + 1) * 2 * span + (size_t)(tile_i % 2) * span;
-        } else {
+        else
             unpack((const char *)W + (size_t)tile_i * span, row_bytes, type, 0, K, c, a, b);
-            p.pf = (const char *)W + (size_t)(tile_i + 1) * span;
-        }
-        p.pf_len = (type == TYPE_Q4_0_X8 ? (tile_i / 2 + 1) * 2 : tile_i + 1) < t1 ? span : 0; /* ours only */
+        p.pf_len = next < t1 ? span : 0;
+        if (p.pf_len) p.pf = (const char *)W + (size_t)next * span + (x8 ? (size_t)(tile_i % 2) * span : 0);
         for (int blk = 0; blk < p.nblk; blk += 2) {
             const int nb = blk + 1 < p.nblk ? 2 : 1;
             tile(&p, blk, nb, c, a, b, res);
