@@ -183,8 +183,8 @@ def test_word_noise_edits_one_word_and_never_a_slot_or_an_option():
         assert got != t
         a, b = t.split(" "), got.split(" ")
         # slots and options survive, in order
-        keep = [w.strip("?.,:") for w in a if "{" in w or w.strip("?.,:'s").lower() in P.OPTIONS]
-        assert [w.strip("?.,:") for w in b if w.strip("?.,:") in keep] == keep, (t, got)
+        keep = [w.strip(P.PUNCT) for w in a if "{" in w or w.strip(P.PUNCT + "'s").lower() in P.OPTIONS]
+        assert [w.strip(P.PUNCT) for w in b if w.strip(P.PUNCT) in keep] == keep, (t, got)
         edits["add" if len(b) > len(a) else "drop" if len(b) < len(a) else "replace"] += 1
     assert min(edits.values()) > 100, edits
     assert P.noise("Count the shapes.", rng, 0.0) == "Count the shapes."
@@ -193,10 +193,10 @@ def test_word_noise_edits_one_word_and_never_a_slot_or_an_option():
 def test_word_noise_is_training_data_only():
     assert vqa.DATASETS["varied"].word_noise > 0
     assert all(cfg.word_noise == 0 for _, cfg in vqa.EVAL_SPLITS.values())
-    vocab = {w.strip("?.,:").lower() for ts in P.TRAIN.values() for t, _ in ts for w in t.split()}
+    vocab = {w.strip(P.PUNCT).lower() for ts in P.TRAIN.values() for t, _ in ts for w in t.split()}
     vocab |= {*vqa.COLOURS, *vqa.SHAPES}
     noisy = [qa.question for i in range(40) for qa in vqa.sample("train", i, cfg=vqa.DATASETS["varied"]).qas]
-    unseen = [q for q in noisy if any(w.strip("?.,:").lower() not in vocab for w in q.split())]
+    unseen = [q for q in noisy if any(w.strip(P.PUNCT).lower() not in vocab for w in q.split())]
     assert 0.15 < len(unseen) / len(noisy) < 0.45, len(unseen) / len(noisy)
 
 

@@ -273,6 +273,7 @@ def surface(text: str, rng: np.random.Generator) -> str:
 # Words `noise` never touches: the options a question offers (its answer repeats one of them).
 OPTIONS = frozenset((*AB, *HL, *OU, "left", "right", "top", "bottom"))
 NOISE_EDITS = ("replace", "drop", "add")
+PUNCT = "?.,:"  # marks a template word may carry at its end
 
 
 def noise(text: str, rng: np.random.Generator, share: float) -> str:
@@ -281,14 +282,14 @@ def noise(text: str, rng: np.random.Generator, share: float) -> str:
     if share <= 0 or rng.random() >= share:
         return text
     words = text.split(" ")
-    free = [i for i, w in enumerate(words) if "{" not in w and w.strip("?.,:'s").lower() not in OPTIONS]
+    free = [i for i, w in enumerate(words) if "{" not in w and w.strip(PUNCT + "'s").lower() not in OPTIONS]
     edit = NOISE_EDITS[int(rng.integers(len(NOISE_EDITS)))]
     made_up = "".join(chr(97 + int(c)) for c in rng.integers(26, size=int(rng.integers(2, 10))))
     if edit == "add" or not free:
         words.insert(int(rng.integers(len(words) + 1)), made_up)
     else:
         i = free[int(rng.integers(len(free)))]
-        tail = words[i][len(words[i].rstrip("?.,:")) :]  # keep the punctuation the word carried
+        tail = words[i][len(words[i].rstrip(PUNCT)) :]  # keep the punctuation the word carried
         if edit == "replace":
             words[i] = made_up + tail
         elif len(words) > 2:
