@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from .decoder_model import HParams
 from .ggml_runtime import KVCache, Weights, new_context
-from .kquant import MIN_TOKENS, KQuantOps
+from .kquant import KQuantOps, takes
 
 NODES_PER_LAYER = 48
 FA_TILE_Q = 64  # GGML_FA_TILE_Q (ggml-cpu/common.h): ggml's flash attention tiles >= this many queries
@@ -84,7 +84,7 @@ def build_graph(
     kq = KQuantOps(ggml) if w.kquant else None
 
     def linear(x, wn: str, bn: str):
-        if kq is not None and wn in w.kquant and x.contents.ne[1] >= MIN_TOKENS:
+        if kq is not None and wn in w.kquant and takes(w.kquant[wn], x.contents.ne[1], prompt):
             return ggml.ggml_add(ctx, kq.matmul(ctx, t[wn], x, w.kquant[wn]), t[bn])
         return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, t[wn], x), t[bn])
 

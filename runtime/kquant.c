@@ -506,6 +506,104 @@ KQ_AVX512_FN static void tile_avx512(const acts *p, int blk, int nb, const uint8
 }
 #endif
 
+#if KQ_HAVE_AVX512
+/* ---- Q4_0 in ggml's 8-row layout: 16 weight rows in a zmm's lanes, tokens broadcast ------------- */
+/* The tile above puts 16 tokens in a zmm and broadcasts one row's codes, so a 22-token batch pays for
+ * 32 and every row is unpacked to memory and read back. Here a zmm holds 4 columns of 16 rows (two
+ * 8-row groups: vpermt2d picks each row's 4 bytes out of two 64-byte loads), unpacked in registers
+ * once per pass of up to X8_TT tokens, and each token's 4 activation bytes are broadcast: the
+ * products follow the real token count. The per-group update is the tile's, so results are the same
+ * bit for bit. */
+#define X8_TT 8 /* tokens per pass: 2 x 8 accumulators + codes and constants fit the 32 zmm */
+
+KQ_AVX512_FN static KQ_INLINE void x8_pass(const acts *p, const block_q40x8 *A, const block_q40x8 *B, int t0,
+                                           float *out, size_t ldo, __mmask16 rows, const int TT) {
+    const int K = p->K, nb = K / 32;
+    const int8_t *xq[X8_TT];
+    const float *dx[X8_TT], *dq[X8_TT];
+    for (int i = 0; i < TT; i++) { /* token t's 4 bytes of columns k.. at xq + (k / 4) * TB * 4 */
+        const int t = t0 + i, blk = t / TB, lane = t % TB;
+        xq[i] = p->q + (size_t)blk * K * TB + 4 * lane;
+        dx[i] = p->dx + (size_t)blk * nb * TB + lane;
+        dq[i] = p->dq + (size_t)blk * nb * TB + lane;
+    }
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i m4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    __m512 acc[X8_TT];
+    for (int i = 0; i < TT; i++) acc[i] = _mm512_setzero_ps();
+    for (int j = 0; j < nb; j++) {
+        __m512i s[X8_TT];
+        for (int i = 0; i < TT; i++) s[i] = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) { /* bytes 8h..8h+7 of each row: columns 8h.. (low nibbles), 16 + 8h.. */
+            const __m512i la = _mm512_loadu_si512((const void *)(A[j].qs + 64 * h)),
+                          lb = _mm512_loadu_si512((const void *)(B[j].qs + 64 * h));
+            for (int e = 0; e < 2; e++) { /* each row's bytes 8h + 4e .. + 3 */
+                const __m512i q = _mm512_permutex2var_epi32(la, e ? odd : even, lb);
+                /* the repack stores c ^ 8: c = (nibble & 15) ^ 8, one vpternlogd (imm (A & B) ^ C) */
+                const __m512i lo = _mm512_ternarylogic_epi32(q, m4, eight, 0x6a),
+                              hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), m4, eight, 0x6a);
+                const size_t klo = (size_t)(8 * j + 2 * h + e) * TB * 4, khi = klo + (size_t)4 * TB * 4;
+                for (int i = 0; i < TT; i++) {
+                    int32_t x0, x1;
+                    memcpy(&x0, xq[i] + klo, 4);
+                    memcpy(&x1, xq[i] + khi, 4);
+                    s[i] = _mm512_dpbusd_epi32(s[i], lo, _mm512_set1_epi32(x0));
+                    s[i] = _mm512_dpbusd_epi32(s[i], hi, _mm512_set1_epi32(x1));
+                }
+            }
+        }
+        const __m512 a = _mm512_cvtph_ps(_mm256_inserti128_si256(
+                         _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)A[j].d)),
+                         _mm_loadu_si128((const __m128i *)B[j].d), 1)),
+                     b = _mm512_mul_ps(_mm512_set1_ps(8.0f), a);
+        for (int i = 0; i < TT; i++) {
+            const __m512 scale = _mm512_mul_ps(a, _mm512_set1_ps(dx[i][(size_t)j * TB]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), scale, acc[i]);
+            acc[i] = _mm512_fnmadd_ps(b, _mm512_set1_ps(dq[i][(size_t)j * TB]), acc[i]);
+        }
+    }
+    for (int i = 0; i < TT; i++) _mm512_mask_storeu_ps(out + (size_t)(t0 + i) * ldo, rows, acc[i]);
+}
+
+KQ_AVX512_FN static void x8_pass_n(const acts *p, const block_q40x8 *A, const block_q40x8 *B, int t0, int tt,
+                                   float *out, size_t ldo, __mmask16 rows) {
+    switch (tt) { /* TT a constant in each: the token loops unroll and the sums stay in registers */
+    case 1: x8_pass(p, A, B, t0, out, ldo, rows, 1); break;
+    case 2: x8_pass(p, A, B, t0, out, ldo, rows, 2); break;
+    case 3: x8_pass(p, A, B, t0, out, ldo, rows, 3); break;
+    case 4: x8_pass(p, A, B, t0, out, ldo, rows, 4); break;
+    case 5: x8_pass(p, A, B, t0, out, ldo, rows, 5); break;
+    case 6: x8_pass(p, A, B, t0, out, ldo, rows, 6); break;
+    case 7: x8_pass(p, A, B, t0, out, ldo, rows, 7); break;
+    default: x8_pass(p, A, B, t0, out, ldo, rows, 8); break;
+    }
+}
+
+/* out (T x N) = X W^T for this thread's 16-row stripes; the last stripe of N % 16 == 8 rows reads its
+ * 8-row group twice and stores half */
+KQ_AVX512_FN static int x8_matmul(const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
+                                  size_t ldo, int ith, int nth) {
+    const int nb = K / 32, stripes = (N + 15) / 16, per = (stripes + nth - 1) / nth;
+    const int s0 = ith * per, s1 = s0 + per < stripes ? s0 + per : stripes;
+    if (s0 >= s1) return 0;
+    acts p;
+    if (quantize_acts(&p, X, K, T, ldx, 32, quantize_avx512)) return -1;
+    const int passes = (T + X8_TT - 1) / X8_TT;
+    for (int st = s0; st < s1; st++) {
+        const block_q40x8 *A = (const block_q40x8 *)W + (size_t)2 * st * nb;
+        const int full = 16 * st + 16 <= N;
+        const block_q40x8 *B = full ? A + nb : A;
+        for (int i = 0; i < passes; i++) { /* near-equal passes: 22 tokens are 8 + 7 + 7 */
+            const int t0 = (int)((long)T * i / passes), t1 = (int)((long)T * (i + 1) / passes);
+            x8_pass_n(&p, A, B, t0, t1 - t0, out + 16 * st, ldo, full ? 0xffff : 0x00ff);
+        }
+    }
+    free_acts(&p);
+    return 0;
+}
+#endif
+
 #if KQ_HAVE_NEON_DOT
 /* 16 codes of each row in one register; sdot by lane L multiplies columns k+4L..k+4L+3 of 4 tokens */
 #define KQ_SDOT_STEP(L)                                                                                \
@@ -574,6 +672,9 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
 #endif
 #if KQ_HAVE_NEON_DOT
     if (path == KQ_NEON_DOTPROD) quantize = quantize_neon, tile = tile_neon;
+#endif
+#if KQ_HAVE_AVX512
+    if (path == KQ_AVX512_VNNI && type == TYPE_Q4_0_X8) return x8_matmul(W, N, K, X, T, ldx, out, ldo, ith, nth);
 #endif
     const int G = type == TYPE_Q6_K ? 16 : 32, ng = K / G;
     const size_t row_bytes = q40                  ? (size_t)(K / 32) * sizeof(block_q40)

@@ -147,9 +147,10 @@ def x8_layout(raw: np.ndarray, n: int, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("t", [1, 16, 22, 37])
-def test_q4_0_in_ggmls_repacked_layout_equals_plain_rows(t, path):
-    n, k = 24, 320  # 3 groups of 8 rows (6 tiles: both halves of each group), 10 blocks per row
+@pytest.mark.parametrize("t", [1, 2, 8, 9, 16, 22, 37])  # passes of up to 8 tokens on AVX-512
+@pytest.mark.parametrize("n", [24, 48])  # 16-row stripes on AVX-512: one and a half, three
+def test_q4_0_in_ggmls_repacked_layout_equals_plain_rows(n, t, path):
+    k = 320  # groups of 8 rows (two 4-row tiles each in plain C), 10 blocks per row
     rng = np.random.default_rng(t)
     raw = quantize(rng.standard_normal((n, k)).astype(np.float32), "Q4_0")
     x = rng.standard_normal((t, k)).astype(np.float32)
@@ -174,6 +175,25 @@ def test_decoder_sends_repacked_q4_0_batches_here_and_agrees_with_ggml(tiny, tmp
             assert not dec._w.kquant
 
     _kernel_against_ggml(_export(tiny, tmp_path, "Q4_0"), check)
+
+
+def test_every_prompt_batch_of_repacked_q4_0_comes_here_and_is_the_same_in_any_batch(tiny, tmp_path):
+    """Q4_0 in ggml's x86 layout: every batch of a prompt (its last one of 1 position too) goes through
+    the kernel, decode steps do not; a prompt position's logits then do not depend on its batch."""
+    if _kquant.PATH != "avx512vnni":
+        pytest.skip(f"ggml repacks Q4_0 in the kernel's 8-row layout on x86-64; this CPU runs {_kquant.PATH}")
+    from tinygptv_edge.runtime.decoder import Decoder
+
+    ids = np.random.default_rng(5).integers(0, 512, 11).tolist()
+    with Decoder(_export(tiny, tmp_path, "Q4_0"), n_ctx=64, n_threads=2, n_batch=5) as dec:
+        full = dec.eval_tokens(ids, all_logits=True)  # batches of 5, 5 and 1
+        for start in (3, len(ids) - 2):  # 5 and 3 positions; the last 2 (a prompt from the prefix cache)
+            dec.truncate(start)
+            np.testing.assert_array_equal(dec.eval_tokens(ids[start:], all_logits=True), full[start:])
+        dec.eval_tokens(ids[:1])  # a decode step
+        kernel = {key[0]: bool(g.kq and g.kq.nodes) for key, g in dec._graphs.items() if key[4]}
+        decode = [bool(g.kq and g.kq.nodes) for key, g in dec._graphs.items() if not key[4]]
+    assert kernel == {5: True, 1: True, 3: True, 2: True} and decode == [False]
 
 
 def test_an_unknown_repack_layout_keeps_ggmls_kernels(tiny, tmp_path):
