@@ -516,8 +516,11 @@ KQ_AVX512_FN static void tile_avx512(const acts *p, int blk, int nb, const uint8
  * bit for bit. */
 #define X8_TT 8 /* tokens per pass: 2 x 8 accumulators + codes and constants fit the 32 zmm */
 
+/* One pass: tokens t0..t0 + TT - 1 against a stripe. The first pass unpacks the stripe's codes (8 zmm
+ * per 32 columns) and scales into `codes` / `scales`; later passes load them from there (L2). */
 KQ_AVX512_FN static KQ_INLINE void x8_pass(const acts *p, const block_q40x8 *A, const block_q40x8 *B, int t0,
-                                           float *out, size_t ldo, __mmask16 rows, const int TT) {
+                                           float *out, size_t ldo, __mmask16 rows, __m512i *codes, float *scales,
+                                           const int TT, const int FIRST) {
     const int K = p->K, nb = K / 32;
     const int8_t *xq[X8_TT];
     const float *dx[X8_TT], *dq[X8_TT];
@@ -536,13 +539,25 @@ KQ_AVX512_FN static KQ_INLINE void x8_pass(const acts *p, const block_q40x8 *A, 
         __m512i s[X8_TT];
         for (int i = 0; i < TT; i++) s[i] = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++) { /* bytes 8h..8h+7 of each row: columns 8h.. (low nibbles), 16 + 8h.. */
-            const __m512i la = _mm512_loadu_si512((const void *)(A[j].qs + 64 * h)),
-                          lb = _mm512_loadu_si512((const void *)(B[j].qs + 64 * h));
+            __m512i la, lb;
+            if (FIRST) {
+                la = _mm512_loadu_si512((const void *)(A[j].qs + 64 * h));
+                lb = _mm512_loadu_si512((const void *)(B[j].qs + 64 * h));
+            }
             for (int e = 0; e < 2; e++) { /* each row's bytes 8h + 4e .. + 3 */
-                const __m512i q = _mm512_permutex2var_epi32(la, e ? odd : even, lb);
-                /* the repack stores c ^ 8: c = (nibble & 15) ^ 8, one vpternlogd (imm (A & B) ^ C) */
-                const __m512i lo = _mm512_ternarylogic_epi32(q, m4, eight, 0x6a),
-                              hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), m4, eight, 0x6a);
+                __m512i lo, hi;
+                __m512i *cj = codes + (size_t)8 * j + 4 * h + 2 * e;
+                if (FIRST) {
+                    const __m512i q = _mm512_permutex2var_epi32(la, e ? odd : even, lb);
+                    /* the repack stores c ^ 8: c = (nibble & 15) ^ 8, one vpternlogd (imm (A & B) ^ C) */
+                    lo = _mm512_ternarylogic_epi32(q, m4, eight, 0x6a);
+                    hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), m4, eight, 0x6a);
+                    _mm512_store_si512((void *)cj, lo);
+                    _mm512_store_si512((void *)(cj + 1), hi);
+                } else {
+                    lo = _mm512_load_si512((const void *)cj);
+                    hi = _mm512_load_si512((const void *)(cj + 1));
+                }
                 const size_t klo = (size_t)(8 * j + 2 * h + e) * TB * 4, khi = klo + (size_t)4 * TB * 4;
                 for (int i = 0; i < TT; i++) {
                     int32_t x0, x1;
@@ -553,10 +568,16 @@ KQ_AVX512_FN static KQ_INLINE void x8_pass(const acts *p, const block_q40x8 *A, 
                 }
             }
         }
-        const __m512 a = _mm512_cvtph_ps(_mm256_inserti128_si256(
-                         _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)A[j].d)),
-                         _mm_loadu_si128((const __m128i *)B[j].d), 1)),
-                     b = _mm512_mul_ps(_mm512_set1_ps(8.0f), a);
+        __m512 a;
+        if (FIRST) {
+            a = _mm512_cvtph_ps(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)A[j].d)),
+                _mm_loadu_si128((const __m128i *)B[j].d), 1));
+            _mm512_store_ps(scales + (size_t)16 * j, a);
+        } else {
+            a = _mm512_load_ps(scales + (size_t)16 * j);
+        }
+        const __m512 b = _mm512_mul_ps(_mm512_set1_ps(8.0f), a);
         for (int i = 0; i < TT; i++) {
             const __m512 scale = _mm512_mul_ps(a, _mm512_set1_ps(dx[i][(size_t)j * TB]));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), scale, acc[i]);
@@ -566,17 +587,17 @@ KQ_AVX512_FN static KQ_INLINE void x8_pass(const acts *p, const block_q40x8 *A, 
     for (int i = 0; i < TT; i++) _mm512_mask_storeu_ps(out + (size_t)(t0 + i) * ldo, rows, acc[i]);
 }
 
+#define X8_CASE(n)                                                                                         \
+    case n:                                                                                                \
+        first ? x8_pass(p, A, B, t0, out, ldo, rows, codes, scales, n, 1)                                  \
+              : x8_pass(p, A, B, t0, out, ldo, rows, codes, scales, n, 0);                                 \
+        break;
+
 KQ_AVX512_FN static void x8_pass_n(const acts *p, const block_q40x8 *A, const block_q40x8 *B, int t0, int tt,
-                                   float *out, size_t ldo, __mmask16 rows) {
-    switch (tt) { /* TT a constant in each: the token loops unroll and the sums stay in registers */
-    case 1: x8_pass(p, A, B, t0, out, ldo, rows, 1); break;
-    case 2: x8_pass(p, A, B, t0, out, ldo, rows, 2); break;
-    case 3: x8_pass(p, A, B, t0, out, ldo, rows, 3); break;
-    case 4: x8_pass(p, A, B, t0, out, ldo, rows, 4); break;
-    case 5: x8_pass(p, A, B, t0, out, ldo, rows, 5); break;
-    case 6: x8_pass(p, A, B, t0, out, ldo, rows, 6); break;
-    case 7: x8_pass(p, A, B, t0, out, ldo, rows, 7); break;
-    default: x8_pass(p, A, B, t0, out, ldo, rows, 8); break;
+                                   float *out, size_t ldo, __mmask16 rows, __m512i *codes, float *scales,
+                                   int first) {
+    switch (tt) { /* TT and FIRST constants in each: the loops unroll and the sums stay in registers */
+        X8_CASE(1) X8_CASE(2) X8_CASE(3) X8_CASE(4) X8_CASE(5) X8_CASE(6) X8_CASE(7) default: X8_CASE(8)
     }
 }
 
@@ -590,16 +611,22 @@ KQ_AVX512_FN static int x8_matmul(const void *W, int N, int K, const float *X, i
     acts p;
     if (quantize_acts(&p, X, K, T, ldx, 32, quantize_avx512)) return -1;
     const int passes = (T + X8_TT - 1) / X8_TT;
+    __m512i *codes = aligned_alloc(64, (size_t)nb * 8 * 64); /* a stripe unpacked: 8 zmm per 32 columns */
+    float *scales = aligned_alloc(64, (size_t)nb * 16 * sizeof(float));
+    if (!codes || !scales) {
+        free(codes), free(scales), free_acts(&p);
+        return -1;
+    }
     for (int st = s0; st < s1; st++) {
         const block_q40x8 *A = (const block_q40x8 *)W + (size_t)2 * st * nb;
         const int full = 16 * st + 16 <= N;
         const block_q40x8 *B = full ? A + nb : A;
         for (int i = 0; i < passes; i++) { /* near-equal passes: 22 tokens are 8 + 7 + 7 */
             const int t0 = (int)((long)T * i / passes), t1 = (int)((long)T * (i + 1) / passes);
-            x8_pass_n(&p, A, B, t0, t1 - t0, out + 16 * st, ldo, full ? 0xffff : 0x00ff);
+            x8_pass_n(&p, A, B, t0, t1 - t0, out + 16 * st, ldo, full ? 0xffff : 0x00ff, codes, scales, i == 0);
         }
     }
-    free_acts(&p);
+    free(codes), free(scales), free_acts(&p);
     return 0;
 }
 #endif
