@@ -14,6 +14,7 @@ docs/decoder.md (the pipeline codes against it).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from .ggml_runtime import (
 from .ggml_types import BY_NAME
 from .gguf_file import GGUFFile
 from .gguf_values import check_values
+from .memory import host_buffer
 from .tokenizer import Tokenizer
 
 KV_PAD = 256  # attended slots are rounded up to this, so one graph serves 256 decode steps
@@ -229,7 +231,8 @@ class Decoder:
                     f"read_kv: expected 0 <= start <= stop <= {self.n_past}, got {start!r}, {stop!r}"
                 )
             row = _kv_row_nbytes(self.kv_type, self.n_embd)
-            out = np.empty((self.hparams.n_layer, 2, stop - start, row), dtype=np.uint8)
+            shape = (self.hparams.n_layer, 2, stop - start, row)
+            out = host_buffer(math.prod(shape)).reshape(shape)
             get = self._ggml.ggml_backend_tensor_get
             for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
                 for j, t in enumerate(pair):

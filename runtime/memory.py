@@ -1,10 +1,31 @@
-"""Process memory helpers: give freed heap back to the OS, read current and peak resident set size."""
+"""Process memory helpers: large host buffers, give freed heap back to the OS, read current and peak
+resident set size."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import mmap
 import sys
+
+import numpy as np
+
+HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB base pages) transparent huge page
+
+
+def host_buffer(nbytes: int) -> np.ndarray:
+    """A writable uint8 array of `nbytes` for large copies (KV snapshots), freed with the array.
+
+    From HUGE_PAGE on it is its own anonymous mapping advised for transparent huge pages (Linux, where
+    THP is "always" or "madvise"), so its first touch faults 2 MiB at a time instead of 4 KiB: a fresh
+    20 MiB buffer filled in 55 ms from numpy's heap, 13 ms so mapped, on the 2-vCPU dev VM (page
+    faults are dear in a VM). Elsewhere, or smaller, it is np.empty."""
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(nbytes, np.uint8)
+    m = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+    with contextlib.suppress(OSError):  # THP off ("never") or not built in: plain pages
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, np.uint8, count=nbytes)
 
 
 def release_heap(collect: bool = False) -> None:

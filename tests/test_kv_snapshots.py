@@ -70,3 +70,18 @@ def test_pipeline_answers_are_unchanged_and_repeats_are_restored():
 def test_cache_ram_is_checked():
     with pytest.raises(ConfigError, match="cache_ram_mib"):
         Pipeline(None, S.language_file("Q4_0"), n_ctx=64, cache_ram_mib=-1)
+
+
+def test_host_buffers_are_writable_own_mappings_from_a_huge_page_on():
+    import mmap
+    import sys
+
+    from tinygptv_edge.runtime.memory import HUGE_PAGE, host_buffer
+
+    for n in (1000, HUGE_PAGE, 3 * HUGE_PAGE + 5):
+        b = host_buffer(n)
+        assert b.dtype == np.uint8 and b.shape == (n,) and b.flags.writeable
+        b[:] = 7
+        assert int(b[0]) == int(b[-1]) == 7
+        own = isinstance(getattr(b.base, "obj", None), mmap.mmap)  # frombuffer: a memoryview of it
+        assert own == (n >= HUGE_PAGE and sys.platform.startswith("linux")), (n, type(b.base))
