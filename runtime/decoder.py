@@ -222,8 +222,9 @@ class Decoder:
         """Bytes one position takes in the cache (K and V, every layer)."""
         return 2 * self.hparams.n_layer * _kv_row_nbytes(self.kv_type, self.n_embd)
 
-    def read_kv(self, start: int, stop: int) -> np.ndarray:
-        """Copy cache positions [start, stop) out: uint8 (n_layer, 2, stop - start, row bytes)."""
+    def read_kv(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy cache positions [start, stop) out: uint8 (n_layer, 2, stop - start, row bytes), into the
+        first bytes of `out` (a flat uint8 buffer, e.g. a recycled one) when given."""
         with self._lock:
             self._check_open()
             if not all(isinstance(v, int) for v in (start, stop)) or not 0 <= start <= stop <= self.n_past:
@@ -232,7 +233,15 @@ class Decoder:
                 )
             row = _kv_row_nbytes(self.kv_type, self.n_embd)
             shape = (self.hparams.n_layer, 2, stop - start, row)
-            out = host_buffer(math.prod(shape)).reshape(shape)
+            need = math.prod(shape)
+            if out is None:
+                out = host_buffer(need)
+            elif out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or out.nbytes < need:
+                raise ConfigError(
+                    f"read_kv: expected a flat uint8 buffer of at least {need} bytes, "
+                    f"got {out.dtype} {out.shape}"
+                )
+            out = out[:need].reshape(shape)
             get = self._ggml.ggml_backend_tensor_get
             for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
                 for j, t in enumerate(pair):

@@ -56,6 +56,7 @@ from .vision import VisionEncoder
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
 DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
 CACHE_RAM_MIB = 256  # default host memory for KV snapshots (runtime/prefix_cache.py); low-memory: none
+RESERVE_POSITIONS = 128  # per snapshot buffer `warm` touches (two): a one-image turn, 40 MiB at full size
 
 
 @dataclass
@@ -261,6 +262,8 @@ class Pipeline:
         try:
             self.check_open()
             self.prefix.prefill(list(head), {})
+            # memory for the first KV snapshot, touched now rather than when a turn waits on it
+            self.prefix.reserve(RESERVE_POSITIONS)
         finally:
             self.gate.release()
         return len(head)

@@ -163,10 +163,15 @@ class SnapshotDecoder(ListDecoder):
     def n_past(self):
         return len(self.rows)
 
-    def read_kv(self, start, stop):
+    def read_kv(self, start, stop, out=None):
         self.saved.append((start, stop))
         rows = np.asarray(self.rows[start:stop], dtype=np.float32).reshape(stop - start, H)
-        return np.stack([rows, rows])[None].view(np.uint8)
+        got = np.stack([rows, rows])[None].view(np.uint8)
+        if out is None:
+            return got
+        view = out[: got.nbytes].reshape(got.shape)  # as the decoder: into the buffer's first bytes
+        view[...] = got
+        return view
 
     def write_kv(self, rows, start):
         assert start <= len(self.rows), "write_kv past what the cache holds"
@@ -220,6 +225,28 @@ def test_snapshots_respect_their_budget_and_survive_a_release():
     assert cache.release()
     pre = cache.prefill([*seqs[0], 13], {})
     assert len(made) == 2 and (pre.restored, pre.evaluated) == (4, 2)
+
+
+def test_snapshot_buffers_are_reserved_ahead_and_recycled():
+    dec = SnapshotDecoder()
+    row = dec.kv_row_bytes
+    cache = PrefixCache(decoder=dec, snapshot_bytes=30 * row)
+    assert cache.reserve(8, buffers=1) == 8 * row and cache.reserve(8, buffers=1) == 0  # not more
+    (reserved,) = cache._spare
+    a, b, c = [10, 1, 2, 3, 4], [11, 1, 2, 3, 4], [12, 5, 6]
+    cache.prefill(a, {})
+    cache.prefill(b, {})  # a saved, into the reserved buffer
+    assert cache.snapshots == [tuple(a)] and cache._snapshots[tuple(a)][2] is reserved
+    assert cache.prefill(a, {}).restored == 5  # b saved into a new buffer; a back from its snapshot
+    cache.prefill([*a, 7, 8], {})  # a continued
+    cache.prefill(c, {})  # saves a + 7, 8: a's snapshot is superseded, and its buffer takes the new one
+    assert cache.snapshots == [tuple(b), (*a, 7, 8)] and cache._snapshots[(*a, 7, 8)][2] is reserved
+    want = [*a, 7, 8, 9]
+    ref = PrefixCache(decoder=ListDecoder()).prefill(want, {})
+    np.testing.assert_array_equal(cache.prefill(want, {}).logits, ref.logits)
+    assert cache._bytes_held() <= cache.snapshot_bytes
+    small = PrefixCache(decoder=SnapshotDecoder(), snapshot_bytes=20 * row)
+    assert small.reserve(8) == 16 * row and small.reserve(8, buffers=3) == 0  # the third would not fit
 
 
 def test_no_snapshots_without_a_budget_or_without_read_kv():
