@@ -10,7 +10,7 @@
               question: embeddings from the image cache, A's rows from a KV snapshot, the question
               evaluated), for a repeated request (everything but its last position from a snapshot),
               decode tok/s between the first and last streamed piece (as a client sees it) and inside
-              the turn, peak RSS (VmHWM)
+              the turn, over the last three answers together, peak RSS (VmHWM)
 
 Targets (issue #16, 2 threads on the 2-core dev machine): new image <= 2.0 s, repeated image <= 0.5 s,
 server decode >= 0.97x the pipeline's. Run from the repository root:
@@ -210,13 +210,18 @@ def server_side(vision: Path, language: Path, asks: list, threads: int, tokens: 
 
 def summary(side: dict) -> dict:
     warm, new, again, same = side["runs"]
-    decode = (new["tokens"] - 1) / (new["t_last"] - new["t_first"]) if new["t_last"] > new["t_first"] else 0.0
+    # decode over the three measured answers together (3 x 31 steps): one answer's rate moved by a few
+    # percent from run to run on the shared VM, more than the HTTP layer costs
+    runs = (new, again, same)
+    steps = sum(r["tokens"] - 1 for r in runs)
+    client_s = sum(r["t_last"] - r["t_first"] for r in runs)
+    inner_s = sum((r["tokens"] - 1) / r["internal_decode_tok_s"] for r in runs if r["internal_decode_tok_s"])
     return {
         "new_image_ttft_s": new["t_first"],
         "repeat_image_ttft_s": again["t_first"],
         "repeat_request_ttft_s": same["t_first"],
-        "decode_tok_s": decode,
-        "internal_decode_tok_s": new["internal_decode_tok_s"],
+        "decode_tok_s": steps / client_s if client_s > 0 else 0.0,
+        "internal_decode_tok_s": steps / inner_s if inner_s > 0 else 0.0,
         "tokens": new["tokens"],
         "repeat_cached": again["cached"],
         "peak_rss_gb": side["peak_rss_gb"],
