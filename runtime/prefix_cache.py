@@ -9,8 +9,9 @@ truncates the decoder there and evaluates the rest, always at least the last two
 decoder runs a call of two or more as a prompt, whose positions come out the same however many are
 evaluated with them, while a single position would take its decode-step kernel. So the last
 position's logits do not depend on what was cached, wherever the matmuls do not depend on the batch
-size either (ggml's own kernels; runtime/kquant.c takes batches of 16 or more and rounds its
-activations differently from ggml: KL ~1e-4 between the two at full size). `step` appends one token.
+size either: ggml's own kernels, and Q4_0 on x86, whose every prompt batch runs runtime/kquant.c; its
+K-quant tile takes batches of 16 or more and rounds its activations differently from ggml (KL ~1e-4
+between the two at full size). `step` appends one token.
 A failure inside the decoder leaves nothing trusted: `resync` empties the cache (and drops the
 decoder when it can be reopened), so the next call starts over.
 
