@@ -83,10 +83,13 @@ def build_graph(
 
     kq = KQuantOps(ggml) if w.kquant else None
 
-    def linear(x, wn: str, bn: str):
+    def linear(x, wn: str, bn: str, gelu: bool = False):
+        """W x + b, then GELU if asked: through runtime/kquant.c in one node (bias and GELU in the op,
+        the same numbers as ggml's add and gelu), or through ggml's mul_mat, add and gelu."""
         if kq is not None and wn in w.kquant and takes(w.kquant[wn], x.contents.ne[1], prompt):
-            return ggml.ggml_add(ctx, kq.matmul(ctx, t[wn], x, w.kquant[wn]), t[bn])
-        return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, t[wn], x), t[bn])
+            return kq.matmul(ctx, t[wn], x, w.kquant[wn], bias=t[bn], gelu=gelu)
+        y = ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, t[wn], x), t[bn])
+        return ggml.ggml_gelu(ctx, y) if gelu else y
 
     if embeddings:
         inp = ggml.ggml_new_tensor_2d(ctx, f32, E, T)
@@ -145,7 +148,7 @@ def build_graph(
         o = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, o, hp.eps_rms), t[p + "attn_post_norm.weight"])
         o = name(o, f"/blk.{i}/attn_post_norm")
 
-        f = ggml.ggml_gelu(ctx, linear(h, p + "ffn_up.weight", p + "ffn_up.bias"))
+        f = linear(h, p + "ffn_up.weight", p + "ffn_up.bias", gelu=True)
         f = name(linear(f, p + "ffn_down.weight", p + "ffn_down.bias"), f"/blk.{i}/ffn_down")
         x = name(ggml.ggml_add(ctx, ggml.ggml_add(ctx, x, o), f), f"/blk.{i}/out")
 

@@ -41,6 +41,8 @@ class KQArgs(ctypes.Structure):
         ("ldx", ctypes.c_int64),
         ("ldo", ctypes.c_int64),
         ("status", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
+        ("act", ctypes.c_int32),
     ]
 
 
@@ -119,26 +121,33 @@ class KQuantOps:
         if _OP is None:
             _OP = ggml.ggml_custom_op_t(_kquant.op_address())
         self.ggml = ggml
-        self.nodes: list[tuple[KQArgs, object, object, object]] = []  # (args, w, x, out)
+        self.nodes: list[tuple[KQArgs, object, object, object, object]] = []  # (args, w, x, out, bias)
 
-    def matmul(self, ctx, w, x, kind: int):
-        """W x for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like ggml_mul_mat. `kind`: the
-        weight's layout as the kernel names it (its ggml type, or Q4_0_X8 for ggml's x86 Q4_0 repack)."""
+    def matmul(self, ctx, w, x, kind: int, bias=None, gelu: bool = False):
+        """W x (+ bias, then GELU) for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like
+        ggml_mul_mat (+ ggml_add, ggml_gelu: the same numbers, in the op's own pass). `kind`: the
+        weight's layout as the kernel names it (its ggml type, or Q4_0_X8 for ggml's x86 Q4_0 repack);
+        `bias`: an F32 (N,) tensor or None."""
         ggml = self.ggml
         n, k, t = w.contents.ne[1], w.contents.ne[0], x.contents.ne[1]
-        args = KQArgs(type=kind, n=n, k=k, t=t)
-        srcs = (ctypes.POINTER(ggml.ggml_tensor) * 2)(w, x)
+        if bias is not None and (bias.contents.type != ggml.GGML_TYPE_F32 or bias.contents.ne[0] != n):
+            raise RuntimeError(f"k-quant matmul: expected an F32 bias of {n}")
+        args = KQArgs(type=kind, n=n, k=k, t=t, act=_kquant.ACT_GELU if gelu else 0)
+        operands = (w, x) if bias is None else (w, x, bias)
+        srcs = (ctypes.POINTER(ggml.ggml_tensor) * len(operands))(*operands)
         user = ctypes.cast(ctypes.pointer(args), ctypes.c_void_p)
-        out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, n, t, 1, 1, srcs, 2, _OP, -1, user)
-        self.nodes.append((args, w, x, out))
+        out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, n, t, 1, 1, srcs, len(operands), _OP, -1, user)
+        self.nodes.append((args, w, x, out, bias))
         return out
 
     def bind(self) -> None:
         """Data pointers and row strides, once the graph allocator placed every tensor."""
-        for args, w, x, out in self.nodes:
+        for args, w, x, out, bias in self.nodes:
             args.w, args.x, args.out = w.contents.data, x.contents.data, out.contents.data
+            args.bias = bias.contents.data if bias is not None else None
             args.ldx, args.ldo = x.contents.nb[1] // 4, out.contents.nb[1] // 4
-            if x.contents.nb[0] != 4 or not all((args.w, args.x, args.out)):
+            unbound = not all((args.w, args.x, args.out)) or (bias is not None and not args.bias)
+            if x.contents.nb[0] != 4 or unbound:
                 raise RuntimeError("k-quant matmul: unallocated or non-contiguous operands")
 
     def check(self) -> None:

@@ -207,3 +207,69 @@ def test_an_unknown_repack_layout_keeps_ggmls_kernels(tiny, tmp_path):
         found = kquant.repacked_q4_0(ggml, dec._file_bytes, w, names)
         q40 = {n for n in names if w[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
         assert set(found) == (q40 if _kquant.PATH == "avx512vnni" else set())  # aarch64 repacks 4 rows
+
+
+def _fp16_grid() -> np.ndarray:
+    """Every finite fp16 value, every midpoint between neighbours (ties of the fp16 rounding) and the
+    floats just beside each midpoint, and the GELU's edges."""
+    h = np.sort(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
+    h = h[np.isfinite(h)]
+    mid = ((h[:-1].astype(np.float64) + h[1:]) / 2).astype(np.float32)
+    edges = [-10, 10, np.nextafter(-10, 0), np.nextafter(10, 0), np.nan, np.inf, -np.inf]
+    edges = np.array(edges, np.float32)
+    return np.concatenate([h, mid, np.nextafter(mid, np.inf), np.nextafter(mid, -np.inf), edges])
+
+
+@pytest.mark.parametrize("act", [0, 1])
+def test_epilogue_adds_the_bias_and_applies_gelu_alike_on_every_path(act):
+    x = _fp16_grid()
+    n = 16 * 5 + 3  # a masked tail on AVX-512
+    x = np.resize(x, (-(-len(x) // n) * n,)).reshape(-1, n)
+    bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    outs = {}
+    for path in PATHS:
+        o = x.copy()
+        _kquant.epilogue(o.ctypes.data, n, o.shape[0], n, bias.ctypes.data, act, path)
+        outs[path] = o
+    for o in outs.values():
+        np.testing.assert_array_equal(o, outs["plain"])
+    if act == 0:
+        np.testing.assert_array_equal(outs["plain"], x + bias)
+
+
+def test_gelu_equals_ggmls_at_every_fp16_value():
+    """The op's GELU against ggml_gelu on the same inputs: bit for bit on x86-64 (same table, same
+    rounding); elsewhere the compiler may fuse ggml's table otherwise, within one fp16 step."""
+    import platform
+
+    from tinygptv_edge.runtime.ggml_runtime import new_context
+
+    x = _fp16_grid()
+    ggml = load_ggml()
+    backend = ggml.ggml_backend_cpu_init()
+    ctx = new_context(ggml, 4, 8)
+    galloc = None
+    try:
+        t = ggml.ggml_new_tensor_1d(ctx, ggml.GGML_TYPE_F32, len(x))
+        ggml.ggml_set_input(t)
+        y = ggml.ggml_gelu(ctx, t)
+        ggml.ggml_set_output(y)
+        gf = ggml.ggml_new_graph_custom(ctx, 8, False)
+        ggml.ggml_build_forward_expand(gf, y)
+        galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_cpu_buffer_type())
+        assert ggml.ggml_gallocr_alloc_graph(galloc, gf)
+        ggml.ggml_backend_tensor_set(t, x.ctypes.data, 0, x.nbytes)
+        assert ggml.ggml_backend_graph_compute(backend, gf) == 0
+        want = np.empty_like(x)
+        ggml.ggml_backend_tensor_get(y, want.ctypes.data, 0, want.nbytes)
+    finally:
+        if galloc is not None:
+            ggml.ggml_gallocr_free(galloc)
+        ggml.ggml_free(ctx)
+        ggml.ggml_backend_free(backend)
+    got = x.copy()
+    _kquant.epilogue(got.ctypes.data, len(x), 1, len(x), 0, _kquant.ACT_GELU, _kquant.PATH)
+    if platform.machine() in ("x86_64", "AMD64"):
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2**-10, atol=2**-24)
