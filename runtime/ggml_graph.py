@@ -11,19 +11,20 @@ tensors, so a graph is built once and reused for the next 256 positions of decod
         q, k = LayerNorm_D(q), LayerNorm_D(k)   one op on (D, 2H, T)   attn_q_norm, attn_k_norm
         q, k = rope_neox(q, pos), rope_neox(k, pos)   first n_rot dims, one op
         cache_k[:, slots] <- k ;  cache_v[:, slots] <- v            (rows by position)
-        a    = softmax(K^T q / sqrt(D) + mask) over n_kv slots      flash attention, fp32 accumulators
+        a    = softmax(K^T q / sqrt(D) + mask) over n_kv slots      fp32 accumulators (see below)
         o    = RMSNorm(W_o (V a) + b_o) * w                         attn_output, attn_post_norm
         f    = W_down gelu_tanh(W_up h + b_up) + b_down             ffn_up, ffn_down
         x    = x + o + f
     logits = W_out (LayerNorm(x[:, rows]) * w + b) + b_out          (n_vocab, R)
 
-Attention is ggml's fused flash-attention op. A prompt graph (`prompt`: every batch of a decoder
-call of more than one position) runs it as tiled fp32 GEMMs over 64 queries x 64 slots, skipping
-whole masked tiles. ggml tiles only from 64 queries on, so shorter batches are padded with zero
-queries whose mask rows are all -inf. The tiled kernel computes every query the same way, so a
-prompt position gets the same output in a batch of 58 as in one of 2 (runtime/prefix_cache.py
-relies on it). One-position calls (decode steps) keep ggml's one-query kernel, whose q and V sum
-are fp16. When only the last position's logits are wanted, the last layer computes its attention
+A prompt graph (`prompt`: every batch of a decoder call of more than one position) computes each
+query alone, the same way in any batch, so a prompt position gets the same output in a batch of 58
+as in one of 2 (runtime/prefix_cache.py relies on it). On x86 with AVX-512 that is runtime/kquant.c's
+attention op (`KQuantOps.attention`: fp32, a full softmax per query, no padding). Elsewhere it is
+ggml's fused flash-attention op as tiled fp32 GEMMs over 64 queries x 64 slots, skipping whole masked
+tiles; ggml tiles only from 64 queries on, so shorter batches are padded with zero queries whose mask
+rows are all -inf. One-position calls (decode steps) keep ggml's one-query flash attention, whose q
+and V sum are fp16. When only the last position's logits are wanted, the last layer computes its attention
 output and FFN for that position alone (its keys and values are still written for all T).
 """
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 from .decoder_model import HParams
 from .ggml_runtime import KVCache, Weights, new_context
-from .kquant import KQuantOps, takes
+from .kquant import KQuantOps, attention_available, takes
 
 NODES_PER_LAYER = 48
 FA_TILE_Q = 64  # GGML_FA_TILE_Q (ggml-cpu/common.h): ggml's flash attention tiles >= this many queries
@@ -81,7 +82,8 @@ def build_graph(
     def layer_norm(x, wn: str, bn: str, eps: float):
         return ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, x, eps), t[wn]), t[bn])
 
-    kq = KQuantOps(ggml) if w.kquant else None
+    own_attention = prompt and attention_available()  # runtime/kquant.c's, unpadded
+    kq = KQuantOps(ggml) if w.kquant or own_attention else None
 
     def linear(x, wn: str, bn: str, gelu: bool = False):
         """W x + b, then GELU if asked: through runtime/kquant.c in one node (bias and GELU in the op,
@@ -136,13 +138,17 @@ def build_graph(
                 ggml.ggml_view_2d(ctx, a, a.contents.ne[0], 1, a.contents.nb[1], t0 * a.contents.nb[1])
                 for a in (h, x)
             )
-        n_q = max(T - t0, FA_TILE_Q) if prompt else T - t0  # queries the kernel sees, padding included
-        if n_q > T - t0:
-            q = ggml.ggml_pad(ctx, q, 0, 0, n_q - (T - t0), 0)  # zero queries; their mask rows are -inf
-        m = ggml.ggml_view_2d(ctx, mask, n_kv, n_q, mask.contents.nb[1], t0 * mask.contents.nb[1])
-        qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, n_q, H)
-        o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (D, H, n_q)
-        ggml.ggml_flash_attn_ext_set_prec(o, ggml.GGML_PREC_F32)
+        if own_attention:  # each query alone, T' of them: runtime/kquant.c
+            m = ggml.ggml_view_2d(ctx, mask, n_kv, T - t0, mask.contents.nb[1], t0 * mask.contents.nb[1])
+            o = kq.attention(ctx, q, K, V, m, scale)  # (D, H, T')
+        else:
+            n_q = max(T - t0, FA_TILE_Q) if prompt else T - t0  # queries the kernel sees, padding included
+            if n_q > T - t0:
+                q = ggml.ggml_pad(ctx, q, 0, 0, n_q - (T - t0), 0)  # zero queries; their mask rows are -inf
+            m = ggml.ggml_view_2d(ctx, mask, n_kv, n_q, mask.contents.nb[1], t0 * mask.contents.nb[1])
+            qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, n_q, H)
+            o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (D, H, n_q)
+            ggml.ggml_flash_attn_ext_set_prec(o, ggml.GGML_PREC_F32)
         o = name(ggml.ggml_view_2d(ctx, o, E, T - t0, E * 4, 0), f"/blk.{i}/attn")  # (E, T'), no padding
         o = linear(o, p + "attn_output.weight", p + "attn_output.bias")
         o = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, o, hp.eps_rms), t[p + "attn_post_norm.weight"])
@@ -165,7 +171,8 @@ def build_graph(
         raise MemoryError(f"cannot allocate the compute buffer of a {T}-token graph")
     if kq is not None:
         kq.bind()
-    return Graph(ctx, g, galloc, inp, pos, k_idx, mask, out, rows, kq if kq and kq.nodes else None)
+    used = kq if kq and (kq.nodes or kq.attn) else None
+    return Graph(ctx, g, galloc, inp, pos, k_idx, mask, out, rows, used)
 
 
 def mask_rows(T: int, prompt: bool) -> int:

@@ -783,6 +783,217 @@ static void kq_rows(int type, int N, int ith, int nth, int path, int *n0, int *n
     if (*n0 > *n1) *n0 = *n1;
 }
 
+/* ---- prompt attention: softmax(scale q K^T + mask) V per head and query --------------------------- */
+/* For a prompt's queries on x86, instead of ggml's flash attention, whose tiled kernel needs 64
+ * queries (a 22-token prompt was padded to 64 and ggml_pad copied them one float at a time: 11% of
+ * its prefill). Each query is computed alone, in a fixed order, so its result does not depend on the
+ * batch. Per head: K and V rows up to the last slot any query sees are converted to fp32 once (K
+ * transposed), then for each query: 16 scores at a time, each a sequential fma over the head's
+ * dimensions; the mask added; a full softmax (max, exp, a sum of 16 lanes reduced in a fixed tree);
+ * the V rows summed with those weights, one fma per slot, in slot order; divided by the sum. The plain
+ * C path does the same operations in the same order, with the same exp, so the paths agree bit for
+ * bit. */
+typedef struct {
+    int32_t D, H, T, n_kv; /* head dim, heads, queries, cache slots in the views */
+    int32_t kv_f16;        /* K and V elements: 1 F16, 0 F32 */
+    const char *q;         /* F32; query t, head h at q + t * q_nb2 + h * q_nb1 */
+    int64_t q_nb1, q_nb2;
+    const char *k, *v; /* slot j, head h at k + j * k_nb1 + h * k_nb2 (bytes) */
+    int64_t k_nb1, k_nb2, v_nb1, v_nb2;
+    const char *mask; /* F16 rows: query t's at mask + t * m_nb1, 0 or -inf per slot */
+    int64_t m_nb1;
+    float *out; /* F32 (D, H, T) contiguous */
+    float scale;
+    int32_t status;
+} kq_attn_args;
+
+#define ATT_LANES 16
+#define ATT_D_MAX 256
+
+/* e^x for x <= 0 (a score minus the row's max): 2^n e^r with n = round(x / ln 2) and a degree-6
+ * Taylor polynomial on |r| <= ln(2) / 2 (relative error ~2e-7); 0 below -87 (and for -inf) */
+static KQ_INLINE float att_exp(float x) {
+    if (!(x >= -87.0f)) return 0.0f;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693145751953125f, x);
+    r = fmaf(n, -1.428606765330187045e-06f, r);
+    float p = 1.0f / 720.0f;
+    p = fmaf(p, r, 1.0f / 120.0f);
+    p = fmaf(p, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    return ldexpf(p, (int)n);
+}
+
+static KQ_INLINE float att_load(const char *base, int32_t f16, int i) {
+    return f16 ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* one past the last slot any of the T queries sees */
+static int att_slots(const kq_attn_args *a) {
+    int n = 0;
+    for (int t = 0; t < a->T; t++) {
+        const uint16_t *m = (const uint16_t *)(a->mask + (size_t)t * a->m_nb1);
+        int j = a->n_kv;
+        while (j > n && m[j - 1] == 0xfc00) j--; /* fp16 -inf */
+        n = j > n ? j : n;
+    }
+    return n;
+}
+
+/* the sum of 16 lanes: l + (l + 8), + (l + 4), + (l + 2), + (l + 1), as both paths do it */
+static KQ_INLINE float att_tree(float *s) {
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) s[l] += s[l + w];
+    return s[0];
+}
+
+/* heads h0..h1 - 1; kt: D x jpad, vf: n x D, sc: jpad floats of scratch */
+static void attn_plain(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf, float *sc) {
+    const int D = a->D, jpad = (n + ATT_LANES - 1) / ATT_LANES * ATT_LANES;
+    for (int h = h0; h < h1; h++) {
+        for (int j = 0; j < jpad; j++)
+            for (int d = 0; d < D; d++)
+                kt[(size_t)d * jpad + j] = j < n ? att_load(a->k + j * a->k_nb1 + h * a->k_nb2, a->kv_f16, d) : 0.0f;
+        for (int j = 0; j < n; j++)
+            for (int d = 0; d < D; d++) vf[(size_t)j * D + d] = att_load(a->v + j * a->v_nb1 + h * a->v_nb2, a->kv_f16, d);
+        for (int t = 0; t < a->T; t++) {
+            const float *q = (const float *)(a->q + t * a->q_nb2 + h * a->q_nb1);
+            const uint16_t *m = (const uint16_t *)(a->mask + (size_t)t * a->m_nb1);
+            float mx = -INFINITY, lanes[ATT_LANES] = {0};
+            for (int j = 0; j < jpad; j++) {
+                float s = 0.0f;
+                for (int d = 0; d < D; d++) s = fmaf(q[d], kt[(size_t)d * jpad + j], s);
+                s = j < n ? s * a->scale + half_to_float(m[j]) : -INFINITY;
+                sc[j] = s;
+                mx = s > mx ? s : mx;
+            }
+            for (int j = 0; j < jpad; j++) {
+                sc[j] = att_exp(sc[j] - mx);
+                lanes[j % ATT_LANES] += sc[j];
+            }
+            const float sum = att_tree(lanes);
+            float *o = a->out + ((size_t)t * a->H + h) * D;
+            for (int d = 0; d < D; d++) {
+                float acc = 0.0f;
+                for (int j = 0; j < n; j++) acc = fmaf(sc[j], vf[(size_t)j * D + d], acc);
+                o[d] = acc / sum;
+            }
+        }
+    }
+}
+
+#if KQ_HAVE_AVX512
+KQ_AVX512_FN static KQ_INLINE __m512 att_exp16(__m512 x) {
+    const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(ok, p, n); /* p 2^n, as ldexpf (n is an integer) */
+}
+
+/* n rows of D (F16 or F32) from base + j * nb1 -> f32 rows of D */
+KQ_AVX512_FN static void att_rows(const char *base, int64_t nb1, int f16, int n, int D, float *dst) {
+    for (int j = 0; j < n; j++) {
+        const char *src = base + j * nb1;
+        for (int d = 0; d < D; d += 16) {
+            const __mmask16 k = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+            const __m512 x = f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)src + d))
+                                 : _mm512_maskz_loadu_ps(k, (const float *)src + d);
+            _mm512_mask_storeu_ps(dst + (size_t)j * D + d, k, x);
+        }
+    }
+}
+
+KQ_AVX512_FN static void attn_avx512(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf,
+                                     float *sc) {
+    const int D = a->D, jpad = (n + ATT_LANES - 1) / ATT_LANES * ATT_LANES;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int h = h0; h < h1; h++) {
+        /* K rows converted into vf, then transposed into kt (16 slots of a dimension per gather), so
+         * that a step of 16 scores is one load per dimension; then V's rows into vf */
+        att_rows(a->k + h * a->k_nb2, a->k_nb1, a->kv_f16, n, D, vf);
+        for (int j = 0; j < jpad; j += ATT_LANES) {
+            const __mmask16 in = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(j)), _mm512_set1_epi32(D));
+            for (int d = 0; d < D; d++)
+                _mm512_storeu_ps(kt + (size_t)d * jpad + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in,
+                                 _mm512_add_epi32(rows, _mm512_set1_epi32(d)), vf, 4));
+        }
+        att_rows(a->v + h * a->v_nb2, a->v_nb1, a->kv_f16, n, D, vf);
+        for (int t = 0; t < a->T; t++) {
+            const float *q = (const float *)(a->q + t * a->q_nb2 + h * a->q_nb1);
+            const uint16_t *m = (const uint16_t *)(a->mask + (size_t)t * a->m_nb1);
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < jpad; j += ATT_LANES) {
+                __m512 s = _mm512_setzero_ps();
+                for (int d = 0; d < D; d++)
+                    s = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + (size_t)d * jpad + j), s);
+                const __mmask16 in = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+                const __m512 mk = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, m + j));
+                s = _mm512_mask_add_ps(_mm512_set1_ps(-INFINITY), in, _mm512_mul_ps(s, _mm512_set1_ps(a->scale)), mk);
+                _mm512_storeu_ps(sc + j, s);
+                mx = _mm512_max_ps(mx, s);
+            }
+            const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            __m512 lanes = _mm512_setzero_ps();
+            for (int j = 0; j < jpad; j += ATT_LANES) {
+                const __m512 e = att_exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), mxv));
+                _mm512_storeu_ps(sc + j, e);
+                lanes = _mm512_add_ps(lanes, e);
+            }
+            float l16[ATT_LANES];
+            _mm512_storeu_ps(l16, lanes);
+            const __m512 sum = _mm512_set1_ps(att_tree(l16));
+            float *o = a->out + ((size_t)t * a->H + h) * D;
+            for (int d = 0; d < D; d += 16) {
+                const __mmask16 k = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+                __m512 acc = _mm512_setzero_ps();
+                for (int j = 0; j < n; j++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[j]), _mm512_maskz_loadu_ps(k, vf + (size_t)j * D + d), acc);
+                _mm512_mask_storeu_ps(o + d, k, _mm512_div_ps(acc, sum));
+            }
+        }
+    }
+}
+#endif
+
+/* thread ith of nth: heads split evenly; status -1 when out of memory, -2 on bad arguments */
+static int kq_attention(const kq_attn_args *a, int ith, int nth, int path) {
+    if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T <= 0 || a->n_kv <= 0) return -2;
+    const int per = (a->H + nth - 1) / nth, h0 = ith * per, h1 = h0 + per < a->H ? h0 + per : a->H;
+    if (h0 >= h1) return 0;
+    const int n = att_slots(a);
+    if (n == 0) return -2; /* a query that sees nothing */
+    const size_t jpad = (size_t)(n + ATT_LANES - 1) / ATT_LANES * ATT_LANES;
+    float *kt = aligned_alloc(64, (jpad * a->D * sizeof(float) + 63) / 64 * 64);
+    float *vf = aligned_alloc(64, ((size_t)n * a->D * sizeof(float) + 63) / 64 * 64);
+    float *sc = aligned_alloc(64, jpad * sizeof(float));
+    if (!kt || !vf || !sc) {
+        free(kt), free(vf), free(sc);
+        return -1;
+    }
+#if KQ_HAVE_AVX512
+    if (path == KQ_AVX512_VNNI)
+        attn_avx512(a, h0, h1, n, kt, vf, sc);
+    else
+#endif
+        attn_plain(a, h0, h1, n, kt, vf, sc);
+    (void)path;
+    free(kt), free(vf), free(sc);
+    return 0;
+}
+
 /* ---- one thread's share: out (T x N, row stride ldo) = X (T x K) W^T (W: N rows of K) ---------- */
 static int kq_matmul(int type, const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
                      size_t ldo, int ith, int nth, int path) {
@@ -876,6 +1087,13 @@ static void kq_op(void *dst, int ith, int nth, void *userdata) {
     kq_epilogue(u->out, (size_t)u->ldo, u->t, n0, n1, u->bias, u->act, kq_active);
 }
 
+static void kq_attn_op(void *dst, int ith, int nth, void *userdata) {
+    (void)dst;
+    kq_attn_args *a = userdata;
+    const int rc = kq_attention(a, ith, nth, kq_active);
+    if (rc) a->status = rc;
+}
+
 /* ---- Python: op_address(), matmul(...) for the tests, PATH / SUPPORTED / COMPILED -------------- */
 #ifndef KQ_NO_PYTHON
 
@@ -905,6 +1123,35 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (rc == -2) {
         PyErr_Format(PyExc_ValueError, "unsupported matmul: type %d, %d rows of %d, %d tokens", type, n, k, t);
+        return NULL;
+    }
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attn_op_address(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyLong_FromVoidPtr((void *)kq_attn_op);
+}
+
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    unsigned long long p;
+    const char *name;
+    int path = -1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Ks", &p, &name)) return NULL;
+    for (int i = 0; i < KQ_NPATHS; i++)
+        if (!strcmp(name, kq_path_names[i])) path = i;
+    if (path < 0 || !path_runs(path)) {
+        PyErr_Format(PyExc_ValueError, "attention: unknown path '%s'", name);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kq_attention((const kq_attn_args *)(uintptr_t)p, 0, 1, path);
+    Py_END_ALLOW_THREADS
+    if (rc == -2) {
+        PyErr_SetString(PyExc_ValueError, "attention: bad arguments (head size, counts, or a query seeing no slot)");
         return NULL;
     }
     if (rc) return PyErr_NoMemory();
@@ -947,6 +1194,9 @@ static PyObject *path_tuple(const int *mask) {
 
 static PyMethodDef methods[] = {
     {"op_address", py_op_address, METH_NOARGS, "Address of the ggml custom op (ggml_custom_op_t)."},
+    {"attn_op_address", py_attn_op_address, METH_NOARGS, "Address of the prompt attention custom op."},
+    {"attention", py_attention, METH_VARARGS,
+     "attention(args_address, path): the prompt attention of a kq_attn_args struct on one thread."},
     {"epilogue", py_epilogue, METH_VARARGS,
      "epilogue(out, ldo, t, n, bias, act, path): out[:t, :n] += bias (0: none), then GELU if act == 1."},
     {"matmul", py_matmul, METH_VARARGS,

@@ -46,6 +46,32 @@ class KQArgs(ctypes.Structure):
     ]
 
 
+class KQAttnArgs(ctypes.Structure):
+    """kq_attn_args in kquant.c."""
+
+    _fields_ = [
+        ("D", ctypes.c_int32),
+        ("H", ctypes.c_int32),
+        ("T", ctypes.c_int32),
+        ("n_kv", ctypes.c_int32),
+        ("kv_f16", ctypes.c_int32),
+        ("q", ctypes.c_void_p),
+        ("q_nb1", ctypes.c_int64),
+        ("q_nb2", ctypes.c_int64),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("k_nb1", ctypes.c_int64),
+        ("k_nb2", ctypes.c_int64),
+        ("v_nb1", ctypes.c_int64),
+        ("v_nb2", ctypes.c_int64),
+        ("mask", ctypes.c_void_p),
+        ("m_nb1", ctypes.c_int64),
+        ("out", ctypes.c_void_p),
+        ("scale", ctypes.c_float),
+        ("status", ctypes.c_int32),
+    ]
+
+
 def active_path() -> str | None:
     """The path the kernel runs on this CPU: 'avx512vnni', 'neon-dotprod' or 'plain'; None if unbuilt."""
     return None if _kquant is None else _kquant.PATH
@@ -110,18 +136,26 @@ def repacked_q4_0(ggml, file_rows, tensors: dict[str, object], repacked: list[st
     return dict.fromkeys(q40, _kquant.Q4_0_X8)
 
 
-_OP = None  # the C function as a ggml_custom_op_t, kept alive with the module
+_OP = None  # the C functions as ggml_custom_op_t, kept alive with the module
+_ATTN_OP = None
+
+
+def attention_available() -> bool:
+    """Whether prompt attention runs kquant.c's op (AVX-512: its plain C path is a reference only)."""
+    return active_path() == "avx512vnni"
 
 
 class KQuantOps:
     """The custom matmul nodes of one graph: make them, bind their pointers, check their status."""
 
     def __init__(self, ggml):
-        global _OP
+        global _OP, _ATTN_OP
         if _OP is None:
             _OP = ggml.ggml_custom_op_t(_kquant.op_address())
+            _ATTN_OP = ggml.ggml_custom_op_t(_kquant.attn_op_address())
         self.ggml = ggml
         self.nodes: list[tuple[KQArgs, object, object, object, object]] = []  # (args, w, x, out, bias)
+        self.attn: list[tuple[KQAttnArgs, ...]] = []  # (args, q, k, v, mask, out)
 
     def matmul(self, ctx, w, x, kind: int, bias=None, gelu: bool = False):
         """W x (+ bias, then GELU) for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like
@@ -140,8 +174,43 @@ class KQuantOps:
         self.nodes.append((args, w, x, out, bias))
         return out
 
+    def attention(self, ctx, q, k, v, mask, scale: float):
+        """softmax(scale q K^T + mask) V for a prompt's queries, each computed alone (kq_attention in
+        kquant.c): q F32 (D, H, T) with contiguous heads; k, v (D, n_kv, H) F16 or F32 cache views;
+        mask F16 (n_kv, T), 0 or -inf. An F32 (D, H, T) node, contiguous."""
+        ggml = self.ggml
+        qc, kc, vc, mc = (t.contents for t in (q, k, v, mask))
+        D, H, T, n_kv = qc.ne[0], qc.ne[1], qc.ne[2], kc.ne[1]
+        f16 = kc.type == ggml.GGML_TYPE_F16
+        ok = (
+            qc.type == ggml.GGML_TYPE_F32
+            and qc.nb[0] == 4
+            and kc.type == vc.type
+            and kc.type in (ggml.GGML_TYPE_F16, ggml.GGML_TYPE_F32)
+            and (kc.ne[0], kc.ne[2], vc.ne[0], vc.ne[1], vc.ne[2]) == (D, H, D, n_kv, H)
+            and mc.type == ggml.GGML_TYPE_F16
+            and (mc.ne[0], mc.ne[1]) == (n_kv, T)
+        )
+        if not ok:
+            raise RuntimeError("kquant attention: unexpected operand shapes or types")
+        args = KQAttnArgs(D=D, H=H, T=T, n_kv=n_kv, kv_f16=int(f16), scale=scale)
+        srcs = (ctypes.POINTER(ggml.ggml_tensor) * 4)(q, k, v, mask)
+        user = ctypes.cast(ctypes.pointer(args), ctypes.c_void_p)
+        out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, D, H, T, 1, srcs, 4, _ATTN_OP, -1, user)
+        self.attn.append((args, q, k, v, mask, out))
+        return out
+
     def bind(self) -> None:
         """Data pointers and row strides, once the graph allocator placed every tensor."""
+        for args, q, k, v, m, out in self.attn:
+            qc, kc, vc, mc = (t.contents for t in (q, k, v, m))
+            args.q, args.k, args.v, args.mask = qc.data, kc.data, vc.data, mc.data
+            args.out = out.contents.data
+            args.q_nb1, args.q_nb2 = qc.nb[1], qc.nb[2]
+            args.k_nb1, args.k_nb2, args.v_nb1, args.v_nb2 = kc.nb[1], kc.nb[2], vc.nb[1], vc.nb[2]
+            args.m_nb1 = mc.nb[1]
+            if not all((args.q, args.k, args.v, args.mask, args.out)):
+                raise RuntimeError("kquant attention: unallocated operands")
         for args, w, x, out, bias in self.nodes:
             args.w, args.x, args.out = w.contents.data, x.contents.data, out.contents.data
             args.bias = bias.contents.data if bias is not None else None
@@ -151,6 +220,12 @@ class KQuantOps:
                 raise RuntimeError("k-quant matmul: unallocated or non-contiguous operands")
 
     def check(self) -> None:
+        for args, *_ in self.attn:
+            if args.status:
+                status, args.status = args.status, 0
+                if status == -1:
+                    raise MemoryError("kquant attention: out of memory for its work buffers")
+                raise RuntimeError(f"kquant attention failed with status {status}")
         for args, *_ in self.nodes:
             if args.status:
                 status, args.status = args.status, 0

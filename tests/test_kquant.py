@@ -193,7 +193,16 @@ def test_every_prompt_batch_of_repacked_q4_0_comes_here_and_is_the_same_in_any_b
         dec.eval_tokens(ids[:1])  # a decode step
         kernel = {key[0]: bool(g.kq and g.kq.nodes) for key, g in dec._graphs.items() if key[4]}
         decode = [bool(g.kq and g.kq.nodes) for key, g in dec._graphs.items() if not key[4]]
+        attention = {(key[0], key[4]): bool(g.kq and g.kq.attn) for key, g in dec._graphs.items()}
     assert kernel == {5: True, 1: True, 3: True, 2: True} and decode == [False]
+    # prompts' attention through the kernel too; a decode step's through ggml's
+    assert attention == {
+        (5, True): True,
+        (1, True): True,
+        (3, True): True,
+        (2, True): True,
+        (1, False): False,
+    }
 
 
 def test_an_unknown_repack_layout_keeps_ggmls_kernels(tiny, tmp_path):
@@ -273,3 +282,56 @@ def test_gelu_equals_ggmls_at_every_fp16_value():
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=2**-10, atol=2**-24)
+
+
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize("D", [80, 20])  # Phi-2's head; one with a masked tail on AVX-512
+def test_prompt_attention_matches_float64_and_every_path_alike(kv, D):
+    """kquant.c's prompt attention on cache-like views (query heads interleaved with key heads, slots
+    of all heads in a row, a causal mask after 30 cached positions and 256 slots, as the graph has)."""
+    rng = np.random.default_rng(D)
+    H, T, n_kv, p0 = 3, 9, 256, 30
+    dt = np.float16 if kv == "f16" else np.float32
+    qk = rng.standard_normal((T, 2 * H, D)).astype(np.float32)
+    k, v = (rng.standard_normal((n_kv, H * D)).astype(dt) for _ in range(2))
+    mask = np.full((T + 3, n_kv), -np.inf, np.float16)
+    for t in range(T):
+        mask[t, : p0 + t + 1] = 0
+    outs = {}
+    for path in PATHS:
+        out = np.full((T, H, D), np.nan, np.float32)
+        a = kquant.KQAttnArgs(
+            D=D,
+            H=H,
+            T=T,
+            n_kv=n_kv,
+            kv_f16=int(kv == "f16"),
+            q=qk.ctypes.data,
+            q_nb1=D * 4,
+            q_nb2=qk.strides[0],
+            k=k.ctypes.data,
+            v=v.ctypes.data,
+            k_nb1=k.strides[0],
+            k_nb2=D * k.itemsize,
+            v_nb1=v.strides[0],
+            v_nb2=D * v.itemsize,
+            mask=mask.ctypes.data,
+            m_nb1=mask.strides[0],
+            out=out.ctypes.data,
+            scale=D**-0.5,
+        )
+        _kquant.attention(ctypes.addressof(a), path)
+        outs[path] = out
+    ref = np.empty((T, H, D))
+    for t in range(T):
+        for h in range(H):
+            cols = slice(h * D, (h + 1) * D)
+            s = qk[t, h].astype(np.float64) @ k[:, cols].astype(np.float64).T * D**-0.5 + mask[t]
+            p = np.exp(s - s.max())
+            ref[t, h] = p @ v[:, cols].astype(np.float64) / p.sum()
+    np.testing.assert_allclose(outs["plain"], ref, rtol=0, atol=2e-6)
+    for o in outs.values():
+        np.testing.assert_array_equal(o, outs["plain"])
+    a.D = 300  # past the kernel's head size
+    with pytest.raises(ValueError, match="bad arguments"):
+        _kquant.attention(ctypes.addressof(a), "plain")
