@@ -7,7 +7,8 @@ Writes two GGUFs of identical dimensions and per-tensor types with random weight
 (`tinygptv-phi2`) and a vanilla `phi2` for llama.cpp (llama-cpp-python, the `bench` extra). Each side
 runs in its own subprocess (the two ship different builds of libggml): prompt processing of
 `--pp` tokens in one batch, then `--tg` single-token steps; best of `--reps`. Ours runs twice, with
-prompt batches through runtime/kquant.c (the default) and through ggml's own kernels (`kquant=False`),
+prompt batches through runtime/kquant.c (matmuls, and attention on x86: the default) and through
+ggml's own kernels (`kquant=False`),
 also on the short prompts of `--pp-short`; without llama-cpp-python only that comparison prints.
 llama.cpp runs with flash attention off and on, and each ratio is taken against its faster setting.
 Also prints the effective weight bandwidth beside a measured memory copy, peak RSS against weights +

@@ -149,6 +149,7 @@ class Decoder:
             w = self._w.tensors
             self._w.kquant = {n: w[n].contents.type for n in mapped if kq.eligible(ggml, w[n])}
             self._w.kquant |= kq.repacked_q4_0(ggml, self._file_bytes, w, self._w.repacked)
+            self._w.kquant_attention = kq.attention_available()
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, self.n_ctx, self.kv_type)
 

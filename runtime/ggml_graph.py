@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from .decoder_model import HParams
 from .ggml_runtime import KVCache, Weights, new_context
-from .kquant import KQuantOps, attention_available, takes
+from .kquant import KQuantOps, takes
 
 NODES_PER_LAYER = 48
 FA_TILE_Q = 64  # GGML_FA_TILE_Q (ggml-cpu/common.h): ggml's flash attention tiles >= this many queries
@@ -82,7 +82,7 @@ def build_graph(
     def layer_norm(x, wn: str, bn: str, eps: float):
         return ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, x, eps), t[wn]), t[bn])
 
-    own_attention = prompt and attention_available()  # runtime/kquant.c's, unpadded
+    own_attention = prompt and w.kquant_attention  # runtime/kquant.c's, unpadded
     kq = KQuantOps(ggml) if w.kquant or own_attention else None
 
     def linear(x, wn: str, bn: str, gelu: bool = False):
