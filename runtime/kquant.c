@@ -809,6 +809,9 @@ typedef struct {
 
 #define ATT_LANES 16
 #define ATT_D_MAX 256
+#define ATT_BLOCKS 4 /* AVX-512: blocks of 16 scores computed together */
+#define ATT_VCHUNK 5 /* AVX-512: 16-dimension chunks of the V sum computed together (Phi-2: D = 80) */
+#define ATT_JPAD(n) (((n) + ATT_BLOCKS * ATT_LANES - 1) / (ATT_BLOCKS * ATT_LANES) * (ATT_BLOCKS * ATT_LANES))
 
 /* e^x for x <= 0 (a score minus the row's max): 2^n e^r with n = round(x / ln 2) and a degree-6
  * Taylor polynomial on |r| <= ln(2) / 2 (relative error ~2e-7); 0 below -87 (and for -inf) */
@@ -917,14 +920,16 @@ KQ_AVX512_FN static void att_rows(const char *base, int64_t nb1, int f16, int n,
 
 KQ_AVX512_FN static void attn_avx512(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf,
                                      float *sc) {
-    const int D = a->D, jpad = (n + ATT_LANES - 1) / ATT_LANES * ATT_LANES;
+    /* slots padded to whole groups of ATT_BLOCKS blocks: the extra scores are -inf (weights 0, and a
+     * lane sum plus 0 is the same sum), so the results equal the plain path's */
+    const int D = a->D, jpad = ATT_JPAD(n);
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int h = h0; h < h1; h++) {
         /* K rows converted into vf, then transposed into kt (16 slots of a dimension per gather), so
          * that a step of 16 scores is one load per dimension; then V's rows into vf */
         att_rows(a->k + h * a->k_nb2, a->k_nb1, a->kv_f16, n, D, vf);
         for (int j = 0; j < jpad; j += ATT_LANES) {
-            const __mmask16 in = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+            const __mmask16 in = n - j >= 16 ? 0xffff : n > j ? (__mmask16)((1u << (n - j)) - 1) : 0;
             const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(j)), _mm512_set1_epi32(D));
             for (int d = 0; d < D; d++)
                 _mm512_storeu_ps(kt + (size_t)d * jpad + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in,
@@ -935,15 +940,25 @@ KQ_AVX512_FN static void attn_avx512(const kq_attn_args *a, int h0, int h1, int 
             const float *q = (const float *)(a->q + t * a->q_nb2 + h * a->q_nb1);
             const uint16_t *m = (const uint16_t *)(a->mask + (size_t)t * a->m_nb1);
             __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int j = 0; j < jpad; j += ATT_LANES) {
-                __m512 s = _mm512_setzero_ps();
-                for (int d = 0; d < D; d++)
-                    s = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + (size_t)d * jpad + j), s);
-                const __mmask16 in = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-                const __m512 mk = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, m + j));
-                s = _mm512_mask_add_ps(_mm512_set1_ps(-INFINITY), in, _mm512_mul_ps(s, _mm512_set1_ps(a->scale)), mk);
-                _mm512_storeu_ps(sc + j, s);
-                mx = _mm512_max_ps(mx, s);
+            for (int j0 = 0; j0 < jpad; j0 += ATT_BLOCKS * ATT_LANES) {
+                /* ATT_BLOCKS blocks of 16 scores at once: independent fma chains (one chain waited on
+                 * the fma latency at every dimension); each score is still one chain in d order */
+                __m512 s[ATT_BLOCKS];
+                for (int b = 0; b < ATT_BLOCKS; b++) s[b] = _mm512_setzero_ps();
+                for (int d = 0; d < D; d++) {
+                    const __m512 qd = _mm512_set1_ps(q[d]);
+                    for (int b = 0; b < ATT_BLOCKS; b++)
+                        s[b] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kt + (size_t)d * jpad + j0 + ATT_LANES * b), s[b]);
+                }
+                for (int b = 0; b < ATT_BLOCKS; b++) {
+                    const int j = j0 + ATT_LANES * b;
+                    const __mmask16 in = n - j >= 16 ? 0xffff : n > j ? (__mmask16)((1u << (n - j)) - 1) : 0;
+                    const __m512 mk = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, m + j));
+                    const __m512 v = _mm512_mask_add_ps(_mm512_set1_ps(-INFINITY), in,
+                                                        _mm512_mul_ps(s[b], _mm512_set1_ps(a->scale)), mk);
+                    _mm512_storeu_ps(sc + j, v);
+                    mx = _mm512_max_ps(mx, v);
+                }
             }
             const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
             __m512 lanes = _mm512_setzero_ps();
@@ -956,12 +971,22 @@ KQ_AVX512_FN static void attn_avx512(const kq_attn_args *a, int h0, int h1, int 
             _mm512_storeu_ps(l16, lanes);
             const __m512 sum = _mm512_set1_ps(att_tree(l16));
             float *o = a->out + ((size_t)t * a->H + h) * D;
-            for (int d = 0; d < D; d += 16) {
-                const __mmask16 k = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
-                __m512 acc = _mm512_setzero_ps();
-                for (int j = 0; j < n; j++)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(sc[j]), _mm512_maskz_loadu_ps(k, vf + (size_t)j * D + d), acc);
-                _mm512_mask_storeu_ps(o + d, k, _mm512_div_ps(acc, sum));
+            for (int d0 = 0; d0 < D; d0 += ATT_VCHUNK * 16) { /* ATT_VCHUNK chains of 16 dimensions */
+                __m512 acc[ATT_VCHUNK];
+                for (int c = 0; c < ATT_VCHUNK; c++) acc[c] = _mm512_setzero_ps();
+                for (int j = 0; j < n; j++) {
+                    const __m512 p = _mm512_set1_ps(sc[j]);
+                    for (int c = 0; c < ATT_VCHUNK; c++) {
+                        const int d = d0 + 16 * c;
+                        const __mmask16 k = D - d >= 16 ? 0xffff : D > d ? (__mmask16)((1u << (D - d)) - 1) : 0;
+                        acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(k, vf + (size_t)j * D + d), acc[c]);
+                    }
+                }
+                for (int c = 0; c < ATT_VCHUNK; c++) {
+                    const int d = d0 + 16 * c;
+                    const __mmask16 k = D - d >= 16 ? 0xffff : D > d ? (__mmask16)((1u << (D - d)) - 1) : 0;
+                    _mm512_mask_storeu_ps(o + d, k, _mm512_div_ps(acc[c], sum));
+                }
             }
         }
     }
@@ -975,7 +1000,7 @@ static int kq_attention(const kq_attn_args *a, int ith, int nth, int path) {
     if (h0 >= h1) return 0;
     const int n = att_slots(a);
     if (n == 0) return -2; /* a query that sees nothing */
-    const size_t jpad = (size_t)(n + ATT_LANES - 1) / ATT_LANES * ATT_LANES;
+    const size_t jpad = (size_t)ATT_JPAD(n); /* enough for both paths */
     float *kt = aligned_alloc(64, (jpad * a->D * sizeof(float) + 63) / 64 * 64);
     float *vf = aligned_alloc(64, ((size_t)n * a->D * sizeof(float) + 63) / 64 * 64);
     float *sc = aligned_alloc(64, jpad * sizeof(float));
