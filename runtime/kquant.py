@@ -6,7 +6,9 @@ made by `KQuantOps.matmul` runs the C kernel on ggml's own threads instead; its 
 pointers) are bound once the graph's buffers are allocated. Used only where the CPU runs one of the
 kernel's fast paths (`active_path()`: AVX512-VNNI on x86-64, NEON dotprod on aarch64, chosen when the
 module loads), for batches of at least MIN_TOKENS, and for every prompt batch of Q4_0 in ggml's x86
-layout (`takes`); elsewhere ggml's mul_mat runs.
+layout (`takes`); elsewhere ggml's mul_mat runs. The node adds the layer's bias and applies GELU where
+asked. A second op, `KQuantOps.attention`, computes a prompt's attention on x86 with AVX-512
+(`attention_available`), each query alone and unpadded, in place of ggml's flash attention.
 """
 
 from __future__ import annotations
