@@ -18,7 +18,7 @@
  * make_block_q4_0x8 in ggml-cpu/repack.cpp), so that a repacked model keeps ggml's one-token gemv
  * and batches come here, in the same memory. ggml's own Q4_0 gemm ran at about 60 G multiply-adds/s
  * per thread inside a full-size prompt (80% of its time) on the AVX512-VNNI machine this was written
- * on; with this kernel 22 / 58 / 128-token prompts ran 1.5x / 1.9x / 1.7x faster (docs/benchmarks.md).
+ * on; prompts through this file ran 1.8x-2.7x faster at 2-128 tokens (docs/benchmarks.md).
  *
  * The math (per weight row, per group g of G columns: G = 32 for Q4_0/Q4_K/Q5_K, 16 for Q6_K):
  *     w[k] = a_g * c[k] - b_g            c: unsigned codes (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63)
@@ -248,36 +248,18 @@ static void unpack_plain(const char *W, size_t row_bytes, int type, int sub, int
 }
 
 #if KQ_HAVE_AVX512 /* the same C, vectorized for AVX-512 (about 10% of a Q4_K call at 64 tokens) */
-/* Q4_0 by hand: the compiler leaves the byte loop above scalar, and at 16-64 tokens a Q4_0 row is
- * unpacked for few products. The scales of up to 64 blocks are gathered first and converted 16 at a
- * time: converting and storing each block's 4 one by one was a third of the unpack. In ggml's 8-row
- * layout the 4 rows' nibbles are two 32-byte loads, unpacked with 256-bit ops (7.4 -> 6.5 ms for one
- * 2560 x 10240 matmul at 22 tokens, against a row at a time). */
-KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
-                                           float *a, float *b) {
+/* Q4_0 in plain rows by hand: the compiler leaves the byte loop above scalar, and at 16-64 tokens a
+ * Q4_0 row is unpacked for few products. The scales of up to 64 blocks are gathered first and
+ * converted 16 at a time: converting and storing each block's 4 one by one was a third of the unpack.
+ * (Q4_0 in ggml's 8-row layout runs x8_matmul on this path, and never comes here.) */
+KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int K, uint8_t *c, float *a,
+                                           float *b) {
     const int nb = K / 32;
     const __m128i m4 = _mm_set1_epi8(15);
     for (int j0 = 0; j0 < nb; j0 += 64) {
         const int n = nb - j0 < 64 ? nb - j0 : 64;
         uint16_t dh[ROWS][64];
-        for (int j = j0; j < j0 + n; j++) {
-            if (type == TYPE_Q4_0_X8) { /* the 4 rows' bytes 0-7, then 8-15, are 32 contiguous bytes each */
-                const block_q40x8 *x = (const block_q40x8 *)W + j;
-                const __m256i flip8 = _mm256_set1_epi8((char)0x88), m48 = _mm256_set1_epi8(15);
-                const __m256i lo8 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(x->qs + 8 * sub)), flip8),
-                              hi8 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(x->qs + 64 + 8 * sub)),
-                                                     flip8);
-                for (int h = 0; h < 2; h++) { /* rows sub + h (lane 0) and sub + h + 2 (lane 1): 16 bytes each */
-                    const __m256i q = h ? _mm256_unpackhi_epi64(lo8, hi8) : _mm256_unpacklo_epi64(lo8, hi8);
-                    const __m256i cl = _mm256_and_si256(q, m48), ch = _mm256_and_si256(_mm256_srli_epi16(q, 4), m48);
-                    _mm256_storeu_si256((__m256i *)(c + (size_t)h * K + 32 * j),
-                                        _mm256_permute2x128_si256(cl, ch, 0x20));
-                    _mm256_storeu_si256((__m256i *)(c + (size_t)(h + 2) * K + 32 * j),
-                                        _mm256_permute2x128_si256(cl, ch, 0x31));
-                }
-                for (int r = 0; r < ROWS; r++) dh[r][j - j0] = x->d[sub + r];
-                continue;
-            }
+        for (int j = j0; j < j0 + n; j++)
             for (int r = 0; r < ROWS; r++) {
                 const block_q40 *x = (const block_q40 *)(W + (size_t)r * row_bytes) + j;
                 dh[r][j - j0] = x->d;
@@ -286,7 +268,6 @@ KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int 
                 _mm_storeu_si128((__m128i *)o, _mm_and_si128(q, m4));
                 _mm_storeu_si128((__m128i *)(o + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
             }
-        }
         /* fp16 -> fp32 is exact either way: vcvtph2ps gives half_to_float's values; 8 d is exact */
         for (int r = 0; r < ROWS; r++)
             for (int i = 0; i < n; i += 16) {
@@ -300,8 +281,8 @@ KQ_AVX512_FN static void unpack_q40_avx512(const char *W, size_t row_bytes, int 
 
 KQ_AVX512_FN static void unpack_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c,
                                        float *a, float *b) {
-    if (type == TYPE_Q4_0 || type == TYPE_Q4_0_X8)
-        unpack_q40_avx512(W, row_bytes, type, sub, K, c, a, b);
+    if (type == TYPE_Q4_0)
+        unpack_q40_avx512(W, row_bytes, K, c, a, b);
     else
         unpack_rows(W, row_bytes, type, sub, K, c, a, b);
 }
@@ -466,9 +447,10 @@ KQ_AVX512_FN static KQ_INLINE void tile_avx512_n(const acts *p, int blk, const u
     __m512 acc[2][ROWS];
     for (int j = 0; j < NB; j++)
         for (int r = 0; r < ROWS; r++) acc[j][r] = _mm512_setzero_ps();
-    /* a few lines of the next weights per group, during the first pass: in ggml's 8-row Q4_0 layout
-     * the unpack otherwise waited on them (one 2560 x 10240 matmul 7.8 -> 7.3 ms at 22 tokens, 6.0 ->
-     * 5.4 at 1); into L2, where the tile's own streams do not evict them (into L1 did not help) */
+    /* a few lines of the next tile's weights per group, during the first pass, into L2, where the
+     * tile's own streams do not evict them (into L1 did not help). Measured when ggml's 8-row Q4_0 came
+     * here, whose unpack otherwise waited on them (one 2560 x 10240 matmul 7.8 -> 7.3 ms at 22 tokens);
+     * that layout now runs x8_matmul, and this serves plain Q4_0 and the K-quants */
     const size_t pf_per_group = blk == 0 ? (p->pf_len / ng + 63) / 64 * 64 : 0;
     for (int g = 0; g < ng; g++) {
         for (size_t o = g * pf_per_group; o < (g + 1) * pf_per_group && o < p->pf_len; o += 64)
@@ -509,6 +491,23 @@ KQ_AVX512_FN static void tile_avx512(const acts *p, int blk, int nb, const uint8
         nb == 2 ? tile_avx512_n(p, blk, c, a, b, res, 2, 32) : tile_avx512_n(p, blk, c, a, b, res, 1, 32);
 }
 #endif
+
+/* ---- work split: thread ith of nth takes units [*u0, *u1), as evenly as whole units go ----------- */
+static void kq_share(int units, int ith, int nth, int *u0, int *u1) {
+    const int per = (units + nth - 1) / nth;
+    *u0 = ith * per < units ? ith * per : units;
+    *u1 = *u0 + per < units ? *u0 + per : units;
+}
+
+/* The output columns [*n0, *n1) thread ith of nth computes: whole 16-row stripes (x8_matmul) or
+ * ROWS-row tiles. The matmul and the epilogue after it both take their rows from here. */
+static void kq_rows(int type, int N, int ith, int nth, int path, int *n0, int *n1) {
+    const int unit = KQ_HAVE_AVX512 && path == KQ_AVX512_VNNI && type == TYPE_Q4_0_X8 ? 16 : ROWS;
+    int u0, u1;
+    kq_share((N + unit - 1) / unit, ith, nth, &u0, &u1);
+    *n0 = u0 * unit < N ? u0 * unit : N;
+    *n1 = u1 * unit < N ? u1 * unit : N;
+}
 
 #if KQ_HAVE_AVX512
 /* ---- Q4_0 in ggml's 8-row layout: 16 weight rows in a zmm's lanes, tokens broadcast ------------- */
@@ -609,8 +608,9 @@ KQ_AVX512_FN static void x8_pass_n(const acts *p, const block_q40x8 *A, const bl
  * 8-row group twice and stores half */
 KQ_AVX512_FN static int x8_matmul(const void *W, int N, int K, const float *X, int T, size_t ldx, float *out,
                                   size_t ldo, int ith, int nth) {
-    const int nb = K / 32, stripes = (N + 15) / 16, per = (stripes + nth - 1) / nth;
-    const int s0 = ith * per, s1 = s0 + per < stripes ? s0 + per : stripes;
+    int n0, n1;
+    kq_rows(TYPE_Q4_0_X8, N, ith, nth, KQ_AVX512_VNNI, &n0, &n1);
+    const int nb = K / 32, s0 = n0 / 16, s1 = (n1 + 15) / 16;
     if (s0 >= s1) return 0;
     acts p;
     if (quantize_acts(&p, X, K, T, ldx, 32, quantize_avx512)) return -1;
@@ -771,16 +771,6 @@ static void kq_epilogue(float *out, size_t ldo, int T, int n0, int n1, const flo
 #endif
     (void)path;
     epilogue_plain(out, ldo, T, n0, n1, bias, act);
-}
-
-/* The output columns thread ith of nth computes, as kq_matmul splits them: [*n0, *n1) */
-static void kq_rows(int type, int N, int ith, int nth, int path, int *n0, int *n1) {
-    const int unit = KQ_HAVE_AVX512 && path == KQ_AVX512_VNNI && type == TYPE_Q4_0_X8 ? 16 : ROWS;
-    const int units = (N + unit - 1) / unit, per = (units + nth - 1) / nth;
-    const int u0 = ith * per, u1 = u0 + per < units ? u0 + per : units;
-    *n0 = u0 * unit < N ? u0 * unit : N;
-    *n1 = u1 * unit < N ? u1 * unit : N;
-    if (*n0 > *n1) *n0 = *n1;
 }
 
 /* ---- prompt attention: softmax(scale q K^T + mask) V per head and query --------------------------- */
@@ -996,7 +986,8 @@ KQ_AVX512_FN static void attn_avx512(const kq_attn_args *a, int h0, int h1, int 
 /* thread ith of nth: heads split evenly; status -1 when out of memory, -2 on bad arguments */
 static int kq_attention(const kq_attn_args *a, int ith, int nth, int path) {
     if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T <= 0 || a->n_kv <= 0) return -2;
-    const int per = (a->H + nth - 1) / nth, h0 = ith * per, h1 = h0 + per < a->H ? h0 + per : a->H;
+    int h0, h1;
+    kq_share(a->H, ith, nth, &h0, &h1);
     if (h0 >= h1) return 0;
     const int n = att_slots(a);
     if (n == 0) return -2; /* a query that sees nothing */
@@ -1043,8 +1034,9 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
                              : type == TYPE_Q4_K ? (size_t)(K / QK) * sizeof(block_q4k)
                              : type == TYPE_Q5_K ? (size_t)(K / QK) * sizeof(block_q5k)
                                                  : (size_t)(K / QK) * sizeof(block_q6k);
-    const int ntiles = N / ROWS, per = (ntiles + nth - 1) / nth;
-    const int t0 = ith * per, t1 = t0 + per < ntiles ? t0 + per : ntiles;
+    int n0, n1;
+    kq_rows(type, N, ith, nth, path, &n0, &n1);
+    const int t0 = n0 / ROWS, t1 = n1 / ROWS;
     if (t0 >= t1) return 0;
     acts p;
     if (quantize_acts(&p, X, K, T, ldx, G, quantize)) return -1;
@@ -1057,16 +1049,16 @@ static int kq_matmul(int type, const void *W, int N, int K, const float *X, int 
     float res[2][ROWS][TB];
     const size_t span = (size_t)ROWS * row_bytes;
     for (int tile_i = t0; tile_i < t1; tile_i++) {
-        /* 8-row groups of the same bytes for Q4_0_X8: two tiles per group, each prefetching half of the
-         * next group; the next tile, or group, only when it is this thread's */
-        const int x8 = type == TYPE_Q4_0_X8, next = x8 ? (tile_i / 2 + 1) * 2 : tile_i + 1;
-        if (x8)
+        /* Q4_0_X8 comes here on the plain path only (AVX-512 runs x8_matmul): 8-row groups of the same
+         * bytes, two tiles per group. The AVX-512 tile prefetches the next tile, when it is this
+         * thread's. */
+        if (type == TYPE_Q4_0_X8)
             unpack((const char *)W + (size_t)(tile_i / 2) * 2 * span, row_bytes, type, (tile_i % 2) * ROWS, K, c,
                    a, b);
         else
             unpack((const char *)W + (size_t)tile_i * span, row_bytes, type, 0, K, c, a, b);
-        p.pf_len = next < t1 ? span : 0;
-        if (p.pf_len) p.pf = (const char *)W + (size_t)next * span + (x8 ? (size_t)(tile_i % 2) * span : 0);
+        p.pf_len = type != TYPE_Q4_0_X8 && tile_i + 1 < t1 ? span : 0;
+        if (p.pf_len) p.pf = (const char *)W + (size_t)(tile_i + 1) * span;
         for (int blk = 0; blk < p.nblk; blk += 2) {
             const int nb = blk + 1 < p.nblk ? 2 : 1;
             tile(&p, blk, nb, c, a, b, res);
