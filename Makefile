@@ -10,8 +10,8 @@ DIST   ?= dist
 setup: $(STAMP)
 
 # torch==2.13.0 is pinned in the `export` extra (a CPU wheel); ggml-python builds ggml from source;
-# runtime/kquant.c (the prefill K-quant matmul) is compiled for this CPU by the editable install.
-$(STAMP): pyproject.toml runtime/kquant.c Makefile
+# runtime/language/kernels/kquant.c (the prefill K-quant matmul) is compiled for this CPU by the editable install.
+$(STAMP): pyproject.toml $(wildcard runtime/language/kernels/*.c runtime/language/kernels/*.h) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[export,dev,serve,ray]'
@@ -24,7 +24,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 # tests/data/: small exports of the shipped model + the PyTorch reference's goldens, for the torch-free
-# tier (tests/shipped_data.py). Run after the model, an exporter or a file format changes.
+# tier (tests/helpers/shipped_data.py). Run after the model, an exporter or a file format changes.
 .PHONY: test-data test-aarch64
 test-data: setup
 	$(PY) tests/data/make.py

@@ -8,7 +8,7 @@
 #      an ARM /proc/cpuinfo bind-mounted over the chroot's, ggml-python built from its sdist by pip on
 #      that CPU (cached wheel), a venv with the project installed from this clone (`pip install .`, no
 #      extras), the torch-free test tier (`pytest tests/`: every torch test skips), the measurements
-#      on the committed exports (tests/shipped_data.py) and the demo answer (`tinygptv-edge run --json`
+#      on the committed exports (tests/helpers/shipped_data.py) and the demo answer (`tinygptv-edge run --json`
 #      on the x86-made tests/data exports, compared with the PyTorch reference's golden answer).
 # Fails when any of that fails. Skips (exit 0, with a message) only where the qemu-aarch64 binfmt entry
 # cannot be registered; AARCH64_REQUIRED=1 turns that skip into a failure.
@@ -27,7 +27,7 @@ set -euo pipefail
 SCRIPT_VERSION=1
 ROOTFS_VERSION=1 # bump when the userland must be remade for reasons the key does not see
 SUITE=bookworm
-# python3-dev and a C compiler for runtime/kquant.c, g++ for ggml. No Debian cmake: ggml-python's build
+# python3-dev and a C compiler for runtime/language/kernels/kquant.c, g++ for ggml. No Debian cmake: ggml-python's build
 # backend (scikit-build-core) then takes cmake and ninja wheels from PyPI, and the userland skips the
 # ~60 packages cmake and build-essential pull in (icu, curl, perl, ...), which debootstrap would unpack
 # and configure under emulation.
@@ -273,7 +273,7 @@ for CPU in $CPUS; do
     fi
 
     # -- the venv: deps from PyPI (aarch64 wheels, pip's download cache), ggml from the wheel above, the
-    #    project from the clone with `pip install .` (compiles runtime/kquant.c on this CPU). The venv is
+    #    project from the clone with `pip install .` (compiles runtime/language/kernels/kquant.c on this CPU). The venv is
     #    kept while what it holds stays the same (pyproject's dependency list, the ggml wheel, the test
     #    tools, the userland); the project itself is installed anew on every run.
     start
@@ -295,7 +295,7 @@ for CPU in $CPUS; do
         die "install failed on $CPU (log: $OUT/install-$CPU.log)"
     }
     rm -rf "$ROOT/opt/src/build" # setuptools' build folder: not part of the tests
-    in_arm "$CPU" python -c 'import sys, tinygptv_edge.runtime.pipeline, tinygptv_edge.runtime.decoder; assert "torch" not in sys.modules'
+    in_arm "$CPU" python -c 'import sys, tinygptv_edge.runtime.pipeline, tinygptv_edge.runtime.language.decoder; assert "torch" not in sys.modules'
     timing "venv + pip install . ($CPU)"
     if [ "${1:-}" = --setup-only ]; then
         umount "$ROOT/proc/cpuinfo" && unset 'MOUNTED[${#MOUNTED[@]}-1]'
@@ -305,11 +305,11 @@ for CPU in $CPUS; do
     # -- the torch-free tier. The pytest entry point, not `python -m pytest`: that would put the source
     #    root on sys.path, whose tinygptv_edge/ lacks the mapped runtime/ export/ calib/ packages.
     #    Two pytest processes side by side (two cores): the tests on the committed exports of the
-    #    shipped model, which also write the measurements (tests/shipped_data.py, computed once for
+    #    shipped model, which also write the measurements (tests/helpers/shipped_data.py, computed once for
     #    the tests) to measure-<cpu>.json at their end (tests/conftest.py), and all the others.
     start
     log "tests, measurements and demo on $CPU"
-    SHIPPED="tests/test_shipped_exports.py tests/test_kv_snapshots.py"
+    SHIPPED="tests/runtime/test_shipped_exports.py tests/runtime/test_kv_snapshots.py"
     rm -f "$OUT/measure-$CPU.json"
     in_arm "$CPU" env TINYGPTV_MEASURE_OUT="/out/measure-$CPU.json" \
         bash -c "cd /opt/src && pytest -q -p no:cacheprovider $SHIPPED" >"$OUT/tests-shipped-$CPU.txt" 2>&1 &
@@ -329,7 +329,7 @@ for CPU in $CPUS; do
     # the demo answer: the CLI on the x86-made exports, against the PyTorch reference's golden answer
     if in_arm "$CPU" bash -c "cd /opt/src && tinygptv-edge run --json --vision tests/data/vision.int8.onnx \
         --language tests/data/language.q4_0.gguf --image export/data/example.png \
-        --prompt \"\$(python tests/shipped_data.py --demo-question)\"" >"$OUT/run-$CPU.json" 2>"$OUT/run-$CPU.err" \
+        --prompt \"\$(python tests/helpers/shipped_data.py --demo-question)\"" >"$OUT/run-$CPU.json" 2>"$OUT/run-$CPU.err" \
         && in_arm "$CPU" python /opt/src/tests/shipped_data.py --check-demo "/out/run-$CPU.json"; then
         cat "$OUT/run-$CPU.json"
     else

@@ -7,7 +7,7 @@ Writes two GGUFs of identical dimensions and per-tensor types with random weight
 (`tinygptv-phi2`) and a vanilla `phi2` for llama.cpp (llama-cpp-python, the `bench` extra). Each side
 runs in its own subprocess (the two ship different builds of libggml): prompt processing of
 `--pp` tokens in one batch, then `--tg` single-token steps; best of `--reps`. Ours runs twice, with
-prompt batches through runtime/kquant.c (matmuls, and attention on x86: the default) and through
+prompt batches through runtime/language/kernels/ (matmuls, and attention on x86: the default) and through
 ggml's own kernels (`kquant=False`),
 also on the short prompts of `--pp-short`; without llama-cpp-python only that comparison prints.
 llama.cpp runs with flash attention off and on, and each ratio is taken against its faster setting.
@@ -47,8 +47,8 @@ def write_models(out: Path, level: str, layers: int) -> tuple[Path, Path]:
     from tinygptv_edge.export.gguf.quant import choose_type, get_level, row_nbytes
     from tinygptv_edge.runtime import contract as C
     from tinygptv_edge.runtime.config import full_config
-    from tinygptv_edge.runtime.ggml_types import GGML_TYPES
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.language.ggml_types import GGML_TYPES
+    from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
     cfg = full_config()
     cfg = cfg.replace(language=dataclasses.replace(cfg.language, layers=layers))
@@ -136,7 +136,7 @@ def _phi2_metadata(w, cfg, tok, lv) -> None:
 # workers (one per subprocess)
 # ---------------------------------------------------------------------------------------------
 def worker_ours(a) -> dict:
-    from tinygptv_edge.runtime.decoder import Decoder
+    from tinygptv_edge.runtime.language.decoder import Decoder
 
     t0 = time.perf_counter()
     dec = Decoder(a.model, n_ctx=a.ctx, n_threads=a.threads, kquant=not a.no_kquant)
@@ -231,7 +231,7 @@ def run_worker(kind: str, model: Path, a, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--model", str(model), *extra]
     cmd += ["--threads", str(a.threads), "--ctx", str(a.ctx), "--pp", str(a.pp), "--tg", str(a.tg)]
     cmd += ["--reps", str(a.reps)]
-    from tinygptv_edge.runtime.ggml_runtime import OMP_DEFAULTS, OMP_KEYS
+    from tinygptv_edge.runtime.language.ggml_runtime import OMP_DEFAULTS, OMP_KEYS
 
     base = {k: v for k, v in os.environ.items() if k not in OMP_KEYS}
     # both sides under the runtime's OpenMP defaults (llama.cpp also runs on OpenMP), unless `env`
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
         one = argparse.Namespace(**{**vars(a), "reps": 1})
         # llama.cpp twice: flash attention off (llama-cpp-python's default) and on (llama.cpp's own
         # default on CPU, and what our graph uses); each metric is compared with its faster setting
-        # ours twice: prompt batches through runtime/kquant.c (the default) and through ggml's own kernels
+        # ours twice: prompt batches through our kernels (the default) and through ggml's own kernels
         runs: dict[str, list[dict]] = {"ours": [], "ours-ggml": [], "llama": [], "llama-fa": []}
         for _ in range(a.reps):
             for kind in runs:
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
                 f"{label:22s} ours {r_ours[key]:7.2f}   llama.cpp {off:7.2f} (flash attn off) "
                 f"{on:7.2f} (on)   ratio to the faster {ratio:.3f}"
             )
-        print(f"weights               {r_ours['repacked']} repacked, {r_ours['kquant']} on runtime/kquant.c")
+        print(f"weights               {r_ours['repacked']} repacked, {r_ours['kquant']} on our kernels")
         r_llama["peak_rss"] = best["llama"]["peak_rss"]
         r_llama["load_s"] = best["llama"]["load_s"]
         eff = r_ours["matmul_bytes"] * r_ours["tg_tok_s"] / 1e9

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(path: str, checks: bool, threads: int) -> None:
     import threading
 
-    from tinygptv_edge.runtime import decoder as D
-    from tinygptv_edge.runtime import gguf_values as V
+    from tinygptv_edge.runtime.language import decoder as D
+    from tinygptv_edge.runtime.language import gguf_values as V
 
     cpu, lock = [0.0], threading.Lock()
 
@@ -58,8 +58,8 @@ def child(path: str, checks: bool, threads: int) -> None:
 
 
 def refuse(path: str, threads: int) -> None:
-    from tinygptv_edge.runtime.decoder import Decoder
     from tinygptv_edge.runtime.errors import NonFiniteTensorError
+    from tinygptv_edge.runtime.language.decoder import Decoder
     from tinygptv_edge.runtime.memory import peak_rss_bytes
 
     t0 = time.perf_counter()
@@ -73,8 +73,8 @@ def refuse(path: str, threads: int) -> None:
 
 def poisoned(path: Path) -> tuple[Path, str]:
     """A copy of `path` with the first block scale of its last-stored quantized weight set to NaN."""
-    from tinygptv_edge.runtime.gguf_file import GGUFFile
-    from tinygptv_edge.runtime.gguf_values import FIELDS
+    from tinygptv_edge.runtime.language.gguf_file import GGUFFile
+    from tinygptv_edge.runtime.language.gguf_values import FIELDS
 
     gf = GGUFFile.open(path)
     last = max((t for t in gf.tensors.values() if FIELDS[t.type.name].fp16), key=lambda t: t.offset)

@@ -63,8 +63,8 @@ def build_vision(work: Path, n_calib: int, say) -> Path:
     from tinygptv_edge.export.onnx.presets import get_preset
     from tinygptv_edge.export.onnx.quant import quantize_vision
     from tinygptv_edge.runtime.config import full_config
-    from tinygptv_edge.runtime.images import load_image
-    from tinygptv_edge.runtime.preprocess import preprocess
+    from tinygptv_edge.runtime.vision.images import load_image
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     int8 = work / "vision.int8.onnx"
     if int8.is_file():
@@ -98,7 +98,7 @@ def build_language(work: Path, say) -> Path:
     from tinygptv_edge.export.gguf.export import export_source
     from tinygptv_edge.export.gguf.source import LanguageSource, expected_shapes
     from tinygptv_edge.runtime.config import full_config
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
     out = work / "language.q4_0.gguf"
     if out.is_file():

@@ -45,10 +45,10 @@ def main() -> None:
 
     import ray
 
-    from tinygptv_edge.calib.bench_report import build_levels
-    from tinygptv_edge.calib.benchmarks import load_benchmark
-    from tinygptv_edge.calib.benchmarks.executor import run_ray, run_serial
-    from tinygptv_edge.calib.benchmarks.runner import RunSpec, make_shards
+    from tinygptv_edge.calib.paper_report import build_levels
+    from tinygptv_edge.calib.paper_sets import load_benchmark
+    from tinygptv_edge.calib.paper_sets.executor import run_ray, run_serial
+    from tinygptv_edge.calib.paper_sets.runner import RunSpec, make_shards
     from tinygptv_edge.calib.report_run import ReportConfig
 
     out = Path(args.out)

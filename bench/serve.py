@@ -52,7 +52,7 @@ def build_tiny(work: Path, say) -> tuple[Path, Path]:
     from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
     from tinygptv_edge.export.gguf.export import export_gguf
     from tinygptv_edge.export.onnx.export import export_vision
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
     vision, language = work / "vision.fp32.onnx", work / "language.q4_0.gguf"
     if vision.is_file() and language.is_file():

@@ -61,7 +61,7 @@ def _make_split(split: str, n: int, seed: int, scene_cfg, model_cfg):
 
     from tinygptv_edge.export.train.scene import scene_targets
     from tinygptv_edge.export.train.vqa import COLOURS, iter_samples
-    from tinygptv_edge.runtime.preprocess import preprocess
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     colours = list(COLOURS)
     pixels, scenes = [], []

@@ -83,7 +83,7 @@ def onnx_params(path: Path) -> int:
 
 def gguf_weights(path: Path) -> tuple[int, int]:
     """(parameters, tensor data bytes) of a GGUF file."""
-    from tinygptv_edge.runtime.gguf_file import GGUFFile
+    from tinygptv_edge.runtime.language.gguf_file import GGUFFile
 
     gf = GGUFFile.open(path)
     try:

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-noise-floor", action="store_true", help="skip the 1-thread re-run of the reference")
     p.add_argument("--no-probe", action="store_true", help="skip the speed / peak-RSS probes")
     p.add_argument("--render-only", action="store_true", help="re-render OUT/report.json (no measuring)")
-    bm = p.add_argument_group("paper benchmarks (docs/report-bench.md); --limit applies to each")
+    bm = p.add_argument_group("paper benchmarks (docs/paper-sets.md); --limit applies to each")
     bm.add_argument(
         "--bench",
         action="append",
@@ -159,8 +159,8 @@ def _render_only(cfg) -> int:
 
 
 def _bench(cfg, args, progress, bars, t0) -> int:
-    from .bench_report import BenchConfig, make_bench_report
-    from .benchmarks import parse_bench_args
+    from .paper_report import BenchConfig, make_bench_report
+    from .paper_sets import parse_bench_args
 
     bc = BenchConfig(
         benches=parse_bench_args(args.bench),

@@ -64,7 +64,7 @@ class EvalSet:
         return list(dict.fromkeys(it.split for it in self.items))
 
     def load_image(self, key: str) -> Image.Image:
-        from tinygptv_edge.runtime.images import load_image
+        from tinygptv_edge.runtime.vision.images import load_image
 
         return load_image(self.folder / key)
 

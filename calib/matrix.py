@@ -82,8 +82,8 @@ class MatrixResult:
 
 
 def prepare(evalset: EvalSet, tokenizer, prompt, preprocess_cfg) -> Prepared:
-    from tinygptv_edge.runtime.preprocess import preprocess
-    from tinygptv_edge.runtime.prompt import split_prompt
+    from tinygptv_edge.runtime.text.prompt import split_prompt
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     keys = evalset.images
     row = {k: i for i, k in enumerate(keys)}
@@ -104,7 +104,7 @@ def prepare(evalset: EvalSet, tokenizer, prompt, preprocess_cfg) -> Prepared:
 
 def embed_all(path: str, pixels: np.ndarray, n_threads: int | None) -> tuple[np.ndarray, float]:
     """(N, Q, H) embeddings one image at a time, and the median ms per image."""
-    from tinygptv_edge.runtime.vision import VisionEncoder
+    from tinygptv_edge.runtime.vision.encoder import VisionEncoder
 
     with VisionEncoder(path, n_threads) as enc:
         out, ms = [], []
@@ -146,7 +146,7 @@ class Runner:
         return min(-(-need // 256) * 256, n_ctx_train)
 
     def open(self, path: str, n_threads: int | None):
-        from tinygptv_edge.runtime.decoder import Decoder
+        from tinygptv_edge.runtime.language.decoder import Decoder
 
         probe = Decoder(path, n_ctx=1, n_threads=n_threads)
         need = self.n_ctx(probe.image_tokens, probe.hparams.n_ctx_train)

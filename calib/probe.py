@@ -22,7 +22,7 @@ from tinygptv_edge.runtime.memory import peak_rss_bytes
 
 
 def probe_vision(path: str, threads: int, images: int) -> dict:
-    from tinygptv_edge.runtime.vision import VisionEncoder
+    from tinygptv_edge.runtime.vision.encoder import VisionEncoder
 
     t0 = time.perf_counter()
     enc = VisionEncoder(path, threads)
@@ -39,7 +39,7 @@ def probe_vision(path: str, threads: int, images: int) -> dict:
 
 
 def probe_language(path: str, threads: int, prompt: int, decode: int, repeats: int = 3) -> dict:
-    from tinygptv_edge.runtime.decoder import Decoder
+    from tinygptv_edge.runtime.language.decoder import Decoder
 
     t0 = time.perf_counter()
     dec = Decoder(path, n_ctx=-(-(prompt + decode + 1) // 256) * 256, n_threads=threads)

@@ -147,9 +147,9 @@ def plot_types(doc: dict) -> str:
 
 
 def _thumb(folder: Path, rel: str, size: int = 96) -> str:
-    """The image as the model saw it (runtime/images.py: upright, alpha on white), as an inline PNG."""
+    """The image as the model saw it (runtime/vision/images.py: upright, alpha on white), as an inline PNG."""
     from tinygptv_edge.runtime.errors import ImageError
-    from tinygptv_edge.runtime.images import load_image
+    from tinygptv_edge.runtime.vision.images import load_image
 
     try:
         im = load_image(folder / rel)

@@ -113,7 +113,7 @@ def calibration(cfg: ReportConfig, preprocess_cfg) -> Calibration:
         from tinygptv_edge.export.train import vqa
     except ImportError as e:
         raise ReportError("no --calib-images and no synthetic VQA generator (export/train/vqa.py)") from e
-    from tinygptv_edge.runtime.preprocess import preprocess
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     samples = list(vqa.iter_samples("calibration", cfg.n_calib, cfg.seed))
     pixels = np.stack([preprocess(s.image, preprocess_cfg) for s in samples])
@@ -180,11 +180,11 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
             raise ReportError(f"the reference {half} level {ref} failed to build: {arts[half][ref].error}")
     del model  # the torch model is not needed past the exports
 
-    from tinygptv_edge.runtime.decoder import Decoder
+    from tinygptv_edge.runtime.language.decoder import Decoder
 
     with Decoder(arts["language"][REFERENCE_LANGUAGE].path, n_ctx=256) as dec:
         tok, prompt = dec.tokenizer, dec.prompt
-    from tinygptv_edge.runtime.vision import VisionEncoder
+    from tinygptv_edge.runtime.vision.encoder import VisionEncoder
 
     with VisionEncoder(arts["vision"][REFERENCE_VISION].path) as enc:
         pre_cfg = enc.preprocess_cfg

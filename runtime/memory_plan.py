@@ -37,8 +37,8 @@ def mem_available_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
 
 def kv_bytes_per_position(language: str | Path) -> tuple[int, int]:
     """(F16 KV cache bytes per position, the trained context), from the GGUF header."""
-    from .decoder_model import read_hparams
-    from .gguf_file import GGUFFile
+    from .language.decoder_model import read_hparams
+    from .language.gguf_file import GGUFFile
 
     gf = GGUFFile.open(language)
     try:

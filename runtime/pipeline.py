@@ -34,7 +34,6 @@ import numpy as np
 from . import contract as C
 from .checks import check_count, check_threads
 from .config import IMAGE_PLACEHOLDER, PromptConfig
-from .detok import AnswerStream, TokenBytes
 from .errors import (
     ClosedError,
     ConfigError,
@@ -44,14 +43,15 @@ from .errors import (
     PipelineBusyError,
 )
 from .image_cache import ImageCache, onnx_sha256
-from .images import ImageLimits, ImageSource, load_image
 from .memory import release_heap
 from .prefix_cache import Position, PrefixCache
-from .preprocess import preprocess
-from .prompt import split_prompt
 from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
-from .tokenizer import check_text
-from .vision import VisionEncoder
+from .text.detok import AnswerStream, TokenBytes
+from .text.prompt import split_prompt
+from .text.tokenizer import check_text
+from .vision.encoder import VisionEncoder
+from .vision.images import ImageLimits, ImageSource, load_image
+from .vision.preprocess import preprocess
 
 LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
 DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
@@ -540,7 +540,7 @@ def _history_ids(ids: list[int], stream: AnswerStream, token_bytes: TokenBytes) 
 
 
 def _open_decoder(path: Path, **kwargs):
-    from .decoder import Decoder  # the ggml half; imported on use
+    from .language.decoder import Decoder  # the ggml half; imported on use
 
     return Decoder(path, **kwargs)
 
@@ -558,8 +558,8 @@ def check_question(question: object) -> str:
 
 def trained_context(path: Path) -> int:
     """The context length the GGUF states (read from its header; no weights are touched)."""
-    from .decoder_model import read_hparams
-    from .gguf_file import GGUFFile
+    from .language.decoder_model import read_hparams
+    from .language.gguf_file import GGUFFile
 
     gf = GGUFFile.open(path)
     try:

@@ -9,7 +9,7 @@ truncates the decoder there and evaluates the rest, always at least the last two
 decoder runs a call of two or more as a prompt, whose positions come out the same however many are
 evaluated with them, while a single position would take its decode-step kernel. So the last
 position's logits do not depend on what was cached, wherever the matmuls do not depend on the batch
-size either: ggml's own kernels, and Q4_0 on x86, whose every prompt batch runs runtime/kquant.c; its
+size either: ggml's own kernels, and Q4_0 on x86, whose every prompt batch runs runtime/language/kernels/; its
 K-quant tile takes batches of 16 or more and rounds its activations differently from ggml (KL ~1e-4
 between the two at full size). `step` appends one token.
 A failure inside the decoder leaves nothing trusted: `resync` empties the cache (and drops the
@@ -67,7 +67,7 @@ LOGITS_KEPT = 8  # prompts whose last logits are kept
 
 
 class PrefixCache:
-    """A decoder (runtime/decoder.py's interface) and the positions its KV cache holds.
+    """A decoder (runtime/language/decoder.py's interface) and the positions its KV cache holds.
 
     `factory` makes a decoder; with one, `release()` may close it (low-memory mode) and the next
     call reopens it with an empty cache. Without one, `decoder` is used as given and never reopened.

@@ -2,7 +2,7 @@
 
 Torch-free at import: the torch tier's fixtures import torch (and the export toolchain) when first
 used and skip their tests where it is missing, so the runtime's tests run with `pip install .` alone
-(the torch-free tier; tests/shipped_data.py holds its exports of the shipped model).
+(the torch-free tier; tests/helpers/shipped_data.py holds its exports of the shipped model).
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from pathlib import Path
 
 import pytest
 
-MEASURE_OUT = "TINYGPTV_MEASURE_OUT"  # .ci/aarch64.sh: write tests/shipped_data.py's measurements here
+MEASURE_OUT = (
+    "TINYGPTV_MEASURE_OUT"  # .ci/aarch64.sh: write tests/helpers/shipped_data.py's measurements here
+)
 
 
 def pytest_sessionfinish(session, exitstatus):
     """With $TINYGPTV_MEASURE_OUT set, write the measurements on the committed exports (the same ones
-    tests/test_shipped_exports.py asserts on, computed once and cached in shipped_data) as JSON."""
+    tests/runtime/test_shipped_exports.py asserts on, computed once and cached in shipped_data) as JSON."""
     out = os.environ.get(MEASURE_OUT)
     if out:
         import json
 
-        import shipped_data
+        from helpers import shipped_data
 
         Path(out).write_text(json.dumps(shipped_data.measure(), indent=1) + "\n")
 
@@ -46,7 +48,7 @@ def tiny(tmp_path_factory) -> Tiny:
     need_torch()
     from tinygptv_edge.export.checkpoints.loaders import load_tinygptv
     from tinygptv_edge.export.checkpoints.synth import synth_preset, synthesize
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
     cfg, dtype = synth_preset("tiny")
     out = tmp_path_factory.mktemp("tiny")
@@ -69,7 +71,7 @@ WIDE_LEVELS = ("F32", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
 def wide_source(tiny, seed: int):
     """A random Phi at hidden 256, so K-quants (256-element blocks) apply to every matmul weight:
     the model and its GGUF export source."""
-    from _decoder_gguf import randomize_norms
+    from helpers.decoder_gguf import randomize_norms
 
     from tinygptv_edge.export.gguf.source import model_source
     from tinygptv_edge.export.model.phi import PhiModel

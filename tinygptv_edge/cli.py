@@ -22,9 +22,9 @@ COMMANDS = {
     "export-gguf": "tinygptv_edge.export.gguf.cli",
     "train": "tinygptv_edge.export.train.cli",
     "reference": "tinygptv_edge.export.reference.cli",
-    "run": "tinygptv_edge.runtime.cli",
+    "run": "tinygptv_edge.runtime.cli.run",
     "serve": "tinygptv_edge.runtime.serve.cli",
-    "bench": "tinygptv_edge.runtime.bench",
+    "bench": "tinygptv_edge.runtime.cli.device_bench",
     "report": "tinygptv_edge.calib.cli",
 }
 

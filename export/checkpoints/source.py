@@ -28,7 +28,7 @@ from pathlib import Path
 from tinygptv_edge.export.checkpoints.loaders import LoadSummary
 from tinygptv_edge.runtime.config import PROMPT_TEMPLATES, TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, ConfigError
-from tinygptv_edge.runtime.tokenizer import Tokenizer
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
 OFFICIAL = ("phi2", "eva", "blip2")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from tinygptv_edge.runtime.tokenizer import ENDOFTEXT
+from tinygptv_edge.runtime.text.tokenizer import ENDOFTEXT
 
 
 def shipped_text() -> list[str]:

@@ -93,11 +93,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace, model, tokenizer):
     """Importance matrix from calibration images (read as every consumer reads them: calib_data ->
-    runtime/images.py, upright RGB) paired with questions."""
+    runtime/vision/images.py, upright RGB) paired with questions."""
     from tinygptv_edge.export.gguf.imatrix import DEFAULT_QUESTIONS, collect_imatrix
     from tinygptv_edge.export.onnx.calib_data import list_images, load_image
     from tinygptv_edge.runtime.errors import ConfigError
-    from tinygptv_edge.runtime.preprocess import preprocess
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     folder = Path(args.imatrix_images)
     images = list_images(folder)

@@ -14,7 +14,7 @@ from tinygptv_edge.export.gguf.quant import Level
 from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import ExportError
-from tinygptv_edge.runtime.tokenizer import Tokenizer
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
 T = GGUFValueType
 VALUE_TYPES = {"uint32": T.UINT32, "float32": T.FLOAT32}  # HParam.kind -> gguf-py value type

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from tinygptv_edge.runtime import ggml_types
 from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.errors import ConfigError, ExportError
+from tinygptv_edge.runtime.language import ggml_types
 
 Q = GGMLQuantizationType
 
@@ -208,7 +208,7 @@ def quantize(
     GIL); `imatrix` (n_per_row,) weighs each column. ggml is loaded through the runtime's
     `load_ggml()`, so a decoder made later in the same process still gets its OpenMP defaults.
     """
-    from tinygptv_edge.runtime.ggml_runtime import load_ggml
+    from tinygptv_edge.runtime.language.ggml_runtime import load_ggml
 
     ggml = load_ggml()
 

@@ -18,7 +18,7 @@ from tinygptv_edge.export.checkpoints import names as N
 from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.config import LanguageConfig, TinyGPTVConfig
 from tinygptv_edge.runtime.errors import CheckpointError, UnexpectedKeysError
-from tinygptv_edge.runtime.tokenizer import Tokenizer
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from tinygptv_edge.runtime.config import TinyGPTVConfig
-from tinygptv_edge.runtime.prompt import Segments, split_prompt
-from tinygptv_edge.runtime.tokenizer import Tokenizer
+from tinygptv_edge.runtime.text.prompt import Segments, split_prompt
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
 from .phi import KVCache, PhiModel
 from .vision import VisionTower

@@ -18,11 +18,11 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from PIL import Image
 
-from tinygptv_edge.runtime import images
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import VISION_INPUT
 from tinygptv_edge.runtime.errors import CalibrationError, ImageError, ImageFormatError, ImageTooLargeError
-from tinygptv_edge.runtime.preprocess import preprocess
+from tinygptv_edge.runtime.vision import images
+from tinygptv_edge.runtime.vision.preprocess import preprocess
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -39,7 +39,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """One image file through the runtime's loader (`runtime/images.py`: the upright RGB `run` sees),
+    """One image file through the runtime's loader (`runtime/vision/images.py`: the upright RGB `run` sees),
     its errors naming the file: unreadable, non-image and truncated files raise ImageError."""
     try:
         return images.load_image(Path(path))

@@ -8,7 +8,7 @@
 Activations are asymmetric in every preset (a zero point per tensor; the kernels fold it in through
 row sums). A symmetric int8 range for the arm preset wasted half of it on the post-GELU and softmax
 activations, which are nearly all positive: cosine 0.982 vs FP32 on a held-out image of the shipped
-model, against 0.998 asymmetric (tests/test_shipped_exports.py).
+model, against 0.998 asymmetric (tests/runtime/test_shipped_exports.py).
 
 Only MatMul, Gemm and Conv are quantized by default (QDQ, per-channel weights); LayerNorm, Softmax
 and GELU stay in float between them. Exclusions are node-name globs on the exported graph

@@ -1,6 +1,6 @@
 """Answer a question about an image file with the PyTorch reference (the shipped model by default).
 
-The image goes through the runtime's loader (`runtime/images.py`: EXIF orientation, alpha, 16-bit),
+The image goes through the runtime's loader (`runtime/vision/images.py`: EXIF orientation, alpha, 16-bit),
 so the reference answers the same upright RGB picture as `run`; the model comes from the one source
 resolver (`export/checkpoints/source.py`), with its BOS rule and prompt template.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from tinygptv_edge.export.checkpoints.source import Loaded, SourceSpec
-from tinygptv_edge.runtime.images import ImageSource, load_image
-from tinygptv_edge.runtime.preprocess import preprocess
+from tinygptv_edge.runtime.vision.images import ImageSource, load_image
+from tinygptv_edge.runtime.vision.preprocess import preprocess
 
 
 def image_pixels(loaded: Loaded, image: ImageSource | None) -> torch.Tensor | None:

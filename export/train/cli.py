@@ -71,7 +71,7 @@ def run_eval_only(args: argparse.Namespace) -> int:
 
     from tinygptv_edge.export.checkpoints.default import default_model_dir
     from tinygptv_edge.export.checkpoints.single import load_single
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
     folder = args.model or default_model_dir()
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg, work, progress)
         for bar in bars.values():
             bar.close()
-        from tinygptv_edge.runtime.tokenizer import Tokenizer
+        from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
         tok = Tokenizer.from_file(result.tokenizer_dir)
         tables = evaluate_splits(result.model, tok, cfg.test_images, cfg.eval_images, cfg.seed)

@@ -1,7 +1,7 @@
 """The synthetic VQA set as tensors for training, and the batched teacher-forced forward.
 
 Every question becomes the model's real first-turn prompt, split at `<ImageHere>` as
-`runtime/prompt.py` does (BOS first: the project trains its models with `prompt.add_bos` true):
+`runtime/text/prompt.py` does (BOS first: the project trains its models with `prompt.add_bos` true):
 
     [bos "<system>###Human: <Img>"] [Q image embeddings] ["</Img> {question}###Assistant: "] [answer "###"]
      prefix: the same for every row  from the vision tower  suffix                             target
@@ -24,9 +24,9 @@ from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.train.vqa import Sample
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.errors import ConfigError
-from tinygptv_edge.runtime.preprocess import preprocess
-from tinygptv_edge.runtime.prompt import split_prompt
-from tinygptv_edge.runtime.tokenizer import Tokenizer
+from tinygptv_edge.runtime.text.prompt import split_prompt
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
+from tinygptv_edge.runtime.vision.preprocess import preprocess
 
 IGNORE = -100
 

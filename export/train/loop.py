@@ -56,7 +56,7 @@ from tinygptv_edge.export.train.vqa import (
 from tinygptv_edge.runtime.checks import check_threads
 from tinygptv_edge.runtime.config import TinyGPTVConfig, small_config
 from tinygptv_edge.runtime.errors import ConfigError
-from tinygptv_edge.runtime.tokenizer import Tokenizer
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
 METRICS = "training.json"
 LOSS_CSV = "loss.csv"
@@ -387,7 +387,7 @@ def evaluate_greedy(
 ) -> dict[str, dict[str, float]]:
     """Exact match of `TinyGPTV.answer` (greedy, cut at the separator) per question type, on an
     evaluation split (`vqa.EVAL_SPLITS`: test, test-phrasing, test-layout, test-camera)."""
-    from tinygptv_edge.runtime.preprocess import preprocess
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     counts: dict[str, list[int]] = {}
     stream, scene_cfg = eval_split(split)

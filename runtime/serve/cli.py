@@ -11,7 +11,7 @@ import ipaddress
 import os
 import sys
 
-from ..cli_args import add_model_args, add_runtime_args
+from ..cli.args import add_model_args, add_runtime_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:

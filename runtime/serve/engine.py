@@ -32,9 +32,9 @@ from ..errors import (
     PipelineBusyError,
     TinyGPTVError,
 )
-from ..images import ImageLimits
 from ..pipeline import Pipeline
 from ..sampling import GREEDY, SamplingConfig
+from ..vision.images import ImageLimits
 from .errors import APIError, BadRequest, Overloaded, ServerError, Timeout
 from .grammar import GrammarConstraint, Grammars
 from .schema import ChatPlan, ImageRef, RemoteImage

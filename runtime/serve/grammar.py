@@ -16,7 +16,7 @@ from typing import Any
 import llguidance as llg
 import numpy as np
 
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .errors import BadRequest, ServerError
 from .schema import ResponseFormat
 

@@ -13,9 +13,9 @@ Writes, from export/default_model/ (what `make demo` exports):
   goldens.json            the question list with the reference's greedy answers, and a manifest (size and
                           sha256 of every file, the model's sha256, versions) that the tests check
 
-The torch-free tier (tests/shipped_data.py, tests/test_shipped_exports.py) compares the runtime with
-these on any CPU. Run again whenever the model, the exporters or the formats change; the x86 test
-`test_goldens_match_the_shipped_model` fails while the data lags behind the shipped model.
+The torch-free tier (tests/helpers/shipped_data.py, tests/runtime/test_shipped_exports.py) compares
+the runtime with these on any CPU. Run again whenever the model, the exporters or the formats change;
+the x86 test `test_goldens_match_the_shipped_model` fails while the data lags behind the shipped model.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def goldens(qs: list[dict], out: Path) -> tuple[dict[str, np.ndarray], list[dict
     import torch
 
     from tinygptv_edge.export.checkpoints.default import default_model_dir, load_default
-    from tinygptv_edge.runtime.images import load_image
-    from tinygptv_edge.runtime.preprocess import preprocess
-    from tinygptv_edge.runtime.prompt import split_prompt
-    from tinygptv_edge.runtime.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.text.prompt import split_prompt
+    from tinygptv_edge.runtime.text.tokenizer import Tokenizer
+    from tinygptv_edge.runtime.vision.images import load_image
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     model, _ = load_default()
     model.eval()
