@@ -99,6 +99,21 @@ def extra_buffer_types(ggml, dev) -> list[int]:
     return out
 
 
+REPACK_BUFT = b"CPU_REPACK"  # ggml-cpu's repack buffer; the native kernels read its layout
+
+
+def repack_buffer_type(ggml, dev) -> int | None:
+    """The CPU device's repack buffer type, by name, or None where ggml has none.
+
+    Not simply the first extra buffer type: on a CPU with AMX, ggml lists its AMX buffer first, whose
+    layout differs from the repack buffer's (the native kernels read the latter) and whose matmul
+    crashed on this project's models in the ggml that ggml-python 0.0.45 bundles."""
+    for buft in extra_buffer_types(ggml, dev):
+        if ggml.ggml_backend_buft_name(buft) == REPACK_BUFT:
+            return buft
+    return None
+
+
 def buft_supports_matmul(ggml, ctx, dev, buft, w) -> bool:
     """Ask the device whether a matmul with weight `w` placed in `buft` is supported (as llama.cpp does)."""
     x = ggml.ggml_new_tensor_2d(ctx, ggml.GGML_TYPE_F32, w.contents.ne[0], 8)
@@ -157,12 +172,12 @@ def _place(ggml, gf, dev, matmul_weights, repack, ctx, buffers) -> Weights:
         tensors[name] = t
 
     to_repack: list[str] = []
-    extras = extra_buffer_types(ggml, dev) if repack else []
-    if extras:  # probe ops live in their own context: the repack buffer below takes all of `ctx`
+    repack_buft = repack_buffer_type(ggml, dev) if repack else None
+    if repack_buft:  # probe ops live in their own context: the repack buffer below takes all of `ctx`
         probe = new_context(ggml, 2 * len(matmul_weights) + 8)
         try:
             to_repack = [
-                n for n in matmul_weights if buft_supports_matmul(ggml, probe, dev, extras[0], tensors[n])
+                n for n in matmul_weights if buft_supports_matmul(ggml, probe, dev, repack_buft, tensors[n])
             ]
         finally:
             ggml.ggml_free(probe)
@@ -194,7 +209,7 @@ def _place(ggml, gf, dev, matmul_weights, repack, ctx, buffers) -> Weights:
                 _check(ggml.ggml_backend_tensor_alloc(small, tensors[name], sbase + offsets[name]), name)
                 _set_from_file(ggml, f, tensors[name], gf.tensors[name])
         if to_repack:
-            buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, extras[0])
+            buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, repack_buft)
             if not buf:
                 raise MemoryError("cannot allocate the repack buffer")
             buffers.append(buf)
