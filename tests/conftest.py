@@ -30,6 +30,21 @@ def pytest_sessionfinish(session, exitstatus):
         Path(out).write_text(json.dumps(shipped_data.measure(), indent=1) + "\n")
 
 
+# The test tiers, selectable with `pytest -m` (markers registered in pyproject.toml):
+#   torch      needs the export extra (torch, onnx, gguf, transformers): marked by module, or here for every
+#              test that uses a fixture built by the exporters
+#   slow       full-size or long end-to-end checks (deselected by default; `make test-slow`)
+#   emulation  runs code under qemu-user (tests/kernels/)
+#   fuzz       hypothesis-driven fuzzing in capped subprocesses
+EXPORTED_FIXTURES = {"tiny", "tiny_single", "wide"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if EXPORTED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.torch)
+
+
 def need_torch():
     """torch, or skip the calling test (the export extra is not installed)."""
     return pytest.importorskip("torch", reason="the export extra (torch) is not installed")

@@ -77,6 +77,7 @@ def test_vqa_splits_as_one_evaluation_folder(tmp_path):
         E.write_vqa_splits(tmp_path / "x", 1, ["dev"])
 
 
+@pytest.mark.torch
 def test_report_config_checks_splits():
     pytest.importorskip("torch")  # report_run builds levels through the exporters
     from tinygptv_edge.calib.report_run import ReportConfig

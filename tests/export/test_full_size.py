@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from tinygptv_edge.runtime.memory import peak_rss_bytes  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 
 def _peak_rss_gib() -> float:

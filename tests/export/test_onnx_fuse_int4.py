@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
+
 pytest.importorskip("torch")
 
 from tinygptv_edge.export.train import phrasings as P  # noqa: E402

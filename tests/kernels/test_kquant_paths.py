@@ -25,6 +25,8 @@ from helpers.decoder_gguf import quantize
 
 from tinygptv_edge.runtime.language.kernels import ops as kquant
 
+pytestmark = pytest.mark.emulation
+
 _kquant = pytest.importorskip("tinygptv_edge.runtime.language.kernels._native")
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import pytest
 from tinygptv_edge.cli import main
 
 
+@pytest.mark.torch
 def test_synth_cli_writes_the_official_files(tmp_path, capsys):
     pytest.importorskip("torch")  # synth writes .pth files
     assert (
@@ -18,6 +19,7 @@ def test_synth_cli_writes_the_official_files(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.torch
 def test_cli_reports_typed_errors(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
     from tinygptv_edge.export.checkpoints import synth

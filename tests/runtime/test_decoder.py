@@ -12,6 +12,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
+
 torch = pytest.importorskip("torch")
 
 from conftest import WIDE_LEVELS  # noqa: E402

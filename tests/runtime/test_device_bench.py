@@ -18,6 +18,8 @@ from tinygptv_edge.runtime.errors import ConfigError, ModelFileError
 from tinygptv_edge.runtime.language.kernels import ops as kquant
 from tinygptv_edge.runtime.memory_plan import MARGIN, mem_available_bytes, plan_memory
 
+pytestmark = pytest.mark.torch
+
 pytest.importorskip("torch")  # the fixture exports the tiny model
 pytest.importorskip("tinygptv_edge.runtime.language.decoder")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fuzz
+
 pytest.importorskip("hypothesis")
 pytest.importorskip("tinygptv_edge.runtime.language.decoder")
 

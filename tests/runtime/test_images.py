@@ -50,6 +50,7 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
 
 @pytest.mark.parametrize("name", ["landscape", "portrait", "tiny", "square"])
 @pytest.mark.parametrize("size", [224, 448, 56])
+@pytest.mark.torch
 def test_preprocess_matches_torchvision_semantics(name, size):
     cfg = PreprocessConfig(image_size=size)
     im = golden(name)
@@ -58,6 +59,7 @@ def test_preprocess_matches_torchvision_semantics(name, size):
     np.testing.assert_array_equal(got, torchvision_reference(im, cfg))
 
 
+@pytest.mark.torch
 def test_preprocess_of_loaded_file_equals_reference_on_the_decoded_image():
     im = golden("landscape")
     data = encode(im, "PNG")

@@ -28,6 +28,8 @@ from tinygptv_edge.runtime.sampling import SamplingConfig
 from tinygptv_edge.runtime.vision.encoder import VisionEncoder
 from tinygptv_edge.runtime.vision.preprocess import preprocess
 
+pytestmark = pytest.mark.torch
+
 torch = pytest.importorskip("torch")
 from helpers.pipeline_doubles import RefDecoder, ScriptedDecoder  # noqa: E402
 

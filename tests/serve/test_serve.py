@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.torch
+
 pytest.importorskip("torch")  # the fixture exports the tiny model
 pytest.importorskip("tinygptv_edge.runtime.language.decoder")
 for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):

@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 
+pytestmark = pytest.mark.torch
+
 pytest.importorskip("torch")  # the fixture exports the tiny model
 pytest.importorskip("tinygptv_edge.runtime.language.decoder")
 for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
