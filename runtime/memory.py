@@ -68,13 +68,3 @@ def peak_rss_bytes() -> int | None:
         return peak if sys.platform == "darwin" else peak * 1024
     except (ImportError, OSError):
         return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, writing 5 to clear_refs); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False

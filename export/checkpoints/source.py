@@ -197,9 +197,8 @@ class Loaded:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_source_args(p: argparse.ArgumentParser, legacy_stage: str | None = None) -> None:
-    """The source flags. `legacy_stage`: what the hidden old `--stage` meant on this command
-    ("file": export-onnx's stage checkpoint, "number": export-gguf's stage number); kept one release."""
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """The source flags, spelled the same on every command that loads a model."""
     src = p.add_argument_group("model source (default: the shipped model)")
     src.add_argument("--model", help="single-checkpoint folder (model.safetensors + config.json)")
     src.add_argument("--phi2", help="official files: Phi-2 Hugging Face folder")
@@ -220,11 +219,6 @@ def add_source_args(p: argparse.ArgumentParser, legacy_stage: str | None = None)
         default=None,
         help="BOS before the first turn (default: no for official files, a folder's config otherwise)",
     )
-    src.add_argument("--single", dest="model", help=argparse.SUPPRESS)  # old export-onnx spelling
-    if legacy_stage == "file":
-        src.add_argument("--stage", dest="stage_ckpt", help=argparse.SUPPRESS)
-    elif legacy_stage == "number":
-        src.add_argument("--stage", dest="stage_num", type=int, choices=[1, 2, 3, 4], help=argparse.SUPPRESS)
 
 
 def spec_from_args(args: argparse.Namespace) -> SourceSpec:

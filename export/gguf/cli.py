@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="dist", help=f"output folder (file {LANGUAGE_FILE}) or a path ending in .gguf"
     )
-    add_source_args(p, legacy_stage="number")
+    add_source_args(p)
     p.add_argument("--threads", type=int, help="quantizer threads (default: CPU count, at most 16)")
     p.add_argument("--pure", action="store_true", help="every weight at the level's type (no mix rules)")
     im = p.add_argument_group("importance matrix (quantized levels)")
@@ -33,9 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--imatrix-questions",
         help="text file, one question per line (default: a few generic questions)",
     )
-    im.add_argument(
-        "--prompts", dest="imatrix_questions", help=argparse.SUPPRESS
-    )  # old spelling, one release
     im.add_argument("--answer-tokens", type=int, default=0, help="greedy answer tokens also counted")
     im.add_argument("--imatrix-out", help="also save the collected importance matrix (.npz)")
     im.add_argument("--imatrix", help="use a saved importance matrix (.npz) instead of collecting one")

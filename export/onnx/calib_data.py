@@ -98,13 +98,5 @@ def load_folder(folder: str | Path, cfg: PreprocessConfig, max_images: int | Non
     return check_pixels(np.stack([preprocess(load_image(p), cfg) for p in used]), cfg.image_size, str(folder))
 
 
-class ImageFolderReader(ArrayReader):
-    """A CalibrationDataReader over a folder of images, preprocessed as TinyGPT-V does."""
-
-    def __init__(self, folder: str | Path, cfg: PreprocessConfig, max_images: int | None = None):
-        self.folder = Path(folder)
-        super().__init__(load_folder(folder, cfg, max_images), cfg.image_size)
-
-
 def pixels_from_images(images: Sequence[Image.Image], cfg: PreprocessConfig) -> np.ndarray:
     return check_pixels(np.stack([preprocess(im, cfg) for im in images]), cfg.image_size, "images")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from tinygptv_edge.export.onnx.presets import CALIBRATION_METHODS, PRESETS
 
     p = sub.add_parser("export-onnx", help="export the vision graph to ONNX (FP32 + INT8)")
-    add_source_args(p, legacy_stage="file")
+    add_source_args(p)
     p.add_argument("--out", default="dist", help="output folder (default: dist)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--atol", type=float, default=1e-4, help="parity: max |onnx - torch| allowed")

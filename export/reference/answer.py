@@ -7,11 +7,9 @@ resolver (`export/checkpoints/source.py`), with its BOS rule and prompt template
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from tinygptv_edge.export.checkpoints.source import Loaded, SourceSpec
+from tinygptv_edge.export.checkpoints.source import Loaded
 from tinygptv_edge.runtime.vision.images import ImageSource, load_image
 from tinygptv_edge.runtime.vision.preprocess import preprocess
 
@@ -21,17 +19,3 @@ def image_pixels(loaded: Loaded, image: ImageSource | None) -> torch.Tensor | No
     if image is None:
         return None
     return torch.from_numpy(preprocess(load_image(image), loaded.model.cfg.preprocess))[None]
-
-
-def answer_image(
-    image: ImageSource | None,
-    question: str,
-    source: SourceSpec | str | Path | None = None,
-    max_new_tokens: int = 32,
-) -> str:
-    """Greedy first-turn answer, cut at the separator. `source`: a SourceSpec, a single-checkpoint
-    folder, or None for the shipped model."""
-    if not isinstance(source, SourceSpec):
-        source = SourceSpec(model=None if source is None else str(source))
-    loaded = source.load()
-    return loaded.model.answer(question, loaded.tokenizer, image_pixels(loaded, image), max_new_tokens)

@@ -17,7 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reference", help="answer a question about an image with the torch reference model")
     p.add_argument("--image", help="image file (JPEG, PNG, ...); omit for a text-only question")
     p.add_argument("--prompt", help="the question")
-    p.add_argument("--question", dest="prompt", help=argparse.SUPPRESS)  # old spelling, one release
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print JSON: answer and token ids")

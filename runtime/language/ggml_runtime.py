@@ -314,10 +314,3 @@ def new_kv_cache(ggml, n_layer: int, n_embd: int, n_ctx: int, kv_type: str) -> K
     if not _reads_as_zero(ggml, buf):  # masked slots are read (times 0): they must be finite
         ggml.ggml_backend_buffer_clear(buf, 0)
     return KVCache(k, v, ctx, buf, type_id, n_ctx, int(ggml.ggml_backend_buffer_get_size(buf)))
-
-
-def tensor_to_numpy(ggml, t, shape: tuple[int, ...]) -> np.ndarray:
-    """Copy an F32 ggml tensor out (numpy order `shape`)."""
-    out = np.empty(shape, dtype=np.float32)
-    ggml.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
-    return out

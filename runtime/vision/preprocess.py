@@ -26,7 +26,3 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
     return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
-
-
-def preprocess_batch(images: list[Image.Image], cfg: PreprocessConfig) -> np.ndarray:
-    return np.stack([preprocess(im, cfg) for im in images])

@@ -97,9 +97,9 @@ def test_parity_on_real_images_dynamic_batch(exported, tiny):
     """Preprocessed PIL images of any size, batch 3 (traced at 1): ORT vs torch within 1e-4 / 0.99999."""
     import torch
 
-    from tinygptv_edge.runtime.vision.preprocess import preprocess_batch
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
 
-    x = preprocess_batch(_images(3), tiny.cfg.preprocess)
+    x = np.stack([preprocess(im, tiny.cfg.preprocess) for im in _images(3)])
     sess = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {VISION_INPUT: x})[0]
     want = tiny.model.embed_image(torch.from_numpy(x)).numpy()

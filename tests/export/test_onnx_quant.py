@@ -63,7 +63,7 @@ def test_reader_uses_the_shared_preprocessing(tiny, tmp_path):
     assert x.shape == (3, 3, S, S) and x.dtype == np.float32
     with Image.open(folder / "img01.png") as im:
         np.testing.assert_array_equal(x[1], preprocess(im, tiny.cfg.preprocess))
-    reader = R.ImageFolderReader(folder, tiny.cfg.preprocess, max_images=2)
+    reader = R.ArrayReader(R.load_folder(folder, tiny.cfg.preprocess, max_images=2), S)
     feeds = list(reader)
     assert len(feeds) == 2 and feeds[0]["pixel_values"].shape == (1, 3, S, S)
     reader.rewind()
