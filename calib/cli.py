@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="x86-vnni", help="INT8 preset (export/onnx/presets.py)")
     p.add_argument("--threads", type=int, default=1, help="evaluation threads (default 1)")
     p.add_argument("--probe-threads", type=int, default=2, help="threads of the speed probes (default 2)")
+    p.add_argument("--probe-runs", type=int, default=3,
+                   help="fresh-process runs per probe: median [min-max] (default 3)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         threads=args.threads,
         probe_threads=args.probe_threads,
+        probe_runs=args.probe_runs,
         max_new_tokens=args.max_new_tokens,
         n_boot=args.n_boot,
         seed=args.seed,
@@ -143,14 +146,17 @@ def _render_only(cfg) -> int:
 
     from tinygptv_edge.runtime.errors import ReportError
 
-    from .report import recommend
+    from .report import MATTERS_PTS, recommend, sample_note
     from .report_run import write_outputs
 
     src = Path(cfg.out) / "report.json"
     if not src.is_file():
         raise ReportError(f"--render-only: expected {src} from an earlier run, found none")
     doc = json.loads(src.read_text())
-    doc["recommendation"] = recommend(doc["cells"], cfg.budget)  # a new budget applies at once
+    # a new budget applies at once, to the measured cells only
+    doc["recommendation"] = recommend(doc["cells"], cfg.budget, doc.get("unmeasured", []))
+    n = next(r["questions"] for r in doc["cells"] if r["reference"])
+    doc["sample"] = sample_note(doc["cells"], n, cfg.budget.max_drop or MATTERS_PTS)
     doc["budget"] = {k: getattr(cfg.budget, k) for k in ("max_size_mib", "min_accuracy", "max_drop")}
     for p in write_outputs(doc, cfg.out).values():
         print(f"wrote {p}")

@@ -11,6 +11,7 @@ The document is plain JSON (numbers, strings, lists); `render_markdown` and `rep
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +23,10 @@ from .evalset import EvalSet
 from .levels import REFERENCE_LANGUAGE, REFERENCE_VISION
 from .matrix import Cell, MatrixResult, VisionAxis
 
-SCHEMA = 1
+SCHEMA = 2  # 2: cells_mode, unmeasured, sample, examples_kind; probes as repeated runs
 MIB = 2**20
+MATTERS_PTS = 1.0  # the exact-match change (points) the project's accuracy targets are stated in
+RULE_OF_THREE = 3.0  # no event in n trials: the 95% upper bound of its rate is about 3 / n
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,37 @@ def split_drops(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
-    """The best cell under the budget, with the rule that chose it and its numbers.
+def unmeasured_pairs(artifacts: dict, measured: set[tuple[str, str]]) -> list[dict]:
+    """The (vision, language) pairs whose files were built but which the run did not measure (`--cells
+    axes`, or a level the matrix refused), smallest first: never to be read as pairs that failed."""
+    va, la = artifacts["vision"], artifacts["language"]
+    ok_v = [k for k, a in va.items() if not a.get("error")]
+    ok_l = [k for k, a in la.items() if not a.get("error")]
+    pairs = [
+        {
+            "vision": v,
+            "language": lg,
+            "name": f"{v} + {lg}",
+            "size_bytes": va[v]["file_bytes"] + la[lg]["file_bytes"],
+        }
+        for lg in ok_l
+        for v in ok_v
+        if (v, lg) not in measured
+    ]
+    return sorted(pairs, key=lambda x: x["size_bytes"])
+
+
+def _names(pairs: Sequence[dict], most: int = 6) -> str:
+    shown = [f"{x['name']} ({x['size_bytes'] / MIB:.2f} MiB)" for x in pairs[:most]]
+    return ", ".join(shown) + (f" and {len(pairs) - most} more" if len(pairs) > most else "")
+
+
+def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ()) -> dict[str, object]:
+    """The best measured cell under the budget, with the rule that chose it and its numbers.
+
+    Only measured cells are ever chosen. `unmeasured`: built pairs the run did not measure; those that fit
+    a size budget are named, so a budget no measured cell meets reads as "not measured", never as "no
+    level fits". `ok` is False when no measured cell meets the budget (rendered as a failure).
 
     Size budget: the highest exact match that fits (ties: lower mean KL, then smaller). Accuracy budget
     alone: the smallest cell that reaches it (ties: higher exact match). No budget: the smallest cell
@@ -200,16 +232,30 @@ def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
         if with_splits:
             ok = [r for r in ok if first_drop(r) is None]
             rules[-1] = rules[-1][:-1] + ", on the whole set and on every split)"
+    fitting = [
+        x for x in unmeasured if budget.max_size_mib is None or x["size_bytes"] <= budget.max_size_mib * MIB
+    ]
+    not_measured = (
+        f" Not measured ({len(fitting)} pair{'s' if len(fitting) != 1 else ''}"
+        + (" within the size budget" if budget.max_size_mib is not None else "")
+        + f"): {_names(fitting)}; measure them with --cells full, or --vision/--language naming them."
+        if fitting
+        else ""
+    )
     if not ok:
         smallest = min(rows, key=lambda r: r["size_bytes"])
         return {
             "cell": None,
+            "ok": False,
             "rule": "; ".join(rules),
-            "text": f"No level meets {' and '.join(rules)}. The smallest measured is "
+            "text": f"No measured pair meets {' and '.join(rules)}."
+            + not_measured
+            + " The smallest measured is "
             + _describe(smallest, ref)
             + "."
             + where,
             "split_drops": drops,
+            "unmeasured_fitting": [x["name"] for x in fitting],
         }
     if budget.max_size_mib is not None:
         best = max(ok, key=lambda r: (r["em"], -r["kl"]["mean"], -r["size_bytes"]))
@@ -217,29 +263,83 @@ def recommend(rows: list[dict], budget: Budget) -> dict[str, object]:
         best = min(ok, key=lambda r: (r["size_bytes"], -r["em"]))
     return {
         "cell": best["name"],
+        "ok": True,
         "vision": best["vision"],
         "language": best["language"],
         "rule": "; ".join(rules),
-        "text": f"Under {' and '.join(rules)}: " + _describe(best, ref) + "." + where,
+        "text": f"Under {' and '.join(rules)}: " + _describe(best, ref) + "." + where + not_measured,
         "split_drops": drops,
+        "unmeasured_fitting": [x["name"] for x in fitting],
     }
 
 
-def worst_examples(result: MatrixResult, evalset: EvalSet, k: int = 8) -> list[dict]:
-    """The k questions hurt most by any level: flipped answers first, then the largest mean KL."""
+def sample_note(rows: list[dict], n: int, matter: float = MATTERS_PTS) -> dict[str, object]:
+    """Whether `n` questions can tell the levels apart by `matter` points, in a plain sentence.
+
+    The resolution is the widest paired 95% CI half-width of an exact-match change among the cells, but
+    never below what the rule of three allows: a sample in which no answer changed still cannot exclude
+    a change rate of 3/n. The questions needed scale the observed width by 1/sqrt(n) and take the rule of
+    three's floor, so the estimate is stated only as "about"."""
+    widths = [(r["em_change_ci"][1] - r["em_change_ci"][0]) / 2 for r in rows if not r["reference"]]
+    widest = max(widths, default=0.0)
+    floor = 100.0 * RULE_OF_THREE / n if n else math.inf
+    resolution = max(widest, floor)
+    need = math.ceil(max(n * (widest / matter) ** 2, 100.0 * RULE_OF_THREE / matter))
+    separates = resolution <= matter
+    if separates:
+        text = (
+            f"With {n} questions the 95% CIs of the exact-match changes are at most +/-{resolution:.1f} "
+            f"points: fine enough to tell apart the {matter:g}-point differences that matter."
+        )
+    else:
+        why = (
+            f"the widest 95% CI of a change here is +/-{widest:.1f} points"
+            if widest >= floor
+            else f"where no answer changed, the CIs read [0, 0], yet {n} questions cannot exclude a change "
+            f"rate of {floor:.1f}% (rule of three)"
+        )
+        text = (
+            f"This sample is too small to separate the levels: with {n} questions, {why}, so differences "
+            f"under about {resolution:.1f} points cannot be told apart. Telling apart the {matter:g}-point "
+            f"differences that matter needs about {need} questions (--n-images, --splits, --limit)."
+        )
+    return {
+        "questions": n,
+        "resolution_pts": resolution,
+        "matters_pts": matter,
+        "separates": separates,
+        "questions_needed": need,
+        "text": text,
+    }
+
+
+def worst_examples(result: MatrixResult, evalset: EvalSet, k: int = 8) -> tuple[list[dict], str]:
+    """The k worst answers of any level, and which kind they are.
+
+    "wrong": answers that do not match the expected one, those the reference got right first (errors the
+    level made), then by the largest mean KL. Where no level answered anything wrongly, "closest": the
+    questions whose next-token distributions moved most (largest mean KL), every one answered correctly."""
     ref = result.cells[(REFERENCE_VISION, REFERENCE_LANGUAGE)]
-    best: dict[int, tuple] = {}
+    expected = [M.normalize_answer(it.answer) for it in evalset.items]
+    wrong: dict[int, tuple] = {}
+    moved: dict[int, tuple] = {}
     for cell in result.cells.values():
         if cell.is_reference:
             continue
         for q, kl in enumerate(cell.kl_question):
             flipped = M.normalize_answer(cell.answers[q]) != M.normalize_answer(ref.answers[q])
-            key = (flipped, float(kl))
-            if q not in best or key > best[q][0]:
-                best[q] = (key, cell)
-    ranked = sorted(best.items(), key=lambda kv: kv[1][0], reverse=True)[:k]
+            if M.normalize_answer(cell.answers[q]) != expected[q]:
+                ref_right = M.normalize_answer(ref.answers[q]) == expected[q]
+                key = (ref_right, flipped, float(kl))
+                if q not in wrong or key > wrong[q][0]:
+                    wrong[q] = (key, cell, flipped, float(kl))
+            key = (float(kl),)
+            if q not in moved or key > moved[q][0]:
+                moved[q] = (key, cell, flipped, float(kl))
+    kind, pool = ("wrong", wrong) if wrong else ("closest", moved)
+    ranked = sorted(pool.items(), key=lambda kv: kv[1][0], reverse=True)[:k]
     out = []
-    for q, ((flipped, kl), cell) in ranked:
+    for q, (_, cell, flipped, kl) in ranked:
         it = evalset.items[q]
         out.append(
             {
@@ -251,11 +351,12 @@ def worst_examples(result: MatrixResult, evalset: EvalSet, k: int = 8) -> list[d
                 "reference_answer": ref.answers[q],
                 "cell": f"{cell.vision} + {cell.language}",
                 "answer": cell.answers[q],
+                "wrong": kind == "wrong",
                 "flipped": flipped,
                 "kl_mean": kl,
             }
         )
-    return out
+    return out, kind
 
 
 def build_document(
@@ -280,6 +381,10 @@ def build_document(
     front = set(pareto(rows))
     for r in rows:
         r["pareto"] = r["name"] in front
+    measured = {(r["vision"], r["language"]) for r in rows}
+    unmeasured = unmeasured_pairs(artifacts, measured)
+    examples, examples_kind = worst_examples(result, evalset, n_examples)
+    matter = budget.max_drop if budget.max_drop else MATTERS_PTS
     noise = None
     if result.noise_cell is not None:
         noise = summarize_cell(result.noise_cell, ref, evalset, 0, n_boot, seed)
@@ -301,13 +406,17 @@ def build_document(
         "vision_axis": [summarize_vision(ax) for ax in result.vision.values()],
         "cells": rows,
         "noise_floor": noise,
-        "recommendation": recommend(rows, budget),
+        "cells_mode": settings.get("cells", "full"),
+        "unmeasured": unmeasured,
+        "sample": sample_note(rows, next(r["questions"] for r in rows if r["reference"]), matter),
+        "recommendation": recommend(rows, budget, unmeasured),
         "budget": {
             "max_size_mib": budget.max_size_mib,
             "min_accuracy": budget.min_accuracy,
             "max_drop": budget.max_drop,
         },
-        "examples": worst_examples(result, evalset, n_examples),
+        "examples": examples,
+        "examples_kind": examples_kind,
         "answers": {r["name"]: c.answers for r, c in zip(rows, result.cells.values(), strict=True)},
         "seconds": round(result.seconds, 2),
     }

@@ -23,6 +23,9 @@ color:#1d232a;padding:0 16px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #dde3ea;
 padding-bottom:4px}.sub{color:#5b6773;margin:0 0 16px}
 .rec{background:#eef7ee;border:1px solid #9cc99c;border-radius:6px;padding:12px 16px;font-size:15px}
+.rec.fail{background:#fbeeee;border-color:#d99a96}.note{background:#f6f8fa;border:1px solid #dde3ea;
+border-radius:6px;padding:8px 12px;margin:8px 0}.note.warn{background:#fff8e6;border-color:#e8c36a}
+td.nm{color:#8a949e;font-style:italic}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}.grid img,.plot img{width:100%;height:auto;
 border:1px solid #e3e7ec;border-radius:4px}
 table{border-collapse:collapse;font-size:12px;margin:6px 0}
@@ -84,12 +87,25 @@ def plot_accuracy_vs_size(doc: dict) -> str:
     if doc["budget"].get("max_size_mib"):
         ax.axvline(doc["budget"]["max_size_mib"], color="#b3261e", ls="--", lw=1, label="size budget")
     ax.set_xscale("log")
+    _plain_ticks(ax.xaxis)
     ax.set_xlabel("total size, vision + language (MiB, log scale)")
     ax.set_ylabel("exact-match change vs reference, points\n(paired bootstrap 95% CI)")
     ax.set_title("Accuracy vs size")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
+
+
+def _plain_ticks(axis) -> None:
+    """A log axis labelled 2, 3, 5, 10, 20 ... (MiB) instead of matplotlib's 2x10^0 mathtext."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    def fmt(v, _pos):
+        return f"{v:g}" if v >= 1 else f"{v:.2g}"
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(fmt))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
 
 
 def plot_kl(doc: dict) -> str:
@@ -182,7 +198,7 @@ def _table_html(
     for r in rows:
         tds = []
         for i, (h, c) in enumerate(zip(head, r, strict=True)):
-            attr = ' class="note"' if h == note_col else ""
+            attr = ' class="note"' if h == note_col else ' class="nm"' if c == R.NOT_MEASURED else ""
             if heat is not None and i > 0:
                 attr += _heat(c, *heat)
             tds.append(f"<td{attr}>{html.escape(c)}</td>")
@@ -198,21 +214,38 @@ def _examples(doc: dict) -> str:
     for x in doc["examples"]:
         e = html.escape
         src = _thumb(folder, x["image"])
-        ok = "good" if x["answer"].strip().lower() == x["expected"].strip().lower() else "bad"
+        ok = "bad" if x.get("wrong") else "good"
         cards.append(
             f'<div class="card"><img src="{src}" alt="{e(x["image"])}"><div>'
             f'<div class="q">{e(x["question"])}</div>'
             f"<div>expected: <b>{e(x['expected'])}</b></div>"
             f"<div>reference: {e(x['reference_answer']) or '<i>(empty)</i>'}</div>"
             f'<div class="{ok}">{e(x["cell"])}: {e(x["answer"]) or "<i>(empty)</i>"}</div>'
-            f'<div class="muted">{e(x["type"])} · KL {x["kl_mean"]:.3g}'
-            f"{' · flipped' if x['flipped'] else ''}</div></div></div>"
+            f'<div class="muted">{e(x["type"])} · {"wrong" if x.get("wrong") else "right"} · KL '
+            f"{x['kl_mean']:.3g}{' · flipped' if x['flipped'] else ''}</div></div></div>"
         )
     return f'<div class="ex">{"".join(cards)}</div>'
 
 
 def _img(alt: str, b64: str, cls: str = "plot") -> str:
     return f'<div class="{cls}"><img alt="{alt}" src="data:image/png;base64,{b64}"></div>'
+
+
+def _sample(doc: dict) -> str:
+    """Whether the sample separates the levels; a warning when it cannot."""
+    sample = doc.get("sample")
+    if not sample:
+        return ""
+    cls = "note" if sample["separates"] else "note warn"
+    return f'<p class="{cls}">{html.escape(sample["text"])}</p>'
+
+
+def _recommendation(doc: dict) -> str:
+    """The advice box, or a failure box when no measured cell meets the budget."""
+    text = html.escape(doc["recommendation"]["text"])
+    if R.budget_met(doc):
+        return f'<div class="rec"><b>Recommendation.</b> {text}</div>'
+    return f'<div class="rec fail"><b>Budget not met.</b> {text}</div>'
 
 
 def render_html(doc: dict) -> str:
@@ -227,7 +260,9 @@ def render_html(doc: dict) -> str:
         f"{e['images']} images · greedy answers (max {s['max_new_tokens']} tokens) · "
         f"{s['threads']} thread{'s' if s['threads'] != 1 else ''} · "
         f"CIs: paired bootstrap ({s['n_boot']} resamples)</p>",
-        f'<div class="rec"><b>Recommendation.</b> {html.escape(doc["recommendation"]["text"])}</div>',
+        f'<p class="note">{html.escape(R.mode_note(doc))}</p>',
+        _sample(doc),
+        _recommendation(doc),
         '<h2>Accuracy vs size, and KL divergence</h2><div class="grid">',
         _img("accuracy vs size", plot_accuracy_vs_size(doc)),
         _img("exact match per type", plot_types(doc)),
@@ -235,6 +270,7 @@ def render_html(doc: dict) -> str:
         _img("KL per level", plot_kl(doc), "plot wide"),
         "<h2>Language levels (vision fp32)</h2>",
         _table_html(*R.language_rows(doc)),
+        f"<p class=muted>{html.escape(R.speed_note(doc))}</p>",
         "<h2>Vision levels (language F32)</h2>",
         _table_html(*R.vision_rows(doc), note_col="note"),
         "<h2>Exact match % per cell (* Pareto front; green: as the reference, red: 10 points or more below)"
@@ -242,8 +278,8 @@ def render_html(doc: dict) -> str:
         _table_html(*R.matrix_rows(doc, "em"), heat=(ref_em - 10, ref_em)),
         "<h2>Answers flipped vs the reference, % (red: 20% or more)</h2>",
         _table_html(*R.matrix_rows(doc, "flip_rate"), heat=(20, 0)),
-        "<h2>Worst examples</h2><p class=muted>Questions hurt most by any level: flipped answers first, "
-        "then the largest mean KL. The level's answer is green when it matches the expected answer.</p>",
+        f"<h2>Worst examples</h2><p class=muted>{html.escape(R.examples_title(doc))} The level's answer is "
+        "green when it matches the expected answer, red when it does not.</p>",
         _examples(doc),
         *(
             ["<h2>Levels that could not be built</h2>", _table_html(*R.failed_rows(doc), note_col="error")]

@@ -23,6 +23,64 @@ def _cost(doc: dict, half: str, level: str) -> dict:
     return doc["artifacts"][half].get(level, {})
 
 
+NOT_MEASURED = "not measured"
+
+
+def speed(probe: dict, key: str, fmt: str) -> str:
+    """A probe figure as "median [min-max]" over its runs; a figure from one run is not shown."""
+    v = probe.get(key)
+    if v is None:
+        return "-"
+    runs, rng = probe.get("runs", 1), probe.get("range", {}).get(key)
+    if runs < 2 or not rng:
+        return "1 run: not shown"
+    return f"{v:{fmt}} [{rng[0]:{fmt}}-{rng[1]:{fmt}}]"
+
+
+def probe_runs(doc: dict) -> int | None:
+    """How many runs the probes took (None when no probe ran)."""
+    runs = [
+        a["probe"].get("runs", 1)
+        for half in ("vision", "language")
+        for a in doc["artifacts"][half].values()
+        if isinstance(a.get("probe"), dict) and "error" not in a["probe"]
+    ]
+    return min(runs) if runs else None
+
+
+def speed_note(doc: dict) -> str:
+    runs = probe_runs(doc)
+    if runs is None:
+        return "Speeds and peak RSS: not measured (--no-probe)."
+    if runs < 2:
+        return (
+            "Speeds: one run per level, not shown (a single run is no figure; --probe-runs 3, or "
+            "`tinygptv-edge bench` for this machine's speed)."
+        )
+    return (
+        f"Speeds and peak RSS: median [min-max] of {runs} runs per level, each in a fresh process, on the "
+        f"machine that made the report (`tinygptv-edge bench` measures speed in depth)."
+    )
+
+
+def mode_note(doc: dict) -> str:
+    """Which cells were measured: the cell mode and the built pairs left unmeasured, by name."""
+    mode, missing = doc.get("cells_mode", "full"), doc.get("unmeasured", [])
+    n = len(doc["cells"])
+    if mode == "axes":
+        head = (
+            f"Cells: axes mode: only the fp32 vision row and the F32 language column were measured "
+            f"({n} cells)."
+        )
+    else:
+        head = f"Cells: full cross matrix ({n} cells measured)."
+    if missing:
+        names = ", ".join(x["name"] for x in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        pairs = f"{len(missing)} built pairs were" if len(missing) != 1 else "1 built pair was"
+        head += f" {pairs} not measured (marked '{NOT_MEASURED}', not failed): {names}."
+    return head
+
+
 def language_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     head = [
         "language", "MiB", "bits/weight", "KL mean", "KL median", "KL p99", "KL max", "same top-1 %",
@@ -50,9 +108,9 @@ def language_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
                 f"{r['em']:.1f} {_ci(*r['em_ci'])}",
                 f"{r['em_change']:+.1f} {_ci(*r['em_change_ci'], '+.1f')}",
                 _f(r["flip_rate"], ".1f"),
-                _f(p.get("prefill_tok_s"), ".0f"),
-                _f(p.get("decode_tok_s"), ".1f"),
-                _f(p.get("peak_rss_mib"), ".0f"),
+                speed(p, "prefill_tok_s", ".0f"),
+                speed(p, "decode_tok_s", ".1f"),
+                speed(p, "peak_rss_mib", ".0f"),
             ]
         )
     return head, rows
@@ -80,8 +138,8 @@ def vision_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
                 _f(r["kl"]["mean"], ".3g") if r else "-",
                 f"{r['em']:.1f} {_ci(*r['em_ci'])}" if r else "-",
                 _f(r["flip_rate"], ".1f") if r else "-",
-                _f(p.get("ms_per_image", ax.get("ms_per_image_in_run")), ".1f"),
-                _f(p.get("peak_rss_mib"), ".0f"),
+                speed(p, "ms_per_image", ".1f"),
+                speed(p, "peak_rss_mib", ".0f"),
                 a.get("note", "") or "",
             ]
         )
@@ -93,13 +151,14 @@ def matrix_rows(doc: dict, key: str = "em") -> tuple[list[str], list[list[str]]]
     vis = list(dict.fromkeys(r["vision"] for r in doc["cells"]))
     lang = list(dict.fromkeys(r["language"] for r in doc["cells"]))
     by = {(r["vision"], r["language"]): r for r in doc["cells"]}
+    missing = {(x["vision"], x["language"]) for x in doc.get("unmeasured", [])}
     rows = []
     for v in vis:
         row = [v]
         for lg in lang:
             r = by.get((v, lg))
             mark = "*" if r and r["pareto"] else ""
-            row.append(f"{r[key]:.1f}{mark}" if r else "")
+            row.append(f"{r[key]:.1f}{mark}" if r else NOT_MEASURED if (v, lg) in missing else "failed")
         rows.append(row)
     return ["vision \\ language", *lang], rows
 
@@ -169,6 +228,24 @@ def table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def budget_met(doc: dict) -> bool:
+    """False when no measured cell meets the budget: rendered as a failure, never as advice."""
+    rec = doc["recommendation"]
+    return bool(rec.get("ok", rec.get("cell") is not None))
+
+
+def examples_title(doc: dict) -> str:
+    if doc.get("examples_kind") == "closest":
+        return (
+            "No level answered a question wrongly: shown are the questions whose answers moved most "
+            "(largest mean KL vs the reference), every one answered correctly."
+        )
+    return (
+        "Wrong answers of any level: those the reference answered correctly first, then by the largest "
+        "mean KL vs the reference."
+    )
+
+
 def render_markdown(doc: dict) -> str:
     e, s, p = doc["evalset"], doc["settings"], doc["provenance"]
     out = [
@@ -179,10 +256,13 @@ def render_markdown(doc: dict) -> str:
         f"tokens; KL is over the reference answer's tokens, teacher-forced with the image as prefix. "
         f"CIs: paired bootstrap, {s['n_boot']} resamples, seed {s['seed']}. Threads: {s['threads']} "
         f"(speed probes: {s.get('probe_threads', '-')}, each level in its own process).\n",
+        mode_note(doc) + "\n",
+        *([doc["sample"]["text"] + "\n"] if doc.get("sample") else []),
         "## Recommendation\n",
-        doc["recommendation"]["text"] + "\n",
+        ("" if budget_met(doc) else "**Budget not met.** ") + doc["recommendation"]["text"] + "\n",
         "## Language levels (vision fp32)\n",
         table(*language_rows(doc)),
+        speed_note(doc) + "\n",
         "## Vision levels (language F32)\n",
         table(*vision_rows(doc)),
         "## End task: exact match % per cell (* = on the size/accuracy Pareto front)\n",
@@ -205,8 +285,9 @@ def render_markdown(doc: dict) -> str:
         "## Noise floor\n",
         table(*noise_rows(doc)) or "not measured\n",
         "## Worst examples\n",
+        examples_title(doc) + "\n",
         table(
-            ["question", "type", "expected", "reference says", "level", "level says", "KL mean"],
+            ["question", "type", "expected", "reference says", "level", "level says", "right?", "KL mean"],
             [
                 [
                     x["question"],
@@ -215,6 +296,7 @@ def render_markdown(doc: dict) -> str:
                     x["reference_answer"],
                     x["cell"],
                     x["answer"],
+                    "no" if x.get("wrong") else "yes",
                     f"{x['kl_mean']:.4f}",
                 ]
                 for x in doc["examples"]

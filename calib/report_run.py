@@ -50,6 +50,7 @@ class ReportConfig:
     preset: str = "x86-vnni"
     threads: int = 1  # evaluation threads (1 ran faster than 2 on a shared 2-core CPU; docs/benchmarks.md)
     probe_threads: int = 2  # threads of the speed probes
+    probe_runs: int = 3  # fresh-process runs per level: speeds are rendered as median [min-max]
     max_new_tokens: int = 16
     n_boot: int = 2000
     seed: int = 0
@@ -64,6 +65,7 @@ class ReportConfig:
             "n_calib",
             "threads",
             "probe_threads",
+            "probe_runs",
             "max_new_tokens",
             "n_boot",
             "n_examples",
@@ -211,7 +213,8 @@ def make_report(cfg: ReportConfig, progress: Progress | None = None) -> dict[str
     if cfg.probe:
         todo = [(h, k) for h in ("vision", "language") for k in art_docs[h] if not art_docs[h][k]["error"]]
         for i, (h, k) in enumerate(todo):
-            art_docs[h][k]["probe"] = P.run_probe(h, art_docs[h][k]["path"], cfg.probe_threads)
+            path = art_docs[h][k]["path"]
+            art_docs[h][k]["probe"] = P.run_probes(h, path, cfg.probe_threads, cfg.probe_runs)
             say("cost probes", i + 1, len(todo))
 
     settings = {k: v for k, v in asdict(cfg).items() if k != "budget"}

@@ -80,6 +80,9 @@ def test_report_end_to_end(tiny_single, eval_dir, calib_dir, tmp_path, capsys):
         for a in doc["artifacts"][half].values():
             assert a["probe"]["peak_rss_mib"] > 0, a
     assert lang["Q8_0"]["probe"]["decode_tok_s"] > 0 and lang["Q8_0"]["probe"]["prefill_tok_s"] > 0
+    assert lang["Q8_0"]["probe"]["runs"] == 3  # speeds from three fresh processes, with their range
+    lo, hi = lang["Q8_0"]["probe"]["range"]["decode_tok_s"]
+    assert lo <= lang["Q8_0"]["probe"]["decode_tok_s"] <= hi
     assert doc["noise_floor"]["kl"]["max"] < 1e-6
     prov = doc["provenance"]
     assert len(prov["source_checkpoint_sha256"]) == 64 and len(prov["calibration_set_sha256"]) == 64
@@ -106,6 +109,10 @@ def test_report_end_to_end(tiny_single, eval_dir, calib_dir, tmp_path, capsys):
     assert after == before
     doc2 = json.loads((out / "report.json").read_text())
     assert len(doc2["cells"]) == 3 and doc2["noise_floor"] is None
+    assert doc2["cells_mode"] == "axes" and [x["name"] for x in doc2["unmeasured"]] == ["int8-minmax + Q8_0"]
+    for name in ("report.md", "report.html"):  # the mode and the unmeasured pair, named in each rendering
+        text = (out / name).read_text()
+        assert "axes mode" in text and "int8-minmax + Q8_0" in text and "not measured" in text
 
     # a level that cannot be evaluated is recorded with its error; the others still run
     from tinygptv_edge.calib import matrix as MX
@@ -150,7 +157,7 @@ def test_recommend_and_pareto_rules():
     assert recommend(rows, Budget(min_accuracy=79.5))["cell"] == "a+Q8"  # smallest that reaches it
     assert recommend(rows, Budget(max_drop=1.5))["cell"] == "c+Q5"
     rec = recommend(rows, Budget(max_size_mib=10))
-    assert rec["cell"] is None and "No level meets" in rec["text"]
+    assert rec["cell"] is None and rec["ok"] is False and "No measured pair meets" in rec["text"]
     assert "MiB" in recommend(rows, Budget(max_size_mib=45))["text"]
     with pytest.raises(ReportError, match="expected a number"):
         Budget(max_size_mib=-1)
