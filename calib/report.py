@@ -214,7 +214,7 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
     ref = next(r for r in rows if r["reference"])
     with_splits = any(r.get("by_split") for r in rows)
     drops = {r["name"]: first_drop(r) for r in rows if not r["reference"]} if with_splits else {}
-    where = f" Where each level starts to drop: {split_drops(rows)}." if with_splits else ""
+    where_drops = f" Where each level starts to drop: {split_drops(rows)}." if with_splits else ""
     ok = list(rows)
     rules = []
     if budget.max_size_mib is not None:
@@ -232,16 +232,21 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
         if with_splits:
             ok = [r for r in ok if first_drop(r) is None]
             rules[-1] = rules[-1][:-1] + ", on the whole set and on every split)"
-    fitting = [
-        x for x in unmeasured if budget.max_size_mib is None or x["size_bytes"] <= budget.max_size_mib * MIB
-    ]
-    not_measured = (
-        f" Not measured ({len(fitting)} pair{'s' if len(fitting) != 1 else ''}"
-        + (" within the size budget" if budget.max_size_mib is not None else "")
-        + f"): {_names(fitting)}; measure them with --cells full, or --vision/--language naming them."
-        if fitting
-        else ""
-    )
+
+    def not_measured(within: list[dict], where: str) -> str:
+        if not within:
+            return ""
+        n = len(within)
+        return (
+            f" Not measured ({n} pair{'s' if n != 1 else ''}{where}): {_names(within)}; measure them with "
+            "--cells full, or --vision/--language naming them."
+        )
+
+    if budget.max_size_mib is not None:
+        fitting = [x for x in unmeasured if x["size_bytes"] <= budget.max_size_mib * MIB]
+        where = " within the size budget"
+    else:
+        fitting, where = list(unmeasured), ""
     if not ok:
         smallest = min(rows, key=lambda r: r["size_bytes"])
         return {
@@ -249,11 +254,11 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
             "ok": False,
             "rule": "; ".join(rules),
             "text": f"No measured pair meets {' and '.join(rules)}."
-            + not_measured
+            + not_measured(fitting, where)
             + " The smallest measured is "
             + _describe(smallest, ref)
             + "."
-            + where,
+            + where_drops,
             "split_drops": drops,
             "unmeasured_fitting": [x["name"] for x in fitting],
         }
@@ -261,13 +266,20 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
         best = max(ok, key=lambda r: (r["em"], -r["kl"]["mean"], -r["size_bytes"]))
     else:
         best = min(ok, key=lambda r: (r["size_bytes"], -r["em"]))
+        # without a size budget, an unmeasured pair matters only if it would be smaller than the choice
+        fitting = [x for x in fitting if x["size_bytes"] < best["size_bytes"]]
+        where = " smaller than this choice"
     return {
         "cell": best["name"],
         "ok": True,
         "vision": best["vision"],
         "language": best["language"],
         "rule": "; ".join(rules),
-        "text": f"Under {' and '.join(rules)}: " + _describe(best, ref) + "." + where + not_measured,
+        "text": f"Under {' and '.join(rules)}: "
+        + _describe(best, ref)
+        + "."
+        + where_drops
+        + not_measured(fitting, where),
         "split_drops": drops,
         "unmeasured_fitting": [x["name"] for x in fitting],
     }

@@ -75,7 +75,9 @@ def mode_note(doc: dict) -> str:
     else:
         head = f"Cells: full cross matrix ({n} cells measured)."
     if missing:
-        names = ", ".join(x["name"] for x in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        names = ", ".join(x["name"] for x in missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
         pairs = f"{len(missing)} built pairs were" if len(missing) != 1 else "1 built pair was"
         head += f" {pairs} not measured (marked '{NOT_MEASURED}', not failed): {names}."
     return head
