@@ -23,6 +23,7 @@ from tinygptv_edge.runtime.errors import (
     ModelMismatchError,
     PipelineBusyError,
 )
+from tinygptv_edge.runtime.interfaces import LanguageDecoder, VisionModel
 from tinygptv_edge.runtime.pipeline import Pipeline, Timings
 from tinygptv_edge.runtime.sampling import SamplingConfig
 from tinygptv_edge.runtime.vision.encoder import VisionEncoder
@@ -372,6 +373,15 @@ def test_constraint_and_cancel(make_any, tiny):
     assert list(turn) == [] and turn.answer.stop == "cancelled" and turn.answer.token_ids == ()
     other = pipe.chat(GREEDY, dataclasses.replace(tiny.cfg.prompt, system="Another system prompt."))
     assert other.prompt_text("q", False).startswith("Another system prompt.###")
+
+
+def test_doubles_and_models_satisfy_the_protocols(tiny, files):
+    """runtime/interfaces.py: the reference stand-ins are LanguageDecoders, VisionEncoder a VisionModel."""
+    assert isinstance(RefDecoder(tiny.model, tiny.tokenizer), LanguageDecoder)
+    assert isinstance(ScriptedDecoder(tiny.model, tiny.tokenizer, [0]), LanguageDecoder)
+    with VisionEncoder(files[0]) as vision:
+        assert isinstance(vision, VisionModel)
+    assert not isinstance(object(), LanguageDecoder) and not isinstance(object(), VisionModel)
 
 
 # -- stops and history --------------------------------------------------------------------------
