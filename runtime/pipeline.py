@@ -46,7 +46,7 @@ from .errors import (
 from .image_cache import ImageCache, onnx_sha256
 from .interfaces import LanguageDecoder, VisionModel
 from .memory import release_heap
-from .prefix_cache import Position, PrefixCache
+from .prefix_cache import Position, Prefill, PrefixCache
 from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
 from .text.detok import AnswerStream, TokenBytes
 from .text.prompt import split_prompt
@@ -84,6 +84,18 @@ class Timings:
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
 
+    def add_prefill(self, pre: Prefill) -> None:
+        """Count a prefill (runtime/prefix_cache.py): positions evaluated and restored, its time."""
+        self.prefill_tokens += pre.evaluated
+        self.prefill_restored += pre.restored
+        self.prefill_ms += pre.ms
+
+    def add_images(self, other: Timings) -> None:
+        """Count `other`'s images (e.g. the replayed turns' of a conversation sent back whole)."""
+        self.images += other.images
+        self.images_cached += other.images_cached
+        self.image_ms += other.image_ms
+
 
 @dataclass
 class Answer:
@@ -96,7 +108,9 @@ class Answer:
 
 
 class Gate:
-    """A lock that refuses re-entry from its holder thread (that would interleave two turns)."""
+    """A lock that refuses re-entry from its holder thread (that would interleave two turns).
+
+    `with pipeline.gate:` holds it for the block (PipelineBusyError when it cannot be had)."""
 
     def __init__(self, timeout: float | None):
         self._lock = threading.Lock()
@@ -120,6 +134,13 @@ class Gate:
     def held(self) -> bool:
         """True in the thread that holds it."""
         return self._owner == threading.get_ident()
+
+    def __enter__(self) -> Gate:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class Pipeline:
@@ -238,12 +259,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Free both models (waits for a running turn; refused from inside one)."""
-        self.gate.acquire()
-        try:
+        with self.gate:
             self._closed = True
             self._close()
-        finally:
-            self.gate.release()
 
     def check_open(self) -> None:
         if self._closed:
@@ -267,24 +285,18 @@ class Pipeline:
         head = split_prompt(
             text, self.tokenizer, text.count(IMAGE_PLACEHOLDER), add_bos=self.prompt.add_bos
         ).texts[0]
-        self.gate.acquire()
-        try:
+        with self.gate:
             self.check_open()
             self.prefix.prefill(list(head), {})
             # memory for the first KV snapshot, touched now rather than when a turn waits on it
             self.prefix.reserve(RESERVE_POSITIONS)
-        finally:
-            self.gate.release()
         return len(head)
 
     # -- images --------------------------------------------------------------------------------
     def embed_image(self, image: ImageSource) -> np.ndarray:
         """(Q, H) image embeddings (through the image cache)."""
-        self.gate.acquire()
-        try:
+        with self.gate:
             return self.encode_image(image, Timings())[1]
-        finally:
-            self.gate.release()
 
     def encode_image(self, image: ImageSource, timings: Timings) -> tuple[str, np.ndarray]:
         """(key, (Q, H) embeddings), cached by the preprocessed pixels; for the thread holding `gate`."""
@@ -363,11 +375,8 @@ class Chat:
         timings = Timings()
         images, keys = dict(self.images), []
         if image is not None:
-            pipe.gate.acquire()
-            try:
+            with pipe.gate:
                 key, images[key] = pipe.encode_image(image, timings)
-            finally:
-                pipe.gate.release()
             keys.append(key)
         ids = pipe.tokenizer.encode(answer) if isinstance(answer, str) else [int(t) for t in answer]
         positions = self.next_positions(question, keys)
@@ -443,12 +452,9 @@ class Turn:
 
     def _run(self) -> Generator[str, None, None]:
         pipe, chat = self.chat.pipeline, self.chat
-        pipe.gate.acquire()
-        try:
+        with pipe.gate:
             pipe.check_open()
             yield from self._locked(pipe, chat)
-        finally:
-            pipe.gate.release()
 
     def _locked(self, pipe: Pipeline, chat: Chat) -> Generator[str, None, None]:
         t_start = time.perf_counter()
@@ -465,9 +471,7 @@ class Turn:
             raise ContextOverflowError(held, len(positions) - held + 1, pipe.n_ctx)
 
         pre = pipe.prefix.prefill(positions, images)
-        timings.prefill_tokens += pre.evaluated
-        timings.prefill_restored += pre.restored
-        timings.prefill_ms += pre.ms
+        timings.add_prefill(pre)
         logits = pre.logits
         sampler = Sampler(self.sampling)
         constraint = self.constraint

@@ -263,11 +263,7 @@ class Engine:
         self._remember(chat, answer, stops.text)
         t = answer.timings
         for e in earlier:
-            t.images, t.images_cached, t.image_ms = (
-                t.images + e.images,
-                t.images_cached + e.images_cached,
-                t.image_ms + e.image_ms,
-            )
+            t.add_images(e)
         finish = "length" if answer.stop in ("max_new_tokens", "context") and not hit else "stop"
         self.stats["completed"] += 1
         job.emit(
