@@ -177,14 +177,16 @@ class Engine:
         }
 
     # -- admission -------------------------------------------------------------------------------
-    def ready(self) -> None:
-        """Raise the error a request gets when the server cannot take it at all."""
+    def ready(self) -> Pipeline:
+        """The loaded pipeline; else raise the error a request gets when the server cannot take it at all."""
         if self.state == "loading":
             raise Overloaded("the model is still loading", retry_after=5, code="loading")
         if self.state == "failed":
             raise ServerError(f"the model failed to load: {self.error}", code="load_failed")
         if self.state == "closed":
             raise Overloaded("the server is shutting down", retry_after=5, code="shutting_down")
+        assert self.pipe is not None  # "ready" is set after it
+        return self.pipe
 
     async def submit(self, work: Callable[[Job], None]) -> Job:
         """Admit `work` (503 when the queue is full) and start it when the worker is free."""
