@@ -37,6 +37,8 @@ test-aarch64:
 
 # The layer rule (pyproject [tool.importlinter]): runtime <- export <- calib. import-linter walks one
 # folder tree per package, so the three folders are laid out under tinygptv_edge/ in build/layers first.
+# mypy type-checks runtime/ there too (pyproject [tool.mypy]; it cannot follow the editable install's
+# mapped folders), against the Protocols in runtime/interfaces.py.
 LAYERS := build/layers
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -44,6 +46,7 @@ lint: setup
 	rm -rf $(LAYERS) && mkdir -p $(LAYERS)/tinygptv_edge
 	cp tinygptv_edge/*.py $(LAYERS)/tinygptv_edge/ && cp -r runtime export calib $(LAYERS)/tinygptv_edge/
 	cd $(LAYERS) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml
+	cd $(LAYERS) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p tinygptv_edge.runtime
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -46,8 +46,7 @@ def check_threads(n: int | None, what: str = "n_threads") -> int | None:
 
 def check_count(value: object, what: str, hi: int | None = None, lo: int = 1) -> int:
     """An int in lo..hi (hi None: no upper bound)."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if not ok or value < lo or (hi is not None and value > hi):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ConfigError(f"{what}: expected an integer {rng}, got {value!r}")
     return value

@@ -121,6 +121,8 @@ class ImageCache:
             self._memory.popitem(last=False)
 
     def _path(self, key: str) -> Path:
+        """Where the disk tier keeps `key` (only with a disk tier)."""
+        assert self.folder is not None
         return self.folder / f"{key}.npy"
 
     def _load(self, key: str) -> np.ndarray | None:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,9 @@ from .errors import (
     PipelineBusyError,
 )
 from .image_cache import ImageCache, onnx_sha256
+from .interfaces import LanguageDecoder, VisionModel
 from .memory import release_heap
-from .prefix_cache import Position, PrefixCache
+from .prefix_cache import Position, Prefill, PrefixCache
 from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
 from .text.detok import AnswerStream, TokenBytes
 from .text.prompt import split_prompt
@@ -82,6 +84,18 @@ class Timings:
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
 
+    def add_prefill(self, pre: Prefill) -> None:
+        """Count a prefill (runtime/prefix_cache.py): positions evaluated and restored, its time."""
+        self.prefill_tokens += pre.evaluated
+        self.prefill_restored += pre.restored
+        self.prefill_ms += pre.ms
+
+    def add_images(self, other: Timings) -> None:
+        """Count `other`'s images (e.g. the replayed turns' of a conversation sent back whole)."""
+        self.images += other.images
+        self.images_cached += other.images_cached
+        self.image_ms += other.image_ms
+
 
 @dataclass
 class Answer:
@@ -94,7 +108,9 @@ class Answer:
 
 
 class Gate:
-    """A lock that refuses re-entry from its holder thread (that would interleave two turns)."""
+    """A lock that refuses re-entry from its holder thread (that would interleave two turns).
+
+    `with pipeline.gate:` holds it for the block (PipelineBusyError when it cannot be had)."""
 
     def __init__(self, timeout: float | None):
         self._lock = threading.Lock()
@@ -119,18 +135,28 @@ class Gate:
         """True in the thread that holds it."""
         return self._owner == threading.get_ident()
 
+    def __enter__(self) -> Gate:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 class Pipeline:
     """The models and caches; `chat()` starts a conversation, `ask`/`stream` answer one question.
 
-    Parts: `vision` (VisionEncoder), `prefix` (PrefixCache: the decoder and what its KV cache holds),
-    `image_cache` (ImageCache), `gate` (one turn at a time).
+    Parts: `vision` (a VisionModel: VisionEncoder), `prefix` (PrefixCache: the decoder, a LanguageDecoder,
+    and what its KV cache holds), `image_cache` (ImageCache), `gate` (one turn at a time). The protocols
+    are in runtime/interfaces.py.
     """
 
     def __init__(
         self,
-        vision: str | Path | VisionEncoder | None,
-        language,  # str | Path (a GGUF file), a runtime.decoder.Decoder, or a callable making one
+        vision: str | Path | VisionModel | None,
+        # a GGUF file, a decoder (runtime/language/decoder.py's Decoder or any LanguageDecoder), or a
+        # callable making one
+        language: str | Path | LanguageDecoder | Callable[[], LanguageDecoder],
         n_ctx: int | None = None,  # None: the model's, <= DEFAULT_MAX_CTX (low-memory: LOW_MEMORY_CTX)
         n_threads: int | None = None,
         kv_type: str = "f16",
@@ -156,18 +182,20 @@ class Pipeline:
             )
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
-        self._decoder_args = dict(
+        self._decoder_args: dict[str, Any] = dict(
             n_ctx=n_ctx if n_ctx is not None else 2048, n_threads=n_threads, kv_type=kv_type
         )
         self.gate = Gate(busy_timeout)
         self.image_cache = image_cache
         if isinstance(vision, (str, Path)):
             vision = VisionEncoder(vision, n_threads, low_memory=low_memory)
-        self.vision = vision
+        self.vision: VisionModel | None = vision
         if image_cache_dir is not None and vision is not None:  # disk keys name the vision graph too
             shape = (vision.num_query_tokens, vision.embed_dim)
             model_id = onnx_sha256(vision.path)  # graph and external weights
             self.image_cache = ImageCache(image_cache_size, image_cache_dir, model_id, shape)
+        factory: Callable[[], LanguageDecoder] | None = None
+        given: LanguageDecoder | None = None
         if isinstance(language, (str, Path)):
             path = Path(language)
             if not path.is_file():
@@ -176,10 +204,12 @@ class Pipeline:
                 trained = trained_context(path)
                 self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX if low_memory else DEFAULT_MAX_CTX)
             factory = lambda: _open_decoder(path, **self._decoder_args)  # noqa: E731
+        elif callable(language):
+            factory = language
         else:
-            factory = language if callable(language) else None
-        self.prefix = PrefixCache(
-            factory, None if factory is not None else language, snapshot_bytes=cache_ram_mib << 20
+            given = language
+        self.prefix: PrefixCache[LanguageDecoder] = PrefixCache(
+            factory, given, snapshot_bytes=cache_ram_mib << 20
         )
         d = self.prefix.decoder
         self.tokenizer, self.prompt = d.tokenizer, d.prompt
@@ -229,12 +259,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Free both models (waits for a running turn; refused from inside one)."""
-        self.gate.acquire()
-        try:
+        with self.gate:
             self._closed = True
             self._close()
-        finally:
-            self.gate.release()
 
     def check_open(self) -> None:
         if self._closed:
@@ -258,24 +285,18 @@ class Pipeline:
         head = split_prompt(
             text, self.tokenizer, text.count(IMAGE_PLACEHOLDER), add_bos=self.prompt.add_bos
         ).texts[0]
-        self.gate.acquire()
-        try:
+        with self.gate:
             self.check_open()
             self.prefix.prefill(list(head), {})
             # memory for the first KV snapshot, touched now rather than when a turn waits on it
             self.prefix.reserve(RESERVE_POSITIONS)
-        finally:
-            self.gate.release()
         return len(head)
 
     # -- images --------------------------------------------------------------------------------
     def embed_image(self, image: ImageSource) -> np.ndarray:
         """(Q, H) image embeddings (through the image cache)."""
-        self.gate.acquire()
-        try:
+        with self.gate:
             return self.encode_image(image, Timings())[1]
-        finally:
-            self.gate.release()
 
     def encode_image(self, image: ImageSource, timings: Timings) -> tuple[str, np.ndarray]:
         """(key, (Q, H) embeddings), cached by the preprocessed pixels; for the thread holding `gate`."""
@@ -329,6 +350,7 @@ class Chat:
         turn = self.stream(question, image, sampling)
         for _ in turn:
             pass
+        assert turn.answer is not None  # set when the turn ends
         return turn.answer
 
     def stream(
@@ -353,14 +375,13 @@ class Chat:
         timings = Timings()
         images, keys = dict(self.images), []
         if image is not None:
-            pipe.gate.acquire()
-            try:
+            with pipe.gate:
                 key, images[key] = pipe.encode_image(image, timings)
-            finally:
-                pipe.gate.release()
             keys.append(key)
         ids = pipe.tokenizer.encode(answer) if isinstance(answer, str) else [int(t) for t in answer]
-        self.extend(self.next_positions(question, keys) + ids, images, self.prompt.separator)
+        positions = self.next_positions(question, keys)
+        positions += ids
+        self.extend(positions, images, self.prompt.separator)
         return timings
 
     def prompt_text(self, question: str, with_image: bool) -> str:
@@ -429,16 +450,13 @@ class Turn:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         pipe, chat = self.chat.pipeline, self.chat
-        pipe.gate.acquire()
-        try:
+        with pipe.gate:
             pipe.check_open()
             yield from self._locked(pipe, chat)
-        finally:
-            pipe.gate.release()
 
-    def _locked(self, pipe: Pipeline, chat: Chat) -> Iterator[str]:
+    def _locked(self, pipe: Pipeline, chat: Chat) -> Generator[str, None, None]:
         t_start = time.perf_counter()
         timings = Timings()
         images = dict(chat.images)
@@ -453,9 +471,7 @@ class Turn:
             raise ContextOverflowError(held, len(positions) - held + 1, pipe.n_ctx)
 
         pre = pipe.prefix.prefill(positions, images)
-        timings.prefill_tokens += pre.evaluated
-        timings.prefill_restored += pre.restored
-        timings.prefill_ms += pre.ms
+        timings.add_prefill(pre)
         logits = pre.logits
         sampler = Sampler(self.sampling)
         constraint = self.constraint
@@ -539,7 +555,7 @@ def _history_ids(ids: list[int], stream: AnswerStream, token_bytes: TokenBytes) 
     return kept, leftover
 
 
-def _open_decoder(path: Path, **kwargs):
+def _open_decoder(path: Path, **kwargs) -> LanguageDecoder:
     from .language.decoder import Decoder  # the ggml half; imported on use
 
     return Decoder(path, **kwargs)
@@ -547,7 +563,7 @@ def _open_decoder(path: Path, **kwargs):
 
 def check_question(question: object) -> str:
     """A question is UTF-8 text without the prompt's image slot (images go in with image=)."""
-    check_text(question, "question")
+    question = check_text(question, "question")
     if IMAGE_PLACEHOLDER in question:
         raise ConfigError(
             f"question: expected no {IMAGE_PLACEHOLDER} (the prompt's image slot; attach images with "

@@ -38,10 +38,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
 import numpy as np
 
 from .errors import ConfigError
+from .interfaces import KVDecoder, KVSnapshots
 from .memory import host_buffer
 
 Position = int | tuple[str, int]  # a token id, or (image key, embedding row)
@@ -65,21 +67,28 @@ def common_prefix(a: Sequence[Position], b: Sequence[Position]) -> int:
 EVALUATED = 2  # positions a prefill evaluates unless it knows the prompt's logits (module docstring)
 LOGITS_KEPT = 8  # prompts whose last logits are kept
 
+D = TypeVar("D", bound=KVDecoder)  # the decoder type `decoder` gives back (Pipeline's: LanguageDecoder)
 
-class PrefixCache:
-    """A decoder (runtime/language/decoder.py's interface) and the positions its KV cache holds.
+
+class PrefixCache(Generic[D]):
+    """A decoder (runtime/interfaces.py's `KVDecoder`) and the positions its KV cache holds.
 
     `factory` makes a decoder; with one, `release()` may close it (low-memory mode) and the next
     call reopens it with an empty cache. Without one, `decoder` is used as given and never reopened.
+    A decoder that is also a `KVSnapshots` (has `read_kv`/`write_kv`) gets snapshots.
     """
 
-    def __init__(self, factory: Callable[[], object] | None = None, decoder=None, snapshot_bytes: int = 0):
+    def __init__(
+        self, factory: Callable[[], D] | None = None, decoder: D | None = None, snapshot_bytes: int = 0
+    ):
         if factory is None and decoder is None:
             raise ConfigError("PrefixCache: give a decoder or a factory that makes one")
         if not isinstance(snapshot_bytes, int) or snapshot_bytes < 0:
             raise ConfigError(f"snapshot_bytes: expected an integer >= 0, got {snapshot_bytes!r}")
         self._factory = factory
-        self._decoder = decoder if decoder is not None else factory()
+        if decoder is None and factory is not None:
+            decoder = factory()
+        self._decoder: D | None = decoder
         self._held: list[Position] = []
         self.snapshot_bytes = snapshot_bytes
         # positions held -> (base, KV rows of positions base.., the buffer holding them): see _save
@@ -89,7 +98,7 @@ class PrefixCache:
 
     # -- state ---------------------------------------------------------------------------------
     @property
-    def decoder(self):
+    def decoder(self) -> D:
         """The open decoder, reopened (with an empty cache) after `release`."""
         if self._decoder is None:
             if self._factory is None:
@@ -134,6 +143,11 @@ class PrefixCache:
     def _can_snapshot(self) -> bool:
         return self.snapshot_bytes > 0 and hasattr(self._decoder, "read_kv")
 
+    @property
+    def _kv(self) -> KVSnapshots:
+        """The decoder as KVSnapshots (where `_can_snapshot`, or `write_kv` for a restore, said it is one)."""
+        return cast(KVSnapshots, self._decoder)
+
     def _save(self, base: int) -> None:
         """Copy what the live cache holds from position `base` on to a snapshot (the positions before
         `base` stay live: the prompt about to run shares them), unless a snapshot already holds it."""
@@ -142,13 +156,13 @@ class PrefixCache:
             return
         if any(key[: len(held)] == held and b <= base for key, (b, *_) in self._snapshots.items()):
             return
-        need = (len(held) - base) * self._decoder.kv_row_bytes
+        need = (len(held) - base) * self._kv.kv_row_bytes
         if need > self.snapshot_bytes:
             return
         for key in [k for k, (b, *_) in self._snapshots.items() if held[: len(k)] == k and b >= base]:
             self._drop(key)  # superseded
         buf = self._take(need)
-        self._snapshots[held] = (base, self._decoder.read_kv(base, len(held), out=buf), buf)
+        self._snapshots[held] = (base, self._kv.read_kv(base, len(held), out=buf), buf)
         self._fit()
 
     def _fit(self) -> None:
@@ -179,7 +193,7 @@ class PrefixCache:
         """Touch `buffers` spare buffers for snapshots of `positions` now (within `snapshot_bytes`),
         so that the saves that first need them do not wait on page faults; bytes touched. Two: one for
         each of two conversations taking turns, before dropped snapshots' buffers come back."""
-        touched, nbytes = 0, positions * self._decoder.kv_row_bytes if self._can_snapshot() else 0
+        touched, nbytes = 0, positions * self._kv.kv_row_bytes if self._can_snapshot() else 0
         while nbytes and len(self._spare) < buffers and self._bytes_held() + nbytes <= self.snapshot_bytes:
             buf = host_buffer(nbytes)
             buf.fill(0)
@@ -194,14 +208,14 @@ class PrefixCache:
             return keep
         want = self._keepable(positions)
         usable = [(k, common_prefix(k, want)) for k, (base, *_) in self._snapshots.items() if base <= keep]
-        best, n = max(usable, key=lambda kn: kn[1], default=(None, 0))
+        best, n = max(usable, key=lambda kn: kn[1], default=((), 0))
         if n <= keep:
             return keep
         base, rows, _ = self._snapshots[best]
         self._snapshots.move_to_end(best)  # the last to go, should the save below need room
         self._save(keep)  # what the live cache holds beyond `keep` is about to be overwritten
-        self._decoder.truncate(keep)
-        self._decoder.write_kv(rows[:, :, keep - base : n - base], keep)  # read before any reuse of it
+        self._kv.truncate(keep)
+        self._kv.write_kv(rows[:, :, keep - base : n - base], keep)  # read before any reuse of it
         self._held = list(positions[:n])
         return n
 
@@ -224,7 +238,7 @@ class PrefixCache:
             if not rest:  # all of it cached, and its logits known (_keepable)
                 logits = self._logits[tuple(positions)]
             elif all(isinstance(p, int) for p in rest):
-                logits = dec.eval_tokens(rest)
+                logits = dec.eval_tokens(cast(list[int], rest))
             else:
                 logits = dec.eval_embeddings(self.embeddings(rest, images))
         except BaseException:

@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -148,7 +149,8 @@ class Decoder:
             mapped = matmul - set(self._w.repacked)
             w = self._w.tensors
             self._w.kquant = {n: w[n].contents.type for n in mapped if kq.eligible(ggml, w[n])}
-            self._w.kquant |= kq.repacked_q4_0(ggml, self._file_bytes, w, self._w.repacked)
+            tensors = cast(dict[str, object], w)  # the type kernels/ops.py declares (it only reads)
+            self._w.kquant |= kq.repacked_q4_0(ggml, self._file_bytes, tensors, self._w.repacked)
             self._w.kquant_attention = kq.attention_available()
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, self.n_ctx, self.kv_type)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import AddedToken
 
@@ -36,7 +37,7 @@ from ..errors import (
 )
 from ..text.tokenizer import Tokenizer
 from .ggml_types import WEIGHT_TYPES
-from .gguf_file import BOOL, FLOAT_TYPES, INT_TYPES, STRING, GGUFFile, TensorInfo
+from .gguf_file import BOOL, FLOAT_TYPES, INT_TYPES, STRING, Field, GGUFFile, TensorInfo
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED = GGUF_TOKEN_TYPE["control"], GGUF_TOKEN_TYPE["user_defined"]
 
@@ -116,7 +117,7 @@ def read_hparams(gf: GGUFFile) -> HParams:
         raise GGUFModelError(f"{gf.path}: architecture: expected {GGUF_ARCH!r}, got {arch.value!r}")
     read_format_version(gf)  # before anything a newer layout may have changed
 
-    values = {}
+    values: dict[str, Any] = {}  # int or float by its HParams field
     for name, h in GGUF_HPARAMS.items():
         if h.kind == "uint32":
             values[name] = int(_get(gf, gguf_key(name), INT_TYPES, "an integer"))
@@ -171,11 +172,7 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
     model = _get(gf, "tokenizer.ggml.model", (STRING,), "a string")
     if model != "gpt2":
         raise GGUFModelError(f"{gf.path}: tokenizer.ggml.model: expected 'gpt2', got {model!r}")
-    tokens, merges = gf.fields.get("tokenizer.ggml.tokens"), gf.fields.get("tokenizer.ggml.merges")
-    for key, f in (("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.merges", merges)):
-        if f is None or f.item_type != STRING:
-            got = "nothing" if f is None else f.type_name
-            raise GGUFModelError(f"{gf.path}: {key}: expected an array of strings, got {got}")
+    tokens, merges = _strings(gf, "tokenizer.ggml.tokens"), _strings(gf, "tokenizer.ggml.merges")
     if not 0 < len(tokens.value) <= n_vocab:
         raise GGUFModelError(
             f"{gf.path}: tokenizer.ggml.tokens: expected 1..{n_vocab} tokens, got {len(tokens.value)}"
@@ -207,6 +204,15 @@ def read_tokenizer(gf: GGUFFile, n_vocab: int) -> Tokenizer:
         return tok
     except Exception as e:  # the tokenizers library raises its own exception types
         raise GGUFModelError(f"{gf.path}: cannot rebuild the tokenizer: {e}") from e
+
+
+def _strings(gf: GGUFFile, key: str) -> Field:
+    """The array of strings under `key` (GGUFModelError when missing or another type)."""
+    f = gf.fields.get(key)
+    if f is None or f.item_type != STRING:
+        got = "nothing" if f is None else f.type_name
+        raise GGUFModelError(f"{gf.path}: {key}: expected an array of strings, got {got}")
+    return f
 
 
 def _check_unique(gf: GGUFFile, tokens: list[str]) -> None:

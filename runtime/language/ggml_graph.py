@@ -138,7 +138,7 @@ def build_graph(
                 ggml.ggml_view_2d(ctx, a, a.contents.ne[0], 1, a.contents.nb[1], t0 * a.contents.nb[1])
                 for a in (h, x)
             )
-        if own_attention:  # each query alone, T' of them: runtime/language/kernels/
+        if own_attention and kq is not None:  # each query alone, T' of them: runtime/language/kernels/
             m = ggml.ggml_view_2d(ctx, mask, n_kv, T - t0, mask.contents.nb[1], t0 * mask.contents.nb[1])
             o = kq.attention(ctx, q, K, V, m, scale)  # (D, H, T')
         else:

@@ -19,12 +19,18 @@ import ctypes
 import logging
 import os
 import sys
+from _ctypes import CFuncPtr  # ctypes._CFuncPtr, the class of every foreign function
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .ggml_types import TYPE_IDS
 from .gguf_file import GGUFFile, TensorInfo
+
+if TYPE_CHECKING:
+    from ggml import ggml_tensor_p  # ctypes pointer to a ggml_tensor (ggml is imported on use)
 
 # OpenMP settings the runtime wants unless the user set one of OMP_KEYS (see bench/decoder.py --omp).
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive"}
@@ -47,7 +53,7 @@ def load_ggml():
 
 
 _LOG = logging.getLogger("tinygptv_edge.ggml")
-_LOG_CALLBACK = None  # kept alive for as long as ggml may call it
+_LOG_CALLBACK: Callable[..., None] | None = None  # kept alive for as long as ggml may call it
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
 
 
@@ -61,7 +67,7 @@ def _fix_pointer_returns(ggml) -> None:
     ctypes treats as "call this with the C int": the pointer is cut to 32 bits. Return void* instead."""
     for name in dir(ggml):
         fn = getattr(ggml, name)
-        if isinstance(fn, ctypes._CFuncPtr) and callable(fn.restype) and not isinstance(fn.restype, type):
+        if isinstance(fn, CFuncPtr) and callable(fn.restype) and not isinstance(fn.restype, type):
             fn.restype = ctypes.c_void_p
 
 
@@ -133,7 +139,7 @@ def buft_supports_matmul(ggml, ctx, dev, buft, w) -> bool:
 class Weights:
     """Every GGUF tensor as a ggml tensor: `mapped` ones point into the file, `repacked` ones live apart."""
 
-    tensors: dict[str, object]
+    tensors: dict[str, ggml_tensor_p]
     mapped: list[str]
     repacked: list[str]
     ctx: int

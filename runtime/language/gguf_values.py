@@ -86,7 +86,7 @@ def _scan_one(fd: int, t: TensorInfo, buf: np.ndarray) -> tuple[int, int]:
     nonfinite = negative = 0
     for start in range(0, t.nbytes, step):
         n = min(step, t.nbytes - start)
-        if os.preadv(fd, [buf[:n]], t.offset + start) != n:  # into one reused buffer: no page faults
+        if os.preadv(fd, [buf[:n].data], t.offset + start) != n:  # into one reused buffer: no page faults
             raise OSError(f"short read of {n} bytes at {t.offset + start}: the file changed on disk")
         a, b = bad_values(buf[:n], t.type.name, t.type.nbytes)
         nonfinite, negative = nonfinite + a, negative + b

@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast, overload
 
 from ..errors import (
     ConfigError,
@@ -32,7 +33,7 @@ from ..errors import (
     PipelineBusyError,
     TinyGPTVError,
 )
-from ..pipeline import Pipeline
+from ..pipeline import Answer, Chat, Pipeline, Timings
 from ..sampling import GREEDY, SamplingConfig
 from ..vision.images import ImageLimits
 from .errors import APIError, BadRequest, Overloaded, ServerError, Timeout
@@ -177,14 +178,20 @@ class Engine:
         }
 
     # -- admission -------------------------------------------------------------------------------
-    def ready(self) -> None:
-        """Raise the error a request gets when the server cannot take it at all."""
+    def ready(self) -> Pipeline:
+        """The loaded pipeline; else raise the error a request gets when the server cannot take it at all."""
         if self.state == "loading":
             raise Overloaded("the model is still loading", retry_after=5, code="loading")
         if self.state == "failed":
             raise ServerError(f"the model failed to load: {self.error}", code="load_failed")
         if self.state == "closed":
             raise Overloaded("the server is shutting down", retry_after=5, code="shutting_down")
+        return self._loaded()
+
+    def _loaded(self) -> Pipeline:
+        """The pipeline, for work admitted once it loaded (`ready`)."""
+        assert self.pipe is not None  # set before state "ready"
+        return self.pipe
 
     async def submit(self, work: Callable[[Job], None]) -> Job:
         """Admit `work` (503 when the queue is full) and start it when the worker is free."""
@@ -207,7 +214,8 @@ class Engine:
     def _finish(self, job: Job) -> None:
         self._admitted -= 1
         self._jobs.discard(job)
-        job.timer.cancel()
+        if job.timer is not None:  # set at admission
+            job.timer.cancel()
 
     def _run(self, job: Job, work: Callable[[Job], None]) -> None:
         if not job.start():  # timed out or abandoned while it waited (already answered)
@@ -228,17 +236,18 @@ class Engine:
     # -- work ------------------------------------------------------------------------------------
     def constraint(self, plan: ChatPlan) -> GrammarConstraint | None:
         self.ready()
+        assert self.grammars is not None  # set before state "ready"
         return self.grammars.for_format(plan.response_format)
 
     def chat(self, job: Job, plan: ChatPlan, constraint: GrammarConstraint | None) -> None:
         """Worker side of a chat completion: emits ("piece", text)* then ("done", Result) or ("error", e)."""
-        pipe = self.pipe
+        pipe = self._loaded()
         prompt = pipe.prompt if plan.system is None else dataclasses.replace(pipe.prompt, system=plan.system)
         chat = pipe.chat(plan.sampling, prompt)
-        earlier = []  # image timings of the replayed turns
+        earlier: list[Timings] = []  # image timings of the replayed turns
         for past in plan.history:
-            answer = self._answers.get(past.answer)
-            ids_or_text = list(answer) if answer else past.answer
+            known = self._answers.get(past.answer)
+            ids_or_text: str | list[int] = list(known) if known else past.answer
             earlier.append(chat.add_turn(past.question, self.image(past.image), ids_or_text))
         turn = chat.stream(plan.question, self.image(plan.image), plan.sampling, constraint, job.cancel)
         stops = StopFilter(plan.stop)
@@ -256,6 +265,7 @@ class Engine:
         finally:
             turn.close()
         answer = turn.answer
+        assert answer is not None  # the turn ended (closed or exhausted)
         if answer.stop == "cancelled":  # timed out, abandoned or shut down mid-answer
             self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
             job.emit("error", job.error())
@@ -263,11 +273,7 @@ class Engine:
         self._remember(chat, answer, stops.text)
         t = answer.timings
         for e in earlier:
-            t.images, t.images_cached, t.image_ms = (
-                t.images + e.images,
-                t.images_cached + e.images_cached,
-                t.image_ms + e.image_ms,
-            )
+            t.add_images(e)
         finish = "length" if answer.stop in ("max_new_tokens", "context") and not hit else "stop"
         self.stats["completed"] += 1
         job.emit(
@@ -288,9 +294,14 @@ class Engine:
             if job.cancel.is_set():
                 job.emit("error", job.error())
                 return
-            out.append(self.pipe.embed_image(self.image(ref)))
+            out.append(self._loaded().embed_image(self.image(ref)))
         self.stats["completed"] += 1
         job.emit("done", out)
+
+    @overload
+    def image(self, ref: ImageRef) -> bytes: ...
+    @overload
+    def image(self, ref: None) -> None: ...
 
     def image(self, ref: ImageRef | None) -> bytes | None:
         """Bytes of an image reference (remote ones fetched here, size-capped)."""
@@ -306,12 +317,12 @@ class Engine:
             raise BadRequest(f"image {ref.url} is over {cap} bytes", "messages", "image_too_large")
         return data
 
-    def _remember(self, chat, answer, text: str) -> None:
+    def _remember(self, chat: Chat, answer: Answer, text: str) -> None:
         """Keep the answer's token ids under the text returned, when the text is exactly what they say."""
         if not self.cfg.remember_answers or chat.pending != chat.prompt.separator:
             return
-        ids = tuple(chat.positions[answer.prompt_tokens :])
-        if not text or self.pipe.tokenizer.decode(ids).strip() != text:
+        ids = cast(tuple[int, ...], tuple(chat.positions[answer.prompt_tokens :]))  # the answer: token ids
+        if not text or self._loaded().tokenizer.decode(ids).strip() != text:
             return
         self._answers[text] = ids
         self._answers.move_to_end(text)

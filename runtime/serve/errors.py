@@ -45,7 +45,7 @@ class Overloaded(APIError):
     status = 503
     type = "server_error"
 
-    def __init__(self, message: str, retry_after: int, code: str = "overloaded"):
+    def __init__(self, message: str, retry_after: float, code: str = "overloaded"):
         super().__init__(message, code=code, headers={"Retry-After": str(max(1, int(retry_after)))})
 
 

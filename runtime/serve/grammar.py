@@ -11,7 +11,7 @@ fills it with newlines.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance as llg
 import numpy as np
@@ -20,7 +20,14 @@ from ..text.tokenizer import Tokenizer
 from .errors import BadRequest, ServerError
 from .schema import ResponseFormat
 
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 
 
 class GrammarConstraint:
@@ -68,5 +75,14 @@ class Grammars:
         """The constraint a response_format asks for (None: free text)."""
         if fmt is None or fmt.type == "text":
             return None
-        schema = {"type": "object"} if fmt.type == "json_object" else fmt.json_schema.schema_
+        if fmt.type == "json_object":
+            schema: dict[str, Any] = {"type": "object"}
+        elif fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
+            schema = fmt.json_schema.schema_
+        else:  # plan_chat (schema.py) refuses it first
+            raise BadRequest(
+                "response_format.json_schema.schema: required for type json_schema",
+                "response_format.json_schema",
+                "invalid_value",
+            )
         return GrammarConstraint(self.tokenizer, self.schema_grammar(schema))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -70,7 +71,8 @@ class Tokenizer:
         if len(vocab) != len(tokens):
             dup = next(t for i, t in enumerate(tokens) if vocab[t] != i)
             raise ConfigError(f"vocabulary: expected unique tokens, {dup!r} appears more than once")
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        # 'left right': pairs (the GGUF reader, language/decoder_model.py, checks each has one space)
+        pairs = [cast(tuple[str, str], tuple(m.split(" ", 1))) for m in merges]
         hf = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -114,6 +116,7 @@ def check_text(text: object, what: str = "text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
+        bad: bytes | str
         try:
             bad = text[e.start : e.end].encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:  # a surrogate that stands for no byte

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -51,8 +52,9 @@ class VisionEncoder:
         try:
             self.preprocess_cfg = PreprocessConfig(
                 image_size=int(_value(meta, "image_size")),
-                mean=tuple(float(v) for v in _value(meta, "mean")),
-                std=tuple(float(v) for v in _value(meta, "std")),
+                # three each: PreprocessConfig checks
+                mean=cast(tuple[float, float, float], tuple(float(v) for v in _value(meta, "mean"))),
+                std=cast(tuple[float, float, float], tuple(float(v) for v in _value(meta, "std"))),
                 resample=str(_value(meta, "resample", "bicubic")),
             )
             self.num_query_tokens = check_count(_value(meta, "num_query_tokens"), "num_query_tokens", 1 << 16)

@@ -96,7 +96,7 @@ def _load_image(source: ImageSource, limits: ImageLimits) -> Image.Image:
     with _WARN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=list(limits.formats))
         except UnidentifiedImageError:
             raise _unidentified(data, limits) from None
         except _BOMB as e:
@@ -232,7 +232,9 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
     if icc:
         try:
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            return ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            rgb = ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            if rgb is not None:  # None only when converted in place (inPlace=True)
+                return rgb
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass  # a broken profile: fall back to Pillow's formula below
     return image.convert("RGB")

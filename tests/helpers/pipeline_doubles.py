@@ -1,28 +1,34 @@
-"""Decoder stand-ins for pipeline tests (test code only): the decoder's interface.
+"""Decoder stand-ins for pipeline tests (test code only): runtime/interfaces.py's `LanguageDecoder`.
 
 `RefDecoder` runs the PyTorch reference language model with a KV cache, so pipeline logic (splicing,
 cache reuse, multi-turn) is checked against the reference independently of the ggml decoder.
 `ScriptedDecoder` emits a fixed token script, so stop conditions are exercised deterministically.
+Both satisfy the protocol (tests/runtime/test_pipeline.py checks it), so `Pipeline(language=...)` takes them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from tinygptv_edge.runtime.config import PromptConfig
 from tinygptv_edge.runtime.errors import ContextOverflowError
+from tinygptv_edge.runtime.text.tokenizer import Tokenizer
 
 
 class RefDecoder:
+    """The PyTorch reference language model as a `LanguageDecoder` (runtime/interfaces.py)."""
+
     def __init__(self, model, tokenizer, prompt: PromptConfig | None = None, n_ctx: int | None = None):
         self.model, self.lm = model, model.language
-        self.tokenizer = tokenizer
-        self.prompt = prompt or model.cfg.prompt
-        self.n_embd = model.cfg.language.hidden
-        self.n_vocab = model.cfg.language.vocab_size
-        self.n_ctx = n_ctx or model.cfg.language.max_positions
-        self.image_tokens = model.cfg.num_image_tokens
+        self.tokenizer: Tokenizer = tokenizer
+        self.prompt: PromptConfig = prompt or model.cfg.prompt
+        self.n_embd: int = model.cfg.language.hidden
+        self.n_vocab: int = model.cfg.language.vocab_size
+        self.n_ctx: int = n_ctx or model.cfg.language.max_positions
+        self.image_tokens: int = model.cfg.num_image_tokens
         self.cache = self.lm.new_cache()
         self.closed = False
         self.evaluated = 0  # positions evaluated since creation (shows cache reuse)
@@ -32,7 +38,7 @@ class RefDecoder:
         return self.cache.length
 
     @torch.no_grad()
-    def embed_tokens(self, ids) -> np.ndarray:
+    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         return self.lm.embed(torch.tensor(list(ids), dtype=torch.long)).numpy()
 
     @torch.no_grad()
@@ -44,7 +50,7 @@ class RefDecoder:
         logits = self.lm(x, self.cache)[0]  # (T, V)
         return (logits if all_logits else logits[-1]).numpy()
 
-    def eval_tokens(self, ids, all_logits: bool = False) -> np.ndarray:
+    def eval_tokens(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         return self.eval_embeddings(self.embed_tokens(ids), all_logits)
 
     def truncate(self, n_past: int) -> None:
@@ -76,6 +82,6 @@ class ScriptedDecoder(RefDecoder):
         self.produced += 1
         return logits
 
-    def eval_embeddings(self, embeds, all_logits=False):
+    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
         super().eval_embeddings(embeds, all_logits)
         return self._next()

@@ -23,6 +23,7 @@ from tinygptv_edge.runtime.errors import (
     ModelMismatchError,
     PipelineBusyError,
 )
+from tinygptv_edge.runtime.interfaces import LanguageDecoder, VisionModel
 from tinygptv_edge.runtime.pipeline import Pipeline, Timings
 from tinygptv_edge.runtime.sampling import SamplingConfig
 from tinygptv_edge.runtime.vision.encoder import VisionEncoder
@@ -312,6 +313,28 @@ def test_image_cache_on_disk_across_pipelines(make_any, tmp_path):
     np.testing.assert_array_equal(restarted.embed_image(photo(9)), make_any().embed_image(photo(9)))
 
 
+def test_gate_is_a_context_manager(make_any):
+    pipe = make_any()
+    with pipe.gate:
+        _, embeds = pipe.encode_image(photo(9), Timings())  # allowed while held
+        with pytest.raises(PipelineBusyError, match="already runs a turn"), pipe.gate:
+            pass  # re-entry from the holder thread is refused
+        assert pipe.gate.held()
+    assert not pipe.gate.held()
+    np.testing.assert_array_equal(pipe.embed_image(photo(9)), embeds)
+
+
+def test_timings_add_up():
+    from tinygptv_edge.runtime.prefix_cache import Prefill
+
+    t = Timings(images=1, image_ms=2.0)
+    t.add_prefill(Prefill(np.zeros(1), evaluated=3, ms=4.0, restored=5))
+    t.add_prefill(Prefill(np.zeros(1), evaluated=1, ms=1.0))
+    t.add_images(Timings(images=2, images_cached=1, image_ms=0.5))
+    assert (t.prefill_tokens, t.prefill_restored, t.prefill_ms) == (4, 5, 5.0)
+    assert (t.images, t.images_cached, t.image_ms) == (3, 1, 2.5)
+
+
 def test_sampling_with_seed_is_reproducible(make_any):
     pipe = make_any()
     cfg = SamplingConfig(max_new_tokens=N, do_sample=True, top_p=0.9, repetition_penalty=1.05, seed=11)
@@ -374,6 +397,15 @@ def test_constraint_and_cancel(make_any, tiny):
     assert list(turn) == [] and turn.answer.stop == "cancelled" and turn.answer.token_ids == ()
     other = pipe.chat(GREEDY, dataclasses.replace(tiny.cfg.prompt, system="Another system prompt."))
     assert other.prompt_text("q", False).startswith("Another system prompt.###")
+
+
+def test_doubles_and_models_satisfy_the_protocols(tiny, files):
+    """runtime/interfaces.py: the reference stand-ins are LanguageDecoders, VisionEncoder a VisionModel."""
+    assert isinstance(RefDecoder(tiny.model, tiny.tokenizer), LanguageDecoder)
+    assert isinstance(ScriptedDecoder(tiny.model, tiny.tokenizer, [0]), LanguageDecoder)
+    with VisionEncoder(files[0]) as vision:
+        assert isinstance(vision, VisionModel)
+    assert not isinstance(object(), LanguageDecoder) and not isinstance(object(), VisionModel)
 
 
 # -- stops and history --------------------------------------------------------------------------

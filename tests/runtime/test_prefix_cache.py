@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 from tinygptv_edge.runtime.errors import ConfigError
+from tinygptv_edge.runtime.interfaces import KVDecoder, KVSnapshots
 from tinygptv_edge.runtime.prefix_cache import LOGITS_KEPT, PrefixCache
 
 H, V = 4, 16
 
 
 class ListDecoder:
-    """Holds its 'KV cache' as a list of rows; logits say how many rows it holds and the last row's sum."""
+    """Holds its 'KV cache' as a list of rows; logits say how many rows it holds and the last row's sum.
+    A `KVDecoder` (runtime/interfaces.py); SnapshotDecoder below is a `KVSnapshots`."""
 
     def __init__(self):
         self.rows: list[np.ndarray] = []
@@ -177,6 +179,11 @@ class SnapshotDecoder(ListDecoder):
         assert start <= len(self.rows), "write_kv past what the cache holds"
         floats = np.ascontiguousarray(rows).view(np.float32)[0, 0]
         self.rows = self.rows[:start] + [r.copy() for r in floats]
+
+
+def test_stand_ins_satisfy_the_protocols():
+    assert isinstance(ListDecoder(), KVDecoder) and not isinstance(ListDecoder(), KVSnapshots)
+    assert isinstance(SnapshotDecoder(), KVSnapshots)
 
 
 def test_snapshots_give_back_an_overwritten_prefix():
