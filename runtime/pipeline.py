@@ -486,7 +486,7 @@ class Turn:
                 if self.cancel is not None and self.cancel.is_set():
                     stop = "cancelled"
                     break
-                token = sampler(logits, ids, constraint.allowed() if constraint is not None else None)
+                token = sampler(logits, ids, constraint.allowed(logits) if constraint is not None else None)
                 if not ids:
                     timings.first_token_ms = (time.perf_counter() - t_start) * 1e3
                 if token == eos:

@@ -70,10 +70,11 @@ PRESETS = {"greedy": GREEDY, "tinygptv": TINYGPTV}
 
 
 class TokenConstraint(Protocol):
-    """What may come next (e.g. a grammar): `allowed()` a (V,) bool mask, `accept(token)` after each
-    choice, `done()` once nothing more may follow."""
+    """What may come next (e.g. a grammar): `allowed(logits)` a (V,) bool mask, given the model's logits
+    for this step (a constraint may steer by them, e.g. close a JSON string where the model would end its
+    turn), `accept(token)` after each choice, `done()` once nothing more may follow."""
 
-    def allowed(self) -> np.ndarray: ...
+    def allowed(self, logits: np.ndarray) -> np.ndarray: ...
 
     def accept(self, token: int) -> None: ...
 

@@ -146,7 +146,7 @@ class Engine:
         try:
             pipe = self._load_fn()
             self.warmed = pipe.warm()  # BOS + system prompt: every conversation starts with it
-            self.grammars = Grammars(pipe.tokenizer)
+            self.grammars = Grammars(pipe.tokenizer, pipe.prompt.separator)
             self.pipe = pipe
             if self.state == "loading":  # not closed meanwhile
                 self.state = "ready"
@@ -237,7 +237,7 @@ class Engine:
     def constraint(self, plan: ChatPlan) -> GrammarConstraint | None:
         self.ready()
         assert self.grammars is not None  # set before state "ready"
-        return self.grammars.for_format(plan.response_format)
+        return self.grammars.for_format(plan.response_format, plan.sampling.max_new_tokens)
 
     def chat(self, job: Job, plan: ChatPlan, constraint: GrammarConstraint | None) -> None:
         """Worker side of a chat completion: emits ("piece", text)* then ("done", Result) or ("error", e)."""
