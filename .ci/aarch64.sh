@@ -330,7 +330,7 @@ for CPU in $CPUS; do
     if in_arm "$CPU" bash -c "cd /opt/src && tinygptv-edge run --json --vision tests/data/vision.int8.onnx \
         --language tests/data/language.q4_0.gguf --image export/data/example.png \
         --prompt \"\$(python tests/helpers/shipped_data.py --demo-question)\"" >"$OUT/run-$CPU.json" 2>"$OUT/run-$CPU.err" \
-        && in_arm "$CPU" python /opt/src/tests/shipped_data.py --check-demo "/out/run-$CPU.json"; then
+        && in_arm "$CPU" python /opt/src/tests/helpers/shipped_data.py --check-demo "/out/run-$CPU.json"; then
         cat "$OUT/run-$CPU.json"
     else
         cat "$OUT/run-$CPU.json" "$OUT/run-$CPU.err" >&2
