@@ -8,7 +8,9 @@
 #define KQ_NO_PYTHON
 #include <stdio.h>
 
-#include "kquant.c"
+#include <stdlib.h>
+
+#include "native.h"
 
 static size_t block_bytes(int type) {
     return type == TYPE_Q4_K ? sizeof(block_q4k) : type == TYPE_Q5_K ? sizeof(block_q5k) : sizeof(block_q6k);
@@ -21,9 +23,8 @@ static int fail(const char *what) {
 
 int main(int argc, char **argv) {
     if (argc != 3) return fail("usage: kquant_harness IN OUT");
-    (void)kq_op, (void)path_runs; /* the Python module's, unused here */
-    kq_active = kq_detect();
-    printf("path=%s\ncompiled=", kq_path_names[kq_active]);
+    kq_dispatch_init();
+    printf("path=%s\ncompiled=", kq_dispatch.name);
     for (int i = 0; i < KQ_NPATHS; i++)
         if (kq_compiled[i]) printf("%s%s", i ? "," : "", kq_path_names[i]);
     printf("\n");
@@ -42,8 +43,8 @@ int main(int argc, char **argv) {
         if (!w || !x || !o) return fail("out of memory");
         if (fread(w, 1, wbytes, in) != wbytes || fread(x, sizeof(float), xn, in) != xn)
             return fail("truncated case");
-        if (kq_matmul(type, w, n, k, x, t, k, o, n, 0, 1, KQ_PLAIN) ||
-            kq_matmul(type, w, n, k, x, t, k, o + on, n, 0, 1, kq_active))
+        if (kq_matmul(&kq_plain, type, w, n, k, x, t, k, o, n, 0, 1) ||
+            kq_matmul(&kq_dispatch, type, w, n, k, x, t, k, o + on, n, 0, 1))
             return fail("matmul failed");
         if (fwrite(o, sizeof(float), 2 * on, out) != 2 * on) return fail("cannot write OUT");
         free(w), free(x), free(o);

@@ -95,7 +95,7 @@ def test_rejects_what_it_cannot_compute():
         _kquant.matmul(8, raw.ctypes.data, 4, 256, x.ctypes.data, 4, 256, x.ctypes.data, 4, "plain")  # Q8_0
     other = {"avx512vnni", "neon-dotprod", "sse9"} - set(_kquant.SUPPORTED)
     for name in other:  # a path this CPU does not run (or that does not exist) is refused, not run
-        with pytest.raises(ValueError, match="kquant path"):
+        with pytest.raises(ValueError, match="kernel path"):
             run("Q5_K", raw, 4, 256, x, name)
 
 
