@@ -53,7 +53,8 @@ void kq_epilogue_plain(float *out, size_t ldo, int T, int n0, int n1, const floa
         }
 }
 
-void kq_epilogue(const kq_ops *ops, float *out, size_t ldo, int T, int n0, int n1, const float *bias, int act) {
+void kq_epilogue(const kq_ops *ops, float *out, size_t ldo, int T, int n0, int n1, const float *bias,
+                 int act) {
     if (!bias && act == KQ_ACT_NONE) return;
     ops->epilogue(out, ldo, T, n0, n1, bias, act);
 }

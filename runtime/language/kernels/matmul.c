@@ -81,8 +81,8 @@ int kq_matmul(const kq_ops *ops, int type, const void *W, int N, int K, const fl
          * 8-row groups of the same bytes, two tiles per group. The AVX-512 tile prefetches the next
          * tile, when it is this thread's. */
         if (type == TYPE_Q4_0_X8)
-            ops->unpack((const char *)W + (size_t)(tile_i / 2) * 2 * span, row_bytes, type, (tile_i % 2) * ROWS, K,
-                        c, a, b);
+            ops->unpack((const char *)W + (size_t)(tile_i / 2) * 2 * span, row_bytes, type, (tile_i % 2) * ROWS,
+                        K, c, a, b);
         else
             ops->unpack((const char *)W + (size_t)tile_i * span, row_bytes, type, 0, K, c, a, b);
         p.pf_len = type != TYPE_Q4_0_X8 && tile_i + 1 < t1 ? span : 0;

@@ -209,13 +209,14 @@ typedef struct {
 } kq_ops;
 
 extern const kq_ops kq_plain; /* the plain C reference of every op (dispatch.c) */
-extern kq_ops kq_dispatch;    /* what this CPU runs: filled once by kq_dispatch_init(), when the module loads */
+extern kq_ops kq_dispatch;    /* what this CPU runs: filled once, when the module loads */
 void kq_dispatch_init(void);  /* detects the CPU, fills kq_dispatch, builds the GELU table */
 const kq_ops *kq_ops_named(const char *name); /* kq_plain or kq_dispatch by name; NULL: not run here */
 
 /* plain.c, epilogue.c, attention.c: the plain C steps */
 void kq_quantize_plain(const float *x, int blk, int lane, acts *p);
-void kq_unpack_plain(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c, float *a, float *b);
+void kq_unpack_plain(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c, float *a,
+                     float *b);
 void kq_tile_plain(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
                    float res[2][ROWS][TB]);
 void kq_epilogue_plain(float *out, size_t ldo, int T, int n0, int n1, const float *bias, int act);
@@ -224,7 +225,8 @@ void kq_attn_plain(const kq_attn_args *a, int h0, int h1, int n, float *kt, floa
 #if KQ_HAVE_AVX512 /* x86_avx512.c */
 int kq_cpu_has_avx512vnni(void);
 void kq_quantize_avx512(const float *x, int blk, int lane, acts *p);
-void kq_unpack_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c, float *a, float *b);
+void kq_unpack_avx512(const char *W, size_t row_bytes, int type, int sub, int K, uint8_t *c, float *a,
+                      float *b);
 void kq_tile_avx512(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
                     float res[2][ROWS][TB]);
 int kq_q40x8_avx512(const void *W, int N, int K, const float *X, int T, size_t ldx, float *out, size_t ldo,
@@ -253,7 +255,8 @@ void kq_free_acts(acts *p);
 void kq_op(void *dst, int ith, int nth, void *userdata); /* the matmul + epilogue as ggml_custom_op_t */
 
 /* epilogue.c: columns n0..n1 - 1 of tokens 0..T - 1 (nothing to do without bias and act) */
-void kq_epilogue(const kq_ops *ops, float *out, size_t ldo, int T, int n0, int n1, const float *bias, int act);
+void kq_epilogue(const kq_ops *ops, float *out, size_t ldo, int T, int n0, int n1, const float *bias,
+                 int act);
 void kq_init_gelu(void);
 extern float kq_gelu_table[1 << 16];
 
