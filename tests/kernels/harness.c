@@ -4,8 +4,10 @@
  *
  *     harness IN OUT
  * prints the path the CPU gets (`path=NAME`) and the compiled ones; then for each case of IN writes
- * to OUT the plain path's output followed by the detected path's (kq_plain, then kq_dispatch), and
- * prints `cases=N` and the count per op. Exit status 0, or 1 with a message on stderr.
+ * to OUT three outputs: the plain path's (kq_plain), the detected path's (kq_dispatch), and the
+ * detected path's again split over HARNESS_THREADS threads as ggml runs the op (the custom ops kq_op
+ * and kq_attn_op, called for each ith in turn; the epilogue by column ranges); it prints `cases=N` and
+ * the count per op. Exit status 0, or 1 with a message on stderr.
  *
  * A case is 8 int32 (op and its sizes) and its inputs, all little-endian:
  *   op 0, matmul:    type, n, k, t;  n rows of type's blocks (TYPE_Q4_0_X8: ggml's 8-row repack);
@@ -23,6 +25,7 @@
 #include "native.h"
 
 enum { OP_MATMUL = 0, OP_EPILOGUE = 1, OP_ATTENTION = 2, N_OPS = 3 };
+#define HARNESS_THREADS 3
 static const char *const op_names[N_OPS] = {"matmul", "epilogue", "attention"};
 
 static int fail(const char *what) {
@@ -51,7 +54,7 @@ static void *read_new(FILE *in, size_t n) {
     return p;
 }
 
-/* the plain then the detected path's output of one case (2 x on floats at o): 0, or 1 on failure */
+/* one case's three outputs (3 x on floats at o, in harness order): 0, or 1 on failure */
 static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
     const kq_ops *paths[2] = {&kq_plain, &kq_dispatch};
     if (h[0] == OP_MATMUL) {
@@ -61,10 +64,13 @@ static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
         void *w = read_new(in, (size_t)n * row_bytes(type, k));
         float *x = read_new(in, (size_t)t * k * sizeof(float));
         *on = (size_t)t * n;
-        *o = malloc(2 * *on * sizeof(float));
+        *o = malloc(3 * *on * sizeof(float));
         if (!w || !x || !*o) return fail("truncated case or out of memory");
         for (int i = 0; i < 2; i++)
             if (kq_matmul(paths[i], type, w, n, k, x, t, k, *o + i * *on, n, 0, 1)) return fail("matmul failed");
+        kq_args u = {.type = type, .n = n, .k = k, .t = t, .w = w, .x = x, .out = *o + 2 * *on, .ldx = k, .ldo = n};
+        for (int ith = 0; ith < HARNESS_THREADS; ith++) kq_op(NULL, ith, HARNESS_THREADS, &u);
+        if (u.status) return fail("the matmul op failed");
         free(w), free(x);
         return 0;
     }
@@ -74,11 +80,16 @@ static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
             return fail("bad epilogue case");
         *on = (size_t)t * n;
         float *y = read_new(in, *on * sizeof(float)), *bias = has_bias ? read_new(in, (size_t)n * sizeof(float)) : NULL;
-        *o = malloc(2 * *on * sizeof(float));
+        *o = malloc(3 * *on * sizeof(float));
         if (!y || (has_bias && !bias) || !*o) return fail("truncated case or out of memory");
-        for (int i = 0; i < 2; i++) {
+        for (int i = 0; i < 3; i++) {
             memcpy(*o + i * *on, y, *on * sizeof(float));
-            kq_epilogue(paths[i], *o + i * *on, n, t, 0, n, bias, act);
+            if (i < 2) kq_epilogue(paths[i], *o + i * *on, n, t, 0, n, bias, act);
+        }
+        for (int ith = 0; ith < HARNESS_THREADS; ith++) {
+            int n0, n1;
+            kq_share(n, ith, HARNESS_THREADS, &n0, &n1);
+            kq_epilogue(&kq_dispatch, *o + 2 * *on, n, t, n0, n1, bias, act);
         }
         free(y), free(bias);
         return 0;
@@ -94,7 +105,7 @@ static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
         char *q = read_new(in, (size_t)T * qh * D * 4), *k = read_new(in, kv), *v = read_new(in, kv);
         char *mask = read_new(in, (size_t)m_rows * n_kv * 2);
         *on = (size_t)T * H * D;
-        *o = malloc(2 * *on * sizeof(float));
+        *o = malloc(3 * *on * sizeof(float));
         if (!q || !k || !v || !mask || !*o) return fail("truncated case or out of memory");
         kq_attn_args a = {.D = D, .H = H, .T = T, .n_kv = n_kv, .kv_f16 = f16, .q = q, .q_nb1 = (int64_t)D * 4,
                           .q_nb2 = (int64_t)qh * D * 4, .k = k, .v = v, .k_nb1 = (int64_t)H * D * es,
@@ -104,6 +115,9 @@ static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
             a.out = *o + i * *on;
             if (kq_attention(paths[i], &a, 0, 1)) return fail("attention failed");
         }
+        a.out = *o + 2 * *on;
+        for (int ith = 0; ith < HARNESS_THREADS; ith++) kq_attn_op(NULL, ith, HARNESS_THREADS, &a);
+        if (a.status) return fail("the attention op failed");
         free(q), free(k), free(v), free(mask);
         return 0;
     }
@@ -125,7 +139,7 @@ int main(int argc, char **argv) {
         float *o = NULL;
         size_t on = 0;
         if (run_case(in, h, &o, &on)) return 1;
-        if (fwrite(o, sizeof(float), 2 * on, out) != 2 * on) return fail("cannot write OUT");
+        if (fwrite(o, sizeof(float), 3 * on, out) != 3 * on) return fail("cannot write OUT");
         free(o);
         per_op[h[0]]++;
         cases++;

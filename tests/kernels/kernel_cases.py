@@ -1,11 +1,14 @@
 """Inputs for the native kernels' tests (test_kernels.py on this CPU, test_kernel_paths.py under
-emulation), and each op called through `_native` with a named path."""
+emulation), each op called through `_native` with a named path, and tests/kernels/harness.c's cases:
+every op, written for the harness, with this machine's outputs to hold its outputs to."""
 
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
+from helpers.decoder_gguf import quantize
 
 from tinygptv_edge.runtime.language.kernels import ops
 
@@ -96,3 +99,108 @@ def run(native, op: str, params: dict, arrays: dict, path: str) -> np.ndarray:
     if op == "epilogue":
         return epilogue(native, arrays["y"], arrays.get("bias"), params["act"], path)
     return attention(native, {**params, **arrays}, path)
+
+
+# ---- harness.c's cases -------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "runtime" / "language" / "kernels"
+OPS = ("matmul", "epilogue", "attention")  # harness.c's op numbers 0, 1, 2
+
+# (type, rows, columns, tokens): one token; one 16-token block; pairs of blocks with tails. Q4_0_X8:
+# ggml's 8-row repack (its own AVX-512 kernel: 16-row stripes, one and a half or three; passes of up to
+# 8 tokens)
+MATMUL = [("Q4_K", 8, 512, 37), ("Q5_K", 24, 512, 16), ("Q6_K", 8, 768, 1), ("Q6_K", 12, 256, 40),
+          ("Q5_K", 4, 256, 33), ("Q4_K", 4, 1024, 20), ("Q4_0", 24, 320, 22), ("Q4_0", 8, 512, 1),
+          ("Q4_0_X8", 24, 320, 22), ("Q4_0_X8", 48, 320, 9), ("Q4_0_X8", 8, 256, 1),
+          ("Q4_0_X8", 48, 320, 37)]  # fmt: skip
+EPILOGUE = [(0, True), (1, True), (1, False)]  # (act: 1 GELU, with a bias)
+ATTENTION = [(80, "f16"), (80, "f32"), (20, "f16"), (20, "f32")]  # Phi-2's head; a masked AVX-512 tail
+
+
+def kernel_type(native, type_name: str) -> int:
+    """The kernel's type id: the ggml type, or Q4_0_X8 for ggml's x86 Q4_0 repack."""
+    return native.Q4_0_X8 if type_name == "Q4_0_X8" else ops.TYPE_IDS[type_name]
+
+
+def build_cases(native) -> list[dict]:
+    """Inputs with some structure (zeros, one huge value, ties at .5 after scaling; every fp16 value and
+    rounding tie for the GELU) as {op, label, params, arrays, header, ref}: ref is this machine's output
+    on each path it runs."""
+    rng = np.random.default_rng(11)
+    cases = []
+    for type_name, n, k, t in MATMUL:
+        w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 1.0, k).astype(np.float32)
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero 32-block: dx = 0
+        if t > 2:
+            x[1, 40] = 1e4  # one outlier dominating its block
+            x[2, 64:96] = np.arange(32, dtype=np.float32) - 15.5  # codes landing on .5 ties
+        raw = quantize(w, "Q4_0" if type_name == "Q4_0_X8" else type_name)
+        if type_name == "Q4_0_X8":
+            raw = x8_layout(raw, n, k)
+        params = {"type_id": kernel_type(native, type_name), "n": n, "k": k}
+        header = [0, kernel_type(native, type_name), n, k, t]
+        arrays = {"raw": raw, "x": x}
+        cases.append({"op": "matmul", "label": f"{type_name} {n}x{k} t={t}", "params": params,
+                      "arrays": arrays, "header": header})  # fmt: skip
+    grid = fp16_grid()
+    n = 16 * 5 + 3  # a masked tail on AVX-512
+    y = np.resize(grid, (-(-len(grid) // n) * n,)).reshape(-1, n)
+    bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    for act, with_bias in EPILOGUE:
+        arrays = {"y": y, "bias": bias} if with_bias else {"y": y}
+        header = [1, y.shape[0], n, act, int(with_bias)]
+        cases.append({"op": "epilogue", "label": f"epilogue act={act} bias={with_bias}",
+                      "params": {"act": act}, "arrays": arrays, "header": header})  # fmt: skip
+    for D, kv in ATTENTION:
+        a = attention_inputs(D, kv)
+        params = {key: a[key] for key in ("D", "H", "T", "n_kv", "scale")}
+        arrays = {key: a[key] for key in ("qk", "k", "v", "mask")}
+        header = [2, D, a["H"], a["T"], a["n_kv"], int(kv == "f16"), a["qk"].shape[1], a["mask"].shape[0]]
+        cases.append({"op": "attention", "label": f"attention D={D} {kv}", "params": params, "arrays": arrays,
+                      "header": header})  # fmt: skip
+    for c in cases:
+        c["ref"] = {p: run(native, c["op"], c["params"], c["arrays"], p) for p in native.SUPPORTED}
+    return cases
+
+
+def write_cases(path: Path, cases) -> None:
+    """harness.c's input: per case 8 int32 and its inputs, in the order harness.c reads them."""
+    with open(path, "wb") as f:
+        for c in cases:
+            f.write(np.array(c["header"] + [0] * (8 - len(c["header"])), "<i4").tobytes())
+            a = c["arrays"]
+            if c["op"] == "attention":
+                f.write(np.float32(c["params"]["scale"]).tobytes())
+                parts = [a["qk"], a["k"], a["v"], a["mask"]]
+            elif c["op"] == "matmul":
+                parts = [a["raw"], a["x"]]
+            else:
+                parts = [a["y"], a["bias"]] if "bias" in a else [a["y"]]
+            for p in parts:
+                f.write(np.ascontiguousarray(p).tobytes())
+
+
+def compile_harness(cc: str, exe: Path, *flags: str) -> Path:
+    """harness.c linked with the folder's .c files, all but module.c (the Python glue)."""
+    import subprocess
+
+    c_files = [str(p) for p in sorted(KERNELS.glob("*.c")) if p.name != "module.c"]
+    cmd = [cc, "-O2", "-Wall", "-Werror", *flags, "-I", str(KERNELS), str(ROOT / "tests/kernels/harness.c"),
+           *c_files, "-o", str(exe), "-lm"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def harness_outputs(out: Path, cases) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """harness.c's OUT: per case (plain, detected path, detected path on threads as ggml runs it)."""
+    got = np.fromfile(out, "<f4")
+    res, off = [], 0
+    for c in cases:
+        shape = c["ref"]["plain"].shape
+        size = c["ref"]["plain"].size
+        res.append(tuple(got[off + i * size : off + (i + 1) * size].reshape(shape) for i in range(3)))
+        off += 3 * size
+    assert off == got.size, (off, got.size)
+    return res

@@ -8,11 +8,23 @@ Every op on the paths of other CPUs (NEON, and x86 without AVX-512): tests/kerne
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from helpers.decoder_gguf import quantize
-from kernel_cases import attention_args, attention_inputs, fp16_grid, x8_layout
+from kernel_cases import (
+    OPS,
+    attention_args,
+    attention_inputs,
+    build_cases,
+    compile_harness,
+    fp16_grid,
+    harness_outputs,
+    write_cases,
+    x8_layout,
+)
 
 from tinygptv_edge.runtime.language.ggml_runtime import load_ggml
 from tinygptv_edge.runtime.language.kernels import ops
@@ -297,3 +309,25 @@ def test_prompt_attention_matches_float64_and_every_path_alike(kv, D):
     a.D = 300  # past the kernel's head size
     with pytest.raises(ValueError, match="bad arguments"):
         _native.attention(ctypes.addressof(a), "plain")
+
+
+def test_harness_runs_every_op_and_splits_it_over_threads_as_the_module_does(tmp_path):
+    """tests/kernels/harness.c built for this CPU (the emulated CPUs: test_kernel_paths.py): it picks
+    the module's path, its plain and detected outputs are the module's, and each op split over threads
+    as ggml runs it (the custom ops) gives the single thread's output."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("needs a C compiler")
+    exe = compile_harness(cc, tmp_path / "harness")
+    cases = build_cases(_native)
+    write_cases(tmp_path / "in.bin", cases)
+    args = [str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = dict(line.split("=", 1) for line in proc.stdout.split())
+    assert info["path"] == _native.PATH and info["compiled"].split(",") == list(_native.COMPILED)
+    assert [info[op] for op in OPS] == [str(sum(c["op"] == op for c in cases)) for op in OPS]
+    for c, (plain, active, threads) in zip(cases, harness_outputs(tmp_path / "out.bin", cases), strict=True):
+        np.testing.assert_array_equal(plain, c["ref"]["plain"], err_msg=c["label"])
+        np.testing.assert_array_equal(active, c["ref"][_native.PATH], err_msg=c["label"])
+        np.testing.assert_array_equal(threads, active, err_msg=f"{c['label']} on 3 threads")
