@@ -16,6 +16,7 @@ place of ggml's flash attention. The C side's map: native.h.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from .. import ggml_types
 try:
     from . import _native
 except ImportError:  # not built (e.g. a source tree without the editable install)
-    _native = None
+    _native = None  # type: ignore[assignment]  # available() is then False
 
 TYPE_IDS = {name: ggml_types.TYPE_IDS[name] for name in (*ggml_types.K_QUANTS, "Q4_0")}  # ggml_type
 Q4_0 = ggml_types.GGML_TYPES[TYPE_IDS["Q4_0"]]  # 32 columns in 18 bytes
@@ -121,7 +122,7 @@ def interleave_q4_0x8(rows: bytes, k: int) -> bytes:
     return np.concatenate([b[..., :2].reshape(nb, 16), chunks], axis=1).tobytes()
 
 
-def repacked_q4_0(ggml, file_rows, tensors: dict[str, object], repacked: list[str]) -> dict[str, int]:
+def repacked_q4_0(ggml, file_rows, tensors: dict[str, Any], repacked: list[str]) -> dict[str, int]:
     """The repacked Q4_0 weights whose layout is ggml's x86 8-row interleave, as {name: kernel type}.
 
     The layout is confirmed on the first such weight: its first 8 rows as the repack buffer holds them
@@ -158,8 +159,8 @@ class KQuantOps:
             _OP = ggml.ggml_custom_op_t(_native.op_address())
             _ATTN_OP = ggml.ggml_custom_op_t(_native.attn_op_address())
         self.ggml = ggml
-        self.nodes: list[tuple[KQArgs, object, object, object, object]] = []  # (args, w, x, out, bias)
-        self.attn: list[tuple[KQAttnArgs, ...]] = []  # (args, q, k, v, mask, out)
+        self.nodes: list[tuple[KQArgs, Any, Any, Any, Any]] = []  # (args, w, x, out, bias): ggml tensors
+        self.attn: list[tuple[KQAttnArgs, Any, Any, Any, Any, Any]] = []  # (args, q, k, v, mask, out)
 
     def matmul(self, ctx, w, x, kind: int, bias=None, gelu: bool = False):
         """W x (+ bias, then GELU) for x (K, T) F32 with contiguous rows: an F32 (N, T) node, like
@@ -206,33 +207,33 @@ class KQuantOps:
 
     def bind(self) -> None:
         """Data pointers and row strides, once the graph allocator placed every tensor."""
-        for args, q, k, v, m, out in self.attn:
+        for at, q, k, v, m, out in self.attn:
             qc, kc, vc, mc = (t.contents for t in (q, k, v, m))
-            args.q, args.k, args.v, args.mask = qc.data, kc.data, vc.data, mc.data
-            args.out = out.contents.data
-            args.q_nb1, args.q_nb2 = qc.nb[1], qc.nb[2]
-            args.k_nb1, args.k_nb2, args.v_nb1, args.v_nb2 = kc.nb[1], kc.nb[2], vc.nb[1], vc.nb[2]
-            args.m_nb1 = mc.nb[1]
-            if not all((args.q, args.k, args.v, args.mask, args.out)):
+            at.q, at.k, at.v, at.mask = qc.data, kc.data, vc.data, mc.data
+            at.out = out.contents.data
+            at.q_nb1, at.q_nb2 = qc.nb[1], qc.nb[2]
+            at.k_nb1, at.k_nb2, at.v_nb1, at.v_nb2 = kc.nb[1], kc.nb[2], vc.nb[1], vc.nb[2]
+            at.m_nb1 = mc.nb[1]
+            if not all((at.q, at.k, at.v, at.mask, at.out)):
                 raise RuntimeError("native attention: unallocated operands")
-        for args, w, x, out, bias in self.nodes:
-            args.w, args.x, args.out = w.contents.data, x.contents.data, out.contents.data
-            args.bias = bias.contents.data if bias is not None else None
-            args.ldx, args.ldo = x.contents.nb[1] // 4, out.contents.nb[1] // 4
-            unbound = not all((args.w, args.x, args.out)) or (bias is not None and not args.bias)
+        for mm, w, x, out, bias in self.nodes:
+            mm.w, mm.x, mm.out = w.contents.data, x.contents.data, out.contents.data
+            mm.bias = bias.contents.data if bias is not None else None
+            mm.ldx, mm.ldo = x.contents.nb[1] // 4, out.contents.nb[1] // 4
+            unbound = not all((mm.w, mm.x, mm.out)) or (bias is not None and not mm.bias)
             if x.contents.nb[0] != 4 or unbound:
                 raise RuntimeError("k-quant matmul: unallocated or non-contiguous operands")
 
     def check(self) -> None:
-        for args, *_ in self.attn:
-            if args.status:
-                status, args.status = args.status, 0
+        for at, *_ in self.attn:
+            if at.status:
+                status, at.status = at.status, 0
                 if status == -1:
                     raise MemoryError("native attention: out of memory for its work buffers")
                 raise RuntimeError(f"native attention failed with status {status}")
-        for args, *_ in self.nodes:
-            if args.status:
-                status, args.status = args.status, 0
+        for mm, *_ in self.nodes:
+            if mm.status:
+                status, mm.status = mm.status, 0
                 if status == -1:
                     raise MemoryError("k-quant matmul: out of memory for its work buffers")
                 raise RuntimeError(f"k-quant matmul failed with status {status}")
