@@ -27,7 +27,7 @@ set -euo pipefail
 SCRIPT_VERSION=1
 ROOTFS_VERSION=1 # bump when the userland must be remade for reasons the key does not see
 SUITE=bookworm
-# python3-dev and a C compiler for runtime/language/kernels/kquant.c, g++ for ggml. No Debian cmake: ggml-python's build
+# python3-dev and a C compiler for runtime/language/kernels/*.c, g++ for ggml. No Debian cmake: ggml-python's build
 # backend (scikit-build-core) then takes cmake and ninja wheels from PyPI, and the userland skips the
 # ~60 packages cmake and build-essential pull in (icu, curl, perl, ...), which debootstrap would unpack
 # and configure under emulation.
@@ -273,7 +273,7 @@ for CPU in $CPUS; do
     fi
 
     # -- the venv: deps from PyPI (aarch64 wheels, pip's download cache), ggml from the wheel above, the
-    #    project from the clone with `pip install .` (compiles runtime/language/kernels/kquant.c on this CPU). The venv is
+    #    project from the clone with `pip install .` (compiles runtime/language/kernels/*.c on this CPU). The venv is
     #    kept while what it holds stays the same (pyproject's dependency list, the ggml wheel, the test
     #    tools, the userland); the project itself is installed anew on every run.
     start

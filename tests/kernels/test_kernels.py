@@ -1,20 +1,36 @@
-"""runtime/language/kernels/: the batched matmul against ggml's dequantization, its paths, the decoder.
+"""runtime/language/kernels/ on this CPU: the batched matmul against ggml's dequantization, the Q4_0
+repack, the bias + GELU epilogue, prompt attention, each path this CPU runs against plain C, and the
+decoder's use of them.
 
-The NEON path and the fallback: tests/kernels/test_kquant_paths.py (under qemu)."""
+Every op on the paths of other CPUs (NEON, and x86 without AVX-512): tests/kernels/test_kernel_paths.py
+(under qemu)."""
 
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from helpers.decoder_gguf import quantize
+from kernel_cases import (
+    OPS,
+    attention_args,
+    attention_inputs,
+    build_cases,
+    compile_harness,
+    fp16_grid,
+    harness_outputs,
+    write_cases,
+    x8_layout,
+)
 
 from tinygptv_edge.runtime.language.ggml_runtime import load_ggml
-from tinygptv_edge.runtime.language.kernels import ops as kquant
+from tinygptv_edge.runtime.language.kernels import ops
 
-_kquant = pytest.importorskip("tinygptv_edge.runtime.language.kernels._native")
-PATHS = list(_kquant.SUPPORTED)  # 'plain' and the fast path this CPU runs, if any
+_native = pytest.importorskip("tinygptv_edge.runtime.language.kernels._native")
+PATHS = list(_native.SUPPORTED)  # 'plain' and the fast path this CPU runs, if any
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -29,9 +45,9 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.nd
 
 def run(type_name: str, raw: np.ndarray, n: int, k: int, x: np.ndarray, path: str) -> np.ndarray:
     out = np.full((x.shape[0], n), np.nan, np.float32)
-    tid = kquant.TYPE_IDS[type_name]
+    tid = ops.TYPE_IDS[type_name]
     ldx = x.strides[0] // 4
-    _kquant.matmul(tid, raw.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx, out.ctypes.data, n, path)
+    _native.matmul(tid, raw.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx, out.ctypes.data, n, path)
     return out
 
 
@@ -51,7 +67,7 @@ def test_matches_dequantized_weights(type_name, n, k, t, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("type_name", list(kquant.TYPE_IDS))
+@pytest.mark.parametrize("type_name", list(ops.TYPE_IDS))
 def test_error_within_the_rounding_bound(type_name, path):
     """Exact weights, int8 activations (one scale dx per 32 values, rounded to nearest): each output
     is off by at most sum over blocks of dx / 2 * sum |w| in the block."""
@@ -67,23 +83,23 @@ def test_error_within_the_rounding_bound(type_name, path):
 
 
 def test_fast_path_equals_plain_c_bit_for_bit():
-    """Same IEEE operations in the same order (kquant.c's header): not close, identical."""
+    """Same IEEE operations in the same order (runtime/language/kernels/native.h): not close, identical."""
     if len(PATHS) < 2:
-        pytest.skip(f"this CPU runs only the plain path (compiled: {_kquant.COMPILED})")
+        pytest.skip(f"this CPU runs only the plain path (compiled: {_native.COMPILED})")
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 512)).astype(np.float32)
     for t in (40, 22, 24, 25, 9, 8, 1):  # last block of 8 or fewer tokens (AVX-512 pair lanes) or more
         x = rng.standard_normal((t, 512)).astype(np.float32)
-        for type_name in kquant.TYPE_IDS:
+        for type_name in ops.TYPE_IDS:
             raw = quantize(w, type_name)
             a, b = run(type_name, raw, 16, 512, x, "plain"), run(type_name, raw, 16, 512, x, PATHS[1])
             np.testing.assert_array_equal(b, a, err_msg=f"{type_name}, {t} tokens")
 
 
 def test_active_path_is_reported():
-    assert kquant.active_path() == _kquant.PATH in _kquant.SUPPORTED
-    assert set(_kquant.SUPPORTED) <= set(_kquant.COMPILED) and "plain" in _kquant.SUPPORTED
-    assert kquant.available() == (_kquant.PATH != "plain")
+    assert ops.active_path() == _native.PATH in _native.SUPPORTED
+    assert set(_native.SUPPORTED) <= set(_native.COMPILED) and "plain" in _native.SUPPORTED
+    assert ops.available() == (_native.PATH != "plain")
 
 
 def test_rejects_what_it_cannot_compute():
@@ -92,10 +108,10 @@ def test_rejects_what_it_cannot_compute():
     with pytest.raises(ValueError, match="unsupported matmul"):
         run("Q5_K", raw, 4, 200, x, "plain")  # not whole super-blocks
     with pytest.raises(ValueError, match="unsupported matmul"):
-        _kquant.matmul(8, raw.ctypes.data, 4, 256, x.ctypes.data, 4, 256, x.ctypes.data, 4, "plain")  # Q8_0
-    other = {"avx512vnni", "neon-dotprod", "sse9"} - set(_kquant.SUPPORTED)
+        _native.matmul(8, raw.ctypes.data, 4, 256, x.ctypes.data, 4, 256, x.ctypes.data, 4, "plain")  # Q8_0
+    other = {"avx512vnni", "neon-dotprod", "sse9"} - set(_native.SUPPORTED)
     for name in other:  # a path this CPU does not run (or that does not exist) is refused, not run
-        with pytest.raises(ValueError, match="kquant path"):
+        with pytest.raises(ValueError, match="kernel path"):
             run("Q5_K", raw, 4, 256, x, name)
 
 
@@ -110,8 +126,8 @@ def _export(tiny, tmp_path, level: str):
 def _kernel_against_ggml(path, check) -> None:
     """A 40-token batch and one decode step with the kernel on and off (`check(dec, on)` looks at each
     decoder first): the logits must agree."""
-    if not kquant.available():
-        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {kquant.active_path()}")
+    if not ops.available():
+        pytest.skip(f"the runtime uses the kernel only on a fast path; this CPU runs {ops.active_path()}")
     from helpers.decoder_ref import kl_top1
 
     from tinygptv_edge.runtime.language.decoder import Decoder
@@ -140,12 +156,6 @@ def test_decoder_uses_it_and_agrees_with_ggml(tiny, tmp_path):
     _kernel_against_ggml(_export(tiny, tmp_path, "Q4_K_M"), check)
 
 
-def x8_layout(raw: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Q4_0 rows as ggml's x86 repack holds them, 8 rows at a time."""
-    rows = raw.reshape(n // 8, -1)
-    return np.frombuffer(b"".join(kquant.interleave_q4_0x8(r.tobytes(), k) for r in rows), np.uint8)
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("t", [1, 2, 8, 9, 16, 22, 37])  # passes of up to 8 tokens on AVX-512
 @pytest.mark.parametrize("n", [24, 48])  # 16-row stripes on AVX-512: one and a half, three
@@ -157,10 +167,10 @@ def test_q4_0_in_ggmls_repacked_layout_equals_plain_rows(n, t, path):
     x8 = x8_layout(raw, n, k)
     assert x8.nbytes == raw.nbytes and not np.array_equal(x8, raw.reshape(-1))
     out = np.full((t, n), np.nan, np.float32)
-    _kquant.matmul(_kquant.Q4_0_X8, x8.ctypes.data, n, k, x.ctypes.data, t, k, out.ctypes.data, n, path)
+    _native.matmul(_native.Q4_0_X8, x8.ctypes.data, n, k, x.ctypes.data, t, k, out.ctypes.data, n, path)
     np.testing.assert_array_equal(out, run("Q4_0", raw, n, k, x, path))
     with pytest.raises(ValueError, match="unsupported matmul"):  # the repack needs whole 8-row groups
-        _kquant.matmul(_kquant.Q4_0_X8, x8.ctypes.data, 20, k, x.ctypes.data, t, k, out.ctypes.data, n, path)
+        _native.matmul(_native.Q4_0_X8, x8.ctypes.data, 20, k, x.ctypes.data, t, k, out.ctypes.data, n, path)
 
 
 def test_decoder_sends_repacked_q4_0_batches_here_and_agrees_with_ggml(tiny, tmp_path):
@@ -168,9 +178,9 @@ def test_decoder_sends_repacked_q4_0_batches_here_and_agrees_with_ggml(tiny, tmp
     of at least MIN_TOKENS come here, decode steps stay on ggml's repacked gemv."""
 
     def check(dec, on):
-        q40 = {n for n in dec.repacked if dec._w.tensors[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
-        if on and _kquant.PATH == "avx512vnni":  # x86: ggml repacks Q4_0 8 rows at a time
-            assert q40 and all(dec._w.kquant[n] == _kquant.Q4_0_X8 for n in q40)
+        q40 = {n for n in dec.repacked if dec._w.tensors[n].contents.type == ops.TYPE_IDS["Q4_0"]}
+        if on and _native.PATH == "avx512vnni":  # x86: ggml repacks Q4_0 8 rows at a time
+            assert q40 and all(dec._w.kquant[n] == _native.Q4_0_X8 for n in q40)
         if not on:
             assert not dec._w.kquant
 
@@ -180,8 +190,8 @@ def test_decoder_sends_repacked_q4_0_batches_here_and_agrees_with_ggml(tiny, tmp
 def test_every_prompt_batch_of_repacked_q4_0_comes_here_and_is_the_same_in_any_batch(tiny, tmp_path):
     """Q4_0 in ggml's x86 layout: every batch of a prompt (its last one of 1 position too) goes through
     the kernel, decode steps do not; a prompt position's logits then do not depend on its batch."""
-    if _kquant.PATH != "avx512vnni":
-        pytest.skip(f"ggml repacks Q4_0 in the kernel's 8-row layout on x86-64; this CPU runs {_kquant.PATH}")
+    if _native.PATH != "avx512vnni":
+        pytest.skip(f"ggml repacks Q4_0 in the kernel's 8-row layout on x86-64; this CPU runs {_native.PATH}")
     from tinygptv_edge.runtime.language.decoder import Decoder
 
     ids = np.random.default_rng(5).integers(0, 512, 11).tolist()
@@ -212,33 +222,22 @@ def test_an_unknown_repack_layout_keeps_ggmls_kernels(tiny, tmp_path):
     with Decoder(path, n_ctx=64, n_threads=1, kquant=False) as dec:
         w, names = dec._w.tensors, dec.repacked
         ggml = load_ggml()
-        assert kquant.repacked_q4_0(ggml, lambda n, nbytes: bytes(nbytes), w, names) == {}
-        found = kquant.repacked_q4_0(ggml, dec._file_bytes, w, names)
-        q40 = {n for n in names if w[n].contents.type == kquant.TYPE_IDS["Q4_0"]}
-        assert set(found) == (q40 if _kquant.PATH == "avx512vnni" else set())  # aarch64 repacks 4 rows
-
-
-def _fp16_grid() -> np.ndarray:
-    """Every finite fp16 value, every midpoint between neighbours (ties of the fp16 rounding) and the
-    floats just beside each midpoint, and the GELU's edges."""
-    h = np.sort(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
-    h = h[np.isfinite(h)]
-    mid = ((h[:-1].astype(np.float64) + h[1:]) / 2).astype(np.float32)
-    edges = [-10, 10, np.nextafter(-10, 0), np.nextafter(10, 0), np.nan, np.inf, -np.inf]
-    edges = np.array(edges, np.float32)
-    return np.concatenate([h, mid, np.nextafter(mid, np.inf), np.nextafter(mid, -np.inf), edges])
+        assert ops.repacked_q4_0(ggml, lambda n, nbytes: bytes(nbytes), w, names) == {}
+        found = ops.repacked_q4_0(ggml, dec._file_bytes, w, names)
+        q40 = {n for n in names if w[n].contents.type == ops.TYPE_IDS["Q4_0"]}
+        assert set(found) == (q40 if _native.PATH == "avx512vnni" else set())  # aarch64 repacks 4 rows
 
 
 @pytest.mark.parametrize("act", [0, 1])
 def test_epilogue_adds_the_bias_and_applies_gelu_alike_on_every_path(act):
-    x = _fp16_grid()
+    x = fp16_grid()
     n = 16 * 5 + 3  # a masked tail on AVX-512
     x = np.resize(x, (-(-len(x) // n) * n,)).reshape(-1, n)
     bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     outs = {}
     for path in PATHS:
         o = x.copy()
-        _kquant.epilogue(o.ctypes.data, n, o.shape[0], n, bias.ctypes.data, act, path)
+        _native.epilogue(o.ctypes.data, n, o.shape[0], n, bias.ctypes.data, act, path)
         outs[path] = o
     for o in outs.values():
         np.testing.assert_array_equal(o, outs["plain"])
@@ -253,7 +252,7 @@ def test_gelu_equals_ggmls_at_every_fp16_value():
 
     from tinygptv_edge.runtime.language.ggml_runtime import new_context
 
-    x = _fp16_grid()
+    x = fp16_grid()
     ggml = load_ggml()
     backend = ggml.ggml_backend_cpu_init()
     ctx = new_context(ggml, 4, 8)
@@ -277,7 +276,7 @@ def test_gelu_equals_ggmls_at_every_fp16_value():
         ggml.ggml_free(ctx)
         ggml.ggml_backend_free(backend)
     got = x.copy()
-    _kquant.epilogue(got.ctypes.data, len(x), 1, len(x), 0, _kquant.ACT_GELU, _kquant.PATH)
+    _native.epilogue(got.ctypes.data, len(x), 1, len(x), 0, _native.ACT_GELU, _native.PATH)
     if platform.machine() in ("x86_64", "AMD64"):
         np.testing.assert_array_equal(got, want)
     else:
@@ -287,40 +286,15 @@ def test_gelu_equals_ggmls_at_every_fp16_value():
 @pytest.mark.parametrize("kv", ["f16", "f32"])
 @pytest.mark.parametrize("D", [80, 20])  # Phi-2's head; one with a masked tail on AVX-512
 def test_prompt_attention_matches_float64_and_every_path_alike(kv, D):
-    """kquant.c's prompt attention on cache-like views (query heads interleaved with key heads, slots
-    of all heads in a row, a causal mask after 30 cached positions and 256 slots, as the graph has)."""
-    rng = np.random.default_rng(D)
-    H, T, n_kv, p0 = 3, 9, 256, 30
-    dt = np.float16 if kv == "f16" else np.float32
-    qk = rng.standard_normal((T, 2 * H, D)).astype(np.float32)
-    k, v = (rng.standard_normal((n_kv, H * D)).astype(dt) for _ in range(2))
-    mask = np.full((T + 3, n_kv), -np.inf, np.float16)
-    for t in range(T):
-        mask[t, : p0 + t + 1] = 0
+    """The prompt attention op (attention.c) on cache-like views (query heads interleaved with key heads,
+    slots of all heads in a row, a causal mask after 30 cached positions and 256 slots, as the graph has)."""
+    inp = attention_inputs(D, kv)
+    H, T, n_kv, qk, k, v, mask = (inp[key] for key in ("H", "T", "n_kv", "qk", "k", "v", "mask"))
     outs = {}
     for path in PATHS:
         out = np.full((T, H, D), np.nan, np.float32)
-        a = kquant.KQAttnArgs(
-            D=D,
-            H=H,
-            T=T,
-            n_kv=n_kv,
-            kv_f16=int(kv == "f16"),
-            q=qk.ctypes.data,
-            q_nb1=D * 4,
-            q_nb2=qk.strides[0],
-            k=k.ctypes.data,
-            v=v.ctypes.data,
-            k_nb1=k.strides[0],
-            k_nb2=D * k.itemsize,
-            v_nb1=v.strides[0],
-            v_nb2=D * v.itemsize,
-            mask=mask.ctypes.data,
-            m_nb1=mask.strides[0],
-            out=out.ctypes.data,
-            scale=D**-0.5,
-        )
-        _kquant.attention(ctypes.addressof(a), path)
+        a = attention_args(inp, out)
+        _native.attention(ctypes.addressof(a), path)
         outs[path] = out
     ref = np.empty((T, H, D))
     for t in range(T):
@@ -334,4 +308,26 @@ def test_prompt_attention_matches_float64_and_every_path_alike(kv, D):
         np.testing.assert_array_equal(o, outs["plain"])
     a.D = 300  # past the kernel's head size
     with pytest.raises(ValueError, match="bad arguments"):
-        _kquant.attention(ctypes.addressof(a), "plain")
+        _native.attention(ctypes.addressof(a), "plain")
+
+
+def test_harness_runs_every_op_and_splits_it_over_threads_as_the_module_does(tmp_path):
+    """tests/kernels/harness.c built for this CPU (the emulated CPUs: test_kernel_paths.py): it picks
+    the module's path, its plain and detected outputs are the module's, and each op split over threads
+    as ggml runs it (the custom ops) gives the single thread's output."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("needs a C compiler")
+    exe = compile_harness(cc, tmp_path / "harness")
+    cases = build_cases(_native)
+    write_cases(tmp_path / "in.bin", cases)
+    args = [str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = dict(line.split("=", 1) for line in proc.stdout.split())
+    assert info["path"] == _native.PATH and info["compiled"].split(",") == list(_native.COMPILED)
+    assert [info[op] for op in OPS] == [str(sum(c["op"] == op for c in cases)) for op in OPS]
+    for c, (plain, active, threads) in zip(cases, harness_outputs(tmp_path / "out.bin", cases), strict=True):
+        np.testing.assert_array_equal(plain, c["ref"]["plain"], err_msg=c["label"])
+        np.testing.assert_array_equal(active, c["ref"][_native.PATH], err_msg=c["label"])
+        np.testing.assert_array_equal(threads, active, err_msg=f"{c['label']} on 3 threads")

@@ -1,0 +1,110 @@
+/* The prompt attention op: softmax(scale q K^T + mask) V per head and query, its plain C path, and
+ * the op as ggml_custom_op_t (x86_avx512.c holds the AVX-512 path).
+ *
+ * For a prompt's queries on x86, instead of ggml's flash attention, whose tiled kernel needs 64
+ * queries (a shorter prompt is padded to 64, and ggml_pad copies them one float at a time; what that
+ * cost: docs/benchmarks.md). Each query is computed alone, in a fixed order, so its result does not
+ * depend on the batch. Per head: K and V rows up to the last slot any query sees are converted to fp32
+ * once (K transposed), then for each query: 16 scores at a time, each a sequential fma over the head's
+ * dimensions; the mask added; a full softmax (max, exp, a sum of 16 lanes reduced in a fixed tree);
+ * the V rows summed with those weights, one fma per slot, in slot order; divided by the sum. The plain
+ * C path does the same operations in the same order, with the same exp, so the paths agree bit for
+ * bit. */
+#include "native.h"
+
+/* e^x for x <= 0 (a score minus the row's max): 2^n e^r with n = round(x / ln 2) and a degree-6
+ * Taylor polynomial on |r| <= ln(2) / 2 (relative error ~2e-7); 0 below -87 (and for -inf) */
+static KQ_INLINE float att_exp(float x) {
+    if (!(x >= -87.0f)) return 0.0f;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693145751953125f, x);
+    r = fmaf(n, -1.428606765330187045e-06f, r);
+    float p = 1.0f / 720.0f;
+    p = fmaf(p, r, 1.0f / 120.0f);
+    p = fmaf(p, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    return ldexpf(p, (int)n);
+}
+
+static KQ_INLINE float att_load(const char *base, int32_t f16, int i) {
+    return f16 ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* one past the last slot any of the T queries sees */
+static int att_slots(const kq_attn_args *a) {
+    int n = 0;
+    for (int t = 0; t < a->T; t++) {
+        const uint16_t *m = (const uint16_t *)(a->mask + (size_t)t * a->m_nb1);
+        int j = a->n_kv;
+        while (j > n && m[j - 1] == 0xfc00) j--; /* fp16 -inf */
+        n = j > n ? j : n;
+    }
+    return n;
+}
+
+/* heads h0..h1 - 1; kt: D x jpad, vf: n x D, sc: jpad floats of scratch */
+void kq_attn_plain(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf, float *sc) {
+    const int D = a->D, jpad = (n + ATT_LANES - 1) / ATT_LANES * ATT_LANES;
+    for (int h = h0; h < h1; h++) {
+        for (int j = 0; j < jpad; j++)
+            for (int d = 0; d < D; d++)
+                kt[(size_t)d * jpad + j] = j < n ? att_load(a->k + j * a->k_nb1 + h * a->k_nb2, a->kv_f16, d) : 0.0f;
+        for (int j = 0; j < n; j++)
+            for (int d = 0; d < D; d++) vf[(size_t)j * D + d] = att_load(a->v + j * a->v_nb1 + h * a->v_nb2, a->kv_f16, d);
+        for (int t = 0; t < a->T; t++) {
+            const float *q = (const float *)(a->q + t * a->q_nb2 + h * a->q_nb1);
+            const uint16_t *m = (const uint16_t *)(a->mask + (size_t)t * a->m_nb1);
+            float mx = -INFINITY, lanes[ATT_LANES] = {0};
+            for (int j = 0; j < jpad; j++) {
+                float s = 0.0f;
+                for (int d = 0; d < D; d++) s = fmaf(q[d], kt[(size_t)d * jpad + j], s);
+                s = j < n ? s * a->scale + half_to_float(m[j]) : -INFINITY;
+                sc[j] = s;
+                mx = s > mx ? s : mx;
+            }
+            for (int j = 0; j < jpad; j++) {
+                sc[j] = att_exp(sc[j] - mx);
+                lanes[j % ATT_LANES] += sc[j];
+            }
+            const float sum = att_tree(lanes);
+            float *o = a->out + ((size_t)t * a->H + h) * D;
+            for (int d = 0; d < D; d++) {
+                float acc = 0.0f;
+                for (int j = 0; j < n; j++) acc = fmaf(sc[j], vf[(size_t)j * D + d], acc);
+                o[d] = acc / sum;
+            }
+        }
+    }
+}
+
+/* thread ith of nth: heads split evenly; -1 when out of memory, -2 on bad arguments */
+int kq_attention(const kq_ops *ops, const kq_attn_args *a, int ith, int nth) {
+    if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T <= 0 || a->n_kv <= 0) return -2;
+    int h0, h1;
+    kq_share(a->H, ith, nth, &h0, &h1);
+    if (h0 >= h1) return 0;
+    const int n = att_slots(a);
+    if (n == 0) return -2; /* a query that sees nothing */
+    const size_t jpad = (size_t)ATT_JPAD(n); /* enough for both paths */
+    float *kt = aligned_alloc(64, (jpad * a->D * sizeof(float) + 63) / 64 * 64);
+    float *vf = aligned_alloc(64, ((size_t)n * a->D * sizeof(float) + 63) / 64 * 64);
+    float *sc = aligned_alloc(64, jpad * sizeof(float));
+    if (!kt || !vf || !sc) {
+        free(kt), free(vf), free(sc);
+        return -1;
+    }
+    ops->attention(a, h0, h1, n, kt, vf, sc);
+    free(kt), free(vf), free(sc);
+    return 0;
+}
+
+/* the op as ggml_custom_op_t(dst, ith, nth, userdata), on the path this CPU runs */
+void kq_attn_op(void *dst, int ith, int nth, void *userdata) {
+    (void)dst;
+    kq_attn_args *a = userdata;
+    const int rc = kq_attention(&kq_dispatch, a, ith, nth);
+    if (rc) a->status = rc;
+}
