@@ -10,7 +10,8 @@ DIST   ?= dist
 setup: $(STAMP)
 
 # torch==2.13.0 is pinned in the `export` extra (a CPU wheel); ggml-python builds ggml from source;
-# runtime/language/kernels/kquant.c (the prefill K-quant matmul) is compiled for this CPU by the editable install.
+# the native kernels (runtime/language/kernels/*.c) are compiled by the editable install; their fast
+# paths are picked at run time.
 $(STAMP): pyproject.toml $(wildcard runtime/language/kernels/*.c runtime/language/kernels/*.h) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
