@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as C
-from .checks import check_count, check_threads
+from .checks import check_count, check_threads, is_path
 from .config import IMAGE_PLACEHOLDER, PromptConfig
 from .errors import (
     ClosedError,
@@ -120,6 +120,21 @@ class Gate:
         return self._owner == threading.get_ident()
 
 
+def _check_model_args(vision, language) -> None:
+    """Pipeline's model arguments are paths or objects of the right kind: anything else is a ConfigError
+    naming the argument (not an AttributeError from deep inside)."""
+    if vision is not None and not is_path(vision) and not isinstance(vision, VisionEncoder):
+        raise ConfigError(
+            "vision: expected a path to the ONNX file, a VisionEncoder or None, "
+            f"got {type(vision).__name__} {vision!r:.60}"
+        )
+    if not is_path(language) and not callable(language) and not hasattr(language, "eval_embeddings"):
+        raise ConfigError(
+            "language: expected a path to the GGUF file, a Decoder or a callable making one, "
+            f"got {type(language).__name__} {language!r:.60}"
+        )
+
+
 class Pipeline:
     """The models and caches; `chat()` starts a conversation, `ask`/`stream` answer one question.
 
@@ -149,11 +164,12 @@ class Pipeline:
         check_count(cache_ram_mib, "cache_ram_mib", hi=(1 << 20) - 1, lo=0)
         check_threads(n_threads)
         self._closed = False
-        reopenable = isinstance(language, (str, Path)) or callable(language)
+        reopenable = is_path(language) or callable(language)
         if low_memory and not reopenable:
             raise ConfigError(
                 "low_memory needs the language model as a path or factory (it is closed and reopened)"
             )
+        _check_model_args(vision, language)
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
         self._decoder_args = dict(
@@ -161,14 +177,14 @@ class Pipeline:
         )
         self.gate = Gate(busy_timeout)
         self.image_cache = image_cache
-        if isinstance(vision, (str, Path)):
+        if is_path(vision):
             vision = VisionEncoder(vision, n_threads, low_memory=low_memory)
         self.vision = vision
         if image_cache_dir is not None and vision is not None:  # disk keys name the vision graph too
             shape = (vision.num_query_tokens, vision.embed_dim)
             model_id = onnx_sha256(vision.path)  # graph and external weights
             self.image_cache = ImageCache(image_cache_size, image_cache_dir, model_id, shape)
-        if isinstance(language, (str, Path)):
+        if is_path(language):
             path = Path(language)
             if not path.is_file():
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
