@@ -45,7 +45,7 @@ from .errors import (
 from .image_cache import ImageCache, onnx_sha256
 from .memory import release_heap
 from .prefix_cache import Position, PrefixCache
-from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
+from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint, check_sampling
 from .text.detok import AnswerStream, TokenBytes
 from .text.prompt import split_prompt
 from .text.tokenizer import check_text
@@ -332,7 +332,7 @@ class Chat:
         self, pipeline: Pipeline, sampling: SamplingConfig = GREEDY, prompt: PromptConfig | None = None
     ):
         self.pipeline = pipeline
-        self.sampling = sampling
+        self.sampling = check_sampling(sampling)
         self.prompt: PromptConfig = prompt or pipeline.prompt
         self.positions: list[Position] = []
         self.images: dict[str, np.ndarray] = {}
@@ -357,7 +357,8 @@ class Chat:
     ) -> Turn:
         """A turn as an iterator of text pieces. `constraint` masks each next token (and then the
         separator no longer ends the answer: the constraint does); `cancel` set ends it at the next token."""
-        return Turn(self, question, image, sampling or self.sampling, constraint, cancel)
+        sampling = self.sampling if sampling is None else sampling  # an empty dict is no default
+        return Turn(self, question, image, sampling, constraint, cancel)
 
     def add_turn(
         self, question: str, image: ImageSource | None = None, answer: str | list[int] = ""
@@ -425,7 +426,8 @@ class Turn:
         cancel: threading.Event | None = None,
     ):
         check_question(question)
-        self.chat, self.question, self.image, self.sampling = chat, question, image, sampling
+        self.chat, self.question, self.image = chat, question, image
+        self.sampling = check_sampling(sampling)
         self.constraint, self.cancel = constraint, cancel
         self.answer: Answer | None = None
         self._gen = self._run()

@@ -776,3 +776,21 @@ def test_pipeline_model_arguments_of_the_wrong_kind(dist):
         Pipeline(None, 4)
     with pytest.raises(ConfigError, match="vision model path: expected a path .* got bytes"):
         VisionEncoder(b"vision.onnx")
+
+
+@pytest.mark.parametrize("sampling", [{"seed": 0}, {}, "greedy", 0.7])
+def test_sampling_that_is_not_a_sampling_config(dist, sampling):
+    """docs/pipeline.md promises SamplingConfig objects (SamplingConfig(...), TINYGPTV.replace(...)), no
+    dicts: a dict is refused with the argument's name; an empty one is not taken for 'the default'."""
+    words = r"^sampling: expected a SamplingConfig \(e.g. SamplingConfig\(\*\*fields\)"
+    with Pipeline(None, gguf(dist), n_threads=1) as pipe:
+        with pytest.raises(ConfigError, match=words):
+            pipe.ask("what is it?", sampling=sampling)
+        with pytest.raises(ConfigError, match=words):
+            pipe.stream("what is it?", sampling=sampling)  # at the call, not at the first piece
+        with pytest.raises(ConfigError, match=words):
+            pipe.chat(sampling)
+        with pytest.raises(ConfigError, match=words):
+            pipe.chat().ask("what is it?", sampling=sampling)
+    with pytest.raises(ConfigError, match="^Sampler cfg: expected a SamplingConfig"):
+        Sampler(sampling)
