@@ -86,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinygptv_edge.export.checkpoints.source import spec_from_args
+    from tinygptv_edge.export.staging import check_writable
 
     from .report import Budget
     from .report_run import ReportConfig, make_report
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
+    check_writable(cfg.out)  # a read-only or impossible --out fails now, not after the measurements
     t0 = time.perf_counter()
     if getattr(args, "bench", None):
         return _bench(cfg, args, progress, bars, t0)

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 from tinygptv_edge.runtime.errors import OutputPathError
@@ -33,6 +34,20 @@ STAGED = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 def staged_path(out: Path) -> Path:
     return out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written there (before any long work)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OutputPathError(
+            f"output folder {folder} is not writable: expected a writable folder, got {e}"
+        ) from e
+    return folder
 
 
 def stage_file(out: str | Path) -> Path:

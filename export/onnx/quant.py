@@ -27,7 +27,7 @@ import onnx
 
 from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
-from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
+from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, read_metadata, set_metadata
 from tinygptv_edge.export.onnx.fuse import FuseConfig, FuseReport, check_fused_parity, fuse_graph
 from tinygptv_edge.export.onnx.gate import (
     INT4_HINT,
@@ -38,7 +38,7 @@ from tinygptv_edge.export.onnx.gate import (
     reference_outputs,
 )
 from tinygptv_edge.export.onnx.presets import Int4Config, QuantPreset
-from tinygptv_edge.export.staging import check_free_space, full_disk_error, stage_dir
+from tinygptv_edge.export.staging import check_free_space, check_writable, full_disk_error, stage_dir
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import (

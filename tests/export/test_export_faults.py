@@ -109,3 +109,18 @@ def test_calibration_images_all_or_none(tmp_path):
         assert files(mnt) == []
     folder = default_calibration_folder(tmp_path / "out", 3)
     assert files(folder) == ["calib_00000.png", "calib_00001.png", "calib_00002.png"]
+
+
+@pytest.mark.parametrize("mode", [[], ["--render-only"]])
+def test_report_to_a_read_only_folder_fails_before_measuring(tmp_path, capsys, monkeypatch, mode):
+    """`report` measures for minutes to hours before it writes: a read-only --out is refused first."""
+    from tinygptv_edge.calib import report_run
+
+    monkeypatch.setattr(report_run, "make_report", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(report_run, "write_outputs", lambda *a, **k: pytest.fail("rendered"))
+    with tmpfs(tmp_path / "mnt", "64k") as mnt, read_only(mnt):
+        for out in (mnt, mnt / "report"):
+            assert main(["report", "--out", str(out), *mode]) == 2
+            err = capsys.readouterr().err
+            assert f"output folder {out} is not writable" in err and "Read-only file system" in err
+        assert files(mnt) == []
