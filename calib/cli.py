@@ -88,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinygptv_edge.export.checkpoints.source import spec_from_args
+    from tinygptv_edge.export.staging import check_writable
 
     from .report import Budget
     from .report_run import ReportConfig, make_report
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if done >= total:
             bar.close()
 
+    check_writable(cfg.out)  # a read-only or impossible --out fails now, not after the measurements
     t0 = time.perf_counter()
     if getattr(args, "bench", None):
         return _bench(cfg, args, progress, bars, t0)

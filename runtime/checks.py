@@ -2,6 +2,7 @@
 
     check_threads(n)           1 .. max_threads(), so no thread count reaches OpenMP or onnxruntime unbounded
     check_count(v, what, hi)   a positive int not above a bound derived from the input
+    path_arg(value, what)      a str or os.PathLike naming a file (None, bytes, numbers: a ConfigError)
     regular_file(path, what)   refuses FIFOs, devices and folders before open() could block on them
     check_memory(nbytes, what) refuses an allocation larger than the machine's physical memory
     foreign(library, where)    onnxruntime / ggml / tokenizers exceptions -> one typed error naming the file
@@ -17,6 +18,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeGuard
 
 from .errors import BackendError, ConfigError, TinyGPTVError
 
@@ -50,6 +52,31 @@ def check_count(value: object, what: str, hi: int | None = None, lo: int = 1) ->
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ConfigError(f"{what}: expected an integer {rng}, got {value!r}")
     return value
+
+
+def is_path(value: object) -> TypeGuard[str | os.PathLike[str]]:
+    """A str or an os.PathLike whose path is text (bytes paths are not taken anywhere in the package)."""
+    if isinstance(value, str):
+        return True
+    if isinstance(value, os.PathLike):
+        try:
+            return isinstance(os.fspath(value), str)
+        except TypeError:  # __fspath__ returned something that is no path
+            return False
+    return False
+
+
+def path_arg(value: object, what: str) -> Path:
+    """`value` as a Path: a non-empty str or an os.PathLike; anything else (None, bytes, a number) is a
+    ConfigError naming the argument, before any file is looked at."""
+    if not is_path(value) or not os.fspath(value):
+        shown = type(value).__name__
+        if value is None:
+            shown = "None"
+        elif isinstance(value, (str, bytes, int, float)):
+            shown += f" {value!r}"
+        raise ConfigError(f"{what}: expected a path (str or os.PathLike), got {shown}")
+    return Path(value)
 
 
 def regular_file(path: str | Path, what: str, error: type[TinyGPTVError] = BackendError) -> Path:

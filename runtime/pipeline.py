@@ -23,17 +23,18 @@ a failed turn is not added to the chat, and the cache is re-synchronised on the 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from . import contract as C
-from .checks import check_count, check_threads
+from .checks import check_count, check_threads, is_path
 from .config import IMAGE_PLACEHOLDER, PromptConfig
 from .errors import (
     ClosedError,
@@ -47,7 +48,7 @@ from .image_cache import ImageCache, onnx_sha256
 from .interfaces import LanguageDecoder, VisionModel
 from .memory import release_heap
 from .prefix_cache import Position, Prefill, PrefixCache
-from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint
+from .sampling import GREEDY, Sampler, SamplingConfig, TokenConstraint, check_sampling
 from .text.detok import AnswerStream, TokenBytes
 from .text.prompt import split_prompt
 from .text.tokenizer import check_text
@@ -143,6 +144,21 @@ class Gate:
         self.release()
 
 
+def _check_model_args(vision, language) -> None:
+    """Pipeline's model arguments are paths or objects of the right kind: anything else is a ConfigError
+    naming the argument (not an AttributeError from deep inside)."""
+    if vision is not None and not is_path(vision) and not isinstance(vision, VisionModel):
+        raise ConfigError(
+            "vision: expected a path to the ONNX file, a VisionEncoder or None (a VisionModel), "
+            f"got {type(vision).__name__} {vision!r:.60}"
+        )
+    if not is_path(language) and not callable(language) and not hasattr(language, "eval_embeddings"):
+        raise ConfigError(
+            "language: expected a path to the GGUF file, a Decoder or a callable making one, "
+            f"got {type(language).__name__} {language!r:.60}"
+        )
+
+
 class Pipeline:
     """The models and caches; `chat()` starts a conversation, `ask`/`stream` answer one question.
 
@@ -175,11 +191,12 @@ class Pipeline:
         check_count(cache_ram_mib, "cache_ram_mib", hi=(1 << 20) - 1, lo=0)
         check_threads(n_threads)
         self._closed = False
-        reopenable = isinstance(language, (str, Path)) or callable(language)
+        reopenable = is_path(language) or callable(language)
         if low_memory and not reopenable:
             raise ConfigError(
                 "low_memory needs the language model as a path or factory (it is closed and reopened)"
             )
+        _check_model_args(vision, language)
         self.low_memory = low_memory
         self.image_limits = image_limits or ImageLimits()
         self._decoder_args: dict[str, Any] = dict(
@@ -187,16 +204,19 @@ class Pipeline:
         )
         self.gate = Gate(busy_timeout)
         self.image_cache = image_cache
-        if isinstance(vision, (str, Path)):
-            vision = VisionEncoder(vision, n_threads, low_memory=low_memory)
-        self.vision: VisionModel | None = vision
-        if image_cache_dir is not None and vision is not None:  # disk keys name the vision graph too
-            shape = (vision.num_query_tokens, vision.embed_dim)
-            model_id = onnx_sha256(vision.path)  # graph and external weights
+        # a path, a VisionModel or None (_check_model_args): is_path narrows only its True branch
+        self.vision: VisionModel | None = (
+            VisionEncoder(os.fspath(vision), n_threads, low_memory=low_memory)
+            if is_path(vision)
+            else cast("VisionModel | None", vision)
+        )
+        if image_cache_dir is not None and self.vision is not None:  # disk keys name the vision graph too
+            shape = (self.vision.num_query_tokens, self.vision.embed_dim)
+            model_id = onnx_sha256(self.vision.path)  # graph and external weights
             self.image_cache = ImageCache(image_cache_size, image_cache_dir, model_id, shape)
         factory: Callable[[], LanguageDecoder] | None = None
         given: LanguageDecoder | None = None
-        if isinstance(language, (str, Path)):
+        if is_path(language):
             path = Path(language)
             if not path.is_file():
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
@@ -207,7 +227,7 @@ class Pipeline:
         elif callable(language):
             factory = language
         else:
-            given = language
+            given = cast(LanguageDecoder, language)
         self.prefix: PrefixCache[LanguageDecoder] = PrefixCache(
             factory, given, snapshot_bytes=cache_ram_mib << 20
         )
@@ -337,7 +357,7 @@ class Chat:
         self, pipeline: Pipeline, sampling: SamplingConfig = GREEDY, prompt: PromptConfig | None = None
     ):
         self.pipeline = pipeline
-        self.sampling = sampling
+        self.sampling = check_sampling(sampling)
         self.prompt: PromptConfig = prompt or pipeline.prompt
         self.positions: list[Position] = []
         self.images: dict[str, np.ndarray] = {}
@@ -363,7 +383,8 @@ class Chat:
     ) -> Turn:
         """A turn as an iterator of text pieces. `constraint` masks each next token (and then the
         separator no longer ends the answer: the constraint does); `cancel` set ends it at the next token."""
-        return Turn(self, question, image, sampling or self.sampling, constraint, cancel)
+        sampling = self.sampling if sampling is None else sampling  # an empty dict is no default
+        return Turn(self, question, image, sampling, constraint, cancel)
 
     def add_turn(
         self, question: str, image: ImageSource | None = None, answer: str | list[int] = ""
@@ -430,7 +451,8 @@ class Turn:
         cancel: threading.Event | None = None,
     ):
         check_question(question)
-        self.chat, self.question, self.image, self.sampling = chat, question, image, sampling
+        self.chat, self.question, self.image = chat, question, image
+        self.sampling = check_sampling(sampling)
         self.constraint, self.cancel = constraint, cancel
         self.answer: Answer | None = None
         self._gen = self._run()

@@ -61,6 +61,17 @@ def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
 
 
+def check_sampling(value: object, what: str = "sampling") -> SamplingConfig:
+    """`value` if it is a SamplingConfig; a dict or anything else is a ConfigError naming the argument
+    (the fields are validated by SamplingConfig itself: build one with `SamplingConfig(**fields)`)."""
+    if not isinstance(value, SamplingConfig):
+        raise ConfigError(
+            f"{what}: expected a SamplingConfig (e.g. SamplingConfig(**fields) or TINYGPTV.replace(...)), "
+            f"got {type(value).__name__} {value!r:.80}"
+        )
+    return value
+
+
 GREEDY = SamplingConfig()
 # TinyGPT-V's chat defaults (minigpt4/conversation/conversation.py `Chat.answer`)
 TINYGPTV = SamplingConfig(
@@ -85,7 +96,7 @@ class Sampler:
     """Stateful chooser for one answer: holds the random generator seeded from `cfg.seed`."""
 
     def __init__(self, cfg: SamplingConfig):
-        self.cfg = cfg
+        self.cfg = check_sampling(cfg, "Sampler cfg")
         self.rng = np.random.default_rng(cfg.seed)
 
     def __call__(

@@ -32,6 +32,7 @@ from tinygptv_edge.export.checkpoints.safeio import (
     load_pickle,
     safetensors_keys,
     tensor_dict,
+    weight_tensor,
 )
 from tinygptv_edge.export.model import lora as lora_ops
 from tinygptv_edge.export.model.phi import PhiModel
@@ -106,10 +107,7 @@ class Collector:
             raise UnexpectedKeysError([name], source)
         if tuple(t.shape) != self.shapes[name]:
             raise ShapeMismatchError(name, self.shapes[name], tuple(t.shape), source)
-        if not t.is_floating_point():  # an integer or bool tensor cast to float would be garbage weights
-            raise CheckpointError(f"{name} in {source}: expected a floating-point tensor, got {t.dtype}")
-        t = t.detach().to(torch.float32).contiguous()
-        check_finite(name, t, source)
+        t = weight_tensor(name, t, source)
         if name not in self.tensors:
             self.summary.loaded += 1
         self.tensors[name] = t

@@ -36,12 +36,13 @@ from tinygptv_edge.export.gguf.quant import (
     wanted_type,
 )
 from tinygptv_edge.export.gguf.source import LanguageSource, expected_shapes, model_source
-from tinygptv_edge.export.staging import stage_file
+from tinygptv_edge.export.staging import check_free_space, full_disk_error, stage_file
 from tinygptv_edge.runtime import contract as C
 from tinygptv_edge.runtime.errors import (
     ExportError,
     MissingKeysError,
     NonFiniteTensorError,
+    OutputPathError,
     ShapeMismatchError,
     UnexpectedKeysError,
 )
@@ -202,6 +203,7 @@ def export_source(
     tmp = stage_file(out)
     report = GGUFReport(out, level.name, plans, imatrix_used=sorted(imatrix or {}))
     try:
+        check_free_space(tmp.parent, sum(p.nbytes for p in plans), str(out))  # at least the tensor data
         w = GGUFWriter(str(tmp), C.GGUF_ARCH)
         info = dict(imatrix_info or {}) if imatrix else None
         write_metadata(w, src.cfg, src.tokenizer, level, src.sha256, info)
@@ -218,8 +220,8 @@ def export_source(
         w.close()
         report.max_rel_error = verify_gguf(tmp, src, plans, progress, imatrix)
         os.replace(tmp, out)
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e}") from e
+    except OSError as e:  # a short write of a full disk says only "32768 requested and 28984 written"
+        raise full_disk_error(out, tmp.parent, e) or OutputPathError(f"cannot write {out}: {e}") from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()

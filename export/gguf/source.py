@@ -68,7 +68,7 @@ def single_source(
     from safetensors import SafetensorError, safe_open
 
     from tinygptv_edge.export.checkpoints.bounds import check_config_fits
-    from tinygptv_edge.export.checkpoints.safeio import safetensors_keys
+    from tinygptv_edge.export.checkpoints.safeio import safetensors_keys, weight_tensor
     from tinygptv_edge.export.checkpoints.single import CONFIG, WEIGHTS
     from tinygptv_edge.runtime.image_cache import file_sha256
 
@@ -99,7 +99,8 @@ def single_source(
     def fetch(canonical: str) -> torch.Tensor:
         # a fresh mapping per tensor: pages read so far are unmapped again, so RSS stays one tensor
         with safe_open(str(weights), framework="pt") as f:
-            return f.get_tensor(official[canonical])
+            t = f.get_tensor(official[canonical])
+        return weight_tensor(canonical, t, str(weights))
 
     return LanguageSource(
         cfg=cfg,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import time
 from pathlib import Path
 
@@ -84,7 +85,19 @@ def default_calibration_folder(out: Path, n: int) -> Path:
             "no --calib-images given and the synthetic VQA generator (export/train/vqa.py) is not available: "
             "expected a folder of calibration images"
         ) from e
-    vqa.write_calibration_images(folder, n)
+    from tinygptv_edge.export.staging import stage_dir
+    from tinygptv_edge.runtime.errors import OutputPathError
+
+    tmp = stage_dir(folder)  # all n images or none: a partial folder would be taken as the set next time
+    try:
+        vqa.write_calibration_images(tmp, n)
+        if folder.is_dir():
+            folder.rmdir()  # empty
+        tmp.rename(folder)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {n} calibration images to {folder}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

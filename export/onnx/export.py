@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from torch import nn
 
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.onnx.check import ParityConfig, ParityReport, check_parity
-from tinygptv_edge.export.staging import stage_dir
+from tinygptv_edge.export.staging import check_free_space, check_writable, full_disk_error, stage_dir
 from tinygptv_edge.runtime.config import TinyGPTVConfig
 from tinygptv_edge.runtime.contract import (
     BATCH_AXIS,
@@ -107,20 +106,6 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
-
-
-def check_writable(folder: str | Path) -> Path:
-    """Create `folder` if needed and prove a file can be written there."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise OutputPathError(
-            f"output folder {folder} is not writable: expected a writable folder, got {e}"
-        ) from e
-    return folder
 
 
 def name_weights(model: onnx.ModelProto) -> int:
@@ -257,6 +242,8 @@ def export_vision(
     model = model.eval()
     tmp = stage_dir(final)
     try:
+        # the traced graph and the named one exist at the same time, each the size of the weights
+        check_free_space(tmp, 2 * _weight_bytes(model.vision), str(final))
         raw_dir = tmp / "raw"
         raw_dir.mkdir()
         say("tracing the vision tower")
@@ -291,6 +278,11 @@ def export_vision(
         staged.replace(final)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
+    except Exception as e:  # torch.onnx.export and onnx.save report a full disk in their own ways
+        full = None if isinstance(e, OutputPathError) else full_disk_error(final, tmp.parent, e)
+        if full is not None:
+            raise full from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(final, data_final if data_final.exists() else None, report, n_nodes)

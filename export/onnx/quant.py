@@ -27,7 +27,7 @@ import onnx
 
 from tinygptv_edge.export.onnx.calib_data import ArrayReader, check_pixels
 from tinygptv_edge.export.onnx.diag import Diagnostics, diagnose
-from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, check_writable, read_metadata, set_metadata
+from tinygptv_edge.export.onnx.export import PROTOBUF_LIMIT, read_metadata, set_metadata
 from tinygptv_edge.export.onnx.fuse import FuseConfig, FuseReport, check_fused_parity, fuse_graph
 from tinygptv_edge.export.onnx.gate import (
     INT4_HINT,
@@ -38,7 +38,7 @@ from tinygptv_edge.export.onnx.gate import (
     reference_outputs,
 )
 from tinygptv_edge.export.onnx.presets import Int4Config, QuantPreset
-from tinygptv_edge.export.staging import stage_dir
+from tinygptv_edge.export.staging import check_free_space, check_writable, full_disk_error, stage_dir
 from tinygptv_edge.runtime.config import PreprocessConfig
 from tinygptv_edge.runtime.contract import ONNX_META, VISION_FILE_INT8, VISION_INPUT, VISION_OUTPUT
 from tinygptv_edge.runtime.errors import (
@@ -303,6 +303,21 @@ def _io_paths(fp32_path: str | Path, out_path: str | Path | None, default: str) 
     return fp32, final, preprocess_config(fp32).image_size
 
 
+def _check_scratch(fp32: Path, tmp: Path, final: Path, graphs: float) -> None:
+    """Refuse before writing when the staged files (`graphs` times the FP32 graph and its weights, the
+    ones that exist at the same time) cannot fit on the disk holding `tmp`."""
+    check_free_space(tmp, int(graphs * _model_bytes(fp32)), str(final))
+
+
+def _raise_if_disk_full(final: Path, tmp: Path, e: Exception) -> None:
+    """onnxruntime writes some graphs from C++ without reporting a full disk; the truncated file fails a
+    later step (a protobuf DecodeError, a QuantizationError): said as the full disk it is."""
+    if not isinstance(e, OutputPathError):
+        full = full_disk_error(final, tmp.parent, e)
+        if full is not None:
+            raise full from e
+
+
 def _fallback_steps(k: int) -> list[int]:
     """Node counts tried in turn: 1, 2, 4, ... up to k (k last)."""
     steps, n = [], 1
@@ -338,6 +353,8 @@ def quantize_vision(
     say = progress or (lambda _msg: None)
     tmp = stage_dir(final)
     try:
+        # staged at once: the fused graph, the pre-processed one, onnxruntime's augmented copy (same size)
+        _check_scratch(fp32, tmp, final, 2 + preset.fuse)
         say("running FP32 on the held-out images")
         gate = _Gate(fp32, check, image_names(len(check), check_names))
         src, fused = _fuse(fp32, tmp, gate, say) if preset.fuse else (fp32, None)
@@ -380,6 +397,9 @@ def quantize_vision(
         _stamp_and_publish(fp32, staged, final, res, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
+    except Exception as e:
+        _raise_if_disk_full(final, tmp, e)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return QuantResult(final, "static", res.min, res.max_abs, excluded, fallback, diag, res, fused, attempts)
@@ -422,6 +442,7 @@ def quantize_vision_int4(
     say = progress or (lambda _msg: None)
     tmp = stage_dir(final)
     try:
+        _check_scratch(fp32, tmp, final, cfg.fuse + 0.25)  # the fused graph, the INT4 one
         say("running FP32 on the held-out images")
         gate = _Gate(fp32, check, image_names(len(check), check_names))
         src, fused = _fuse(fp32, tmp, gate, say) if cfg.fuse else (fp32, None)
@@ -458,6 +479,9 @@ def quantize_vision_int4(
         _stamp_and_publish(fp32, staged, final, res, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
+    except Exception as e:
+        _raise_if_disk_full(final, tmp, e)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return QuantResult(final, "int4", res.min, res.max_abs, excluded, [], None, res, fused)
@@ -477,6 +501,7 @@ def quantize_vision_dynamic(
     _, weight, _ = _quant_types(preset)
     tmp = stage_dir(final)
     try:
+        _check_scratch(fp32, tmp, final, 1.25)  # the pre-processed graph, the INT8 one
         gate = _Gate(fp32, check, image_names(len(check), None))
         pre = _prepare(fp32, tmp)
         graph = onnx.load(str(pre), load_external_data=False)
@@ -501,6 +526,9 @@ def quantize_vision_dynamic(
         _stamp_and_publish(fp32, staged, final, res, info)
     except OSError as e:
         raise OutputPathError(f"cannot write {final}: {e}") from e
+    except Exception as e:
+        _raise_if_disk_full(final, tmp, e)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return QuantResult(final, "dynamic", res.min, res.max_abs, excluded, check=res)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import not_regular
+from ..checks import not_regular, path_arg
 from ..errors import GGUFFormatError
 from .ggml_types import GGML_TYPES, GGMLType
 
@@ -159,7 +159,7 @@ class GGUFFile:
 
     @classmethod
     def open(cls, path: str | Path, limits: GGUFLimits | None = None) -> GGUFFile:
-        path = Path(path)
+        path = path_arg(path, "GGUF file path")
         limits = limits or GGUFLimits()
         kind = not_regular(path)  # open() on a FIFO would block until a writer comes
         if kind is not None:

@@ -14,7 +14,7 @@ from typing import cast
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from ..checks import foreign, not_regular, small_file
+from ..checks import foreign, not_regular, path_arg, small_file
 from ..errors import ConfigError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -34,7 +34,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
         """Read `tokenizer.json` (a file or the folder holding it, with tokenizer_config.json if any)."""
-        path = Path(path)
+        path = path_arg(path, "tokenizer path")
         folder = path if path.is_dir() else path.parent
         file = path / "tokenizer.json" if path.is_dir() else path
         kind = not_regular(file)

@@ -16,7 +16,7 @@ from typing import cast
 import numpy as np
 
 from .. import contract as C
-from ..checks import check_count, check_threads, foreign, regular_file
+from ..checks import check_count, check_threads, foreign, path_arg, regular_file
 from ..config import PreprocessConfig
 from ..errors import ConfigError, ModelFileError, NumericsError
 from ..memory import release_heap
@@ -34,7 +34,7 @@ class VisionEncoder:
     """`embed(pixel_values)` -> image embeddings; preprocess_cfg, embed_dim, num_query_tokens: metadata."""
 
     def __init__(self, path: str | Path, n_threads: int | None = None, low_memory: bool = False):
-        self.path = Path(path)
+        self.path = path_arg(path, "vision model path")
         if not self.path.exists():
             raise ModelFileError(
                 f"vision model not found: {self.path} (expected an ONNX file, e.g. {C.VISION_FILE_INT8})"

@@ -14,7 +14,9 @@ Mode conversions (`to_rgb`), one table:
 
 Limits (`ImageLimits`): a byte cap, a pixel cap well under Pillow's own decompression-bomb threshold
 (89.5 MP), checked from the header before any pixel is decoded, and an allow-list of formats. Pillow's
-warnings (decompression bomb, corrupt EXIF, ...) are raised as errors while a file is read.
+warnings (decompression bomb, corrupt EXIF, ...) are raised as errors while a file is read; an image
+over Pillow's threshold gets the project's pixel-cap error too (its size read from the header), and
+Pillow's threshold stays a ceiling that a larger `max_pixels` does not lift.
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ def _load_image(source: ImageSource, limits: ImageLimits) -> Image.Image:
             image: Image.Image = Image.open(io.BytesIO(data), formats=list(limits.formats))
         except UnidentifiedImageError:
             raise _unidentified(data, limits) from None
-        except _BOMB as e:
-            raise ImageTooLargeError(f"image refused as a decompression bomb: {e}") from None
+        except _BOMB as e:  # over Pillow's threshold: the project's caps say why, from the header's size
+            raise _bomb(data, limits, e) from None
         except (Warning, *_READ_ERRORS) as e:
             raise ImageError(f"cannot read image header: {e}") from None
         _check_pixels(image.size, limits)
@@ -190,6 +192,34 @@ def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
             f"image is {w} x {h}: aspect ratio {max(w, h) / min(w, h):.0f}:1, "
             f"over the cap of {limits.max_aspect}:1"
         )
+
+
+def _header_size(data: bytes, limits: ImageLimits) -> tuple[int, int] | None:
+    """The size in the header, read by the format's plugin without Pillow's decompression-bomb check
+    (`Image.open` runs the same factories, then that check); None when no allowed plugin reads it."""
+    for fmt in limits.formats:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        try:
+            if factory is None or (accept is not None and not accept(data[:16])):
+                continue
+            return factory(io.BytesIO(data), "").size  # header only: no pixel is decoded
+        except Exception:  # a plugin failing on these bytes means "not this one"
+            continue
+    return None
+
+
+def _bomb(data: bytes, limits: ImageLimits, e: Exception) -> ImageTooLargeError:
+    """Pillow's decompression-bomb refusal as the project's error: the pixel cap first (as under the
+    threshold), else Pillow's limit, which `ImageLimits.max_pixels` cannot lift."""
+    size = _header_size(data, limits)
+    if size is None:
+        return ImageTooLargeError(f"image refused as a decompression bomb: {e}")
+    _check_pixels(size, limits)  # raises the same error a 36 MP image gets
+    w, h = size
+    return ImageTooLargeError(
+        f"image is {w} x {h} = {w * h} pixels, over Pillow's decompression bomb limit of "
+        f"{Image.MAX_IMAGE_PIXELS} (ImageLimits.max_pixels = {limits.max_pixels} does not lift it)"
+    )
 
 
 def _unidentified(data: bytes, limits: ImageLimits) -> ImageError:

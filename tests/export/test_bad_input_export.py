@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,92 @@ def test_integer_and_bool_tensors_are_refused(tiny_single, tmp_path, dtype):
     save_file(sd, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match=rf"expected a floating-point tensor, got {dtype}"):
         load_single(folder)
+
+
+def _single_with(tiny_single, folder, change) -> str:
+    """A copy of the tiny single folder with `change(state_dict)` applied; the changed tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_single, folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    name = change(sd)
+    save_file(sd, str(folder / "model.safetensors"))
+    return name
+
+
+def _command(kind: str, folder, tmp_path) -> list[str]:
+    if kind == "export-gguf":
+        return ["export-gguf", "--model", str(folder), "--out", str(tmp_path / "out"), "-q", "F32"]
+    return ["reference", "--model", str(folder), "--prompt", "what is it?", "--max-new-tokens", "2"]
+
+
+@pytest.mark.parametrize("command", ["export-gguf", "reference"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_integer_or_bool_norm_refused_by_both_commands(tiny_single, tmp_path, capsys, command, dtype):
+    """export-gguf streams a single folder without building the model: it used to export (and 'verify')
+    an int32 or bool norm cast to float; both commands now take tensors through one check."""
+
+    def change(sd):
+        sd["llama_model.model.final_layernorm.weight"] = torch.ones_like(
+            sd["llama_model.model.final_layernorm.weight"], dtype=dtype
+        )
+        return "language.final_layernorm.weight"
+
+    folder = tmp_path / "model"
+    name = _single_with(tiny_single, folder, change)
+    assert main(_command(command, folder, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"{name} in {folder / 'model.safetensors'}: expected a floating-point tensor, got {dtype}" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _list_twice(path, name: str) -> None:
+    """Rewrite a safetensors header so `name` is listed twice (the same entry both times)."""
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    items = [json.dumps(k) + ":" + json.dumps(v) for k, v in header.items()]
+    items.append(json.dumps(name) + ":" + json.dumps(header[name]))
+    text = ("{" + ",".join(items) + "}").encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+
+@pytest.mark.parametrize("command", ["export-gguf", "reference"])
+def test_tensor_listed_twice_in_the_header_refused_by_both_commands(tiny_single, tmp_path, capsys, command):
+    from safetensors import safe_open
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_single, folder)
+    weights = folder / "model.safetensors"
+    name = "llama_model.model.final_layernorm.weight"
+    _list_twice(weights, name)
+    with safe_open(str(weights), framework="pt") as f:  # safetensors itself reads it: the check is ours
+        assert list(f.keys()).count(name) == 1
+    assert main(_command(command, folder, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: header: expected each tensor name (and field) once, found {name!r} (2 times)" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "blob, words",
+    [
+        (b"\x01\x02", "expected a safetensors header length (8 bytes), found a file of 2 bytes"),
+        ((10**12).to_bytes(8, "little") + b"{}", "header length: expected at most 2 bytes"),
+        ((2).to_bytes(8, "little") + b"[]", "header: expected a JSON object, found list"),
+        ((3).to_bytes(8, "little") + b"{\xff}", "header is not JSON"),
+    ],
+)
+def test_safetensors_header_checked_before_it_is_read(tmp_path, blob, words):
+    from tinygptv_edge.export.checkpoints.safeio import safetensors_keys
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        safetensors_keys(path)
 
 
 @pytest.mark.parametrize(

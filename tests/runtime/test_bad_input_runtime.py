@@ -741,3 +741,56 @@ def test_weights_are_checked_again_after_the_file_changes(dist, tmp_path):
     path.write_bytes(data)
     with pytest.raises(NonFiniteTensorError, match="output.bias"):
         Decoder(path, n_ctx=16, n_threads=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #32: wrong argument types get a ConfigError naming the argument, not a TypeError from inside
+# ---------------------------------------------------------------------------------------------
+
+NOT_PATHS = [(None, "got None"), (3, "got int 3"), (b"m.gguf", "got bytes b'm.gguf'"), (["a"], "got list"),
+             ("", "got str ''")]  # fmt: skip
+
+
+@pytest.mark.parametrize("value, words", NOT_PATHS)
+def test_model_constructors_want_a_path(value, words):
+    for make, what in (
+        (Decoder, "GGUF file path"),
+        (GGUFFile.open, "GGUF file path"),
+        (VisionEncoder, "vision model path"),
+        (Tokenizer.from_file, "tokenizer path"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{what}: expected a path \\(str or os.PathLike\\), {words}$"):
+            make(value)
+
+
+def test_pipeline_model_arguments_of_the_wrong_kind(dist):
+    with pytest.raises(
+        ConfigError, match="^vision: expected a path to the ONNX file, a VisionEncoder or None"
+    ):
+        Pipeline(3, gguf(dist))
+    with pytest.raises(
+        ConfigError, match="^language: expected a path to the GGUF file, a Decoder or a callable"
+    ):
+        Pipeline(None, None)
+    with pytest.raises(ConfigError, match="^language: .* got int 4"):
+        Pipeline(None, 4)
+    with pytest.raises(ConfigError, match="vision model path: expected a path .* got bytes"):
+        VisionEncoder(b"vision.onnx")
+
+
+@pytest.mark.parametrize("sampling", [{"seed": 0}, {}, "greedy", 0.7])
+def test_sampling_that_is_not_a_sampling_config(dist, sampling):
+    """docs/pipeline.md promises SamplingConfig objects (SamplingConfig(...), TINYGPTV.replace(...)), no
+    dicts: a dict is refused with the argument's name; an empty one is not taken for 'the default'."""
+    words = r"^sampling: expected a SamplingConfig \(e.g. SamplingConfig\(\*\*fields\)"
+    with Pipeline(None, gguf(dist), n_threads=1) as pipe:
+        with pytest.raises(ConfigError, match=words):
+            pipe.ask("what is it?", sampling=sampling)
+        with pytest.raises(ConfigError, match=words):
+            pipe.stream("what is it?", sampling=sampling)  # at the call, not at the first piece
+        with pytest.raises(ConfigError, match=words):
+            pipe.chat(sampling)
+        with pytest.raises(ConfigError, match=words):
+            pipe.chat().ask("what is it?", sampling=sampling)
+    with pytest.raises(ConfigError, match="^Sampler cfg: expected a SamplingConfig"):
+        Sampler(sampling)

@@ -199,6 +199,29 @@ def test_decompression_bomb_header():
         load_image(bytes(data), ImageLimits(max_pixels=10**9))
 
 
+@pytest.mark.parametrize("side", [6000, 10000, 15000, 20000])  # 36 MP (under Pillow's 89 MP), 100, 225, 400
+def test_pixel_cap_error_beyond_pillows_bomb_threshold(side):
+    """Over Pillow's threshold (a warning from 89 MP, an error from 179 MP) an image used to get Pillow's
+    message; it gets the project's pixel-cap error, the same as an image between the two caps."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    import struct
+    import zlib
+
+    chunk = b"IHDR" + struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    data[8:33] = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    pixels = side * side
+    with pytest.raises(ImageTooLargeError) as e:
+        load_image(bytes(data))
+    assert str(e.value) == f"image is {side} x {side} = {pixels} pixels, over the cap of 32000000"
+    if pixels > Image.MAX_IMAGE_PIXELS:  # a cap above Pillow's: Pillow's threshold, in the same words
+        with pytest.raises(ImageTooLargeError) as e:
+            load_image(bytes(data), ImageLimits(max_pixels=10**9, max_side=10**5))
+        assert str(e.value).startswith(
+            f"image is {side} x {side} = {pixels} pixels, over Pillow's decompression bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS} (ImageLimits.max_pixels = 1000000000 does not lift it)"
+        )
+
+
 def test_byte_cap(tmp_path):
     data = encode(golden("landscape"), "PNG")
     with pytest.raises(ImageTooLargeError, match="byte"):

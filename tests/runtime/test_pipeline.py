@@ -304,7 +304,7 @@ def test_image_cache(make_any):
 
 def test_image_cache_on_disk_across_pipelines(make_any, tmp_path):
     first = make_any(image_cache_dir=tmp_path).ask("q", photo(9), GREEDY)
-    assert first.timings.images_cached == 0 and len(list(tmp_path.glob("*.npy"))) == 1
+    assert first.timings.images_cached == 0 and len(list(tmp_path.glob("*.e1"))) == 1
     restarted = make_any(image_cache_dir=tmp_path, image_cache_size=0)  # disk tier only
     again = restarted.ask("q", photo(9), GREEDY)
     assert again.timings.images_cached == 1 and again.token_ids == first.token_ids

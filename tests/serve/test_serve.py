@@ -502,7 +502,7 @@ def test_image_cache_on_disk_survives_a_restart(files, tmp_path):
     img = png(11)
     with LiveServer(loader(files, image_cache_dir=tmp_path)) as s:
         first = ask(s.client(), [user("q", img)])
-    assert first.model_extra["timings"]["images_cached"] == 0 and list(tmp_path.glob("*.npy"))
+    assert first.model_extra["timings"]["images_cached"] == 0 and list(tmp_path.glob("*.e1"))
     with LiveServer(loader(files, image_cache_dir=tmp_path)) as s:
         again = ask(s.client(), [user("q", img)])
     assert again.model_extra["timings"]["images_cached"] == 1
