@@ -78,7 +78,7 @@ export-gguf: setup
 # The shipped default model: train from scratch on the synthetic VQA set, writing export/default_model/
 # (weights, config, tokenizer, training.json, loss curve). Its recipe (training.json records it): the
 # varied data, a 128 px input in 16 px patches, stage 1 on 10000 images with half of each batch
-# mirrored; ~47 min on 1 thread (docs/benchmarks.md).
+# mirrored; run on 1 thread (its time: docs/benchmarks.md).
 TRAIN_ARGS ?= --seed 0 --data varied --image-size 128 --patch-size 16 --pretrain-steps 6000 \
 	--train-images 10000 --pretrain-mirror --test-images 90 --eval-images 90 --threads 1
 train-default: setup
@@ -100,6 +100,7 @@ demo-reference: setup
 # Accuracy report: every vision x language level of the shipped model vs fp32 + F32, on its VQA test split.
 # Builds the exports it needs into $(DIST)/report/artifacts (cached); writes report.{json,md,html}.
 # REPORT_ARGS: more flags, e.g. --max-size-mib 200, --cells axes, --vision int8-minmax --language Q4_K_M.
+# The paper's data sets instead of the VQA split: REPORT_ARGS="--paper-set gqa=PATH ..." (docs/paper-sets.md).
 REPORT_ARGS ?=
 .PHONY: report
 report: setup
@@ -112,6 +113,7 @@ PROMPT ?= Describe this image.
 run: setup
 	$(VENV)/bin/tinygptv-edge run --dist $(DIST) $(if $(IMAGE),--image $(IMAGE)) --prompt "$(PROMPT)" $(RUN_ARGS)
 
+# Developer benchmarks (bench/; results in docs/benchmarks.md), not the on-device `tinygptv-edge bench`.
 # Full-size runtime benchmark (random weights): resident vs low-memory peak RSS, first token, tok/s.
 bench-pipeline: setup
 	$(PY) bench/pipeline.py

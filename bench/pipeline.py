@@ -16,7 +16,8 @@ random logits rarely produce them). Run from the repository root:
     .venv/bin/python bench/pipeline.py --threads 2            # builds ~3 GB of files in .bench-pipeline/
     .venv/bin/python bench/pipeline.py --vision V.int8.onnx --language L.q4_0.gguf   # files already built
 
-Building the FP32 vision graph needs ~14 GB of RAM for a moment (torch model + ONNX serialization).
+Building the FP32 vision graph needs well over its size in RAM for a moment (torch model + ONNX
+serialization; the measured peak: docs/benchmarks.md).
 """
 
 from __future__ import annotations

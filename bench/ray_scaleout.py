@@ -1,4 +1,4 @@
-"""Benchmark (not a test): `report --bench` shards serially vs on a local Ray cluster of 1 and 2 CPUs.
+"""Benchmark (not a test): `report --paper-set` shards serially vs on a local Ray cluster of 1 and 2 CPUs.
 
     synthetic VQA test images --written in GQA's release layout--> questions JSON + images/
     shipped default model --build_levels--> vision.fp32.onnx + language.<level>.gguf (cached in --out)
@@ -46,30 +46,30 @@ def main() -> None:
     import ray
 
     from tinygptv_edge.calib.paper_report import build_levels
-    from tinygptv_edge.calib.paper_sets import load_benchmark
+    from tinygptv_edge.calib.paper_sets import load_paper_set
     from tinygptv_edge.calib.paper_sets.executor import run_ray, run_serial
     from tinygptv_edge.calib.paper_sets.runner import RunSpec, make_shards
     from tinygptv_edge.calib.report_run import ReportConfig
 
     out = Path(args.out)
-    bench = load_benchmark("gqa", write_gqa(out / "gqa", args.images))
+    pset = load_paper_set("gqa", write_gqa(out / "gqa", args.images))
     cfg = ReportConfig(out=str(out), vision="fp32", language=args.language, n_calib=8, probe=False)
     arts, _ = build_levels(cfg, lambda *_: None)
     spec = RunSpec({"fp32": arts["vision"]["fp32"]["path"]},
                    {args.language: arts["language"][args.language]["path"]}, threads=1)  # fmt: skip
-    shards = make_shards({"gqa": len(bench.items)}, [("fp32", args.language)], args.shard_size)
-    benches = {"gqa": bench}
-    n, k = len(bench.items), len(shards)
+    shards = make_shards({"gqa": len(pset.items)}, [("fp32", args.language)], args.shard_size)
+    sets = {"gqa": pset}
+    n, k = len(pset.items), len(shards)
     print(f"{n} questions, {k} shards of <= {args.shard_size} items, cell fp32 + {args.language}")
 
     t = time.perf_counter()
-    serial = run_serial(shards, benches, spec)
+    serial = run_serial(shards, sets, spec)
     times = {"serial": time.perf_counter() - t}
     for cpus in (1, 2):
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20)
         try:
             t = time.perf_counter()
-            got = run_ray(shards, benches, spec)
+            got = run_ray(shards, sets, spec)
             times[f"ray {cpus} worker(s)"] = time.perf_counter() - t
         finally:
             ray.shutdown()

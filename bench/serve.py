@@ -19,7 +19,7 @@ server decode >= 0.97x the pipeline's. Run from the repository root:
     .venv/bin/python bench/serve.py --vision V.int8.onnx --language L.q4_0.gguf
     .venv/bin/python bench/serve.py --tiny                             # smoke run on the tiny model
 
-The full-size build needs ~14 GB of RAM for a moment (see bench/pipeline.py); `--stand-in-vision`
+The full-size build needs a lot of RAM for a moment (see bench/pipeline.py); `--stand-in-vision`
 pairs the full-size language model with a tiny vision graph of the full output shape (32 x 2560), so
 everything but the ViT's own time is measured at full size.
 """
@@ -210,8 +210,8 @@ def server_side(vision: Path, language: Path, asks: list, threads: int, tokens: 
 
 def summary(side: dict) -> dict:
     warm, new, again, same = side["runs"]
-    # decode over the three measured answers together (3 x 31 steps): one answer's rate moved by a few
-    # percent from run to run on the shared VM, more than the HTTP layer costs
+    # decode over the three measured answers together (3 x 31 steps): one answer's rate moved more from
+    # run to run on the shared VM than the HTTP layer costs (docs/benchmarks.md)
     runs = (new, again, same)
     steps = sum(r["tokens"] - 1 for r in runs)
     client_s = sum(r["t_last"] - r["t_first"] for r in runs)

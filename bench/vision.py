@@ -15,9 +15,9 @@
         accuracy level 4, fp32 peak otherwise), and median / floor
 
 Full size builds only the vision tower at `full_config()` dims (about 1.1 B parameters, 4.4 GB in
-FP32, written with external data); the language model is not needed. Exporting needs ~10 GB of RAM and
-quantizing ~13 GB (quant_pre_process); with `--work DIR --reuse` every graph already in DIR is reused,
-so a later run only times. Run from the repository root:
+FP32, written with external data); the language model is not needed. Exporting and quantizing
+(quant_pre_process) need well over that in RAM (peaks: docs/benchmarks.md); with `--work DIR --reuse`
+every graph already in DIR is reused, so a later run only times. Run from the repository root:
 
     .venv/bin/python bench/vision.py --sizes tiny,full,full448 --threads 2 --work .bench-vision --reuse
 """

@@ -49,21 +49,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-noise-floor", action="store_true", help="skip the 1-thread re-run of the reference")
     p.add_argument("--no-probe", action="store_true", help="skip the speed / peak-RSS probes")
     p.add_argument("--render-only", action="store_true", help="re-render OUT/report.json (no measuring)")
-    bm = p.add_argument_group("paper benchmarks (docs/paper-sets.md); --limit applies to each")
+    bm = p.add_argument_group("the paper's data sets (docs/paper-sets.md); --limit applies to each")
     bm.add_argument(
-        "--bench",
+        "--paper-set",
         action="append",
         metavar="NAME=PATH",
-        help="benchmark files as released: gqa, vsr, iconqa, vizwiz, hateful_memes, vqav2, textvqa",
+        help="data set files as released: gqa, vsr, iconqa, vizwiz, hateful_memes, vqav2, textvqa",
     )
-    bm.add_argument("--bench-images", action="append", metavar="NAME=DIR", help="a benchmark's image folder")
+    bm.add_argument("--paper-images", action="append", metavar="NAME=DIR", help="a paper set's image folder")
     bm.add_argument(
-        "--bench-prompt",
+        "--paper-prompt",
         action="append",
         metavar="NAME=TEXT",
-        help="a benchmark's prompt, with {question} (default: TinyGPT-V's evaluation prompt)",
+        help="a paper set's prompt, with {question} (default: TinyGPT-V's evaluation prompt)",
     )
-    bm.add_argument("--sample", type=int, help="evaluate N items drawn at random (--seed) per benchmark")
+    bm.add_argument("--sample", type=int, help="evaluate N items drawn at random (--seed) per paper set")
     bm.add_argument("--shard-size", type=int, default=64, help="items per task (default 64)")
     bm.add_argument(
         "--ray",
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(cfg.out)  # a read-only or impossible --out fails now, not after the measurements
     t0 = time.perf_counter()
-    if getattr(args, "bench", None):
-        return _bench(cfg, args, progress, bars, t0)
+    if getattr(args, "paper_set", None):
+        return _paper_report(cfg, args, progress, bars, t0)
     if args.render_only:
         return _render_only(cfg)
     try:
@@ -166,28 +166,28 @@ def _render_only(cfg) -> int:
     return 0
 
 
-def _bench(cfg, args, progress, bars, t0) -> int:
-    from .paper_report import BenchConfig, make_bench_report
-    from .paper_sets import parse_bench_args
+def _paper_report(cfg, args, progress, bars, t0) -> int:
+    from .paper_report import PaperReportConfig, make_paper_report
+    from .paper_sets import parse_paper_args
 
-    bc = BenchConfig(
-        benches=parse_bench_args(args.bench),
-        images=parse_bench_args(args.bench_images),
+    pc = PaperReportConfig(
+        sets=parse_paper_args(args.paper_set),
+        images=parse_paper_args(args.paper_images),
         limit=args.limit,
         sample=args.sample,
         shard_size=args.shard_size,
         ray=args.ray,
         retries=args.retries,
         ship_models=args.ray_ship_models,
-        prompts=parse_bench_args(args.bench_prompt, strip=False),
+        prompts=parse_paper_args(args.paper_prompt, strip=False),
     )
     try:
-        paths = make_bench_report(cfg, bc, progress)
+        paths = make_paper_report(cfg, pc, progress)
     finally:
         for bar in bars.values():
             bar.close()
-    print(paths["bench.md"].read_text().split("\n## ")[0].rstrip())
+    print(paths["paper-sets.md"].read_text().split("\n## ")[0].rstrip())
     for p in paths.values():
         print(f"wrote {p}")
-    print(f"benchmarks in {time.perf_counter() - t0:.0f} s")
+    print(f"paper sets in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -1,11 +1,11 @@
-"""`report --bench NAME=PATH ...`: the paper's benchmarks per (vision, language) cell.
+"""`report --paper-set NAME=PATH ...`: the paper's data sets per (vision, language) cell.
 
---bench files --load_benchmark--> Benchmark (items + task) --select(--limit | --sample N --seed)
+--paper-set files --load_paper_set--> PaperSet (items + task) --select(--limit | --sample N --seed)
 source model --Builder (as make_report)--> one file per chosen level (OUT/artifacts, reused)
-(benchmark x cell x shard) --run_serial | run_ray--> predictions per item
+(paper set x cell x shard) --run_serial | run_ray--> predictions per item
 --Scorer--> per cell: metric with bootstrap CI, change vs fp32 + F32 (paired CI), breakdown
---> OUT/bench.json (results only: the same for serial and Ray runs), OUT/bench.md (the table),
-    OUT/bench.run.json (date, executor, seconds)
+--> OUT/paper-sets.json (results only: the same for serial and Ray runs), OUT/paper-sets.md (the table),
+    OUT/paper-sets.run.json (date, executor, seconds)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tinygptv_edge.runtime.errors import ReportError
 
 from .levels import LANGUAGE_LEVELS, REFERENCE_LANGUAGE, REFERENCE_VISION, VISION_LEVELS, pick
 from .metrics import bootstrap_mean
-from .paper_sets import BENCHMARKS, Benchmark, load_benchmark
+from .paper_sets import PAPER_SETS, PaperSet, load_paper_set
 from .paper_sets.executor import run_ray, run_serial
 from .paper_sets.runner import RunSpec, make_shards
 from .paper_sets.scoring import Prediction, Scorer, item_scores
@@ -34,15 +34,15 @@ from .report_run import ReportConfig, _git_commit, _versions, _write_atomic, cal
 
 Progress = Callable[[str, int, int], None]
 SCHEMA = 1
-FILES = ("bench.json", "bench.md", "bench.run.json")
+FILES = ("paper-sets.json", "paper-sets.md", "paper-sets.run.json")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    benches: dict[str, str]  # name -> annotation file or folder
+class PaperReportConfig:
+    sets: dict[str, str]  # name -> annotation file or folder
     images: dict[str, str] = field(default_factory=dict)  # name -> image folder (default: per reader)
-    limit: int | None = None  # the first N items of each benchmark
-    sample: int | None = None  # N items drawn at random (seeded) from each benchmark
+    limit: int | None = None  # the first N items of each paper set
+    sample: int | None = None  # N items drawn at random (seeded) from each paper set
     shard_size: int = 64  # items per task
     ray: str | None = None  # None: serial; "local" or a cluster address ("ray://host:10001", "auto")
     retries: int = 2  # Ray: re-runs of a failed task
@@ -50,12 +50,12 @@ class BenchConfig:
     prompts: dict[str, str] = field(default_factory=dict)  # name -> prompt with {question} (default: table)
 
     def __post_init__(self) -> None:
-        if not self.benches:
-            raise ReportError("--bench: expected at least one NAME=PATH, got none")
-        bad = [n for n in (*self.benches, *self.images, *self.prompts) if n not in BENCHMARKS]
+        if not self.sets:
+            raise ReportError("--paper-set: expected at least one NAME=PATH, got none")
+        bad = [n for n in (*self.sets, *self.images, *self.prompts) if n not in PAPER_SETS]
         if bad:
             raise ReportError(
-                f"benchmarks: expected names from {', '.join(BENCHMARKS)}, got {', '.join(bad)}"
+                f"paper sets: expected names from {', '.join(PAPER_SETS)}, got {', '.join(bad)}"
             )
         if self.limit is not None and self.sample is not None:
             raise ReportError("expected --limit or --sample, got both")
@@ -69,16 +69,16 @@ class BenchConfig:
             )
 
 
-def load_all(bc: BenchConfig, seed: int) -> tuple[dict[str, Benchmark], dict[str, int]]:
-    """Selected benchmarks, and how many items each file holds."""
-    benches, totals = {}, {}
-    for name, path in bc.benches.items():
-        full = load_benchmark(name, path, bc.images.get(name))
-        if name in bc.prompts:  # checked by Task: it must hold {question}
-            full.task = dataclasses.replace(full.task, prompt=bc.prompts[name], source="--bench-prompt")
+def load_all(pc: PaperReportConfig, seed: int) -> tuple[dict[str, PaperSet], dict[str, int]]:
+    """Selected paper sets, and how many items each file holds."""
+    sets, totals = {}, {}
+    for name, path in pc.sets.items():
+        full = load_paper_set(name, path, pc.images.get(name))
+        if name in pc.prompts:  # checked by Task: it must hold {question}
+            full.task = dataclasses.replace(full.task, prompt=pc.prompts[name], source="--paper-prompt")
         totals[name] = len(full.items)
-        benches[name] = full.select(bc.limit, bc.sample, seed)
-    return benches, totals
+        sets[name] = full.select(pc.limit, pc.sample, seed)
+    return sets, totals
 
 
 def build_levels(cfg: ReportConfig, say: Progress) -> tuple[dict, dict]:
@@ -111,10 +111,10 @@ def _pct(x: float) -> float | None:
 
 
 def score_cells(
-    bench: Benchmark, preds: dict[tuple[str, str], list[Prediction]], n_boot: int, seed: int
+    pset: PaperSet, preds: dict[tuple[str, str], list[Prediction]], n_boot: int, seed: int
 ) -> dict:
-    """{cell name: scores} for one benchmark; the change is against the reference cell."""
-    sc = Scorer(bench, n_boot, seed)
+    """{cell name: scores} for one paper set; the change is against the reference cell."""
+    sc = Scorer(pset, n_boot, seed)
     ref = sc.values(preds[(REFERENCE_VISION, REFERENCE_LANGUAGE)])
     out = {}
     for (v, lang), p in preds.items():
@@ -128,34 +128,34 @@ def score_cells(
             "change_significant": bool(ch.excludes_zero()),
         }
         per_item = vals
-        if bench.task.metric == "auroc":  # the accuracy of P(yes) > 0.5 beside the AUROC
-            per_item = item_scores(bench, p)
+        if pset.task.metric == "auroc":  # the accuracy of P(yes) > 0.5 beside the AUROC
+            per_item = item_scores(pset, p)
             acc = bootstrap_mean(per_item, n_boot, seed)
             row["accuracy"] = _pct(acc.value)
             row["accuracy_ci"] = [_pct(acc.low), _pct(acc.high)]
-        types = sorted({it.qtype for it in bench.items})
+        types = sorted({it.qtype for it in pset.items})
         if len(types) > 1:
-            row["by_type"] = {t: _pct(per_item[[it.qtype == t for it in bench.items]].mean()) for t in types}
+            row["by_type"] = {t: _pct(per_item[[it.qtype == t for it in pset.items]].mean()) for t in types}
         out[f"{v} + {lang}"] = row
     return out
 
 
-def build_bench_document(benches, totals, cells, preds, arts, settings, provenance, n_boot, seed) -> dict:
-    scores = {name: score_cells(b, preds[name], n_boot, seed) for name, b in benches.items()}
+def build_paper_document(sets, totals, cells, preds, arts, settings, provenance, n_boot, seed) -> dict:
+    scores = {name: score_cells(b, preds[name], n_boot, seed) for name, b in sets.items()}
     rows = []
     for v, lang in cells:
         name = f"{v} + {lang}"
         size = arts["vision"][v]["file_bytes"] + arts["language"][lang]["file_bytes"]
         rows.append({"name": name, "vision": v, "language": lang, "size_bytes": int(size),
                      "reference": (v, lang) == (REFERENCE_VISION, REFERENCE_LANGUAGE),
-                     "scores": {b: scores[b][name] for b in benches}})  # fmt: skip
+                     "scores": {b: scores[b][name] for b in sets}})  # fmt: skip
     return {
         "schema": SCHEMA,
-        "kind": "benchmarks",
+        "kind": "paper_sets",
         "reference": {"vision": REFERENCE_VISION, "language": REFERENCE_LANGUAGE},
-        "benchmarks": {
+        "paper_sets": {
             name: {
-                "label": BENCHMARKS[name].label,
+                "label": PAPER_SETS[name].label,
                 "source": str(b.source),
                 "images": str(b.images),
                 "items": len(b.items),
@@ -166,7 +166,7 @@ def build_bench_document(benches, totals, cells, preds, arts, settings, provenan
                 "prompt": b.task.prompt,
                 "prompt_source": b.task.source,
             }
-            for name, b in benches.items()
+            for name, b in sets.items()
         },
         "cells": rows,
         "artifacts": arts,
@@ -174,7 +174,7 @@ def build_bench_document(benches, totals, cells, preds, arts, settings, provenan
         "provenance": provenance,
         "predictions": {
             name: {f"{v} + {lang}": [p.to_list() for p in preds[name][(v, lang)]] for v, lang in cells}
-            for name in benches
+            for name in sets
         },
     }
 
@@ -183,14 +183,14 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return "n/a" if x is None else (f"{x:+.1f}" if signed else f"{x:.1f}")
 
 
-def render_bench_markdown(doc: dict) -> str:
-    """The paper-style table: a row per cell, a column per benchmark (value [CI], change vs reference)."""
-    names = list(doc["benchmarks"])
+def render_paper_markdown(doc: dict) -> str:
+    """The paper-style table: a row per cell, a column per paper set (value [CI], change vs reference)."""
+    names = list(doc["paper_sets"])
     head = ["vision", "language", "MiB"] + [
-        f"{doc['benchmarks'][n]['label']} ({doc['benchmarks'][n]['metric']})" for n in names
+        f"{doc['paper_sets'][n]['label']} ({doc['paper_sets'][n]['metric']})" for n in names
     ]
     lines = [
-        "# Benchmarks per quantization level",
+        "# The paper's data sets per quantization level",
         "",
         "Each cell: score in % [95% bootstrap CI], then the change in points against fp32 + F32 "
         "(paired bootstrap; * = the CI excludes 0). AUROC cells add the accuracy of P(yes) > 0.5.",
@@ -214,13 +214,13 @@ def render_bench_markdown(doc: dict) -> str:
     typed = [n for n in names if any("by_type" in r["scores"][n] for r in doc["cells"])]
     for n in typed:
         types = list(doc["cells"][0]["scores"][n]["by_type"])
-        lines += ["", f"### {doc['benchmarks'][n]['label']} by type (%)", "",
+        lines += ["", f"### {doc['paper_sets'][n]['label']} by type (%)", "",
                   "| cell | " + " | ".join(types) + " |", "|" + "---|" * (len(types) + 1)]  # fmt: skip
         for r in doc["cells"]:
             by = r["scores"][n]["by_type"]
             lines.append(f"| {r['name']} | " + " | ".join(_fmt(by[t]) for t in types) + " |")
-    lines += ["", "## Benchmarks", ""]
-    for b in doc["benchmarks"].values():
+    lines += ["", "## Data sets", ""]
+    for b in doc["paper_sets"].values():
         part = (
             f"{b['items']} of {b['items_in_file']} items"
             if b["items"] != b["items_in_file"]
@@ -230,15 +230,15 @@ def render_bench_markdown(doc: dict) -> str:
                      f"`{b['source']}`; prompt `{b['prompt']}` ({b['prompt_source']})")  # fmt: skip
     sel = doc["settings"]
     if sel.get("sample"):
-        lines += ["", f"A random sample of {sel['sample']} items per benchmark (seed {sel['seed']}): the CIs "
+        lines += ["", f"A random sample of {sel['sample']} items per paper set (seed {sel['seed']}): the CIs "
                   "are the sample's and cover the full-set score (wider for a smaller sample)."]  # fmt: skip
     elif sel.get("limit"):
-        lines += ["", f"The first {sel['limit']} items per benchmark only (not a random sample)."]
+        lines += ["", f"The first {sel['limit']} items per paper set only (not a random sample)."]
     return "\n".join(lines) + "\n"
 
 
-def make_bench_report(
-    cfg: ReportConfig, bc: BenchConfig, progress: Progress | None = None
+def make_paper_report(
+    cfg: ReportConfig, pc: PaperReportConfig, progress: Progress | None = None
 ) -> dict[str, Path]:
     from .matrix import choose_cells
 
@@ -246,36 +246,36 @@ def make_bench_report(
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    benches, totals = load_all(bc, cfg.seed)
+    sets, totals = load_all(pc, cfg.seed)
     arts, prov = build_levels(cfg, say)
     ok_v = [k for k, a in arts["vision"].items() if not a["error"]]
     ok_l = [k for k, a in arts["language"].items() if not a["error"]]
     cells = choose_cells(ok_v, ok_l, cfg.cells)
     paths_v = {k: arts["vision"][k]["path"] for k in ok_v}
     spec = RunSpec(paths_v, {k: arts["language"][k]["path"] for k in ok_l}, cfg.threads, cfg.max_new_tokens)
-    shards = make_shards({n: len(b.items) for n, b in benches.items()}, cells, bc.shard_size)
+    shards = make_shards({n: len(b.items) for n, b in sets.items()}, cells, pc.shard_size)
     t1 = time.perf_counter()
-    if bc.ray is None:
-        got = run_serial(shards, benches, spec, say)
+    if pc.ray is None:
+        got = run_serial(shards, sets, spec, say)
     else:
-        address = None if bc.ray == "local" else bc.ray
-        got = run_ray(shards, benches, spec, address, say, bc.retries, ship_models=bc.ship_models)
+        address = None if pc.ray == "local" else pc.ray
+        got = run_ray(shards, sets, spec, address, say, pc.retries, ship_models=pc.ship_models)
     t2 = time.perf_counter()
-    preds: dict[str, dict] = {n: {c: [] for c in cells} for n in benches}
+    preds: dict[str, dict] = {n: {c: [] for c in cells} for n in sets}
     for sh in shards:  # shard order, not arrival order
-        preds[sh.bench][sh.cell] += [Prediction.from_list(x) for x in got[sh]]
+        preds[sh.paper_set][sh.cell] += [Prediction.from_list(x) for x in got[sh]]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("budget", "out", "probe", "noise_floor")}
-    settings.update(limit=bc.limit, sample=bc.sample, shard_size=bc.shard_size, shards=len(shards))
+    settings.update(limit=pc.limit, sample=pc.sample, shard_size=pc.shard_size, shards=len(shards))
     provenance = {**prov, "git_commit": _git_commit(), "python": platform.python_version(),
                   **{f"version {k}": v for k, v in _versions().items()}}  # fmt: skip
     for half in arts.values():  # paths relative to OUT: the document does not depend on where OUT is
         for a in half.values():
             a["path"] = os.path.relpath(a["path"], out) if a["path"] else ""
-    doc = strict_json(build_bench_document(benches, totals, cells, preds, arts, settings, provenance,
+    doc = strict_json(build_paper_document(sets, totals, cells, preds, arts, settings, provenance,
                                            cfg.n_boot, cfg.seed))  # fmt: skip
     run = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "executor": "serial" if bc.ray is None else f"ray ({bc.ray}{', models shipped' * bc.ship_models})",
+        "executor": "serial" if pc.ray is None else f"ray ({pc.ray}{', models shipped' * pc.ship_models})",
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "seconds_setup": round(t1 - t0, 2),
@@ -283,7 +283,7 @@ def make_bench_report(
         "shards": len(shards),
     }
     paths = {n: out / n for n in FILES}
-    _write_atomic(paths["bench.json"], json.dumps(doc, indent=1, allow_nan=False), json.loads)
-    _write_atomic(paths["bench.md"], render_bench_markdown(doc), lambda t: t.startswith("# "))
-    _write_atomic(paths["bench.run.json"], json.dumps(run, indent=1), json.loads)
+    _write_atomic(paths["paper-sets.json"], json.dumps(doc, indent=1, allow_nan=False), json.loads)
+    _write_atomic(paths["paper-sets.md"], render_paper_markdown(doc), lambda t: t.startswith("# "))
+    _write_atomic(paths["paper-sets.run.json"], json.dumps(run, indent=1), json.loads)
     return paths

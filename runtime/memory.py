@@ -17,9 +17,9 @@ def host_buffer(nbytes: int) -> np.ndarray:
     """A writable uint8 array of `nbytes` for large copies (KV snapshots), freed with the array.
 
     From HUGE_PAGE on it is its own anonymous mapping advised for transparent huge pages (Linux, where
-    THP is "always" or "madvise"), so its first touch faults 2 MiB at a time instead of 4 KiB: a fresh
-    20 MiB buffer filled in 55 ms from numpy's heap, 13 ms so mapped, on the 2-vCPU dev VM (page
-    faults are dear in a VM). Elsewhere, or smaller, it is np.empty."""
+    THP is "always" or "madvise"), so its first touch faults 2 MiB at a time instead of 4 KiB: several
+    times faster to fill where page faults are dear, as in a VM (docs/benchmarks.md, figures behind
+    decisions in code). Elsewhere, or smaller, it is np.empty."""
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(nbytes, np.uint8)
     m = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)

@@ -5,8 +5,8 @@
 
 Both models keep about their file size in RAM (the ONNX initializers are loaded, the GGUF is mapped
 and read in full per token), the F16 KV cache fills as a conversation grows, and MARGIN covers Python,
-onnxruntime, ggml's graphs and activations (the full-size model measured 2.97 GB resident and 1.88 GB
-low-memory peak RSS against 2.43 GB and 1.37 GB of files: README "Low-memory mode"). Auto picks
+onnxruntime, ggml's graphs and activations (the full-size model's measured peaks against its file
+sizes: docs/benchmarks.md, figures behind decisions in code). Auto picks
 resident mode when MemAvailable (/proc/meminfo: free memory plus reclaimable cache) covers it.
 """
 

@@ -28,8 +28,8 @@ seen a few requests ago, or the same request again, evaluates only what follows 
 Least recently used snapshots go first past `snapshot_bytes`; a decoder without `read_kv`/`write_kv`
 (test stand-ins) gets none. Their host memory is recycled: a dropped snapshot's buffer takes the next
 one that fits, and `reserve` touches one ahead of need (the pipeline's `warm`), because the first touch
-of fresh memory is what a save costs: 12-70 ms for ~19 MiB on the 2-vCPU dev VM, whose host backs
-guest pages lazily, against ~3 ms to copy into touched memory.
+of fresh memory is most of what a save costs on a VM whose host backs guest pages lazily, far more
+than the copy into touched memory (docs/benchmarks.md, figures behind decisions in code).
 """
 
 from __future__ import annotations

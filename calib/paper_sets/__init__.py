@@ -1,7 +1,7 @@
-"""Readers for the benchmarks TinyGPT-V reports (GQA, VSR, IconQA, VizWiz, Hateful Memes) and the
+"""Readers for the data sets TinyGPT-V reports scores on (GQA, VSR, IconQA, VizWiz, Hateful Memes) and the
 VQAv2/TextVQA layout, each with its official metric and its evaluation prompt (one table below).
 
-    load_benchmark("gqa", "testdev_balanced_questions.json") -> Benchmark (items + Task)
+    load_paper_set("gqa", "testdev_balanced_questions.json") -> PaperSet (items + Task)
 
 Prompts: the question text TinyGPT-V's evaluation feeds the model (`minigpt4/datasets/datasets/
 vqa_datasets.py`, the *EvalData classes used by `eval_scripts/eval_vqa.py`); the model's own
@@ -17,7 +17,7 @@ from pathlib import Path
 from tinygptv_edge.runtime.errors import EvalSetError
 
 from . import gqa, hateful_memes, iconqa, vizwiz, vqa, vsr
-from .base import BenchItem, Benchmark, Task
+from .base import PaperItem, PaperSet, Task
 
 _SRC = "TinyGPT-V minigpt4/datasets/datasets/vqa_datasets.py"
 SHORT = "[vqa] Based on the image, respond to this question with a short answer: {question}"
@@ -25,12 +25,12 @@ SHORT = "[vqa] Based on the image, respond to this question with a short answer:
 
 @dataclass(frozen=True)
 class Spec:
-    reader: Callable[..., Benchmark]
+    reader: Callable[..., PaperSet]
     task: Task
     label: str  # the column title in the table
 
 
-BENCHMARKS: dict[str, Spec] = {
+PAPER_SETS: dict[str, Spec] = {
     "gqa": Spec(gqa.read, Task("generate", "exact_match", SHORT, f"{_SRC} GQAEvalData"), "GQA"),
     "vsr": Spec(
         vsr.read,
@@ -78,15 +78,15 @@ BENCHMARKS: dict[str, Spec] = {
 }
 
 
-def load_benchmark(name: str, path: str | Path, images: str | Path | None = None) -> Benchmark:
-    """Read benchmark `name` from `path` (its annotation file or folder; see each module)."""
-    spec = BENCHMARKS.get(name)
+def load_paper_set(name: str, path: str | Path, images: str | Path | None = None) -> PaperSet:
+    """Read paper set `name` from `path` (its annotation file or folder; see each module)."""
+    spec = PAPER_SETS.get(name)
     if spec is None:
-        raise EvalSetError(f"benchmark: expected one of {', '.join(BENCHMARKS)}, got {name!r}")
+        raise EvalSetError(f"paper set: expected one of {', '.join(PAPER_SETS)}, got {name!r}")
     return spec.reader(path, spec.task, images)
 
 
-def parse_bench_args(values: list[str] | None, strip: bool = True) -> dict[str, str]:
+def parse_paper_args(values: list[str] | None, strip: bool = True) -> dict[str, str]:
     """["gqa=PATH", ...] -> {"gqa": "PATH"}; each name once (`strip`: trim the value's spaces)."""
     out: dict[str, str] = {}
     for v in values or []:
@@ -94,14 +94,14 @@ def parse_bench_args(values: list[str] | None, strip: bool = True) -> dict[str, 
         name = name.strip().lower().replace("-", "_")
         if not sep or not path.strip():
             raise EvalSetError(
-                f"--bench: expected NAME=PATH (NAME one of {', '.join(BENCHMARKS)}), got {v!r}"
+                f"--paper-set: expected NAME=PATH (NAME one of {', '.join(PAPER_SETS)}), got {v!r}"
             )
-        if name not in BENCHMARKS:
-            raise EvalSetError(f"--bench: expected NAME one of {', '.join(BENCHMARKS)}, got {name!r}")
+        if name not in PAPER_SETS:
+            raise EvalSetError(f"--paper-set: expected NAME one of {', '.join(PAPER_SETS)}, got {name!r}")
         if name in out:
-            raise EvalSetError(f"--bench: expected each benchmark once, got {name} twice")
+            raise EvalSetError(f"--paper-set: expected each paper set once, got {name} twice")
         out[name] = path.strip() if strip else path
     return out
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "BenchItem", "Spec", "Task", "load_benchmark", "parse_bench_args"]
+__all__ = ["PAPER_SETS", "PaperSet", "PaperItem", "Spec", "Task", "load_paper_set", "parse_paper_args"]

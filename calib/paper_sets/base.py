@@ -1,7 +1,7 @@
-"""What every benchmark reader returns, and the checks the readers share.
+"""What every paper-set reader returns, and the checks the readers share.
 
-    annotation file(s) as the official release ships them --reader--> Benchmark
-        items: BenchItem(qid, image path, question, answers, choices, label, qtype), in file order
+    annotation file(s) as the official release ships them --reader--> PaperSet
+        items: PaperItem(qid, image path, question, answers, choices, label, qtype), in file order
         task:  how a model answers (generate | choice | yes_no) and how it is scored (scoring.py)
 
 Readers check every field they use and raise EvalSetError naming the file, the record, the field,
@@ -26,7 +26,7 @@ METRICS = ("exact_match", "accuracy", "vqa_accuracy", "auroc")
 
 @dataclass(frozen=True)
 class Task:
-    """How one benchmark is answered and scored; `prompt` gets the item's fields by name."""
+    """How one paper set is answered and scored; `prompt` gets the item's fields by name."""
 
     kind: str  # generate: greedy text | choice: lowest mean NLL of each choice | yes_no: P(yes) vs P(no)
     metric: str  # headline metric (scoring.py); yes_no also reports accuracy
@@ -43,7 +43,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class BenchItem:
+class PaperItem:
     qid: str  # the release's question / problem / meme id
     image: str  # absolute path of the image file
     question: str  # question, caption (VSR) or meme text (Hateful Memes)
@@ -54,11 +54,11 @@ class BenchItem:
 
 
 @dataclass
-class Benchmark:
+class PaperSet:
     name: str
     source: Path  # the annotation file or folder the user pointed at
     images: Path  # the image folder used
-    items: list[BenchItem]
+    items: list[PaperItem]
     task: Task
 
     @property
@@ -72,7 +72,7 @@ class Benchmark:
             )
         return h.hexdigest()
 
-    def select(self, limit: int | None = None, sample: int | None = None, seed: int = 0) -> Benchmark:
+    def select(self, limit: int | None = None, sample: int | None = None, seed: int = 0) -> PaperSet:
         """The first `limit` items, or `sample` items drawn without replacement (seeded, file order kept)."""
         if limit is not None and sample is not None:
             raise EvalSetError("select: expected --limit or --sample, got both")
@@ -87,7 +87,7 @@ class Benchmark:
             if sample < len(items):
                 keep = np.sort(np.random.default_rng(seed).choice(len(items), sample, replace=False))
                 items = [items[i] for i in keep]
-        return Benchmark(self.name, self.source, self.images, list(items), self.task)
+        return PaperSet(self.name, self.source, self.images, list(items), self.task)
 
 
 # -- shared checks -------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def pick_images(source: Path, images: str | Path | None, candidates: tuple[str, 
     raise EvalSetError(f"{what}: expected an image folder at {' or '.join(map(str, tried))}, found none")
 
 
-def check_images(items: list[BenchItem], what: str) -> None:
+def check_images(items: list[PaperItem], what: str) -> None:
     """Every named image exists (checked up front: a run of hours should not stop at item 9000)."""
     missing = [it for it in items if not Path(it.image).is_file()]
     if missing:
@@ -180,7 +180,7 @@ def check_images(items: list[BenchItem], what: str) -> None:
         )
 
 
-def nonempty(items: list[BenchItem], path: Path, what: str) -> list[BenchItem]:
+def nonempty(items: list[PaperItem], path: Path, what: str) -> list[PaperItem]:
     if not items:
         raise EvalSetError(f"{what}: expected at least one item in {path}, found none")
     return items

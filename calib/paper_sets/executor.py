@@ -1,8 +1,8 @@
 """Running the shards: in this process (serial), or as Ray tasks on a cluster (`--ray [ADDRESS]`).
 
-    shards (benchmark x cell x item range) --run_shard--> predictions per shard
+    shards (paper set x cell x item range) --run_shard--> predictions per shard
         serial: one after another, here
-        ray:    ray.init(address) (a local cluster when none); each benchmark's items are put in the
+        ray:    ray.init(address) (a local cluster when none); each paper set's items are put in the
                 object store once; one task per shard (num_cpus = threads), failed tasks retried
                 (`retries`), progress as they finish; results gathered by shard, not by arrival
     -> {shard: predictions}: the same for both, so the report is the same
@@ -10,7 +10,7 @@
 Model files are read from their paths on the node that runs a task: on several machines they must be
 on a path every node sees (a shared file system, or the same copy at the same path), or, with
 `ship_models`, they are put in the object store once and each node writes them to its temp folder
-on first use (checked by sha256). Benchmark images are always read from their paths.
+on first use (checked by sha256). Paper-set images are always read from their paths.
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ from pathlib import Path
 
 from tinygptv_edge.runtime.errors import ReportError
 
-from .base import Benchmark
+from .base import PaperSet
 from .runner import RunSpec, Shard, run_shard
 
 Progress = Callable[[str, int, int], None]
 ShardFn = Callable[..., list]  # run_shard(shard, items, task, spec)
 
 
-def run_serial(shards: list[Shard], benches: dict[str, Benchmark], spec: RunSpec,
+def run_serial(shards: list[Shard], sets: dict[str, PaperSet], spec: RunSpec,
                progress: Progress | None = None, fn: ShardFn = run_shard) -> dict[Shard, list]:  # fmt: skip
     say = progress or (lambda *_: None)
     out = {}
     for i, sh in enumerate(shards):
-        b = benches[sh.bench]
+        b = sets[sh.paper_set]
         out[sh] = fn(sh, b.items[sh.start : sh.stop], b.task, spec)
         say("shards", i + 1, len(shards))
     return out
@@ -44,7 +44,7 @@ def run_serial(shards: list[Shard], benches: dict[str, Benchmark], spec: RunSpec
 
 def run_ray(
     shards: list[Shard],
-    benches: dict[str, Benchmark],
+    sets: dict[str, PaperSet],
     spec: RunSpec,
     address: str | None = None,
     progress: Progress | None = None,
@@ -67,10 +67,11 @@ def run_ray(
         ray.init(address=address, **(init_kwargs or {"include_dashboard": False, "log_to_driver": False}))
     try:
         remote = ray.remote(_task).options(num_cpus=spec.threads, max_retries=retries, retry_exceptions=True)
-        items = {name: ray.put(b.items) for name, b in benches.items()}  # shipped once per benchmark
+        items = {name: ray.put(b.items) for name, b in sets.items()}  # shipped once per paper set
         shipped = _ship(ray, spec, ship_dir) if ship_models else None
         pending = {
-            remote.remote(fn, sh, items[sh.bench], benches[sh.bench].task, spec, shipped): sh for sh in shards
+            remote.remote(fn, sh, items[sh.paper_set], sets[sh.paper_set].task, spec, shipped): sh
+            for sh in shards
         }
         out: dict[Shard, list] = {}
         while pending:
@@ -81,7 +82,7 @@ def run_ray(
                     out[sh] = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     raise ReportError(
-                        f"shard {sh.bench} {sh.vision} + {sh.language} items {sh.start}..{sh.stop - 1} "
+                        f"shard {sh.paper_set} {sh.vision} + {sh.language} items {sh.start}..{sh.stop - 1} "
                         f"failed after {retries} retries: {e}"
                     ) from e
                 say("shards", len(out), len(shards))

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
-    BenchItem,
-    Benchmark,
+    PaperItem,
+    PaperSet,
     Task,
     check_images,
     field,
@@ -25,7 +25,7 @@ from .base import (
 )
 
 
-def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     path = Path(path)
     doc = read_json(path, "gqa questions")
     if not isinstance(doc, dict):
@@ -37,7 +37,7 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
         types = q.get("types") if isinstance(q, dict) else None
         qtype = types.get("structural") if isinstance(types, dict) else None
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=str(qid),
                 image=image_path(folder, f"{field(q, 'imageId', str, where)}.jpg", where, "imageId"),
                 question=field(q, "question", str, where).strip(),
@@ -46,7 +46,7 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
             )
         )
     check_images(nonempty(items, path, "gqa"), "gqa")
-    return Benchmark("gqa", path, folder, items, task)
+    return PaperSet("gqa", path, folder, items, task)
 
 
 def raise_type(path: Path, doc) -> None:

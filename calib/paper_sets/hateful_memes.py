@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
-    BenchItem,
-    Benchmark,
+    PaperItem,
+    PaperSet,
     Task,
     check_images,
     field,
@@ -27,7 +27,7 @@ from .base import (
 )
 
 
-def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     path = Path(path)
     rows = read_jsonl(path, "hateful memes annotations")
     folder = pick_images(path.parent, images, ("",), "hateful_memes")
@@ -35,7 +35,7 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
     for where, obj in rows:
         mid = field(obj, "id", (int, str), where)
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=str(mid),
                 image=image_path(folder, field(obj, "img", str, where), where, "img"),
                 question=field(obj, "text", str, where).strip(),
@@ -43,4 +43,4 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
             )
         )
     check_images(nonempty(items, path, "hateful_memes"), "hateful_memes")
-    return Benchmark("hateful_memes", path, folder, items, task)
+    return PaperSet("hateful_memes", path, folder, items, task)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tinygptv_edge.runtime.errors import EvalSetError
 
-from .base import BenchItem, Benchmark, Task, check_images, field, nonempty, read_json
+from .base import PaperItem, PaperSet, Task, check_images, field, nonempty, read_json
 
 SUBTASK = "choose_txt"
 
@@ -24,7 +24,7 @@ def _order(p: Path):
     return (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name)
 
 
-def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     path = Path(path)
     if (path / SUBTASK).is_dir():
         path = path / SUBTASK
@@ -53,7 +53,7 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
                 f"{where}: field 'answer': expected a choice index 0..{len(choices) - 1}, found {answer}"
             )
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=prob.name,
                 image=str(prob / "image.png"),
                 question=field(obj, "question", str, where).strip(),
@@ -63,4 +63,4 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
             )
         )
     check_images(nonempty(items, path, "iconqa"), "iconqa")
-    return Benchmark("iconqa", path, path, items, task)
+    return PaperSet("iconqa", path, path, items, task)

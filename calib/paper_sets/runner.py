@@ -1,4 +1,4 @@
-"""One unit of benchmark work: a (vision level, language level) cell over a shard of one benchmark.
+"""One unit of paper-set work: a (vision level, language level) cell over a shard of one paper set.
 
     image --load_image/preprocess--> VisionEncoder[vision] --> (Q, H) image embeddings
     Decoder[language]: [BOS] + prompt text before the image, evaluated once per opened decoder
@@ -23,7 +23,7 @@ import numpy as np
 from tinygptv_edge.runtime.errors import ReportError
 from tinygptv_edge.runtime.metrics import log_softmax
 
-from .base import BenchItem, Task
+from .base import PaperItem, Task
 from .scoring import Prediction
 
 N_CTX_CAP = 1024  # positions per decoder: prompts here are short (system + 32 image tokens + question)
@@ -32,10 +32,10 @@ YES, NO = ("yes", "Yes"), ("no", "No")
 
 @dataclass(frozen=True)
 class Shard:
-    bench: str
+    paper_set: str
     vision: str
     language: str
-    start: int  # item range [start, stop) of the benchmark as selected
+    start: int  # item range [start, stop) of the paper set as selected
     stop: int
 
     @property
@@ -54,7 +54,7 @@ class RunSpec:
 
 
 def make_shards(sizes: dict[str, int], cells: list[tuple[str, str]], shard_size: int) -> list[Shard]:
-    """Every (cell, benchmark, item range), cell by cell in the given order (the reference first), so a
+    """Every (cell, paper set, item range), cell by cell in the given order (the reference first), so a
     serial run opens each cell's models once."""
     if shard_size < 1:
         raise ReportError(f"shard size: expected >= 1, got {shard_size}")
@@ -117,7 +117,7 @@ class _Models:
 _MODELS = _Models()
 
 
-def run_shard(shard: Shard, items: list[BenchItem], task: Task, spec: RunSpec) -> list[list]:
+def run_shard(shard: Shard, items: list[PaperItem], task: Task, spec: RunSpec) -> list[list]:
     """Predictions (Prediction.to_list) of one cell for `items` (the shard's items, in order)."""
     from tinygptv_edge.runtime.text.prompt import split_prompt
     from tinygptv_edge.runtime.vision.images import load_image
@@ -136,7 +136,7 @@ def run_shard(shard: Shard, items: list[BenchItem], task: Task, spec: RunSpec) -
         need = len(prefix) + dec.image_tokens + len(suffix) + max(spec.max_new_tokens, _longest(it, tok, sep))
         if need > dec.n_ctx:
             raise ReportError(
-                f"{shard.bench} item {it.qid}: needs {need} positions, the decoder holds {dec.n_ctx}"
+                f"{shard.paper_set} item {it.qid}: needs {need} positions, the decoder holds {dec.n_ctx}"
             )
         pixels = preprocess(load_image(it.image), enc.preprocess_cfg)
         embeds = enc.embed(pixels[None])[0]  # (Q, H)
@@ -144,7 +144,7 @@ def run_shard(shard: Shard, items: list[BenchItem], task: Task, spec: RunSpec) -
         dec.eval_embeddings(embeds)
         logits = dec.eval_tokens(suffix) if suffix else None
         if logits is None:
-            raise ReportError(f"{shard.bench} item {it.qid}: the prompt has no text after the image")
+            raise ReportError(f"{shard.paper_set} item {it.qid}: the prompt has no text after the image")
         if task.kind == "generate":
             pred = Prediction(_greedy(dec, logits, spec.max_new_tokens))
         elif task.kind == "choice":
@@ -155,7 +155,7 @@ def run_shard(shard: Shard, items: list[BenchItem], task: Task, spec: RunSpec) -
     return out
 
 
-def _longest(it: BenchItem, tok, sep: str) -> int:
+def _longest(it: PaperItem, tok, sep: str) -> int:
     return max((len(tok.encode(c + sep)) for c in it.choices), default=0)
 
 

@@ -1,4 +1,4 @@
-"""Each benchmark's official metric from the model's per-item outputs, with bootstrap CIs.
+"""Each paper set's official metric from the model's per-item outputs, with bootstrap CIs.
 
     metric         per item                                   headline
     exact_match    normalized answer == the reference (GQA)   mean
@@ -23,7 +23,7 @@ import numpy as np
 from tinygptv_edge.runtime.errors import ConfigError
 
 from ..metrics import Interval, normalize_answer
-from .base import Benchmark
+from .base import PaperSet
 from .vqa_eval import vqa_accuracy
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes"), ("false", "no")
@@ -52,11 +52,11 @@ def read_true_false(answer: str) -> int:
     return 1 if first in TRUE_WORDS else 0 if first in FALSE_WORDS else -1
 
 
-def item_scores(bench: Benchmark, preds: list[Prediction]) -> np.ndarray:
+def item_scores(pset: PaperSet, preds: list[Prediction]) -> np.ndarray:
     """(N,) per-item score in [0, 1] whose mean is the metric (for auroc: the accuracy beside it)."""
-    if len(preds) != len(bench.items):
-        raise ConfigError(f"{bench.name}: expected {len(bench.items)} predictions, got {len(preds)}")
-    m, items = bench.task.metric, bench.items
+    if len(preds) != len(pset.items):
+        raise ConfigError(f"{pset.name}: expected {len(pset.items)} predictions, got {len(preds)}")
+    m, items = pset.task.metric, pset.items
     if m == "exact_match":
         s = [
             normalize_answer(p.answer) == normalize_answer(it.answers[0])
@@ -64,9 +64,9 @@ def item_scores(bench: Benchmark, preds: list[Prediction]) -> np.ndarray:
         ]
     elif m == "vqa_accuracy":
         s = [vqa_accuracy(p.answer, it.answers) for it, p in zip(items, preds, strict=True)]
-    elif bench.task.kind == "choice":
+    elif pset.task.kind == "choice":
         s = [p.choice == it.label for it, p in zip(items, preds, strict=True)]
-    elif bench.task.kind == "yes_no":
+    elif pset.task.kind == "yes_no":
         s = [int(p.p_yes > 0.5) == it.label for it, p in zip(items, preds, strict=True)]
     else:
         s = [read_true_false(p.answer) == it.label for it, p in zip(items, preds, strict=True)]
@@ -112,22 +112,22 @@ def _interval(value: float, boots: np.ndarray, level: float = 0.95) -> Interval:
 
 
 class Scorer:
-    """The headline statistic of one benchmark for any cell, and its CIs (one index matrix shared
+    """The headline statistic of one paper set for any cell, and its CIs (one index matrix shared
     by every cell, so paired differences resample the same items)."""
 
-    def __init__(self, bench: Benchmark, n_boot: int = 2000, seed: int = 0):
-        self.bench = bench
-        self.idx = _index(len(bench.items), n_boot, seed)  # (B, N)
-        self.labels = np.array([it.label for it in bench.items])
+    def __init__(self, pset: PaperSet, n_boot: int = 2000, seed: int = 0):
+        self.pset = pset
+        self.idx = _index(len(pset.items), n_boot, seed)  # (B, N)
+        self.labels = np.array([it.label for it in pset.items])
 
     def values(self, preds: list[Prediction]) -> np.ndarray:
         """(N,) per item for a mean metric; the P(yes) scores for auroc."""
-        if self.bench.task.metric == "auroc":
+        if self.pset.task.metric == "auroc":
             return np.array([p.p_yes for p in preds], dtype=np.float64)
-        return item_scores(self.bench, preds)
+        return item_scores(self.pset, preds)
 
     def stat(self, v: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray | float:
-        if self.bench.task.metric != "auroc":
+        if self.pset.task.metric != "auroc":
             return v.mean() if idx is None else v[idx].mean(axis=1)
         if idx is None:
             return auroc(self.labels, v)

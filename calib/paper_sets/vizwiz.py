@@ -16,8 +16,8 @@ from pathlib import Path
 from tinygptv_edge.runtime.errors import EvalSetError
 
 from .base import (
-    BenchItem,
-    Benchmark,
+    PaperItem,
+    PaperSet,
     Task,
     check_images,
     field,
@@ -41,7 +41,7 @@ def answers_of(obj: dict, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     path = Path(path)
     doc = read_json(path, "vizwiz annotations")
     if not isinstance(doc, list):
@@ -56,7 +56,7 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
         atype = obj.get("answer_type") if isinstance(obj, dict) else None
         name = field(obj, "image", str, where)
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=Path(name).stem,
                 image=image_path(folder, name, where),
                 question=field(obj, "question", str, where).strip(),
@@ -65,4 +65,4 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
             )
         )
     check_images(nonempty(items, path, "vizwiz"), "vizwiz")
-    return Benchmark("vizwiz", path, folder, items, task)
+    return PaperSet("vizwiz", path, folder, items, task)

@@ -22,8 +22,8 @@ from pathlib import Path
 from tinygptv_edge.runtime.errors import EvalSetError
 
 from .base import (
-    BenchItem,
-    Benchmark,
+    PaperItem,
+    PaperSet,
     Task,
     check_images,
     field,
@@ -43,7 +43,7 @@ def _one(folder: Path, pattern: str, what: str) -> Path:
     return found[0]
 
 
-def read_vqa_layout(folder: Path, name: str, task: Task, images: str | Path | None) -> Benchmark:
+def read_vqa_layout(folder: Path, name: str, task: Task, images: str | Path | None) -> PaperSet:
     if not folder.is_dir():
         raise EvalSetError(
             f"{name}: expected a folder with a questions and an annotations JSON at {folder}, found none"
@@ -72,7 +72,7 @@ def read_vqa_layout(folder: Path, name: str, task: Task, images: str | Path | No
         file = f"COCO_{sub}_{int(img):012d}.jpg" if sub and isinstance(img, int) else f"{img}.jpg"
         atype = a.get("answer_type")
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=str(qid),
                 image=image_path(pics, file, where, "image_id"),
                 question=field(q, "question", str, where).strip(),
@@ -81,14 +81,14 @@ def read_vqa_layout(folder: Path, name: str, task: Task, images: str | Path | No
             )
         )
     check_images(nonempty(items, qfile, name), name)
-    return Benchmark(name, folder, pics, items, task)
+    return PaperSet(name, folder, pics, items, task)
 
 
-def read_vqav2(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read_vqav2(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     return read_vqa_layout(Path(path), "vqav2", task, images)
 
 
-def read_textvqa(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read_textvqa(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     path = Path(path)
     if path.is_dir():
         return read_vqa_layout(path, "textvqa", task, images)
@@ -99,7 +99,7 @@ def read_textvqa(path: str | Path, task: Task, images: str | Path | None = None)
     for n, obj in enumerate(data):
         where = f"{path}: data[{n}]"
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=str(field(obj, "question_id", (int, str), where)),
                 image=image_path(pics, f"{field(obj, 'image_id', str, where)}.jpg", where, "image_id"),
                 question=field(obj, "question", str, where).strip(),
@@ -107,4 +107,4 @@ def read_textvqa(path: str | Path, task: Task, images: str | Path | None = None)
             )
         )
     check_images(nonempty(items, path, "textvqa"), "textvqa")
-    return Benchmark("textvqa", path, pics, items, task)
+    return PaperSet("textvqa", path, pics, items, task)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import (
-    BenchItem,
-    Benchmark,
+    PaperItem,
+    PaperSet,
     Task,
     check_images,
     field,
@@ -29,7 +29,7 @@ from .base import (
 SUBFOLDERS = ("", "train2017", "val2017")
 
 
-def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benchmark:
+def read(path: str | Path, task: Task, images: str | Path | None = None) -> PaperSet:
     path = Path(path)
     rows = read_jsonl(path, "vsr annotations")
     folder = pick_images(path.parent, images, ("images", ""), "vsr")
@@ -39,7 +39,7 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
         cands = [image_path(folder / sub if sub else folder, name, where) for sub in SUBFOLDERS]
         rel = obj.get("relation")
         items.append(
-            BenchItem(
+            PaperItem(
                 qid=str(n),
                 image=next((c for c in cands if Path(c).is_file()), cands[0]),
                 question=field(obj, "caption", str, where).strip(),
@@ -48,4 +48,4 @@ def read(path: str | Path, task: Task, images: str | Path | None = None) -> Benc
             )
         )
     check_images(nonempty(items, path, "vsr"), "vsr")
-    return Benchmark("vsr", path, folder, items, task)
+    return PaperSet("vsr", path, folder, items, task)

@@ -126,8 +126,8 @@ def _load_small(src: Path, limit: int) -> onnx.ModelProto:
     """`src` with only its external tensors under `limit` bytes read into memory.
 
     The fusions look at graph structure and small constants (GELU's sqrt(2), biases' shapes); the large
-    weights stay references to the source's data file (a full-size graph is 4.4 GB: loading it for the
-    optimizer took 18 GB of RSS).
+    weights stay references to the source's data file (loading a full-size graph whole for the
+    optimizer took several times its size in RSS: docs/benchmarks.md).
     """
     from onnx.external_data_helper import load_external_data_for_tensor
 

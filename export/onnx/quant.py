@@ -148,7 +148,7 @@ def _calibrate(pre: Path, pixels: np.ndarray, preset: QuantPreset, cache: Path, 
     """Ranges (or histograms) of every tensor around the quantized ops, saved as a calibration cache.
 
     One image per `collect_data` call: quantize_static would keep all images' intermediate outputs
-    at once (over a gigabyte per image at full size: docs/benchmarks.md); here only one image's are alive
+    at once (docs/benchmarks.md, figures behind decisions in code); here only one image's are alive
     at a time.
     """
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data

@@ -34,7 +34,7 @@ MIB = 1024**2
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class DeviceBenchConfig:
     prompt_tokens: int = 128  # decoder prefill batch (clamped to the context)
     decode_tokens: int = 32
     repeats: int = 3  # timed runs per measurement, after one warm-up
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="image for the questions (default: a generated 640x480 picture)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about each image")
     add_runtime_args(p)
-    d = BenchConfig()
+    d = DeviceBenchConfig()
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="decoder prefill batch size")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps per decode run")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per measurement")
@@ -65,11 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..pipeline import default_model_paths
 
-    cfg = BenchConfig(args.prompt_tokens, args.decode_tokens, args.repeats, args.bandwidth_mib)
+    cfg = DeviceBenchConfig(args.prompt_tokens, args.decode_tokens, args.repeats, args.bandwidth_mib)
     vision, language = default_model_paths(args.dist, args.vision, args.language)
     quiet = args.json or not sys.stderr.isatty()
     say = (lambda msg: None) if quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
-    result = run_bench(
+    result = run_device_bench(
         vision, language, cfg, n_threads=args.threads, n_ctx=args.n_ctx, low_memory=args.low_memory,
         image=args.image, prompt=args.prompt, say=say,
     )  # fmt: skip
@@ -109,7 +109,9 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
 
-def bench_pipeline(vision, language, cfg: BenchConfig, n_threads, n_ctx, low_memory, image, prompt) -> dict:
+def measure_pipeline(
+    vision, language, cfg: DeviceBenchConfig, n_threads, n_ctx, low_memory, image, prompt
+) -> dict:
     """Stage 1: image questions through the Pipeline, one answer token each."""
     from ..pipeline import Pipeline
     from ..sampling import GREEDY
@@ -138,7 +140,7 @@ def bench_pipeline(vision, language, cfg: BenchConfig, n_threads, n_ctx, low_mem
     }
 
 
-def bench_decoder(language, cfg: BenchConfig, n_threads, n_ctx: int) -> dict:
+def measure_decoder(language, cfg: DeviceBenchConfig, n_threads, n_ctx: int) -> dict:
     """Stage 2: the decoder alone (at the pipeline's context): a prefill batch, then greedy steps."""
     from ..language.decoder import Decoder
 
@@ -180,10 +182,10 @@ def weight_bytes_per_token(language) -> int:
         gf.close()
 
 
-def run_bench(
+def run_device_bench(
     vision,
     language,
-    cfg: BenchConfig = BenchConfig(),
+    cfg: DeviceBenchConfig = DeviceBenchConfig(),
     n_threads: int | None = None,
     n_ctx: int | None = None,
     low_memory: str = "auto",
@@ -207,9 +209,9 @@ def run_bench(
         "kquant_path": kquant.active_path(),
     }
     say(f"image questions ({cfg.repeats + 1}, low-memory {'on' if plan.low_memory else 'off'})")
-    stage1 = bench_pipeline(vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt)
+    stage1 = measure_pipeline(vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt)
     say(f"decoder: {cfg.repeats + 1} x ({cfg.prompt_tokens} prefill + {cfg.decode_tokens} decode tokens)")
-    stage2 = bench_decoder(language, cfg, n_threads, stage1["n_ctx"])
+    stage2 = measure_decoder(language, cfg, n_threads, stage1["n_ctx"])
     peak = peak_rss_bytes()
     release_heap(collect=True)
     available = mem_available_bytes()

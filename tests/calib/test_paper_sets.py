@@ -1,4 +1,4 @@
-"""Benchmark readers on small files in each release's exact layout, and each metric by hand."""
+"""Readers of the paper's data sets on small files in each release's exact layout, and each metric by hand."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinygptv_edge.calib.paper_sets import BENCHMARKS, load_benchmark, parse_bench_args
+from tinygptv_edge.calib.paper_sets import PAPER_SETS, load_paper_set, parse_paper_args
 from tinygptv_edge.calib.paper_sets import scoring as S
 from tinygptv_edge.calib.paper_sets import vqa_eval as V
 from tinygptv_edge.runtime.errors import EvalSetError
@@ -117,8 +117,8 @@ MAKERS = {"gqa": make_gqa, "vsr": make_vsr, "iconqa": make_iconqa, "vizwiz": mak
 
 
 def test_every_reader_reads_its_release_layout(tmp_path):
-    assert set(MAKERS) == set(BENCHMARKS)
-    got = {name: load_benchmark(name, make(tmp_path / name)) for name, make in MAKERS.items()}
+    assert set(MAKERS) == set(PAPER_SETS)
+    got = {name: load_paper_set(name, make(tmp_path / name)) for name, make in MAKERS.items()}
     gqa = got["gqa"]
     assert [it.qid for it in gqa.items] == ["201", "202"] and gqa.items[1].answers == ("cup",)
     assert [it.qtype for it in gqa.items] == ["verify", "query"]
@@ -142,11 +142,11 @@ def test_every_reader_reads_its_release_layout(tmp_path):
         assert all(Path(it.image).is_file() for it in b.items) and len(b.sha256) == 64
         assert "{question}" in b.task.prompt
     # the VQA layout also serves TextVQA when it ships in that form
-    assert load_benchmark("textvqa", tmp_path / "vqav2").name == "textvqa"
+    assert load_paper_set("textvqa", tmp_path / "vqav2").name == "textvqa"
 
 
 def test_select_limit_and_sample(tmp_path):
-    b = load_benchmark("gqa", make_gqa(tmp_path))
+    b = load_paper_set("gqa", make_gqa(tmp_path))
     assert [it.qid for it in b.select(limit=1).items] == ["201"]
     s1, s2 = b.select(sample=1, seed=3), b.select(sample=1, seed=3)
     assert s1.items == s2.items and len(s1.items) == 1
@@ -163,58 +163,58 @@ def test_readers_name_file_field_expected_found(tmp_path):
     with pytest.raises(
         EvalSetError, match=r"testdev_balanced_questions.json: question 202: expected field 'answer'"
     ):
-        load_benchmark("gqa", q)
+        load_paper_set("gqa", q)
     (tmp_path / "g" / "images" / "n1.jpg").unlink()
     doc["202"]["answer"] = "cup"
     write(q, doc)
     with pytest.raises(EvalSetError, match="item 201 names image .*n1.jpg, found no such file"):
-        load_benchmark("gqa", q)
+        load_paper_set("gqa", q)
 
     v = make_vsr(tmp_path / "v")
     v.write_text(v.read_text().replace('"label": 0', '"label": "maybe"'))
     with pytest.raises(EvalSetError, match=r"test.jsonl:2: field 'label': expected 0 or 1, found 'maybe'"):
-        load_benchmark("vsr", v)
+        load_paper_set("vsr", v)
 
     i = make_iconqa(tmp_path / "i")
     write(i / "choose_txt" / "7" / "data.json", {"question": "q", "choices": ["a", "b"], "answer": 5})
     with pytest.raises(
         EvalSetError, match=r"7/data.json: field 'answer': expected a choice index 0..1, found 5"
     ):
-        load_benchmark("iconqa", i)
+        load_paper_set("iconqa", i)
 
     z = make_vizwiz(tmp_path / "z")
     write(z, [{"image": "VizWiz_val_00000000.jpg", "question": "What?"}])  # the test split: no answers
     with pytest.raises(EvalSetError, match=r"val.json: item 0: expected field 'answers'"):
-        load_benchmark("vizwiz", z)
+        load_paper_set("vizwiz", z)
 
     h = make_hateful_memes(tmp_path / "h")
     h.write_text(h.read_text().replace('"img/01236.png"', '"../../etc/passwd"'))
     with pytest.raises(EvalSetError, match=r"dev_seen.jsonl:2: field 'img': expected a path inside"):
-        load_benchmark("hateful_memes", h)
+        load_paper_set("hateful_memes", h)
 
     q2 = make_vqav2(tmp_path / "q2")
     write(q2 / "v2_mscoco_val2014_annotations.json", {"annotations": []})
     with pytest.raises(EvalSetError, match="question_id 420: expected an annotation"):
-        load_benchmark("vqav2", q2)
+        load_paper_set("vqav2", q2)
     with pytest.raises(EvalSetError, match="expected one file matching"):
-        load_benchmark("vqav2", tmp_path)
+        load_paper_set("vqav2", tmp_path)
     with pytest.raises(EvalSetError, match="expected the file"):
-        load_benchmark("vsr", tmp_path / "nope.jsonl")
+        load_paper_set("vsr", tmp_path / "nope.jsonl")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(EvalSetError, match="expected JSON, found invalid JSON"):
-        load_benchmark("gqa", tmp_path / "bad.json")
+        load_paper_set("gqa", tmp_path / "bad.json")
 
 
-def test_bench_flag_parsing():
-    assert parse_bench_args(["gqa=/d/q.json", "hateful-memes=x.jsonl"]) == {
+def test_paper_flag_parsing():
+    assert parse_paper_args(["gqa=/d/q.json", "hateful-memes=x.jsonl"]) == {
         "gqa": "/d/q.json",
         "hateful_memes": "x.jsonl",
     }
     for bad, msg in (("gqa", "NAME=PATH"), ("okvqa=x", "NAME one of"), ("gqa=", "NAME=PATH")):
         with pytest.raises(EvalSetError, match=msg):
-            parse_bench_args([bad])
+            parse_paper_args([bad])
     with pytest.raises(EvalSetError, match="once"):
-        parse_bench_args(["gqa=a", "gqa=b"])
+        parse_paper_args(["gqa=a", "gqa=b"])
 
 
 # -- metrics by hand ----------------------------------------------------------------------------------------
@@ -266,17 +266,17 @@ def test_auroc_by_hand():
 
 def test_item_scores_per_metric(tmp_path):
     P = S.Prediction
-    gqa = load_benchmark("gqa", make_gqa(tmp_path / "g"))
+    gqa = load_paper_set("gqa", make_gqa(tmp_path / "g"))
     assert S.item_scores(gqa, [P("Yes."), P("a cup")]).tolist() == [1.0, 0.0]  # exact match, no article rule
-    vsr = load_benchmark("vsr", make_vsr(tmp_path / "v"))
+    vsr = load_paper_set("vsr", make_vsr(tmp_path / "v"))
     assert S.item_scores(vsr, [P("True, it is"), P("yes")]).tolist() == [1.0, 0.0]
     assert S.item_scores(vsr, [P("maybe"), P("No.")]).tolist() == [0.0, 1.0]
-    icon = load_benchmark("iconqa", make_iconqa(tmp_path / "i"))
+    icon = load_paper_set("iconqa", make_iconqa(tmp_path / "i"))
     assert S.item_scores(icon, [P("circle", 0), P("3", 0)]).tolist() == [1.0, 0.0]
-    viz = load_benchmark("vizwiz", make_vizwiz(tmp_path / "z"))
+    viz = load_paper_set("vizwiz", make_vizwiz(tmp_path / "z"))
     assert S.item_scores(viz, [P("Tomato soup"), P("Unanswerable.")]).tolist() == [1.0, 1.0]
     assert S.item_scores(viz, [P("soup"), P("red")]).tolist() == [1.0, 0.0]  # 4 of 10 said soup
-    hm = load_benchmark("hateful_memes", make_hateful_memes(tmp_path / "h"))
+    hm = load_paper_set("hateful_memes", make_hateful_memes(tmp_path / "h"))
     preds = [P("no", -1, 0.4), P("no", -1, 0.2)]
     assert S.item_scores(hm, preds).tolist() == [0.0, 1.0]  # accuracy of P(yes) > 0.5
     sc = S.Scorer(hm, n_boot=50, seed=0)
@@ -286,7 +286,7 @@ def test_item_scores_per_metric(tmp_path):
 
 
 def test_scorer_intervals_and_paired_change(tmp_path):
-    gqa = load_benchmark("gqa", make_gqa(tmp_path / "g"))
+    gqa = load_paper_set("gqa", make_gqa(tmp_path / "g"))
     sc = S.Scorer(gqa, n_boot=400, seed=0)
     ref = sc.values([S.Prediction("yes"), S.Prediction("cup")])
     got = sc.values([S.Prediction("yes"), S.Prediction("plate")])

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tinygptv_edge.cli import main
-from tinygptv_edge.runtime.cli.device_bench import BenchConfig
+from tinygptv_edge.runtime.cli.device_bench import DeviceBenchConfig
 from tinygptv_edge.runtime.errors import ConfigError, ModelFileError
 from tinygptv_edge.runtime.language.kernels import ops as kquant
 from tinygptv_edge.runtime.memory_plan import MARGIN, mem_available_bytes, plan_memory
@@ -39,7 +39,7 @@ def dist(tiny, tmp_path_factory):
     return out
 
 
-def bench_json(capsys, dist, *extra: str) -> dict:
+def device_bench_json(capsys, dist, *extra: str) -> dict:
     code = main(["bench", "--dist", str(dist), *FAST, "--bandwidth-mib", "8", "--json", *extra])
     out, _ = capsys.readouterr()
     assert code == 0
@@ -51,7 +51,7 @@ def positive(x) -> bool:
 
 
 def test_json_fields_exist_and_agree(dist, capsys):
-    r = bench_json(capsys, dist)
+    r = device_bench_json(capsys, dist)
     res, mem, models = r["results"], r["memory"], r["models"]
     for key in ("load_s", "vision_ms_per_image", "vision_ms_cold", "first_token_ms", "first_token_ms_cold",
                 "question_prefill_tok_s", "prefill_tok_s", "decode_tok_s", "bandwidth_bytes_s",
@@ -78,7 +78,7 @@ def test_json_fields_exist_and_agree(dist, capsys):
 
 
 def test_low_memory_on_and_the_table(dist, capsys):
-    r = bench_json(capsys, dist, "--low-memory", "on")
+    r = device_bench_json(capsys, dist, "--low-memory", "on")
     assert r["memory"]["low_memory"] is True and r["memory"]["reason"].startswith(
         "low-memory mode (--low-memory on)"
     )
@@ -96,7 +96,7 @@ def test_bad_arguments(dist, capsys):
     assert main(["bench", "--dist", str(dist), "--language", str(dist / "nope.gguf")]) == 2
     assert "language model not found" in capsys.readouterr().err
     with pytest.raises(ConfigError):
-        BenchConfig(prompt_tokens=True)
+        DeviceBenchConfig(prompt_tokens=True)
 
 
 def test_plan_memory_auto_picks_from_what_is_available(dist):
@@ -147,7 +147,7 @@ def test_run_accepts_low_memory_modes(dist, capsys):
     assert answers[0] == answers[1] == answers[2]  # the mode changes memory, never the answer
 
 
-def test_bench_does_not_import_torch(dist):
+def test_device_bench_does_not_import_torch(dist):
     argv = ["bench", "--dist", str(dist), *FAST, "--bandwidth-mib", "4", "--json"]
     forbidden = ["torch", "transformers", "onnx", "gguf"]
     code = (
