@@ -662,3 +662,4 @@ def test_serve_command_errors(tmp_path, capsys):
     cmd = [sys.executable, "-m", "tinygptv_edge.cli", "serve", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0 and "--max-queue" in out.stdout and "--api-key" in out.stdout
+    assert "--cors ORIGIN" in out.stdout

@@ -289,3 +289,23 @@ def test_cors_preflight_and_headers(files):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_api_key_guards_the_answering_routes_of_every_api(files):
+    from tinygptv_edge.runtime.serve.engine import ServeConfig
+
+    with LiveServer(loader(files), ServeConfig(api_key="sesame")) as s:
+        for path, body in (
+            ("/completion", {"prompt": "hi", "n_predict": 2}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+            ("/tokenize", {"content": "hi"}),
+            ("/api/generate", {"model": "m", "prompt": "hi", "stream": False}),
+            ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False}),
+        ):
+            status, got = post(s.url, path, body)
+            assert status == 401, (path, got)
+            assert isinstance(got["error"], str if path.startswith("/api/") else dict)  # each API's shape
+            status, _, text = request(s.url, "POST", path, body, {"Authorization": "Bearer sesame"})
+            assert status == 200, (path, text)
+        for path in ("/metrics", "/props", "/api/tags", "/api/version", "/health"):
+            assert request(s.url, "GET", path)[0] == 200, path
