@@ -309,3 +309,35 @@ def test_api_key_guards_the_answering_routes_of_every_api(files):
             assert status == 200, (path, text)
         for path in ("/metrics", "/props", "/api/tags", "/api/version", "/health"):
             assert request(s.url, "GET", path)[0] == 200, path
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/completion", {"prompt": "talk for a long time", "n_predict": 200, "stream": True}),
+        ("/v1/completions", {"prompt": "talk for a long time", "max_tokens": 200, "stream": True}),
+        ("/api/generate", {"model": "m", "prompt": "talk for a long time", "options": {"num_predict": 200}}),
+    ],
+)
+def test_a_disconnect_mid_stream_stops_generation(files, path, body):
+    """llama-server's SSE and ollama's NDJSON streams end their job when the client goes away."""
+    import socket
+    import time
+
+    with LiveServer(loader(files, delay=0.03)) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.readline()  # the first piece
+        decoder = s.engine.pipe.prefix.decoder
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 10
+        while s.engine.health()["cancelled"] < 1:
+            assert time.monotonic() < deadline, "the server did not notice the disconnect"
+            time.sleep(0.05)
+        evals = decoder.evals
+        time.sleep(0.3)
+        assert decoder.evals == evals < 100  # stopped, far from 200 tokens
+        assert s.engine.health()["running"] == 0
