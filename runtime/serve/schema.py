@@ -61,7 +61,7 @@ class Message(_Strict):
 
 
 class JSONSchemaFormat(_Strict):
-    name: str
+    name: str | None = None  # OpenAI requires it; llama-server clients often leave it out
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None

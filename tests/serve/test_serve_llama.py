@@ -182,6 +182,15 @@ def test_json_schema_spellings(server):
                 "response_format": {"type": "json_schema", "schema": schema},
             },
         ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "x",
+                "messages": msgs,
+                "max_tokens": 40,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},  # no name
+            },
+        ),
     ):
         status, got = post(server.url, path, body)
         text = got["content"] if path == "/completion" else got["choices"][0]["message"]["content"]
