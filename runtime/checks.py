@@ -4,6 +4,8 @@
     check_count(v, what, hi)   a positive int not above a bound derived from the input
     path_arg(value, what)      a str or os.PathLike naming a file (None, bytes, numbers: a ConfigError)
     regular_file(path, what)   refuses FIFOs, devices and folders before open() could block on them
+    check_model_file(path, k)  the file's first bytes against its kind: a GGUF given as the vision model
+                               (or an ONNX as the language model) is named as such, with the right flag
     check_memory(nbytes, what) refuses an allocation larger than the machine's physical memory
     foreign(library, where)    onnxruntime / ggml / tokenizers exceptions -> one typed error naming the file
 
@@ -89,6 +91,39 @@ def regular_file(path: str | Path, what: str, error: type[TinyGPTVError] = Backe
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{what} {path}: expected a regular file, found {file_kind(st.st_mode)}")
     return path
+
+
+MODEL_KINDS = {  # kind -> (what it is, the flag and Pipeline argument it goes to)
+    "gguf": ("a GGUF file (the language model)", "--language (Pipeline's `language`)"),
+    "onnx": ("an ONNX file (the vision model)", "--vision (Pipeline's `vision`)"),
+}
+
+
+def file_magic(path: str | Path) -> str | None:
+    """'gguf' or 'onnx' when a regular file's first bytes say so, else None (unreadable, or another kind).
+
+    GGUF starts with b"GGUF"; an ONNX ModelProto with field 1 (ir_version, a small varint) and then
+    field 2, 3 or 4 (producer name / version, domain): tag bytes 0x08 .. 0x12 / 0x1a / 0x22."""
+    if not_regular(path) is not None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head == b"GGUF":
+        return "gguf"
+    if len(head) >= 3 and head[0] == 0x08 and head[1] < 0x80 and head[2] in (0x12, 0x1A, 0x22, 0x3A, 0x42):
+        return "onnx"
+    return None
+
+
+def check_model_file(path: str | Path, kind: str, error: type[TinyGPTVError]) -> None:
+    """Refuse a model file of the other kind (`kind`: "gguf" or "onnx"), saying where it belongs."""
+    found = file_magic(path)
+    if found is not None and found != kind:
+        what, flag = MODEL_KINDS[found]
+        raise error(f"{path}: this looks like {what}, not {MODEL_KINDS[kind][0]}: pass it as {flag}")
 
 
 def not_regular(path: str | Path) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_model_file
 from .errors import ConfigError, ModelFileError
 from .pipeline import LOW_MEMORY_CTX
 
@@ -96,6 +97,8 @@ def plan_memory(
     for label, path, kind in (("vision", vision, "an ONNX file"), ("language", language, "a GGUF file")):
         if path is not None and not Path(path).is_file():
             raise ModelFileError(f"{label} model not found: {path} (expected {kind})")
+    if vision is not None:  # the language file is checked as it is opened below
+        check_model_file(vision, "onnx", ModelFileError)
     vision_bytes = Path(vision).stat().st_size if vision is not None else 0
     language_bytes = Path(language).stat().st_size
     per_pos, trained = kv_bytes_per_position(language)  # the contexts Pipeline picks for each mode:

@@ -1,7 +1,7 @@
 """Next-token choice from logits: greedy or sampled, Hugging Face `generate` semantics, numpy only.
 
     logits (V,) --repetition penalty--> greedy: argmax
-                                        sample: / temperature --top-k--> --top-p--> softmax --> draw
+                                        sample: --min-p--> / temperature --top-k--> --top-p--> draw
 
 The repetition penalty follows HF's `RepetitionPenaltyLogitsProcessor`: every token already generated in
 this answer has its logit divided by the penalty when positive, multiplied when negative. (TinyGPT-V calls
@@ -30,6 +30,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off; else drop tokens less likely than min_p x the best one's probability
     repetition_penalty: float = 1.0  # 1.0: off
     seed: int | None = None  # None: fresh entropy each answer
 
@@ -45,6 +46,10 @@ class SamplingConfig:
             raise ConfigError(f"SamplingConfig.top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _number(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"SamplingConfig.top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if not _number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ConfigError(
+                f"SamplingConfig.min_p: expected a number in [0, 1] (0 = off), got {self.min_p!r}"
+            )
         if not _number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ConfigError(
                 "SamplingConfig.repetition_penalty: expected a number > 0 (1 = off), "
@@ -121,7 +126,7 @@ class Sampler:
             x = np.where(keep, np.nan_to_num(x, nan=-np.inf, posinf=np.finfo(np.float64).max), -np.inf)
         if not cfg.do_sample:
             return int(np.argmax(x))
-        return self._draw(warp(x, cfg.temperature, cfg.top_k, cfg.top_p))
+        return self._draw(warp(x, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p))
 
     def _draw(self, x: np.ndarray) -> int:
         p = np.exp(x - x.max())  # masked entries are -inf -> 0
@@ -129,11 +134,14 @@ class Sampler:
         return int(self.rng.choice(p.size, p=p))
 
 
-def warp(x: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """Temperature, then top-k, then top-p (nucleus) masking with -inf; always keeps the best token.
+def warp(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> np.ndarray:
+    """min-p (on the logits before temperature, as llama.cpp), temperature, then top-k, then top-p
+    (nucleus) masking with -inf; always keeps the best token.
 
     The best logit is moved to 0 before dividing, so a tiny temperature (1e-320) sends the others to
     -inf (probability 0) instead of every logit to +-inf (NaN probabilities)."""
+    if min_p > 0:  # p_i < min_p * p_max  <=>  x_i - x_max < log(min_p)
+        x = np.where(x - x.max() < np.log(min_p), -np.inf, x)
     with np.errstate(over="ignore", divide="ignore"):
         x = (x - x.max()) / temperature
     if 0 < top_k < x.size:

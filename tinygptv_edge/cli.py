@@ -29,6 +29,24 @@ COMMANDS = {
 }
 
 
+# llama.cpp's flags (llama-cli, llama-server, llama-mtmd-cli) -> what this CLI calls them
+LLAMA_CPP_FLAGS = {
+    "-m": "--language L.gguf (and --vision V.onnx), or --dist DIR with both",
+    "--model": "--language L.gguf (and --vision V.onnx), or --dist DIR with both",
+    "--mmproj": "--vision V.onnx (the vision graph)",
+    "-p": "--prompt (tinygptv-edge run)",
+    "-c": "--n-ctx",
+    "--ctx-size": "--n-ctx",
+    "-t": "--threads",
+    "-n": "--max-new-tokens (run) or --max-tokens (serve)",
+    "--n-predict": "--max-new-tokens (run) or --max-tokens (serve)",
+    "--temp": "--temperature (tinygptv-edge run)",
+    "-ngl": "nothing: this runtime runs on the CPU",
+    "--n-gpu-layers": "nothing: this runtime runs on the CPU",
+    "--image": "--image (tinygptv-edge run)",
+}
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinygptv-edge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,7 +55,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=f"(see `tinygptv-edge {name} --help`)")
             continue
         importlib.import_module(module).register(sub)
+    parser.set_defaults(_subparsers=sub)
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argv parsed; an unknown flag is reported with the subcommand's usage (not the top level's), and
+    a llama.cpp habit (-m, -p, --mmproj, ...) with a hint naming this CLI's flag."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    command = args._subparsers.choices[args.command]
+    hints = [
+        f"{flag}: llama.cpp's flag; here use {LLAMA_CPP_FLAGS[flag.split('=', 1)[0]]}"
+        for flag in extra
+        if flag.split("=", 1)[0] in LLAMA_CPP_FLAGS
+    ]
+    command.error(f"unrecognized arguments: {' '.join(extra)}" + "".join(f"\n  hint: {h}" for h in hints))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # import only the chosen command's module (keeps `run` free of torch)
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=chosen)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         return int(args.func(args) or 0)
     except TinyGPTVError as e:

@@ -33,27 +33,47 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print JSON (answer, stop reason, timings); with --stream, JSON lines",
     )
-    g = p.add_argument_group("sampling (default: greedy)")
+    g = p.add_argument_group(
+        "sampling (default: greedy; --sample or --temperature T > 0 samples, --temperature 0 is greedy)"
+    )
     g.add_argument("--sample", action="store_true", help="sample with TinyGPT-V's defaults (top_p 0.9, ...)")
     g.add_argument("--max-new-tokens", type=int, default=300)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
+    g.add_argument(
+        "--temperature", type=float, help="> 0: sample at this temperature (implies --sample); 0: greedy"
+    )
+    g.add_argument("--top-k", type=int, help="when sampling: keep the K likeliest tokens")
+    g.add_argument("--top-p", type=float, help="when sampling: keep the smallest set of mass P")
     g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=int, help="when sampling: the random seed (repeatable answers)")
     add_runtime_args(p.add_argument_group("runtime"))
     p.set_defaults(func=run)
 
 
 def sampling_from_args(args: argparse.Namespace):
+    from ..errors import ConfigError
     from ..sampling import GREEDY, TINYGPTV
 
     base = TINYGPTV if args.sample else GREEDY
-    changes = {"max_new_tokens": args.max_new_tokens}
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+    changes: dict = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None:  # llama.cpp's habit: a temperature > 0 samples, 0 is greedy
+        if args.temperature < 0:
+            raise ConfigError(f"--temperature: expected a number >= 0 (0: greedy), got {args.temperature}")
+        changes["do_sample"] = args.temperature > 0
+        if args.temperature > 0:
+            changes["temperature"] = args.temperature
+    sampling = changes.get("do_sample", base.do_sample)
+    for name in ("top_k", "top_p", "seed"):
         value = getattr(args, name)
         if value is not None:
+            if not sampling:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} applies only when sampling: add --sample or --temperature T > 0 "
+                    "(greedy decoding has no randomness to shape)"
+                )
             changes[name] = value
+    if args.repetition_penalty is not None:
+        changes["repetition_penalty"] = args.repetition_penalty
     return base.replace(**changes)
 
 

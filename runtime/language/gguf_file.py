@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import not_regular, path_arg
+from ..checks import check_model_file, not_regular, path_arg
 from ..errors import GGUFFormatError
 from .ggml_types import GGML_TYPES, GGMLType
 
@@ -164,6 +164,7 @@ class GGUFFile:
         kind = not_regular(path)  # open() on a FIFO would block until a writer comes
         if kind is not None:
             raise GGUFFormatError(f"cannot open GGUF {path}: expected a regular file, found {kind}")
+        check_model_file(path, "gguf", GGUFFormatError)
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, 2)

@@ -1,8 +1,9 @@
-"""The HTTP layer: OpenAI's routes on Starlette, over one Engine.
+"""The HTTP layer: OpenAI's routes on Starlette, over one Engine (ollama's: ollama.py; llama-server's:
+llama.py; both in ROUTES too).
 
     GET  /                     the web page (static/index.html: no build step, no CDN)
     GET  /health               200 {"status": "ok", ...} when ready, 503 while loading
-    GET  /v1/models[/{id}]     the one model
+    GET  /v1/models[/{id}]     the one model (404 for another id)
     POST /v1/chat/completions  text + image_url parts, stream (SSE), sampling, stop, response_format
     POST /v1/embeddings        the (Q, H) image embeddings of data: URI inputs, flattened row by row
 
@@ -11,16 +12,14 @@ shape. A streamed answer's HTTP status is sent with its first piece, so errors f
 overflow, a bad image) are still plain 4xx responses.
 
 One handler per route, each a module-level function (ROUTES lists them); they find the Engine in
-`request.app.state.engine`, where `create_app` puts it. `create_app` only wires routes, error handlers
-and the lifespan (which starts the engine and closes it).
+`request.app.state.engine`, where `create_app` puts it. `create_app` only wires routes, error handlers,
+CORS (`cors_origins`) and the lifespan (which starts the engine and closes it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import time
 import uuid
@@ -31,20 +30,37 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, Job, Result
-from .errors import APIError, BadRequest, NotFound, PayloadTooLarge, ServerError, Unauthorized
+from . import llama, ollama
+from .common import auth, collect, engine_of, events, next_event, read_body, start, usage
+from .engine import Engine, Job
+from .errors import APIError, BadRequest, NotFound, ServerError
 from .schema import ChatRequest, EmbeddingRequest, image_ref, parse, plan_chat
 
-POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 
-
-def create_app(engine: Engine) -> Starlette:
-    """The routes below on `engine` (kept in `app.state.engine`; the lifespan starts and closes it)."""
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+def create_app(engine: Engine, cors_origins: list[str] | None = None) -> Starlette:
+    """The routes below on `engine` (kept in `app.state.engine`; the lifespan starts and closes it).
+    `cors_origins`: the browser origins allowed to call the API ("*": any), OPTIONS preflights answered."""
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["Retry-After"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware
+    )
     app.state.engine = engine
     return app
 
@@ -57,10 +73,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
     finally:
         await engine.close()
-
-
-def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -102,28 +114,19 @@ async def chat_completions(request: Request) -> Response:
     pipe = engine.ready()
     limit = pipe.image_limits.max_bytes
     plan = plan_chat(req, engine.cfg.sampling, engine.cfg.allow_remote_images, limit)
-    constraint = engine.constraint(plan)
-    job = await engine.submit(lambda j: engine.chat(j, plan, constraint))
     meta = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "created": int(time.time()),
         "model": engine.cfg.model_name,
     }
-    first = await next_event(job, request)  # before any byte goes out: errors keep their status
-    if first[0] == "error":
-        raise first[1]
+    job, first = await start(request, engine, plan)  # before any byte goes out: errors keep their status
     if plan.stream:
         return StreamingResponse(
             sse(job, first, meta, plan.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    event = first
-    while event[0] == "piece":  # the worker joins the pieces into Result.text
-        event = await next_event(job, request)
-    if event[0] == "error":
-        raise event[1]
-    result: Result = event[1]
+    result = await collect(job, request, first)
     return JSONResponse(
         {
             **meta,
@@ -179,6 +182,8 @@ ROUTES = [
     Route("/v1/models/{model_id:path}", model),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
+    *llama.ROUTES,
+    *ollama.ROUTES,
 ]
 
 
@@ -218,44 +223,8 @@ def model_card(engine: Engine) -> dict:
     }
 
 
-def auth(request: Request, engine: Engine) -> None:
-    """With an API key set: `Authorization: Bearer KEY` or Unauthorized."""
-    key = engine.cfg.api_key
-    if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized(
-            "Incorrect API key provided" if given else "Missing API key: send Authorization: Bearer KEY",
-            code="invalid_api_key",
-        )
-
-
-async def read_body(request: Request, cap: int) -> dict:
-    """The JSON object the request carries, at most `cap` bytes (declared or read)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise PayloadTooLarge(f"the request body is over {cap} bytes", code="body_too_large")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > cap:
-            raise PayloadTooLarge(f"the request body is over {cap} bytes", code="body_too_large")
-    try:
-        parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(
-            f"We could not parse the JSON body of your request ({e})", code="invalid_json"
-        ) from None
-    if not isinstance(parsed, dict):
-        raise BadRequest("the JSON body must be an object", code="invalid_json")
-    return parsed
-
-
 async def sse(job: Job, first: tuple, meta: dict, include_usage: bool) -> AsyncIterator[str]:
     """A chat completion as server-sent events, from its first event on."""
-    finished = False
 
     def chunk(delta: dict, finish: str | None = None, **extra: object) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -265,17 +234,13 @@ async def sse(job: Job, first: tuple, meta: dict, include_usage: bool) -> AsyncI
             + "\n\n"
         )
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        event = first
-        while True:
-            kind, value = event
+    yield chunk({"role": "assistant", "content": ""})
+    async with contextlib.aclosing(events(job, first)) as stream:
+        async for kind, value in stream:
             if kind == "piece":
                 yield chunk({"content": value})
             elif kind == "error":
                 yield "data: " + json.dumps(value.body()) + "\n\n"
-                finished = True
-                return
             else:
                 yield chunk({}, value.finish_reason, timings=value.timings)
                 if include_usage:
@@ -287,32 +252,6 @@ async def sse(job: Job, first: tuple, meta: dict, include_usage: bool) -> AsyncI
                     }
                     yield "data: " + json.dumps(body) + "\n\n"
                 yield "data: [DONE]\n\n"
-                finished = True
-                return
-            event = await job.events.get()
-    finally:
-        if not finished:  # the client went away (Starlette cancels this generator): stop generating
-            job.stop("disconnected")
-
-
-def usage(r: Result) -> dict:
-    return {
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
-    }
-
-
-async def next_event(job: Job, request: Request) -> tuple:
-    """The job's next event; a client that disconnects meanwhile stops the job."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.stop("disconnected")
-                raise APIError("client disconnected", code="client_disconnected") from None
 
 
 CSP = (  # the page loads nothing from elsewhere

@@ -2,6 +2,10 @@
 
 tinygptv-edge serve                                   # models from dist/, http://127.0.0.1:8080
 tinygptv-edge serve --vision V.onnx --language L.gguf --port 9000 --api-key KEY --cache-dir ~/.cache/tg
+
+The model loads after the port is bound (/health says 503 "loading" meanwhile). When it does not load,
+the server stops: the typed error on stderr, exit status 2. Once loaded, one line on stderr says what
+was chosen: files and their levels, context, threads, memory mode, cache budgets.
 """
 
 from __future__ import annotations
@@ -10,8 +14,14 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cli.args import add_model_args, add_runtime_args
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from .engine import ServeConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: data: URIs only)"
+    )
+    h.add_argument(
+        "--cors",
+        action="append",
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
+        "browser; repeat for more origins (default: none, same-origin only)",
     )
     h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = p.add_argument_group("runtime")
@@ -107,14 +124,61 @@ def run(args: argparse.Namespace) -> int:
             f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    uvicorn.run(
-        create_app(Engine(load, cfg)),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+    engine = Engine(load, cfg)
+    engine.info = {
+        "files": [str(vision), str(language)],
+        "language": str(language),
+        "quantization_level": _level(language),
+    }
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, cors_origins=args.cors),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
     )
+
+    def failed(e: BaseException) -> None:  # in the engine's worker thread
+        print(f"error: the model did not load: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        server.should_exit = True  # uvicorn's loop polls it
+
+    def ready(pipe: Pipeline) -> None:
+        print(f"ready: {startup_summary(pipe, vision, language, args, cfg)}", file=sys.stderr, flush=True)
+
+    engine.on_failed, engine.on_ready = failed, ready
+    server.run()
+    if engine.state == "failed" or engine.exception is not None:
+        return 2
     return 0
+
+
+def startup_summary(
+    pipe: Pipeline, vision: Path, language: Path, args: argparse.Namespace, cfg: ServeConfig
+) -> str:
+    """What was chosen, in one line: files and levels, context, threads, memory mode, cache budgets."""
+    from ..checks import cpu_count
+
+    mib = 1 << 20
+    snapshots = pipe.prefix.snapshot_bytes // mib
+    disk = f", on disk in {args.cache_dir}" if args.cache_dir else ""
+    s = cfg.sampling
+    sampling = f"sampled (temperature {s.temperature}, top_p {s.top_p})" if s.do_sample else "greedy"
+    return (
+        f"vision {vision} ({_level(vision)}, {vision.stat().st_size // mib} MiB), "
+        f"language {language} ({_level(language)}, {language.stat().st_size // mib} MiB); "
+        f"context {pipe.n_ctx} positions; threads {args.threads or cpu_count()}; "
+        f"memory mode {'low-memory (one model resident)' if pipe.low_memory else 'resident'}; "
+        f"KV snapshot cache {snapshots} MiB; image cache {pipe.image_cache_size} embeddings{disk}; "
+        f"default answer {s.max_new_tokens} tokens, {sampling}; queue {cfg.max_queue}"
+    )
+
+
+def _level(path: Path) -> str:
+    """The quantization level a model file's name says (int8, fp32, q4_0, q8_0, f16, ...), else '?'."""
+    parts = path.name.split(".")
+    return parts[-2] if len(parts) >= 3 else "?"
 
 
 def _loopback(host: str) -> bool:

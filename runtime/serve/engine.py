@@ -37,7 +37,9 @@ from ..pipeline import Answer, Chat, Pipeline, Timings
 from ..sampling import GREEDY, SamplingConfig
 from ..vision.images import ImageLimits
 from .errors import APIError, BadRequest, Overloaded, ServerError, Timeout
+from .gbnf import gbnf_constraint
 from .grammar import GrammarConstraint, Grammars
+from .metrics import Metrics
 from .schema import ChatPlan, ImageRef, RemoteImage
 
 
@@ -76,6 +78,7 @@ class Result:
     completion_tokens: int
     cached_tokens: int
     timings: dict
+    stop: str = ""  # the runtime's reason (Answer.stop) or "word" (a stop sequence)
 
 
 class Job:
@@ -133,9 +136,15 @@ class Engine:
         self._admitted = 0
         self._jobs: set[Job] = set()
         self._answers: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._job_s = 1.0  # running mean of a job's time, for Retry-After
+        self._job_s: float | None = None  # running mean of a job's time (None: none finished yet)
+        self._running_since: float | None = None  # perf_counter() when the running job started
         self.stats: Counter = Counter()
+        self.metrics = Metrics()
         self.started = time.time()
+        self.exception: BaseException | None = None  # why the model did not load
+        self.on_failed: Callable[[BaseException], None] | None = None  # called in the worker thread
+        self.on_ready: Callable[[Pipeline], None] | None = None
+        self.info: dict = {}  # what the CLI knows of the model: "files", "quantization_level", ...
 
     # -- lifetime ------------------------------------------------------------------------------
     def start(self):
@@ -151,7 +160,12 @@ class Engine:
             if self.state == "loading":  # not closed meanwhile
                 self.state = "ready"
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            self.state, self.error, self.exception = "failed", f"{type(e).__name__}: {e}", e
+            if self.on_failed is not None:
+                self.on_failed(e)
+            return
+        if self.on_ready is not None:
+            self.on_ready(pipe)
 
     async def close(self) -> None:
         """Cancel what still runs or waits, then free the models (after the running turn ends)."""
@@ -173,7 +187,10 @@ class Engine:
             "model": self.cfg.model_name,
             "queue": max(0, self._admitted - 1),
             "running": min(1, self._admitted),
-            **{k: self.stats[k] for k in ("completed", "cancelled", "timed_out", "refused", "failed")},
+            **{
+                k: self.stats[k]
+                for k in ("completed", "cancelled", "timed_out", "refused", "rejected", "failed")
+            },
             **({"error": self.error} if self.error else {}),
         }
 
@@ -198,9 +215,11 @@ class Engine:
         self.ready()
         if self._admitted >= 1 + self.cfg.max_queue:
             self.stats["refused"] += 1
-            wait = self._job_s * self._admitted
+            wait = self.expected_wait()
             raise Overloaded(
-                f"the queue is full ({self.cfg.max_queue} waiting); retry later", retry_after=wait
+                f"the queue is full ({self.cfg.max_queue} waiting, about {wait:.1f} s of work ahead); "
+                "retry later",
+                retry_after=wait,
             )
         loop = asyncio.get_running_loop()
         job = Job(loop)
@@ -210,6 +229,15 @@ class Engine:
         future = loop.run_in_executor(self._executor, self._run, job, work)
         future.add_done_callback(lambda _: self._finish(job))
         return job
+
+    def expected_wait(self) -> float:
+        """Seconds until the worker could start a new job: what the running job likely has left, plus
+        the mean job time (measured) for each waiting one. Before any job finished, the running one's
+        time so far stands for the mean."""
+        elapsed = time.perf_counter() - self._running_since if self._running_since is not None else 0.0
+        mean = self._job_s if self._job_s is not None else max(elapsed, 1.0)
+        running = min(1, self._admitted)
+        return running * max(mean - elapsed, 0.0) + max(0, self._admitted - running) * mean
 
     def _finish(self, job: Job) -> None:
         self._admitted -= 1
@@ -221,22 +249,24 @@ class Engine:
         if not job.start():  # timed out or abandoned while it waited (already answered)
             self.stats["timed_out" if job.reason == "timeout" else "cancelled"] += 1
             return
-        t0 = time.perf_counter()
+        t0 = self._running_since = time.perf_counter()
         try:
             work(job)
-        except APIError as e:
-            self.stats["failed"] += 1
-            job.emit("error", e)
         except Exception as e:  # noqa: BLE001 - every failure reaches the client in OpenAI's shape
-            self.stats["failed"] += 1
-            job.emit("error", api_error(e))
+            err = api_error(e)
+            self.stats["failed" if err.status >= 500 else "rejected"] += 1  # 4xx: the request's fault
+            job.emit("error", err)
         finally:
-            self._job_s = 0.8 * self._job_s + 0.2 * (time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self._job_s = took if self._job_s is None else 0.8 * self._job_s + 0.2 * took
+            self._running_since = None
 
     # -- work ------------------------------------------------------------------------------------
     def constraint(self, plan: ChatPlan) -> GrammarConstraint | None:
         self.ready()
         assert self.grammars is not None  # set before state "ready"
+        if plan.grammar:
+            return gbnf_constraint(self.grammars, plan.grammar)
         return self.grammars.for_format(plan.response_format, plan.sampling.max_new_tokens)
 
     def chat(self, job: Job, plan: ChatPlan, constraint: GrammarConstraint | None) -> None:
@@ -276,17 +306,17 @@ class Engine:
             t.add_images(e)
         finish = "length" if answer.stop in ("max_new_tokens", "context") and not hit else "stop"
         self.stats["completed"] += 1
-        job.emit(
-            "done",
-            Result(
-                text=stops.text,
-                finish_reason=finish,
-                prompt_tokens=answer.prompt_tokens,
-                completion_tokens=len(answer.token_ids),
-                cached_tokens=answer.prompt_tokens - t.prefill_tokens,
-                timings={k: round(v, 3) if isinstance(v, float) else v for k, v in t.to_dict().items()},
-            ),
+        result = Result(
+            text=stops.text,
+            finish_reason=finish,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=len(answer.token_ids),
+            cached_tokens=answer.prompt_tokens - t.prefill_tokens,
+            timings={k: round(v, 3) if isinstance(v, float) else v for k, v in t.to_dict().items()},
+            stop="word" if hit else answer.stop,
         )
+        self.metrics.observe(result)
+        job.emit("done", result)
 
     def embed(self, job: Job, images: list[ImageRef]) -> None:
         out = []

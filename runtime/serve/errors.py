@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..errors import TinyGPTVError
 
 
@@ -46,7 +48,7 @@ class Overloaded(APIError):
     type = "server_error"
 
     def __init__(self, message: str, retry_after: float, code: str = "overloaded"):
-        super().__init__(message, code=code, headers={"Retry-After": str(max(1, int(retry_after)))})
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 class Timeout(APIError):

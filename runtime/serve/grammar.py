@@ -96,7 +96,11 @@ class GrammarConstraint:
     (the module docstring says how)."""
 
     def __init__(
-        self, tokenizer: llg.LLTokenizer, grammar: str, vocab: Vocabulary, budget: int | None = None
+        self,
+        tokenizer: llg.LLTokenizer,
+        grammar: str,
+        vocab: Vocabulary | None = None,  # None: the grammar's mask alone (GBNF: no JSON to close)
+        budget: int | None = None,
     ):
         self.matcher = llg.LLMatcher(tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
@@ -115,6 +119,8 @@ class GrammarConstraint:
     def allowed(self, logits: np.ndarray) -> np.ndarray:
         grammar = self.grammar_mask()
         v = self.vocab
+        if v is None:
+            return grammar
         n = min(grammar.size, v.ends.size)
         mask = grammar.copy()
         mask[:n] &= ~v.ends[:n]
@@ -147,7 +153,8 @@ class GrammarConstraint:
         if not self.matcher.consume_token(token):
             raise ServerError(f"the grammar refused token {token}: {self.matcher.get_error()}")
         self.used += 1
-        for c in self.vocab.table[token] if token < len(self.vocab.table) else b"":
+        table = self.vocab.table if self.vocab is not None else []
+        for c in table[token] if token < len(table) else b"":
             if self.escaped:
                 self.escaped = False
             elif c == 0x5C and self.in_string:  # backslash

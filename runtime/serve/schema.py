@@ -5,7 +5,11 @@
     image_url parts: data: URIs (http(s) only with --allow-remote-images; never local paths)
 
 OpenAI's parameters this model cannot honour (n > 1, logprobs, penalties != 0, tools) are refused with
-400 naming the parameter, rather than silently ignored.
+400 naming the parameter, rather than silently ignored. Fields that change nothing here are accepted:
+`tool_choice` "none" (or "auto" without tools), `parallel_tool_calls`, `service_tier`, `user`, `store`,
+`metadata`. llama-server's extensions are accepted too: `top_k`, `min_p`, `repeat_penalty`, `n_predict`,
+`cache_prompt` (the KV cache is always reused), `grammar` (GBNF), a top-level `json_schema` and
+`response_format: {"type": "json_object", "schema": ...}`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import ConfigError
 from ..sampling import SamplingConfig
 from .errors import BadRequest, PayloadTooLarge
 
@@ -38,7 +43,11 @@ class TextPart(_Strict):
 
 class ImagePart(_Strict):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | str  # a bare URL string, as some clients send
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
@@ -52,7 +61,7 @@ class Message(_Strict):
 
 
 class JSONSchemaFormat(_Strict):
-    name: str
+    name: str | None = None  # OpenAI requires it; llama-server clients often leave it out
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
@@ -61,6 +70,23 @@ class JSONSchemaFormat(_Strict):
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server's spelling
+
+    @classmethod
+    def of_schema(cls, schema: dict[str, Any] | None) -> ResponseFormat:
+        """json_object (schema None) or json_schema: what `format` / `json_schema` fields map to."""
+        if schema is None:
+            return cls(type="json_object")
+        spec = JSONSchemaFormat.model_validate({"name": "schema", "schema": schema})
+        return cls(type="json_schema", json_schema=spec)
+
+    def normalized(self) -> ResponseFormat | None:
+        """None for text; llama-server's `{"type": "json_object", "schema": S}` as json_schema S."""
+        if self.type == "text":
+            return None
+        if self.schema_ is not None and (self.json_schema is None or self.json_schema.schema_ is None):
+            return ResponseFormat.of_schema(self.schema_)
+        return self
 
 
 class StreamOptions(_Strict):
@@ -89,6 +115,18 @@ class ChatRequest(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
+    # accepted, changing nothing for this model (no tools; one service tier)
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    # llama-server's extensions
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    n_predict: int | None = Field(default=None, ge=-1)
+    cache_prompt: bool | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(_Strict):
@@ -180,6 +218,7 @@ class ChatPlan:
     sampling: SamplingConfig
     stop: list[str] = field(default_factory=list)
     response_format: ResponseFormat | None = None
+    grammar: str | None = None  # GBNF (llama-server's `grammar`)
     stream: bool = False
     include_usage: bool = False
 
@@ -214,7 +253,7 @@ def _user(msg: Message, i: int, allow_remote: bool, max_bytes: int) -> tuple[str
     if msg.content is None or isinstance(msg.content, str):
         return msg.content or "", None
     texts = [p.text for p in msg.content if isinstance(p, TextPart)]
-    urls = [(j, p.image_url.url) for j, p in enumerate(msg.content) if isinstance(p, ImagePart)]
+    urls = [(j, p.url) for j, p in enumerate(msg.content) if isinstance(p, ImagePart)]
     if len(urls) > 1:
         raise BadRequest(
             f"{param}: at most one image per user message (the template has one slot), got {len(urls)}",
@@ -259,7 +298,41 @@ def plan_chat(
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4:
         raise BadRequest(f"stop: at most 4 sequences, got {len(stops)}", "stop", "invalid_value")
-    fmt = req.response_format
+    fmt = constraint_format(req.response_format, req.json_schema, req.grammar)
+    history = [PastTurn(q, img, a) for (q, img), a in zip(turns[:-1], answers, strict=True)]
+    question, image = turns[-1]
+    return ChatPlan(
+        system=system,
+        history=history,
+        question=question,
+        image=image,
+        sampling=sampling_for(req, default),
+        stop=[s for s in stops if s],
+        response_format=fmt,
+        grammar=req.grammar or None,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )
+
+
+def constraint_format(
+    fmt: ResponseFormat | None, json_schema: dict[str, Any] | None, grammar: str | None
+) -> ResponseFormat | None:
+    """The one JSON constraint a request asks for (None: free text or a GBNF grammar); 400 for two."""
+    asked = [
+        n
+        for n, v in (
+            ("response_format", fmt and fmt.normalized()),
+            ("json_schema", json_schema),
+            ("grammar", grammar),
+        )
+        if v
+    ]
+    if len(asked) > 1:
+        raise BadRequest(f"{' and '.join(asked)}: give at most one constraint", asked[1], "invalid_value")
+    if json_schema:
+        return ResponseFormat.of_schema(json_schema)
+    fmt = fmt.normalized() if fmt is not None else None
     if (
         fmt is not None
         and fmt.type == "json_schema"
@@ -270,33 +343,58 @@ def plan_chat(
             "response_format.json_schema",
             "invalid_value",
         )
-    history = [PastTurn(q, img, a) for (q, img), a in zip(turns[:-1], answers, strict=True)]
-    question, image = turns[-1]
-    return ChatPlan(
-        system=system,
-        history=history,
-        question=question,
-        image=image,
-        sampling=sampling_for(req, default),
-        stop=[s for s in stops if s],
-        response_format=fmt if fmt is not None and fmt.type != "text" else None,
-        stream=bool(req.stream),
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
-    )
+    return fmt
 
 
 def sampling_for(req: ChatRequest, default: SamplingConfig) -> SamplingConfig:
     """temperature 0: greedy; > 0: sampled at that temperature; absent: the server's default."""
-    changes: dict[str, Any] = {}
     limit = req.max_completion_tokens or req.max_tokens
-    if limit is not None:
-        changes["max_new_tokens"] = limit
-    if req.temperature is not None:
-        changes["do_sample"] = req.temperature > 0
-        if req.temperature > 0:
-            changes["temperature"] = req.temperature
-    if req.top_p is not None:
-        changes["top_p"] = req.top_p
-    if req.seed is not None:
-        changes["seed"] = req.seed
-    return default.replace(**changes)
+    if limit is None and req.n_predict is not None and req.n_predict > 0:
+        limit = req.n_predict
+    return sampling(
+        default,
+        max_tokens=limit,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        repeat_penalty=req.repeat_penalty,
+        seed=req.seed,
+    )
+
+
+def sampling(
+    default: SamplingConfig,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repeat_penalty: float | None = None,
+    seed: int | None = None,
+) -> SamplingConfig:
+    """The server's default with what a request gives (any API's spelling mapped here first).
+
+    temperature 0: greedy; > 0: sampled at that temperature; absent: the server's default."""
+    changes: dict[str, Any] = {}
+    if max_tokens is not None:
+        changes["max_new_tokens"] = max_tokens
+    if temperature is not None:
+        changes["do_sample"] = temperature > 0
+        if temperature > 0:
+            changes["temperature"] = temperature
+    if top_p is not None:
+        changes["top_p"] = top_p
+    if top_k is not None:
+        changes["top_k"] = top_k
+    if min_p is not None:
+        changes["min_p"] = min_p
+    if repeat_penalty is not None:
+        changes["repetition_penalty"] = repeat_penalty
+    if seed is not None:
+        changes["seed"] = seed
+    try:
+        return default.replace(**changes)
+    except ConfigError as e:
+        raise BadRequest(str(e), None, "invalid_value") from None

@@ -16,7 +16,7 @@ from typing import cast
 import numpy as np
 
 from .. import contract as C
-from ..checks import check_count, check_threads, foreign, path_arg, regular_file
+from ..checks import check_count, check_model_file, check_threads, foreign, path_arg, regular_file
 from ..config import PreprocessConfig
 from ..errors import ConfigError, ModelFileError, NumericsError
 from ..memory import release_heap
@@ -40,6 +40,7 @@ class VisionEncoder:
                 f"vision model not found: {self.path} (expected an ONNX file, e.g. {C.VISION_FILE_INT8})"
             )
         regular_file(self.path, "vision model", ModelFileError)
+        check_model_file(self.path, "onnx", ModelFileError)
         self.n_threads = check_threads(n_threads)
         self.low_memory = low_memory
         self._session = None

@@ -87,8 +87,65 @@ def test_errors_are_reported_not_raised(dist, tmp_path, capsys):
     bad.write_bytes(b"definitely not a jpeg")
     code, _, err = cli(capsys, "--dist", str(dist), "--image", str(bad), "--prompt", "q")
     assert code == 2 and "error:" in err
-    code, _, err = cli(capsys, "--dist", str(dist), "--prompt", "q", "--top-p", "2")
+    code, _, err = cli(capsys, "--dist", str(dist), "--prompt", "q", "--sample", "--top-p", "2")
     assert code == 2 and "top_p" in err
+
+
+def test_temperature_implies_sampling_and_greedy_only_flags_are_refused(dist, capsys):
+    from tinygptv_edge.runtime.cli.run import register, sampling_from_args
+
+    parser = __import__("argparse").ArgumentParser()
+    register(parser.add_subparsers())
+    parse = lambda *a: parser.parse_args(["run", *a])  # noqa: E731
+    s = sampling_from_args(parse("--temperature", "0.7"))
+    assert s.do_sample and s.temperature == 0.7  # not silently ignored: it samples
+    assert not sampling_from_args(parse("--sample", "--temperature", "0")).do_sample  # 0: greedy
+    assert sampling_from_args(parse("--temperature", "0.7", "--top-k", "5")).top_k == 5
+    code, _, err = cli(capsys, "--dist", str(dist), "--prompt", "q", "--top-k", "5")
+    assert code == 2 and "--top-k applies only when sampling" in err and "--temperature" in err
+    args = ["--dist", str(dist), "--prompt", "hi", "--seed", "3"]
+    assert cli(capsys, *args, "--temperature", "0.8")[1] == cli(capsys, *args, "--temperature", "0.8")[1]
+
+
+def test_unknown_flags_print_the_subcommands_usage_with_llama_cpp_hints(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-m", "model.gguf", "--mmproj", "mmproj.gguf", "-p", "hi", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: tinygptv-edge run ")
+    assert "unrecognized arguments: -m model.gguf --mmproj mmproj.gguf -p hi --bogus" in err
+    assert (
+        "-m: llama.cpp's flag; here use --language" in err
+        and "--mmproj: llama.cpp's flag; here use --vision" in err
+    )
+    assert "-p: llama.cpp's flag; here use --prompt" in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--ctx-size", "512"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tinygptv-edge serve ") and "here use --n-ctx" in err
+
+
+def test_swapped_model_files_say_which_flag(dist, capsys):
+    vision, language = str(dist / "vision.fp32.onnx"), str(dist / "language.q8_0.gguf")
+    code, _, err = cli(capsys, "--vision", language, "--language", language, "--prompt", "q")
+    assert (
+        code == 2
+        and "this looks like a GGUF file (the language model)" in err
+        and "pass it as --language" in err
+    )
+    code, _, err = cli(capsys, "--vision", vision, "--language", vision, "--prompt", "q")
+    assert (
+        code == 2
+        and "this looks like an ONNX file (the vision model)" in err
+        and "pass it as --vision" in err
+    )
+    # the runtime's loaders check it too, for every entry point (Pipeline, bench, serve)
+    from tinygptv_edge.runtime.errors import ModelFileError, TinyGPTVError
+    from tinygptv_edge.runtime.pipeline import Pipeline
+
+    with pytest.raises(ModelFileError, match="looks like a GGUF file"):
+        Pipeline(language, language, n_threads=1)
+    with pytest.raises(TinyGPTVError, match="looks like an ONNX file"):
+        Pipeline(vision, vision, n_threads=1)
 
 
 def test_defaults_to_dist_in_the_working_directory(dist, capsys, monkeypatch, tmp_path):

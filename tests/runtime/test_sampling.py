@@ -65,6 +65,19 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert abs(draws.count(0) / 2000 - 0.5 / 0.8) < 0.05  # renormalised over the nucleus
 
 
+def test_min_p_drops_tokens_far_below_the_best():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(p)
+    kept = lambda min_p: set(np.flatnonzero(np.isfinite(warp(logits, 1.0, 0, 1.0, min_p))))  # noqa: E731
+    assert kept(0.0) == {0, 1, 2, 3}
+    assert kept(0.2) == {0, 1, 2}  # 0.05 < 0.2 * 0.5
+    assert kept(0.5) == {0, 1}
+    assert kept(1.0) == {0}
+    assert kept(0.5) == set(np.flatnonzero(np.isfinite(warp(logits, 5.0, 0, 1.0, 0.5))))  # before temperature
+    s = Sampler(SamplingConfig(do_sample=True, min_p=0.5, seed=1))
+    assert {s(logits) for _ in range(300)} == {0, 1}
+
+
 def test_temperature_sharpens_and_flattens():
     logits = np.array([1.0, 0.0])
     cold = Sampler(SamplingConfig(do_sample=True, temperature=0.05, seed=0))
@@ -89,6 +102,8 @@ def test_nan_logits_are_an_error():
         dict(top_k=True),
         dict(top_p=0.0),
         dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(min_p=1.5),
         dict(repetition_penalty=0),
         dict(seed=-3),
         dict(do_sample=1),

@@ -485,6 +485,50 @@ def test_full_queue_is_503_with_retry_after(files):
         conn.close()
 
 
+def test_retry_after_is_the_measured_wait(files):
+    """40 tokens at 0.05 s each: a job takes ~2 s; with one running and two waiting, a refused request
+    is told to come back after about the running job's rest plus two job times, not 1 s."""
+    with LiveServer(loader(files, delay=0.05), ServeConfig(max_queue=2)) as s:
+        conn, resp = stream_raw(s.url, [user("first")], max_tokens=40)  # measured: one whole job
+        resp.read()
+        conn.close()
+        job_s = s.engine._job_s
+        assert job_s is not None and job_s > 1.0
+        conns = []
+        for i in range(3):  # sent, not read: one runs, two wait
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+            body = {"model": MODEL, "messages": [user(f"q{i}")], "max_tokens": 40, "temperature": 0}
+            conn.request(
+                "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+            )
+            conns.append(conn)
+        deadline = time.monotonic() + 10
+        while s.engine.health()["queue"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(openai.InternalServerError) as e:
+            ask(s.client(), [user("q")])
+        wait = int(e.value.response.headers["retry-after"])
+        assert 2 * job_s <= wait <= 3 * job_s + 1, (wait, job_s)
+        assert "s of work ahead" in e.value.message
+        for conn in conns:
+            conn.close()
+
+
+def test_health_counts_4xx_as_rejected_not_failed(server):
+    before = get(server.url + "/health")[2]
+    with pytest.raises(openai.BadRequestError):
+        ask(server.client(), [user("q", b"not an image at all")])
+    after = get(server.url + "/health")[2]
+    assert after["failed"] == before["failed"] and after["rejected"] == before["rejected"] + 1
+
+
+def test_image_url_as_a_bare_string(server, pipe):
+    img = png(2)
+    content = [{"type": "image_url", "image_url": data_uri(img)}, {"type": "text", "text": "what is it?"}]
+    got = ask(server.client(), [{"role": "user", "content": content}])
+    assert got.choices[0].message.content == pipe.ask("what is it?", img, GREEDY).text
+
+
 def test_graceful_shutdown_finishes_in_flight(files):
     s = LiveServer(loader(files, delay=0.02), shutdown_timeout=20)
     conn, resp = stream_raw(s.url, [user("q")], max_tokens=30)
@@ -555,10 +599,59 @@ def test_serve_command_starts_answers_and_stops_on_sigterm(files, tmp_path, pipe
         err = proc.stderr.read()
         # uvicorn shuts down gracefully, then re-raises the signal (exit status -SIGTERM)
         assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in err, err
+        ready = next(line for line in err.splitlines() if line.startswith("ready: "))
+        for word in (
+            str(files[0]),
+            str(files[1]),
+            "context",
+            "threads 1",
+            "memory mode",
+            "KV snapshot cache",
+        ):
+            assert word in ready, ready
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_command_exits_2_when_the_model_does_not_load(files, tmp_path):
+    """A vision file that is no ONNX graph passes the checks made before binding, then fails to load:
+    the server stops within 10 s with the typed error and the file on stderr, exit status 2."""
+    bad = tmp_path / "vision.int8.onnx"
+    bad.write_bytes(b"\x00" * 4096)
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinygptv_edge.cli",
+        "serve",
+        "--vision",
+        str(bad),
+        "--language",
+        str(files[1]),
+    ]
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [*cmd, "--port", str(port), "--threads", "1"], capture_output=True, text=True, timeout=60
+    )
+    took = time.monotonic() - t0
+    assert out.returncode == 2 and took < 10, (out.returncode, took, out.stderr)
+    assert "error: the model did not load" in out.stderr and str(bad) in out.stderr, out.stderr
+    # swapped files are named before the port is bound
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinygptv_edge.cli",
+        "serve",
+        "--vision",
+        str(files[1]),
+        "--language",
+        str(files[1]),
+    ]
+    out = subprocess.run([*cmd, "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "this looks like a GGUF file" in out.stderr and "--language" in out.stderr
+    assert "Uvicorn running" not in out.stderr
 
 
 def test_serve_command_errors(tmp_path, capsys):
@@ -569,3 +662,4 @@ def test_serve_command_errors(tmp_path, capsys):
     cmd = [sys.executable, "-m", "tinygptv_edge.cli", "serve", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0 and "--max-queue" in out.stdout and "--api-key" in out.stdout
+    assert "--cors ORIGIN" in out.stdout
