@@ -305,11 +305,11 @@ def main(argv=None) -> None:
         for n in [*a.pp_short, a.pp]:
             key = f"pp{n}_tok_s" if n in a.pp_short else "pp_tok_s"
             print(
-                f"prompt {n:3d} tok/s       kquant.c {r_ours[key]:7.2f}   "
+                f"prompt {n:3d} tok/s       ours     {r_ours[key]:7.2f}   "
                 f"ggml's kernels {r_ggml[key]:7.2f}   ratio {r_ours[key] / r_ggml[key]:.3f}"
             )
         print(
-            f"generation tok/s      kquant.c {r_ours['tg_tok_s']:7.2f}   "
+            f"generation tok/s      ours     {r_ours['tg_tok_s']:7.2f}   "
             f"ggml's kernels {r_ggml['tg_tok_s']:7.2f}   ratio {r_ours['tg_tok_s'] / r_ggml['tg_tok_s']:.3f} "
             "(one-token steps: ggml's gemv both times)"
         )

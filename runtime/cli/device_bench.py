@@ -10,7 +10,7 @@ tinygptv-edge bench --vision V.onnx --language L.gguf --threads 4 --json
    steps (medians of --repeats runs after a warm-up)
 3. peak RSS (VmHWM) of 1 and 2; then the memory read bandwidth (runtime/cli/sysinfo.py) and the decode
    ceiling it implies: bytes of weights read per token / bandwidth
-plus the CPU features ggml and onnxruntime report, the kquant.c path, and the low-memory choice
+plus the CPU features ggml and onnxruntime report, the native kernels' path, and the low-memory choice
 (`--low-memory auto`: runtime/memory_plan.py).
 """
 
@@ -206,7 +206,7 @@ def run_device_bench(
     features = {
         "ggml": ggml_cpu_features(load_ggml()),
         "onnxruntime": onnxruntime_info(),
-        "kquant_path": kquant.active_path(),
+        "kernel_path": kquant.active_path(),
     }
     say(f"image questions ({cfg.repeats + 1}, low-memory {'on' if plan.low_memory else 'off'})")
     stage1 = measure_pipeline(vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt)
@@ -264,7 +264,7 @@ def format_table(r: dict) -> str:
         ("machine", f"{m['cpu']} ({m['machine']}, {m['cores']} cores), {m['system']}"),
         ("ggml CPU features", ", ".join(on) or "none"),
         ("onnxruntime", f"{ort['version']} {ort['device']}{vendor}"),
-        ("kquant.c path", str(f["kquant_path"])),
+        ("native kernel path", str(f["kernel_path"])),
         ("memory", mem["reason"]),
         ("threads / n_ctx", f"{r['settings']['threads']} / {r['settings']['n_ctx']}"),
         ("load models", f"{res['load_s']:.2f} s"),

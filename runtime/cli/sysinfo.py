@@ -1,5 +1,5 @@
 """What `tinygptv-edge bench` reports about the machine: CPU, the features ggml and onnxruntime see,
-the kquant.c path, and a measured memory read bandwidth.
+the native kernels' path, and a measured memory read bandwidth.
 
 Bandwidth: each of n threads takes the max of its slice of one byte buffer far larger than the caches
 (uint8: 64 bytes per AVX-512 / 16 per NEON instruction, so the reduction outruns memory; a float32 max

@@ -72,7 +72,7 @@ def test_json_fields_exist_and_agree(dist, capsys):
     ggml = r["features"]["ggml"]
     assert ggml and all(isinstance(v, bool) for v in ggml.values())
     assert ("avx2" in ggml) or ("neon" in ggml)
-    assert r["features"]["kquant_path"] == kquant.active_path()
+    assert r["features"]["kernel_path"] == kquant.active_path()
     assert r["features"]["onnxruntime"]["device"] == "CPU"
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
 
@@ -86,7 +86,7 @@ def test_low_memory_on_and_the_table(dist, capsys):
     code = main(["bench", "--dist", str(dist), *FAST, "--bandwidth-mib", "4"])
     out, _ = capsys.readouterr()
     assert code == 0
-    for label in ("ggml CPU features", "kquant.c path", "time to first token", "decode ceiling", "peak RSS"):
+    for label in ("ggml CPU features", "native kernel path", "time to first token", "decode ceiling", "peak RSS"):
         assert label in out
 
 
