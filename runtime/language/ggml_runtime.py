@@ -147,7 +147,7 @@ class Weights:
     repacked_bytes: int = 0
     qk_norms: list[tuple[object, object]] = field(default_factory=list)  # per layer (weight, bias) (D, 2H)
     qk_ctx: int = 0
-    kquant: dict[str, int] = field(default_factory=dict)  # weights whose batches use the native kernels: layout
+    kquant: dict[str, int] = field(default_factory=dict)  # batches through the native kernels: layout
     kquant_attention: bool = False  # prompts' attention through the native kernels (x86 with AVX-512)
 
 

@@ -86,7 +86,8 @@ def test_low_memory_on_and_the_table(dist, capsys):
     code = main(["bench", "--dist", str(dist), *FAST, "--bandwidth-mib", "4"])
     out, _ = capsys.readouterr()
     assert code == 0
-    for label in ("ggml CPU features", "native kernel path", "time to first token", "decode ceiling", "peak RSS"):
+    labels = ("ggml CPU features", "native kernel path", "time to first token", "decode ceiling", "peak RSS")
+    for label in labels:
         assert label in out
 
 
