@@ -10,6 +10,7 @@ calibration (VQA calibration split, or --calib-images) --Builder--> OUT/artifact
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ import numpy as np
 
 from tinygptv_edge.export.checkpoints.source import SourceSpec
 from tinygptv_edge.runtime.checks import check_threads
-from tinygptv_edge.runtime.errors import ReportError
+from tinygptv_edge.runtime.errors import OutputPathError, ReportError
 
 from .artifacts import REPORT_GATE, Builder, Calibration
 from .evalset import load_evalset, write_vqa_evalset, write_vqa_splits
@@ -124,10 +125,18 @@ def calibration(cfg: ReportConfig, preprocess_cfg) -> Calibration:
 
 
 def _write_atomic(path: Path, text: str, check: Callable[[str], object]) -> None:
+    """`text` to a temporary name, read back and checked, then renamed over `path`. On any failure (a full
+    disk, a failed check) the temporary file is removed and an earlier `path` stays as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    check(tmp.read_text(encoding="utf-8"))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        check(tmp.read_text(encoding="utf-8"))
+        os.replace(tmp, path)
+    except OSError as e:
+        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        raise OutputPathError(f"{path}: expected to write the report, failed{full}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_html(text: str) -> None:
