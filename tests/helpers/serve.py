@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -132,3 +133,12 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def require_serve_stack() -> None:
+    """Skip the calling test module unless torch (the fixtures export the tiny model), the decoder and the
+    serve extra are installed. Call it at module level, before importing the server."""
+    pytest.importorskip("torch")
+    pytest.importorskip("tinygptv_edge.runtime.language.decoder")
+    for mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
+        pytest.importorskip(mod, reason="the serve extra is not installed (pip install -e '.[serve]')")

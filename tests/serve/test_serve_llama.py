@@ -16,38 +16,18 @@ import pytest
 
 pytestmark = pytest.mark.torch
 
-pytest.importorskip("torch")  # the fixture exports the tiny model
-pytest.importorskip("tinygptv_edge.runtime.language.decoder")
-for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
-    pytest.importorskip(_mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
+from helpers.serve import require_serve_stack  # noqa: E402
 
-from helpers.serve import LiveServer, export_files, loader, png  # noqa: E402
+require_serve_stack()
 
-from tinygptv_edge.runtime.pipeline import Pipeline  # noqa: E402
+from helpers.serve import LiveServer, loader, png  # noqa: E402
+
 from tinygptv_edge.runtime.sampling import SamplingConfig  # noqa: E402
 from tinygptv_edge.runtime.serve.app import create_app  # noqa: E402
 from tinygptv_edge.runtime.serve.engine import Engine  # noqa: E402
 
 N = 8
 GREEDY = SamplingConfig(max_new_tokens=N)
-
-
-@pytest.fixture(scope="module")
-def files(tiny, tmp_path_factory):
-    return export_files(tiny, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def server(files):
-    with LiveServer(loader(files)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def pipe(files):
-    p = Pipeline(files[0], files[1], n_threads=1)
-    yield p
-    p.close()
 
 
 def request(url: str, method: str, path: str, body: object = None, headers: dict | None = None):

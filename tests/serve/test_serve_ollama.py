@@ -14,15 +14,13 @@ import pytest
 
 pytestmark = pytest.mark.torch
 
-pytest.importorskip("torch")  # the fixture exports the tiny model
-pytest.importorskip("tinygptv_edge.runtime.language.decoder")
-for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
-    pytest.importorskip(_mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
+from helpers.serve import require_serve_stack  # noqa: E402
+
+require_serve_stack()
 ollama = pytest.importorskip("ollama", reason="the ollama client (dev extra) is not installed")
 
-from helpers.serve import LiveServer, export_files, loader, png  # noqa: E402
+from helpers.serve import LiveServer, loader, png  # noqa: E402
 
-from tinygptv_edge.runtime.pipeline import Pipeline  # noqa: E402
 from tinygptv_edge.runtime.sampling import SamplingConfig  # noqa: E402
 
 N = 8
@@ -32,22 +30,10 @@ OPTS = {"temperature": 0, "num_predict": N}
 
 
 @pytest.fixture(scope="module")
-def files(tiny, tmp_path_factory):
-    return export_files(tiny, tmp_path_factory.mktemp("ollama"))
-
-
-@pytest.fixture(scope="module")
 def server(files):
     with LiveServer(loader(files)) as s:
         s.engine.info = {"files": [str(f) for f in files], "quantization_level": "F32"}
         yield s
-
-
-@pytest.fixture(scope="module")
-def pipe(files):
-    p = Pipeline(files[0], files[1], n_threads=1)
-    yield p
-    p.close()
 
 
 @pytest.fixture(scope="module")

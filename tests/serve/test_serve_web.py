@@ -14,10 +14,9 @@ import pytest
 
 pytestmark = pytest.mark.torch
 
-pytest.importorskip("torch")  # the fixture exports the tiny model
-pytest.importorskip("tinygptv_edge.runtime.language.decoder")
-for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
-    pytest.importorskip(_mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
+from helpers.serve import require_serve_stack  # noqa: E402
+
+require_serve_stack()
 pytest.importorskip("selenium", reason="selenium (dev extra) is not installed")
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
@@ -28,7 +27,7 @@ if CHROMIUM is None or DRIVER is None:
         allow_module_level=True,
     )
 
-from helpers.serve import LiveServer, export_files, loader, png  # noqa: E402
+from helpers.serve import LiveServer, loader, png  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -48,11 +47,6 @@ FLAGS = (
     "--window-size=900,900",
 )
 N = 8
-
-
-@pytest.fixture(scope="module")
-def files(tiny, tmp_path_factory):
-    return export_files(tiny, tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture
