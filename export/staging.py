@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tinygptv_edge.runtime.checks import process_alive
 from tinygptv_edge.runtime.errors import OutputPathError
 
 LOG = logging.getLogger("tinygptv_edge.export")
@@ -82,7 +83,7 @@ def clean_stale(folder: str | Path) -> list[Path]:
     removed = []
     for path in Path(folder).iterdir():
         m = STAGED.match(path.name)
-        if m is None or _alive(int(m["pid"])):
+        if m is None or process_alive(int(m["pid"])):
             continue
         try:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -91,18 +92,6 @@ def clean_stale(folder: str | Path) -> list[Path]:
         LOG.warning("removed %s, left by an export that was killed (pid %s)", path, m["pid"])
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # someone else's process (or an odd number): leave its files alone
-    return True
 
 
 def write_texts(folder: str | Path, texts: dict[str, str], what: str) -> list[Path]:

@@ -193,3 +193,17 @@ def foreign(library: str, where: str, error: type[TinyGPTVError] = BackendError)
         text = str(e).strip().splitlines()
         detail = text[0] if text else type(e).__name__
         raise error(f"{where}: {library} failed: {type(e).__name__}: {detail}") from e
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (its temporary files are then left alone). Another user's
+    process, or a number the OS refuses to look up, counts as alive."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import process_alive
 from .errors import ConfigError, OutputPathError
 
 
@@ -172,7 +173,7 @@ class ImageCache:
             return removed
         for name in names:
             m = _TEMP.match(name)
-            if m is None or _alive(int(m["pid"])):
+            if m is None or process_alive(int(m["pid"])):
                 continue
             try:
                 os.unlink(self.folder / name)
@@ -318,15 +319,3 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
