@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.fsfaults import fill, listing, tmpfs
 
-from tinygptv_edge.calib.report_run import _write_atomic
-from tinygptv_edge.runtime.errors import OutputPathError
+pytestmark = pytest.mark.torch
+pytest.importorskip("torch")  # report_run builds the levels through the exporters
+
+from helpers.fsfaults import fill, listing, tmpfs  # noqa: E402
+
+from tinygptv_edge.calib.report_run import _write_atomic  # noqa: E402
+from tinygptv_edge.runtime.errors import OutputPathError  # noqa: E402
 
 
 def test_a_full_disk_leaves_the_earlier_report_and_no_temporary_file(tmp_path):

@@ -83,6 +83,7 @@ def _doc(mode: str = "axes", budget: Budget | None = None, n: int = 60, level_an
 
 
 def test_axes_mode_is_named_and_unmeasured_cells_are_marked_in_every_rendering():
+    pytest.importorskip("matplotlib")  # the HTML page's plots (the export extra)
     from tinygptv_edge.calib.report_html import render_html
 
     doc = _doc("axes")
@@ -101,6 +102,7 @@ def test_axes_mode_is_named_and_unmeasured_cells_are_marked_in_every_rendering()
 
 
 def test_a_size_budget_only_unmeasured_pairs_fit_is_not_reported_as_no_level_fits():
+    pytest.importorskip("matplotlib")  # the HTML page's plots (the export extra)
     from tinygptv_edge.calib.report_html import render_html
 
     # 3 MiB: int8 (1.42) + Q4_0 (1.07) fits but was not measured in axes mode; no measured pair fits
@@ -184,6 +186,7 @@ def test_worst_examples_are_wrong_answers_or_labelled_closest_calls():
 
 
 def test_size_axis_reads_in_plain_mib():
+    pytest.importorskip("matplotlib")  # the HTML page's plots (the export extra)
     from tinygptv_edge.calib.report_html import _plain_ticks, _plt
 
     plt = _plt()
