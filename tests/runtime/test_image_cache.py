@@ -208,7 +208,8 @@ def test_writers_killed_mid_entry_never_leave_a_served_corrupt_entry(tmp_path):
     kills = torn_temps = served = wrong = 0
     pipe = subprocess.PIPE
     argv = [sys.executable, "-c", ZYGOTE, str(tmp_path)]
-    zygote = subprocess.Popen(argv, stdin=pipe, stdout=pipe, text=True)
+    # cwd: not the checkout, whose tinygptv_edge/ lacks the mapped runtime/ (as an installed package has it)
+    zygote = subprocess.Popen(argv, stdin=pipe, stdout=pipe, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 240
     try:
         for rep in range(100):
