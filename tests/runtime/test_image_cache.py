@@ -195,8 +195,8 @@ for line in sys.stdin:
 
 
 def test_writers_killed_mid_entry_never_leave_a_served_corrupt_entry(tmp_path):
-    """100 writers, each SIGKILLed after a random 1-30 ms of rewriting 8 entries (320 KiB each, so many
-    kills land mid-entry); after each kill a fresh cache reads all 8: every entry is whole or a miss, and
+    """100 writers, each SIGKILLed after a random 0.2-3 entry writes' time of rewriting 8 entries (320 KiB
+    each, so many kills land mid-entry); after each kill a fresh cache reads all 8: every entry is whole or a miss, and
     the temporary files the killed writer left are removed when the next cache opens."""
     import random
     import signal
@@ -206,6 +206,13 @@ def test_writers_killed_mid_entry_never_leave_a_served_corrupt_entry(tmp_path):
 
     rng = random.Random(0)
     kills = torn_temps = served = wrong = 0
+    # kill after 0.2-3 entry writes of this machine (emulated CPUs write far slower than this one), so
+    # some kills land mid-entry and some entries are whole
+    probe = ImageCache(0, tmp_path / "probe", "model", (32, 2560))
+    t0 = time.perf_counter()
+    for j in range(3):
+        probe.put(f"{j:032x}", np.zeros((32, 2560), np.float32))
+    one_put = (time.perf_counter() - t0) / 3
     pipe = subprocess.PIPE
     argv = [sys.executable, "-c", ZYGOTE, str(tmp_path)]
     # cwd: not the checkout, whose tinygptv_edge/ lacks the mapped runtime/ (as an installed package has it)
@@ -217,7 +224,7 @@ def test_writers_killed_mid_entry_never_leave_a_served_corrupt_entry(tmp_path):
             zygote.stdin.write(f"{rep}\n")
             zygote.stdin.flush()
             pid = int(zygote.stdout.readline())
-            time.sleep(rng.uniform(0.001, 0.03))
+            time.sleep(rng.uniform(0.2, 3.0) * one_put)
             os.kill(pid, signal.SIGKILL)
             assert zygote.stdout.readline().strip() == "dead"
             kills += 1
