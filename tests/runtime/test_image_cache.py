@@ -196,8 +196,8 @@ for line in sys.stdin:
 
 def test_writers_killed_mid_entry_never_leave_a_served_corrupt_entry(tmp_path):
     """100 writers, each SIGKILLed after a random 0.2-3 entry writes' time of rewriting 8 entries (320 KiB
-    each, so many kills land mid-entry); after each kill a fresh cache reads all 8: every entry is whole or a miss, and
-    the temporary files the killed writer left are removed when the next cache opens."""
+    each, so many kills land mid-entry); after each kill a fresh cache reads all 8: every entry is whole
+    or a miss, and the temporary files the killed writer left are removed when the next cache opens."""
     import random
     import signal
     import subprocess
