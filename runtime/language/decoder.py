@@ -67,6 +67,12 @@ def _kv_positions(n: int, n_ctx: int) -> int:
     return min(n_ctx, -(-n // KV_PAD) * KV_PAD)
 
 
+def _kv_label(n: int, n_ctx: int) -> str:
+    return (
+        f"a KV cache of n_ctx={n} positions" if n == n_ctx else f"a KV cache of {n} positions (n_ctx={n_ctx})"
+    )
+
+
 def _identity(path: Path) -> tuple[int, ...]:
     """The file as it is now: a rewrite changes its inode, size or modification time."""
     st = Path(path).stat()
@@ -132,9 +138,7 @@ class Decoder:
                 )
             self._row = kv_row_nbytes(kv_type, hp.n_head, hp.head_dim)  # one layer's K (or V) position
             self._n_alloc = _kv_positions(min(n_ctx_alloc, n_ctx), n_ctx)
-            check_memory(
-                2 * hp.n_layer * self._row * self._n_alloc, f"a KV cache of {self._n_alloc} positions"
-            )
+            check_memory(2 * hp.n_layer * self._row * self._n_alloc, _kv_label(self._n_alloc, n_ctx))
             self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
             self.n_threads = n_threads or cpu_count()
             self.n_batch, self.kv_type, self.n_past = n_batch, kv_type, 0
@@ -177,7 +181,7 @@ class Decoder:
             return
         hp, ggml = self.hparams, self._ggml
         size = _kv_positions(max(n, 2 * kv.n_ctx), self.n_ctx)
-        check_memory(2 * hp.n_layer * self._row * size, f"a KV cache of {size} positions")
+        check_memory(2 * hp.n_layer * self._row * size, _kv_label(size, self.n_ctx))
         new = new_kv_cache(ggml, hp.n_layer, hp.n_head, hp.head_dim, size, self.kv_type)
         copy_kv_rows(ggml, kv, new, self.n_past)
         for g in self._graphs.values():
