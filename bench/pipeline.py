@@ -256,7 +256,7 @@ def main() -> int:
     )
     print(f"threads={args.threads}, {args.tokens} tokens; peak RSS (GB) per phase, each from its own reset")
     head = f"{'level':<8}{'GGUF GB':>8}{'kv':>6}{'mode':>12}{'n_ctx':>7}{'alloc':>7}{'KV MiB':>8}"
-    print(head + f"{'load':>7}{'vision':>8}{'language':>9}{'peak':>7}{'target':>8}")
+    print(head + f"{'load':>7}{'vision':>8}{'language':>9}{'peak':>7}{'target':>10}")
     for (level, kv_type, mode), r in rows.items():
         pk, limit = r["peaks_gb"], TARGETS[mode]
         vis = f"{pk['vision']:>8.2f}" if "vision" in pk else f"{'-':>8}"
@@ -264,7 +264,7 @@ def main() -> int:
         print(
             f"{level:<8}{languages[level].stat().st_size / GB:>8.2f}{kv_type:>6}{mode:>12}{r['n_ctx']:>7}"
             f"{r['n_ctx_alloc']:>7}{kv_mib:>8.1f}{pk['load']:>7.2f}{vis}{pk['language']:>9.2f}"
-            f"{r['peak_rss_gb']:>7.2f}{('PASS' if r['peak_rss_gb'] <= limit else 'FAIL') + f' {limit}':>8}"
+            f"{r['peak_rss_gb']:>7.2f}{('PASS' if r['peak_rss_gb'] <= limit else 'FAIL') + f' {limit}':>10}"
         )
     if not all(r["peaks_per_phase"] for r in rows.values()):
         print("note: VmHWM could not be reset: each phase's peak includes the phases before it")
