@@ -251,10 +251,13 @@ def main() -> int:
     vision_bytes = (
         sum(p.stat().st_size for p in (vision, Path(f"{vision}.data")) if p.is_file()) if vision else 0
     )
-    print(
-        f"\nfull size, random weights, INT8 vision ({vision_bytes / GB:.2f} GB; none: language phase only), "
+    what = (
+        f"INT8 vision {vision_bytes / GB:.2f} GiB" if vision else "no vision model: the language phase only"
     )
-    print(f"threads={args.threads}, {args.tokens} tokens; peak RSS (GB) per phase, each from its own reset")
+    print(f"\nfull size, random weights, {what}, threads={args.threads}, {args.tokens} tokens")
+    print(
+        "peak RSS per phase, each from its own reset; KV MiB: the cache as allocated (GB = GiB, as the targets)"
+    )
     head = f"{'level':<8}{'GGUF GB':>8}{'kv':>6}{'mode':>12}{'n_ctx':>7}{'alloc':>7}{'KV MiB':>8}"
     print(head + f"{'load':>7}{'vision':>8}{'language':>9}{'peak':>7}{'target':>10}")
     for (level, kv_type, mode), r in rows.items():
