@@ -255,9 +255,7 @@ def main() -> int:
         f"INT8 vision {vision_bytes / GB:.2f} GiB" if vision else "no vision model: the language phase only"
     )
     print(f"\nfull size, random weights, {what}, threads={args.threads}, {args.tokens} tokens")
-    print(
-        "peak RSS per phase, each from its own reset; KV MiB: the cache as allocated (GB = GiB, as the targets)"
-    )
+    print("peak RSS per phase, each from its own reset; KV MiB: the cache allocated (GB: GiB)")
     head = f"{'level':<8}{'GGUF GB':>8}{'kv':>6}{'mode':>12}{'n_ctx':>7}{'alloc':>7}{'KV MiB':>8}"
     print(head + f"{'load':>7}{'vision':>8}{'language':>9}{'peak':>7}{'target':>10}")
     for (level, kv_type, mode), r in rows.items():
