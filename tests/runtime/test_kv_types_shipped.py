@@ -28,7 +28,7 @@ def run(kv_type: str, question: dict, tokens: list[int] | None) -> tuple[np.ndar
     return np.concatenate(out), tokens
 
 
-# measured on these 4 questions: KL ~3e-5 (q8_0), ~1e-3 (q4_0), top-1 1.0 / 0.99
+# tolerances a few times what these 4 questions gave when written (docs/decoder.md: all 13)
 @pytest.mark.parametrize(("kv_type", "max_kl", "min_top1"), [("q8_0", 1e-4, 0.99), ("q4_0", 5e-3, 0.9)])
 def test_quantized_kv_close_to_f16_on_the_shipped_model(kv_type, max_kl, min_top1):
     for q in S.manifest()["questions"][:4]:
