@@ -22,7 +22,7 @@ import sys
 from _ctypes import CFuncPtr  # ctypes._CFuncPtr, the class of every foreign function
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -356,6 +356,7 @@ def copy_kv_rows(ggml, src: KVCache, dst: KVCache, n: int) -> None:
     if (src.type_id, src.head_dim_kv) != (dst.type_id, dst.head_dim_kv) or n > min(src.n_ctx, dst.n_ctx):
         raise ValueError("copy_kv_rows: caches of different layouts, or too few positions")
     for a, b in zip((*src.k, *src.v), (*dst.k, *dst.v), strict=True):
-        nbytes = n * a.contents.nb[1]
+        ta, tb = cast(Any, a).contents, cast(Any, b).contents  # ggml_tensor pointers
+        nbytes = n * ta.nb[1]
         if nbytes:
-            ctypes.memmove(b.contents.data, a.contents.data, nbytes)
+            ctypes.memmove(tb.data, ta.data, nbytes)
