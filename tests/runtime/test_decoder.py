@@ -16,9 +16,9 @@ pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip("torch")
 
-from conftest import WIDE_LEVELS  # noqa: E402
 from helpers.decoder_gguf import randomize_norms  # noqa: E402
 from helpers.decoder_ref import greedy_dec, greedy_ref, kl_top1, ref_logits, text_imatrix  # noqa: E402
+from helpers.wide import WIDE_LEVELS, wide_source  # noqa: E402
 
 from tinygptv_edge.export.gguf.export import export_gguf, export_source  # noqa: E402
 from tinygptv_edge.export.gguf.source import model_source  # noqa: E402
@@ -104,8 +104,6 @@ SMALL = [
 @pytest.fixture(scope="module")
 def wide_small(tiny, tmp_path_factory):
     """`wide_source` (hidden 256: every matmul at the level's types) exported at the smaller levels."""
-    from conftest import wide_source
-
     model, src = wide_source(tiny, seed=0)
     im = text_imatrix(model, np.random.default_rng(5).integers(0, model.cfg.vocab_size, 64).tolist())
     out = tmp_path_factory.mktemp("small")
