@@ -2,7 +2,8 @@
 
     vision (ONNX)          fp32 | int8-<method> (static QDQ, per calibration method) | int8-dynamic
                            | int4 (weight-only MatMulNBits)
-    language (GGUF)        F32 | F16 | Q8_0 | Q5_K_M | Q4_K_M | Q4_0 | <level>+imat (importance matrix)
+    language (GGUF)        F32 | F16 | Q8_0 | Q5_K_M | Q4_K_M | Q4_0 | IQ4_XS | Q3_K_M | Q3_K_S | IQ3_S
+                           | Q2_K | <level>+imat (importance matrix; IQ2_M only with one)
 
 The reference is fp32 x F32; every other cell is measured against it.
 """
@@ -49,8 +50,10 @@ VISION_LEVELS: dict[str, VisionLevel] = {
         VisionLevel("int4", "int4"),
     )
 }
-_PLAIN = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0")
-_WITH_IMATRIX = ("Q5_K_M", "Q4_K_M", "Q4_0")  # Q8_0 ignores an importance matrix in ggml
+_SMALL = ("IQ4_XS", "Q3_K_M", "Q3_K_S", "IQ3_S", "Q2_K")  # two-gigabyte boards (issue #29)
+_PLAIN = ("F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", *_SMALL)
+# Q8_0 ignores an importance matrix in ggml; IQ2_M's IQ2_S weights need one (export/gguf/quant.py)
+_WITH_IMATRIX = ("Q5_K_M", "Q4_K_M", "Q4_0", *_SMALL, "IQ2_M")
 LANGUAGE_LEVELS: dict[str, LanguageLevel] = {
     lv.name: lv
     for lv in (

@@ -1,12 +1,14 @@
 """`--low-memory auto`: resident or low-memory mode, from the memory actually available.
 
     resident   = vision file + language file + KV cache at the resident context (trained, 2048) + margin
-    low-memory = max(vision file, language file + KV cache at LOW_MEMORY_CTX) + margin
+    low-memory = max(vision file, language file + KV cache at LOW_MEMORY_ALLOC) + margin
 
 Both models keep about their file size in RAM (the ONNX initializers are loaded, the GGUF is mapped
-and read in full per token), the F16 KV cache fills as a conversation grows, and MARGIN covers Python,
-onnxruntime, ggml's graphs and activations (the full-size model's measured peaks against its file
-sizes: docs/benchmarks.md, figures behind decisions in code). Auto picks
+and read in full per token), the KV cache (of `kv_type`: F16 by default, Q8_0/Q4_0 smaller) fills as a
+conversation grows (in low-memory mode it is allocated for LOW_MEMORY_ALLOC positions and grows to
+LOW_MEMORY_CTX as the conversation needs), and MARGIN covers Python, onnxruntime, ggml's graphs and
+activations (the full-size model's measured peaks against its file sizes: docs/benchmarks.md, figures
+behind decisions in code). Auto picks
 resident mode when MemAvailable (/proc/meminfo: free memory plus reclaimable cache) covers it.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .checks import check_model_file
 from .errors import ConfigError, ModelFileError
-from .pipeline import LOW_MEMORY_CTX
+from .pipeline import LOW_MEMORY_ALLOC, LOW_MEMORY_CTX
 
 MODES = ("auto", "on", "off")
 MIB = 1024**2
@@ -36,17 +38,20 @@ def mem_available_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
     return None
 
 
-def kv_bytes_per_position(language: str | Path) -> tuple[int, int]:
-    """(F16 KV cache bytes per position, the trained context), from the GGUF header."""
+def kv_bytes_per_position(language: str | Path, kv_type: str = "f16") -> tuple[int, int]:
+    """(KV cache bytes per position of `kv_type`, the trained context), from the GGUF header."""
     from .language.decoder_model import read_hparams
+    from .language.ggml_runtime import KV_TYPES, kv_row_nbytes
     from .language.gguf_file import GGUFFile
 
+    if kv_type not in KV_TYPES:
+        raise ConfigError(f"--kv-type: expected one of {sorted(KV_TYPES)}, got {kv_type!r}")
     gf = GGUFFile.open(language)
     try:
         hp = read_hparams(gf)
     finally:
         gf.close()
-    return 2 * hp.n_layer * hp.n_embd * 2, hp.n_ctx_train  # K and V, F16
+    return 2 * hp.n_layer * kv_row_nbytes(kv_type, hp.n_head, hp.head_dim), hp.n_ctx_train  # K and V
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ def plan_memory(
     language: str | Path,
     n_ctx: int | None = None,
     available: int | None = None,
+    kv_type: str = "f16",
 ) -> MemoryPlan:
     """Resolve `mode` (auto | on | off) for these model files; `available` defaults to MemAvailable."""
     if mode not in MODES:
@@ -101,9 +107,10 @@ def plan_memory(
         check_model_file(vision, "onnx", ModelFileError)
     vision_bytes = Path(vision).stat().st_size if vision is not None else 0
     language_bytes = Path(language).stat().st_size
-    per_pos, trained = kv_bytes_per_position(language)  # the contexts Pipeline picks for each mode:
+    per_pos, trained = kv_bytes_per_position(language, kv_type)  # the contexts Pipeline picks per mode:
     resident = vision_bytes + language_bytes + per_pos * (n_ctx or trained) + MARGIN
-    low = max(vision_bytes, language_bytes + per_pos * (n_ctx or min(trained, LOW_MEMORY_CTX))) + MARGIN
+    low_ctx = min(n_ctx or min(trained, LOW_MEMORY_CTX), LOW_MEMORY_ALLOC)  # what it allocates first
+    low = max(vision_bytes, language_bytes + per_pos * low_ctx) + MARGIN
     if available is None:
         available = mem_available_bytes()
     if mode == "auto":

@@ -56,7 +56,10 @@ from .vision.encoder import VisionEncoder
 from .vision.images import ImageLimits, ImageSource, load_image
 from .vision.preprocess import preprocess
 
-LOW_MEMORY_CTX = 1024  # default context in low-memory mode (the KV cache is resident in full)
+LOW_MEMORY_CTX = 1024  # default context in low-memory mode: the most positions its KV cache grows to
+# low-memory mode allocates this many positions at first (a TinyGPT-V turn: ~60 prompt positions and a
+# short answer); the decoder doubles its cache when a conversation needs more (Decoder n_ctx_alloc)
+LOW_MEMORY_ALLOC = 256
 DEFAULT_MAX_CTX = 4096  # default context at most (a larger one must be asked for with n_ctx)
 CACHE_RAM_MIB = 256  # default host memory for KV snapshots (runtime/prefix_cache.py); low-memory: none
 RESERVE_POSITIONS = 128  # per snapshot buffer `warm` touches (two): a one-image turn, 40 MiB at full size
@@ -202,6 +205,8 @@ class Pipeline:
         self._decoder_args: dict[str, Any] = dict(
             n_ctx=n_ctx if n_ctx is not None else 2048, n_threads=n_threads, kv_type=kv_type
         )
+        if low_memory:  # a KV cache sized to the conversation, not to n_ctx
+            self._decoder_args["n_ctx_alloc"] = LOW_MEMORY_ALLOC
         self.gate = Gate(busy_timeout)
         self.image_cache = image_cache
         # a path, a VisionModel or None (_check_model_args): is_path narrows only its True branch
@@ -220,7 +225,7 @@ class Pipeline:
             path = Path(language)
             if not path.is_file():
                 raise ModelFileError(f"language model not found: {path} (expected a GGUF file)")
-            if n_ctx is None:  # low-memory: a 1024-position KV cache (f16: 320 MB instead of 640 MB)
+            if n_ctx is None:  # low-memory: at most 1024 positions (allocated 256 at a time)
                 trained = trained_context(path)
                 self._decoder_args["n_ctx"] = min(trained, LOW_MEMORY_CTX if low_memory else DEFAULT_MAX_CTX)
             factory = lambda: _open_decoder(path, **self._decoder_args)  # noqa: E731

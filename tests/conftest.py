@@ -80,32 +80,8 @@ def tiny_single(tiny, tmp_path_factory) -> Path:
     return save_single(tiny.model, tiny.synth.phi2, tmp_path_factory.mktemp("single") / "model")
 
 
-WIDE_LEVELS = ("F32", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
-
-
-def wide_source(tiny, seed: int):
-    """A random Phi at hidden 256, so K-quants (256-element blocks) apply to every matmul weight:
-    the model and its GGUF export source."""
-    from helpers.decoder_gguf import randomize_norms
-
-    from tinygptv_edge.export.gguf.source import model_source
-    from tinygptv_edge.export.model.phi import PhiModel
-    from tinygptv_edge.runtime.config import LanguageConfig, ProjectionConfig
-
-    lang = LanguageConfig(
-        vocab_size=512,
-        hidden=256,
-        layers=2,
-        heads=4,
-        intermediate=512,
-        max_positions=256,
-        partial_rotary_factor=0.5,
-    )
-    cfg = tiny.cfg.replace(language=lang, projection=ProjectionConfig(32, 96, lang.hidden))
-    need_torch().manual_seed(seed)
-    model = PhiModel(lang).eval()
-    randomize_norms(model)
-    return model, model_source(model, tiny.tokenizer, cfg=cfg)
+# in tests/helpers/wide.py (a test module importing them from `conftest` may get tests/serve/'s)
+from helpers.wide import WIDE_LEVELS, wide_source  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from tinygptv_edge.export.gguf.quant import (
     BOUNDS,
     DEFAULT_LEVEL,
     F16_MAX,
+    NEEDS_IMATRIX,
     Level,
     Q,
     fit_type,
@@ -92,8 +93,11 @@ def canonical_to_gguf(n_layers: int) -> dict[str, str]:
     return {t.canonical: t.gguf for t in C.language_tensors(n_layers)}
 
 
-def plan_tensors(src: LanguageSource, level: Level, pure: bool = False) -> list[TensorPlan]:
-    """Map, check and type every tensor, in the contract's order."""
+def plan_tensors(
+    src: LanguageSource, level: Level, pure: bool = False, has_imatrix: bool = False
+) -> list[TensorPlan]:
+    """Map, check and type every tensor, in the contract's order (`has_imatrix`: the level's bumps that
+    depend on an importance matrix, as llama.cpp's do)."""
     L = src.cfg.language
     names = canonical_to_gguf(L.layers)
     unmapped = [k for k in src.shapes if k not in names]
@@ -109,7 +113,7 @@ def plan_tensors(src: LanguageSource, level: Level, pure: bool = False) -> list[
     plans = []
     for t in C.language_tensors(L.layers):
         shape = want[t.canonical]
-        wanted = wanted_type(level, t.gguf, shape, L.layers, pure)
+        wanted = wanted_type(level, t.gguf, shape, L.layers, pure, has_imatrix)
         qtype = fit_type(wanted, shape[-1])
         plans.append(
             TensorPlan(t.gguf, t.canonical, shape, qtype, wanted, tensor_nbytes(qtype, shape), t.qkv)
@@ -197,8 +201,10 @@ def export_source(
         imatrix_info = {**imatrix.info(), **(imatrix_info or {})}
         imatrix = imatrix.values
     level = get_level(ftype)
-    plans = plan_tensors(src, level, pure)
-    imatrix = _check_imatrix(imatrix, plans) if imatrix is not None and level.quantized else None
+    has_imatrix = imatrix is not None and level.quantized
+    plans = plan_tensors(src, level, pure, has_imatrix)
+    imatrix = _check_imatrix(imatrix, plans) if has_imatrix else None
+    _check_needs_imatrix(plans, imatrix, level)
     out = Path(out_path)
     tmp = stage_file(out)
     report = GGUFReport(out, level.name, plans, imatrix_used=sorted(imatrix or {}))
@@ -226,6 +232,17 @@ def export_source(
         with contextlib.suppress(OSError):
             tmp.unlink()
     return report
+
+
+def _check_needs_imatrix(plans: list[TensorPlan], imatrix: Mapping | None, level: Level) -> None:
+    """The types of NEEDS_IMATRIX only with an importance matrix entry (token_embd spared, as llama.cpp
+    spares it: its rows are looked up, not multiplied)."""
+    for p in plans:
+        if p.qtype in NEEDS_IMATRIX and p.name != "token_embd.weight" and p.name not in (imatrix or {}):
+            raise ExportError(
+                f"level {level.name}: {p.name} is {p.qtype.name}, which needs an importance matrix; "
+                "export with --imatrix (computed from images) or pick another level"
+            )
 
 
 def _check_imatrix(imatrix: Mapping[str, np.ndarray], plans: list[TensorPlan]) -> dict[str, np.ndarray]:

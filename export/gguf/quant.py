@@ -1,21 +1,37 @@
 """GGUF quantization levels: which ggml type each tensor gets, and the quantizer itself.
 
-A level is a named preset (F32 ... Q6_K, and the mixes Q4_K_M, Q5_K_M). The type of one tensor is
-decided in three steps, each a small table:
+A level is a named preset (F32 ... Q6_K, the mixes Q4_K_M, Q5_K_M, and the smaller levels for
+two-gigabyte boards: Q3_K_M, Q3_K_S, Q2_K, IQ4_XS, IQ3_S, IQ2_M). The type of one tensor is decided in
+three steps, each a small table:
 
     1-D (norms, biases)                     -> F32, always
     base type of the level, then its bumps  -> e.g. Q4_K_M: attn_qkv Q5_K, some ffn_down Q6_K
     row length the type cannot take         -> fallback (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
-                                               a legacy type that still does not fit -> F16)
+                                               Q2_K/Q3_K -> Q4_0, i-quants -> IQ4_NL, a 32-block type
+                                               that still does not fit -> F16)
 
-The rules follow the facts of llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp): the output
-matrix of a quantized level is kept at Q6_K (Q8_0 when its rows are not a multiple of 256, or when
-the level is Q8_0 already); Q4_K_M / Q5_K_M raise a fused attn_qkv to Q5_K / Q6_K and ffn_down to
-Q6_K on the first and last eighth of the layers and every third layer between. `pure=True` turns
-every bump off (llama-quantize --pure).
+The rules restate the facts of llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for this
+model (Phi-2: fused attn_qkv, one KV head per query head so n_gqa = 1, no experts, not Falcon): the
+output matrix of a quantized level is kept at Q6_K (Q5_K at the IQ2 levels; Q8_0 when its rows are not
+a multiple of the base type's block, or when the level is Q8_0 already); Q4_K_M / Q5_K_M raise a fused
+attn_qkv to Q5_K / Q6_K and ffn_down to Q6_K on the first and last eighth of the layers and every
+third layer between. For the smaller levels, llama.cpp (2025 on) counts the fused attn_qkv with
+attn_v ("attention-v-like"), so attn_v's rules apply to it:
+
+    Q3_K_M   attn_qkv Q5_K on layers 0-1, else Q4_K; attn_output Q4_K;
+             ffn_down Q5_K on the first sixteenth of the layers, else Q4_K; ffn_up Q3_K
+    Q3_K_S   every matrix Q3_K (llama.cpp has no bump for it at n_gqa 1)
+    Q2_K     attn_qkv, attn_output, ffn_down Q3_K; ffn_up and token_embd Q2_K
+    IQ4_XS   every matrix IQ4_XS; without an importance matrix ffn_down is Q5_K on the first eighth
+    IQ3_S    every matrix IQ3_S (the n_gqa >= 4 bump does not apply)
+    IQ2_M    base IQ2_S; attn_qkv, attn_output, token_embd IQ3_S; ffn_down IQ3_S on the first eighth;
+             output Q5_K. IQ2_S needs an importance matrix (llama.cpp refuses it without one)
+
+`pure=True` turns every bump off (llama-quantize --pure).
 
 Blocks come from ggml's own `ggml_quantize_chunk` (ggml-python), so they are what llama.cpp writes;
-with an importance matrix ggml takes its weighted search path.
+with an importance matrix ggml takes its weighted search path. The i-quants' codebooks ("grids") are
+built by `ggml_quantize_init` before the first chunk.
 """
 
 from __future__ import annotations
@@ -36,13 +52,47 @@ from tinygptv_edge.runtime.language import ggml_types
 Q = GGMLQuantizationType
 
 
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """First and last eighth of the layers, and every third layer between (llama.cpp's rule)."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
+
+
+# which layers a bump covers: (layer, n_layers) -> bool, named as llama.cpp's conditions read
+LAYER_RULES = {
+    "all": lambda i, n: True,
+    "more_bits": use_more_bits,
+    "first_eighth": lambda i, n: i < n // 8,
+    "first_sixteenth": lambda i, n: i < n // 16,
+    "first_two": lambda i, n: i < 2,  # llama.cpp counts attn_v tensors: i_attention_wv < 2
+}
+
+
 @dataclass(frozen=True)
 class Bump:
-    """Tensors whose name matches `pattern` get `qtype`; `more_bits_layers` limits it to those layers."""
+    """Tensors whose name matches `pattern` get `qtype`, on the layers `layers` names (LAYER_RULES);
+    `imatrix` True / False: only with / without an importance matrix (None: either way)."""
 
     pattern: str  # regex on the GGUF tensor name
     qtype: Q
-    more_bits_layers: bool = False
+    layers: str = "all"
+    imatrix: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers not in LAYER_RULES:
+            raise ConfigError(
+                f"bump {self.pattern}: layers {self.layers!r}, expected one of {list(LAYER_RULES)}"
+            )
+
+    def applies(self, name: str, n_layers: int, has_imatrix: bool) -> bool:
+        if not re.fullmatch(self.pattern, name):
+            return False
+        if self.imatrix is not None and self.imatrix != has_imatrix:
+            return False
+        if self.layers == "all":
+            return True
+        layer = _layer_of(name)
+        return layer is not None and LAYER_RULES[self.layers](layer, n_layers)
 
 
 @dataclass(frozen=True)
@@ -51,10 +101,12 @@ class Level:
     base: Q  # type of every 2-D weight unless a rule says otherwise
     file_type: LlamaFileType
     bumps: tuple[Bump, ...] = ()
+    output: Q = Q.Q6_K  # output.weight at a quantized level (llama.cpp: Q6_K, Q5_K at the IQ2 levels)
 
     def __post_init__(self) -> None:
-        if self.base not in SUPPORTED:
-            raise ConfigError(f"level {self.name}: base type {self.base.name} is not supported")
+        for qtype in (self.base, *(b.qtype for b in self.bumps)):
+            if qtype not in SUPPORTED:
+                raise ConfigError(f"level {self.name}: type {qtype.name} is not supported")
 
     @property
     def quantized(self) -> bool:
@@ -64,6 +116,7 @@ class Level:
 SUPPORTED = tuple(Q[name] for name in ggml_types.WEIGHT_TYPES)  # what the runtime's decoder runs
 
 _QKV, _DOWN = r"blk\.\d+\.attn_qkv\.weight", r"blk\.\d+\.ffn_down\.weight"
+_OUT, _EMBD = r"blk\.\d+\.attn_output\.weight", r"token_embd\.weight"
 F = LlamaFileType
 
 LEVELS: dict[str, Level] = {
@@ -80,15 +133,56 @@ LEVELS: dict[str, Level] = {
         Level("Q4_K", Q.Q4_K, F.MOSTLY_Q4_K_S),
         Level("Q5_K", Q.Q5_K, F.MOSTLY_Q5_K_S),
         Level("Q6_K", Q.Q6_K, F.MOSTLY_Q6_K),
-        Level("Q4_K_M", Q.Q4_K, F.MOSTLY_Q4_K_M, (Bump(_QKV, Q.Q5_K), Bump(_DOWN, Q.Q6_K, True))),
-        Level("Q5_K_M", Q.Q5_K, F.MOSTLY_Q5_K_M, (Bump(_QKV, Q.Q6_K), Bump(_DOWN, Q.Q6_K, True))),
+        Level("Q4_K_M", Q.Q4_K, F.MOSTLY_Q4_K_M, (Bump(_QKV, Q.Q5_K), Bump(_DOWN, Q.Q6_K, "more_bits"))),
+        Level("Q5_K_M", Q.Q5_K, F.MOSTLY_Q5_K_M, (Bump(_QKV, Q.Q6_K), Bump(_DOWN, Q.Q6_K, "more_bits"))),
+        # the smaller levels (two-gigabyte boards); rules in the module docstring
+        Level(
+            "Q3_K_M",
+            Q.Q3_K,
+            F.MOSTLY_Q3_K_M,
+            (
+                Bump(_QKV, Q.Q4_K),
+                Bump(_QKV, Q.Q5_K, "first_two"),
+                Bump(_OUT, Q.Q4_K),
+                Bump(_DOWN, Q.Q4_K),
+                Bump(_DOWN, Q.Q5_K, "first_sixteenth"),
+            ),
+        ),
+        Level("Q3_K_S", Q.Q3_K, F.MOSTLY_Q3_K_S),
+        Level("Q2_K", Q.Q2_K, F.MOSTLY_Q2_K, (Bump(_QKV, Q.Q3_K), Bump(_OUT, Q.Q3_K), Bump(_DOWN, Q.Q3_K))),
+        Level("IQ4_XS", Q.IQ4_XS, F.MOSTLY_IQ4_XS, (Bump(_DOWN, Q.Q5_K, "first_eighth", imatrix=False),)),
+        Level("IQ3_S", Q.IQ3_S, F.MOSTLY_IQ3_S),
+        Level(
+            "IQ2_M",
+            Q.IQ2_S,
+            F.MOSTLY_IQ2_M,
+            (
+                Bump(_QKV, Q.IQ3_S),
+                Bump(_OUT, Q.IQ3_S),
+                Bump(_EMBD, Q.IQ3_S),
+                Bump(_DOWN, Q.IQ3_S, "first_eighth"),
+            ),
+            output=Q.Q5_K,
+        ),
     )
 }
 DEFAULT_LEVEL = "Q4_0"
 
-# a row length the type cannot take -> the type to use instead (then checked again)
-FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# a row length the type cannot take -> the type to use instead (then checked again; llama.cpp's table)
+FALLBACK: dict[Q, Q] = {
+    Q.Q4_K: Q.Q5_0,
+    Q.Q5_K: Q.Q5_1,
+    Q.Q6_K: Q.Q8_0,
+    Q.Q2_K: Q.Q4_0,
+    Q.Q3_K: Q.Q4_0,
+    Q.IQ4_XS: Q.IQ4_NL,
+    Q.IQ3_S: Q.IQ4_NL,
+    Q.IQ2_S: Q.IQ4_NL,
+}
 LAST_RESORT = Q.F16  # every row length fits
+# types ggml quantizes badly without an importance matrix: the exporter refuses them without one
+# (llama.cpp's rule for IQ2_S, which spares token_embd)
+NEEDS_IMATRIX = (Q.IQ2_S,)
 
 OUTPUT_TENSOR = "output.weight"
 
@@ -121,6 +215,13 @@ BOUNDS: dict[Q, Bound] = {
     Q.Q4_0: Bound(2.5e-1, 4e-5, 2.6e-1),
     Q.Q4_1: Bound(1.4e-1, 2e-5, 1.7e-1),
     Q.Q4_K: Bound(2.7e-1, 2e-4, 2e-1),
+    # bench/quant_bounds.py at 512 and 2560 values a row (worst of both, then about doubled)
+    Q.Q3_K: Bound(5.7e-1, 2e-4, 3.7e-1),
+    Q.Q2_K: Bound(8.6e-1, 2e-4, 6e-1),
+    Q.IQ4_XS: Bound(4.3e-1, 2e-4, 2.6e-1),
+    Q.IQ4_NL: Bound(2.7e-1, 4e-5, 2.5e-1),
+    Q.IQ3_S: Bound(8.6e-1, 2e-4, 4.4e-1),
+    Q.IQ2_S: Bound(1.35, 2e-4, 1.0),  # only with an importance matrix (NEEDS_IMATRIX) but for token_embd
 }
 F16_MAX = 65504.0  # every non-F32 type stores values or block scales as fp16
 
@@ -145,33 +246,31 @@ def tensor_nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
     return rows * row_nbytes(qtype, shape[-1])
 
 
-def use_more_bits(layer: int, n_layers: int) -> bool:
-    """First and last eighth of the layers, and every third layer between (llama.cpp's rule)."""
-    eighth = n_layers // 8
-    return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
-
-
 def _layer_of(name: str) -> int | None:
     m = re.match(r"blk\.(\d+)\.", name)
     return int(m[1]) if m else None
 
 
-def wanted_type(level: Level, name: str, shape: tuple[int, ...], n_layers: int, pure: bool = False) -> Q:
-    """The type the level asks for, before the row-length fallback."""
+def wanted_type(
+    level: Level,
+    name: str,
+    shape: tuple[int, ...],
+    n_layers: int,
+    pure: bool = False,
+    has_imatrix: bool = False,
+) -> Q:
+    """The type the level asks for, before the row-length fallback (the last matching bump wins)."""
     if len(shape) < 2 or not name.endswith(".weight"):
         return Q.F32
     if not level.quantized or pure:
         return level.base
     if name == OUTPUT_TENSOR:
-        if level.base == Q.Q8_0:
+        if level.base == Q.Q8_0 or shape[-1] % block_size(level.base):
             return Q.Q8_0
-        return Q.Q6_K
+        return level.output
     qtype = level.base
     for bump in level.bumps:
-        if re.fullmatch(bump.pattern, name):
-            layer = _layer_of(name)
-            if bump.more_bits_layers and (layer is None or not use_more_bits(layer, n_layers)):
-                continue
+        if bump.applies(name, n_layers, has_imatrix):
             qtype = bump.qtype
     return qtype
 
@@ -183,9 +282,16 @@ def fit_type(qtype: Q, n_per_row: int) -> Q:
     return qtype
 
 
-def choose_type(level: Level, name: str, shape: tuple[int, ...], n_layers: int, pure: bool = False) -> Q:
+def choose_type(
+    level: Level,
+    name: str,
+    shape: tuple[int, ...],
+    n_layers: int,
+    pure: bool = False,
+    has_imatrix: bool = False,
+) -> Q:
     """Final ggml type of tensor `name` (numpy shape, rows last-axis contiguous) at `level`."""
-    return fit_type(wanted_type(level, name, shape, n_layers, pure), shape[-1])
+    return fit_type(wanted_type(level, name, shape, n_layers, pure, has_imatrix), shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +332,7 @@ def quantize(
         if imatrix.shape != (n,):
             raise ExportError(f"importance matrix: expected shape ({n},), got {imatrix.shape}")
         im_ptr = imatrix.ctypes.data_as(_F32P)
+    ggml.ggml_quantize_init(int(qtype))  # the i-quants' grids, once per process (a no-op for the others)
     nbytes = row_nbytes(qtype, n)
     out = np.empty((rows, nbytes), dtype=np.uint8)
     src, dst = data.ctypes.data_as(_F32P), out.ctypes.data

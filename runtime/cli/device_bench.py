@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .args import add_model_args, add_runtime_args
+from .args import add_kv_type_arg, add_model_args, add_runtime_args
 
 DEFAULT_PROMPT = "Describe this image in detail."
 MIB = 1024**2
@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="image for the questions (default: a generated 640x480 picture)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about each image")
     add_runtime_args(p)
+    add_kv_type_arg(p)
     d = DeviceBenchConfig()
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="decoder prefill batch size")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="greedy steps per decode run")
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     say = (lambda msg: None) if quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     result = run_device_bench(
         vision, language, cfg, n_threads=args.threads, n_ctx=args.n_ctx, low_memory=args.low_memory,
-        image=args.image, prompt=args.prompt, say=say,
+        image=args.image, prompt=args.prompt, say=say, kv_type=args.kv_type,
     )  # fmt: skip
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -110,7 +111,15 @@ def _median(xs: list[float]) -> float:
 
 
 def measure_pipeline(
-    vision, language, cfg: DeviceBenchConfig, n_threads, n_ctx, low_memory, image, prompt
+    vision,
+    language,
+    cfg: DeviceBenchConfig,
+    n_threads,
+    n_ctx,
+    low_memory,
+    image,
+    prompt,
+    kv_type: str = "f16",
 ) -> dict:
     """Stage 1: image questions through the Pipeline, one answer token each."""
     from ..pipeline import Pipeline
@@ -119,7 +128,7 @@ def measure_pipeline(
     t0 = time.perf_counter()
     # no image cache, no KV snapshots: every run encodes its image and evaluates its whole prompt
     pipe = Pipeline(vision, language, n_ctx=n_ctx, n_threads=n_threads, low_memory=low_memory,
-                    image_cache_size=0, cache_ram_mib=0)  # fmt: skip
+                    image_cache_size=0, cache_ram_mib=0, kv_type=kv_type)  # fmt: skip
     load_s = time.perf_counter() - t0
     runs = []
     with pipe:
@@ -140,11 +149,11 @@ def measure_pipeline(
     }
 
 
-def measure_decoder(language, cfg: DeviceBenchConfig, n_threads, n_ctx: int) -> dict:
+def measure_decoder(language, cfg: DeviceBenchConfig, n_threads, n_ctx: int, kv_type: str = "f16") -> dict:
     """Stage 2: the decoder alone (at the pipeline's context): a prefill batch, then greedy steps."""
     from ..language.decoder import Decoder
 
-    with Decoder(language, n_ctx=n_ctx, n_threads=n_threads) as dec:
+    with Decoder(language, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type) as dec:
         room = dec.n_ctx - 1
         n_prompt = max(1, min(cfg.prompt_tokens, room // 2))
         n_decode = max(1, min(cfg.decode_tokens, room - n_prompt))
@@ -192,6 +201,7 @@ def run_device_bench(
     image: str | None = None,
     prompt: str = DEFAULT_PROMPT,
     say=lambda msg: None,
+    kv_type: str = "f16",
 ) -> dict:
     from ..language.ggml_runtime import load_ggml
     from ..language.kernels import ops as kquant
@@ -201,7 +211,7 @@ def run_device_bench(
 
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
         raise ConfigError(f"--threads: expected a positive integer, got {n_threads!r}")
-    plan = plan_memory(low_memory, vision, language, n_ctx)
+    plan = plan_memory(low_memory, vision, language, n_ctx, kv_type=kv_type)
     say(plan.reason)
     features = {
         "ggml": ggml_cpu_features(load_ggml()),
@@ -209,9 +219,11 @@ def run_device_bench(
         "kernel_path": kquant.active_path(),
     }
     say(f"image questions ({cfg.repeats + 1}, low-memory {'on' if plan.low_memory else 'off'})")
-    stage1 = measure_pipeline(vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt)
+    stage1 = measure_pipeline(
+        vision, language, cfg, n_threads, n_ctx, plan.low_memory, image, prompt, kv_type
+    )
     say(f"decoder: {cfg.repeats + 1} x ({cfg.prompt_tokens} prefill + {cfg.decode_tokens} decode tokens)")
-    stage2 = measure_decoder(language, cfg, n_threads, stage1["n_ctx"])
+    stage2 = measure_decoder(language, cfg, n_threads, stage1["n_ctx"], kv_type)
     peak = peak_rss_bytes()
     release_heap(collect=True)
     available = mem_available_bytes()
@@ -239,7 +251,12 @@ def run_device_bench(
             "low_memory_need_bytes": plan.low_memory_need,
             "peak_rss_bytes": peak,
         },
-        "settings": {**asdict(cfg), "threads": stage2["threads"], "n_ctx": stage1["n_ctx"]},
+        "settings": {
+            **asdict(cfg),
+            "threads": stage2["threads"],
+            "n_ctx": stage1["n_ctx"],
+            "kv_type": kv_type,
+        },
         "results": {
             **{k: v for k, v in stage1.items() if k != "n_ctx"},
             **{k: v for k, v in stage2.items() if k not in ("threads", "prompt_tokens", "decode_tokens")},

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .args import add_model_args, add_runtime_args
+from .args import add_kv_type_arg, add_model_args, add_runtime_args
 
 CHAT_HELP = """commands: /image PATH  attach an image to your next question
           /reset       start a new conversation
@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, help="when sampling: keep the smallest set of mass P")
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int, help="when sampling: the random seed (repeatable answers)")
-    add_runtime_args(p.add_argument_group("runtime"))
+    runtime = p.add_argument_group("runtime")
+    add_runtime_args(runtime)
+    add_kv_type_arg(runtime)
     p.set_defaults(func=run)
 
 
@@ -85,14 +87,19 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = sampling_from_args(args)  # bad values fail before any model loads
     vision, language = default_model_paths(args.dist, args.vision, args.language)
-    plan = plan_memory(args.low_memory, vision, language, args.n_ctx)
+    plan = plan_memory(args.low_memory, vision, language, args.n_ctx, kv_type=args.kv_type)
     if (plan.low_memory and plan.mode == "auto") or plan.tight:
         print(f"note: {plan.reason}", file=sys.stderr)
     with tqdm(
         total=1, desc="loading models", disable=args.json or not sys.stderr.isatty(), leave=False
     ) as bar:
         pipe = Pipeline(
-            vision, language, n_ctx=args.n_ctx, n_threads=args.threads, low_memory=plan.low_memory
+            vision,
+            language,
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            kv_type=args.kv_type,
+            low_memory=plan.low_memory,
         )
         bar.update(1)
     with pipe:

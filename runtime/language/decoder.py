@@ -42,12 +42,14 @@ from .ggml_graph import Graph, build_graph, free_graph, mask_rows
 from .ggml_runtime import (
     KV_TYPES,
     add_qk_norms,
+    copy_kv_rows,
+    free_kv_cache,
+    kv_row_nbytes,
     load_ggml,
     new_kv_cache,
     place_weights,
     pread_exact,
 )
-from .ggml_types import BY_NAME
 from .gguf_file import GGUFFile
 from .gguf_values import check_values
 from .kernels import ops as kq
@@ -59,9 +61,16 @@ GRAPH_CACHE = 6  # built graphs kept (LRU)
 _CHECKED: set[tuple[int, ...]] = set()  # identities of the GGUF files whose values were checked
 
 
-def _kv_row_nbytes(kv_type: str, n_embd: int) -> int:
-    """Bytes one position takes in one layer's K (or V) cache."""
-    return BY_NAME[KV_TYPES[kv_type]].row_nbytes(n_embd)
+def _kv_positions(n: int, n_ctx: int) -> int:
+    """Positions to allocate for `n`: whole KV_PAD steps (so the attended slots, n_kv, are those of a
+    cache allocated in full: the same graphs, the same numbers), at most n_ctx."""
+    return min(n_ctx, -(-n // KV_PAD) * KV_PAD)
+
+
+def _kv_label(n: int, n_ctx: int) -> str:
+    return (
+        f"a KV cache of n_ctx={n} positions" if n == n_ctx else f"a KV cache of {n} positions (n_ctx={n_ctx})"
+    )
 
 
 def _identity(path: Path) -> tuple[int, ...]:
@@ -71,7 +80,13 @@ def _identity(path: Path) -> tuple[int, ...]:
 
 
 class Decoder:
-    """Modified Phi-2 over a memory-mapped GGUF, with an F16 (or F32) KV cache of `n_ctx` positions.
+    """Modified Phi-2 over a memory-mapped GGUF, with a KV cache of up to `n_ctx` positions.
+
+    `kv_type`: f16 (default), f32, or q8_0 / q4_0 (ggml's quantized blocks; the KL they cost is in
+    docs/decoder.md). `n_ctx_alloc`: positions allocated at load (default: all of n_ctx); the cache
+    grows by doubling, in whole KV_PAD steps, up to n_ctx when a call or `write_kv` needs more (the
+    positions held are copied over; the graphs are rebuilt), so a short conversation holds a short
+    cache.
 
     Safe to share between threads: calls are serialised by a lock (ggml's graphs and the KV cache
     are not reentrant). Weights are checked for NaN/inf (and K-quant scales for their sign) as they
@@ -91,10 +106,12 @@ class Decoder:
         n_batch: int = 256,
         repack: bool = True,
         kquant: bool = True,
+        n_ctx_alloc: int | None = None,
     ):
         if kv_type not in KV_TYPES:
             raise ConfigError(f"kv_type: expected one of {sorted(KV_TYPES)}, got {kv_type!r}")
-        for label, v in (("n_ctx", n_ctx), ("n_batch", n_batch)):
+        n_ctx_alloc = n_ctx if n_ctx_alloc is None else n_ctx_alloc
+        for label, v in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ctx_alloc", n_ctx_alloc)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{label}: expected a positive integer, got {v!r}")
         check_threads(n_threads)
@@ -119,8 +136,9 @@ class Decoder:
                     f"n_ctx: expected at most the model's trained context of {hp.n_ctx_train} "
                     f"({self._gf.path}), got {n_ctx}"
                 )
-            kv_bytes = 2 * hp.n_layer * _kv_row_nbytes(kv_type, hp.n_embd) * n_ctx
-            check_memory(kv_bytes, f"a KV cache of n_ctx={n_ctx} positions")
+            self._row = kv_row_nbytes(kv_type, hp.n_head, hp.head_dim)  # one layer's K (or V) position
+            self._n_alloc = _kv_positions(min(n_ctx_alloc, n_ctx), n_ctx)
+            check_memory(2 * hp.n_layer * self._row * self._n_alloc, _kv_label(self._n_alloc, n_ctx))
             self.n_embd, self.n_vocab, self.n_ctx = hp.n_embd, hp.n_vocab, n_ctx
             self.n_threads = n_threads or cpu_count()
             self.n_batch, self.kv_type, self.n_past = n_batch, kv_type, 0
@@ -153,7 +171,24 @@ class Decoder:
             self._w.kquant |= kq.repacked_q4_0(ggml, self._file_bytes, tensors, self._w.repacked)
             self._w.kquant_attention = kq.attention_available()
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
-        self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_embd, self.n_ctx, self.kv_type)
+        self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_head, hp.head_dim, self._n_alloc, self.kv_type)
+
+    def _reserve(self, n: int) -> None:
+        """Make the cache hold at least `n` positions (n <= n_ctx): a new cache of twice the positions
+        (whole KV_PAD steps, at most n_ctx), the n_past positions copied over, the graphs rebuilt."""
+        kv = self._kv
+        if n <= kv.n_ctx:
+            return
+        hp, ggml = self.hparams, self._ggml
+        size = _kv_positions(max(n, 2 * kv.n_ctx), self.n_ctx)
+        check_memory(2 * hp.n_layer * self._row * size, _kv_label(size, self.n_ctx))
+        new = new_kv_cache(ggml, hp.n_layer, hp.n_head, hp.head_dim, size, self.kv_type)
+        copy_kv_rows(ggml, kv, new, self.n_past)
+        for g in self._graphs.values():
+            free_graph(ggml, g)
+        self._graphs.clear()
+        self._kv = new
+        free_kv_cache(ggml, kv)
 
     def _file_bytes(self, name: str, nbytes: int) -> bytes:
         """The first `nbytes` of a tensor as the file holds them (pread: the mapping stays untouched)."""
@@ -172,7 +207,13 @@ class Decoder:
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes of the KV cache as allocated now (it grows up to n_ctx positions)."""
         return self._kv.nbytes
+
+    @property
+    def n_ctx_alloc(self) -> int:
+        """Positions the KV cache holds room for now."""
+        return self._kv.n_ctx
 
     def eval_tokens(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append token ids to the cache; logits (n_vocab,) of the last one, or (T, n_vocab)."""
@@ -223,7 +264,7 @@ class Decoder:
     @property
     def kv_row_bytes(self) -> int:
         """Bytes one position takes in the cache (K and V, every layer)."""
-        return 2 * self.hparams.n_layer * _kv_row_nbytes(self.kv_type, self.n_embd)
+        return 2 * self.hparams.n_layer * self._row
 
     def read_kv(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Copy cache positions [start, stop) out: uint8 (n_layer, 2, stop - start, row bytes), into the
@@ -234,7 +275,7 @@ class Decoder:
                 raise ConfigError(
                     f"read_kv: expected 0 <= start <= stop <= {self.n_past}, got {start!r}, {stop!r}"
                 )
-            row = _kv_row_nbytes(self.kv_type, self.n_embd)
+            row = self._row
             shape = (self.hparams.n_layer, 2, stop - start, row)
             need = math.prod(shape)
             if out is None:
@@ -256,7 +297,7 @@ class Decoder:
         caller vouches that the `start` positions before them are the ones the rows were computed on."""
         with self._lock:
             self._check_open()
-            row, n = _kv_row_nbytes(self.kv_type, self.n_embd), rows.shape[2] if rows.ndim == 4 else -1
+            row, n = self._row, rows.shape[2] if rows.ndim == 4 else -1
             want = (self.hparams.n_layer, 2, n, row)
             if not isinstance(start, int) or not 0 <= start <= self.n_past:
                 raise ConfigError(f"write_kv: expected 0 <= start <= {self.n_past}, got {start!r}")
@@ -265,6 +306,7 @@ class Decoder:
                     f"write_kv: expected uint8 rows of shape {want} ending at most at n_ctx={self.n_ctx}, "
                     f"got {rows.dtype} {rows.shape} from position {start}"
                 )
+            self._reserve(start + n)
             set_ = self._ggml.ggml_backend_tensor_set
             for i, pair in enumerate(zip(self._kv.k, self._kv.v, strict=True)):
                 for j, t in enumerate(pair):
@@ -289,8 +331,7 @@ class Decoder:
             self._graphs.clear()
             kv, w, backend = self.__dict__.pop("_kv", None), self.__dict__.pop("_w", None), self._backend
             if kv is not None:
-                ggml.ggml_backend_buffer_free(kv.buffer)
-                ggml.ggml_free(kv.ctx)
+                free_kv_cache(ggml, kv)
             if w is not None:
                 for buf in w.buffers:
                     ggml.ggml_backend_buffer_free(buf)
@@ -323,6 +364,7 @@ class Decoder:
             T = len(inp)
             if self.n_past + T > self.n_ctx:
                 raise ContextOverflowError(self.n_past, T, self.n_ctx)
+            self._reserve(self.n_past + T)
             outs, prompt = [], T > 1  # every batch of a prompt, its last one of 1 position too
             for s in range(0, T, self.n_batch):
                 chunk = inp[s : s + self.n_batch]
@@ -345,7 +387,7 @@ class Decoder:
         """One batch of T positions at n_past..n_past+T-1 -> logits (R, n_vocab). `prompt`: attention
         through ggml's tiled kernel whatever T (runtime/language/ggml_graph.py)."""
         ggml, T, p0 = self._ggml, len(inp), self.n_past
-        n_kv = min(self.n_ctx, -(-(p0 + T) // KV_PAD) * KV_PAD)
+        n_kv = min(self._kv.n_ctx, -(-(p0 + T) // KV_PAD) * KV_PAD)  # as with the whole cache allocated
         all_logits = all_logits and T > 1
         g = self._graph(T, n_kv, embeddings, all_logits, prompt)
 

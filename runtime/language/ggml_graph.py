@@ -10,7 +10,8 @@ tensors, so a graph is built once and reused for the next 256 positions of decod
         qkv  = W_qkv h + b                  (3E, T) rows (3, H, D)  attn_qkv
         q, k = LayerNorm_D(q), LayerNorm_D(k)   one op on (D, 2H, T)   attn_q_norm, attn_k_norm
         q, k = rope_neox(q, pos), rope_neox(k, pos)   first n_rot dims, one op
-        cache_k[:, slots] <- k ;  cache_v[:, slots] <- v            (rows by position)
+        cache_k[:, slots] <- k ;  cache_v[:, slots] <- v            (rows by position; a quantized
+                                                                     cache pads each head to whole blocks)
         a    = softmax(K^T q / sqrt(D) + mask) over n_kv slots      fp32 accumulators (see below)
         o    = RMSNorm(W_o (V a) + b_o) * w                         attn_output, attn_post_norm
         f    = W_down gelu_tanh(W_up h + b_up) + b_down             ffn_up, ffn_down
@@ -37,7 +38,7 @@ from .decoder_model import HParams
 from .ggml_runtime import KVCache, Weights, new_context
 from .kernels.ops import KQuantOps, takes
 
-NODES_PER_LAYER = 48
+NODES_PER_LAYER = 64  # with the head padding of a quantized KV cache
 FA_TILE_Q = 64  # GGML_FA_TILE_Q (ggml-cpu/common.h): ggml's flash attention tiles >= this many queries
 
 
@@ -82,7 +83,7 @@ def build_graph(
     def layer_norm(x, wn: str, bn: str, eps: float):
         return ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, x, eps), t[wn]), t[bn])
 
-    own_attention = prompt and w.kquant_attention  # the native kernels', unpadded
+    own_attention = prompt and w.kquant_attention and not kv.quantized  # the native kernels', unpadded
     kq = KQuantOps(ggml) if w.kquant or own_attention else None
 
     def linear(x, wn: str, bn: str, gelu: bool = False):
@@ -107,7 +108,8 @@ def build_graph(
         ggml.ggml_set_input(x_in)
 
     scale = 1.0 / math.sqrt(D)
-    kv_es = ggml.ggml_type_size(kv.type_id)
+    dk = kv.head_dim_kv  # D, or D padded to whole blocks of a quantized cache (KVCache)
+    head_nb = ggml.ggml_row_size(kv.type_id, dk)  # bytes of one head in a cache row
     for i in range(hp.n_layer):
         p = f"blk.{i}."
         h = name(
@@ -123,12 +125,18 @@ def build_graph(
         qk = name(_rope(ggml, ctx, qk, pos, hp), f"/blk.{i}/qk_rope")  # (D, 2H, T) contiguous
         k = ggml.ggml_view_2d(ctx, qk, E, T, 2 * E * 4, E * 4)  # (E, T), rows strided
         v = ggml.ggml_view_2d(ctx, qkv, E, T, nb1, 2 * E * 4)  # (E, T)
+        if dk != D:  # heads padded with zeros to whole blocks: (dk * H, T)
+            k = ggml.ggml_view_3d(ctx, qk, D, H, T, D * 4, 2 * E * 4, E * 4)
+            v = ggml.ggml_view_3d(ctx, qkv, D, H, T, D * 4, nb1, 2 * E * 4)
+            k, v = (
+                ggml.ggml_reshape_2d(ctx, ggml.ggml_pad(ctx, a, dk - D, 0, 0, 0), dk * H, T) for a in (k, v)
+            )
 
         # write the new keys/values into their cache slots; the attention reads through these nodes
         ck = ggml.ggml_set_rows(ctx, kv.k[i], k, k_idx)
         cv = ggml.ggml_set_rows(ctx, kv.v[i], v, k_idx)
-        K = ggml.ggml_view_3d(ctx, ck, D, n_kv, H, ck.contents.nb[1], D * kv_es, 0)  # (D, n_kv, H)
-        V = ggml.ggml_view_3d(ctx, cv, D, n_kv, H, cv.contents.nb[1], D * kv_es, 0)  # (D, n_kv, H)
+        K = ggml.ggml_view_3d(ctx, ck, dk, n_kv, H, ck.contents.nb[1], head_nb, 0)  # (dk, n_kv, H)
+        V = ggml.ggml_view_3d(ctx, cv, dk, n_kv, H, cv.contents.nb[1], head_nb, 0)  # (dk, n_kv, H)
 
         # queries from position t0 on (the last layer of a last-logits call needs only the last one)
         t0 = T - 1 if i == hp.n_layer - 1 and not all_logits else 0
@@ -143,12 +151,15 @@ def build_graph(
             o = kq.attention(ctx, q, K, V, m, scale)  # (D, H, T')
         else:
             n_q = max(T - t0, FA_TILE_Q) if prompt else T - t0  # queries the kernel sees, padding included
-            if n_q > T - t0:
-                q = ggml.ggml_pad(ctx, q, 0, 0, n_q - (T - t0), 0)  # zero queries; their mask rows are -inf
+            if n_q > T - t0 or dk != D:  # zero queries (their mask rows are -inf), zero head dims
+                q = ggml.ggml_pad(ctx, q, dk - D, 0, n_q - (T - t0), 0)
             m = ggml.ggml_view_2d(ctx, mask, n_kv, n_q, mask.contents.nb[1], t0 * mask.contents.nb[1])
-            qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (D, n_q, H)
-            o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (D, H, n_q)
+            qh = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # (dk, n_q, H)
+            o = ggml.ggml_flash_attn_ext(ctx, qh, K, V, m, scale, 0.0, 0.0)  # (dk, H, n_q)
             ggml.ggml_flash_attn_ext_set_prec(o, ggml.GGML_PREC_F32)
+            if dk != D:  # drop the padded head dims
+                o = ggml.ggml_view_3d(ctx, o, D, H, T - t0, o.contents.nb[1], o.contents.nb[2], 0)
+                o = ggml.ggml_cont(ctx, o)
         o = name(ggml.ggml_view_2d(ctx, o, E, T - t0, E * 4, 0), f"/blk.{i}/attn")  # (E, T'), no padding
         o = linear(o, p + "attn_output.weight", p + "attn_output.bias")
         o = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, o, hp.eps_rms), t[p + "attn_post_norm.weight"])

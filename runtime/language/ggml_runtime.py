@@ -22,11 +22,11 @@ import sys
 from _ctypes import CFuncPtr  # ctypes._CFuncPtr, the class of every foreign function
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .ggml_types import TYPE_IDS
+from .ggml_types import GGML_TYPES, TYPE_IDS
 from .gguf_file import GGUFFile, TensorInfo
 
 if TYPE_CHECKING:
@@ -273,19 +273,40 @@ def add_qk_norms(ggml, w: Weights, n_layer: int, n_head: int, head_dim: int) -> 
 
 @dataclass
 class KVCache:
-    """Per layer: K and V as (n_embd, n_ctx), one row per position."""
+    """Per layer: K and V as (n_head * head_dim_kv, n_ctx), one row per position.
+
+    A quantized cache (Q8_0, Q4_0: blocks of 32) pads each head from head_dim to `head_dim_kv`, the
+    next multiple of the block, with zeros: ggml's flash attention reads K and V per head, so a head
+    must be whole blocks (Phi-2's head_dim 80 -> 96). Zero dims add nothing to q.k, and the padded
+    dims of the output are dropped (runtime/language/ggml_graph.py).
+    """
 
     k: list[object]
     v: list[object]
     ctx: int
     buffer: int
     type_id: int
-    n_ctx: int
-
+    n_ctx: int  # positions allocated (the decoder grows the cache up to its n_ctx)
+    head_dim_kv: int = 0
     nbytes: int = 0
+    quantized: bool = False
 
 
-KV_TYPES = {"f16": "F16", "f32": "F32"}
+# Decoder kv_type -> ggml type; the quantized ones go through ggml's flash attention only
+KV_TYPES = {"f16": "F16", "f32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+QUANTIZED_KV = ("q8_0", "q4_0")
+
+
+def kv_head_dim(kv_type: str, head_dim: int) -> int:
+    """Elements one head takes in a cache row: head_dim, padded to whole blocks of a quantized type."""
+    block = GGML_TYPES[TYPE_IDS[KV_TYPES[kv_type]]].block
+    return -(-head_dim // block) * block
+
+
+def kv_row_nbytes(kv_type: str, n_head: int, head_dim: int) -> int:
+    """Bytes one position takes in one layer's K (or V) cache."""
+    t = GGML_TYPES[TYPE_IDS[KV_TYPES[kv_type]]]
+    return n_head * t.row_nbytes(kv_head_dim(kv_type, head_dim))
 
 
 def _reads_as_zero(ggml, buf) -> bool:
@@ -306,17 +327,36 @@ def _reads_as_zero(ggml, buf) -> bool:
     return not any(words[i : i + step].any() for i in range(0, len(words), step)) and not tail.any()
 
 
-def new_kv_cache(ggml, n_layer: int, n_embd: int, n_ctx: int, kv_type: str) -> KVCache:
+def new_kv_cache(ggml, n_layer: int, n_head: int, head_dim: int, n_ctx: int, kv_type: str) -> KVCache:
     type_id = TYPE_IDS[KV_TYPES[kv_type]]
+    dk = kv_head_dim(kv_type, head_dim)
     ctx = new_context(ggml, 2 * n_layer)
-    k = [ggml.ggml_new_tensor_2d(ctx, type_id, n_embd, n_ctx) for _ in range(n_layer)]
-    v = [ggml.ggml_new_tensor_2d(ctx, type_id, n_embd, n_ctx) for _ in range(n_layer)]
+    k = [ggml.ggml_new_tensor_2d(ctx, type_id, n_head * dk, n_ctx) for _ in range(n_layer)]
+    v = [ggml.ggml_new_tensor_2d(ctx, type_id, n_head * dk, n_ctx) for _ in range(n_layer)]
     for i in range(n_layer):
         ggml.ggml_set_name(k[i], f"cache_k.{i}".encode())
         ggml.ggml_set_name(v[i], f"cache_v.{i}".encode())
     buf = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml.ggml_backend_cpu_buffer_type())
     if not buf:
-        raise MemoryError(f"cannot allocate a KV cache of {n_layer} x 2 x {n_embd} x {n_ctx} {kv_type}")
+        ggml.ggml_free(ctx)
+        raise MemoryError(f"cannot allocate a KV cache of {n_layer} x 2 x {n_head * dk} x {n_ctx} {kv_type}")
     if not _reads_as_zero(ggml, buf):  # masked slots are read (times 0): they must be finite
         ggml.ggml_backend_buffer_clear(buf, 0)
-    return KVCache(k, v, ctx, buf, type_id, n_ctx, int(ggml.ggml_backend_buffer_get_size(buf)))
+    size = int(ggml.ggml_backend_buffer_get_size(buf))
+    return KVCache(k, v, ctx, buf, type_id, n_ctx, dk, size, kv_type in QUANTIZED_KV)
+
+
+def free_kv_cache(ggml, kv: KVCache) -> None:
+    ggml.ggml_backend_buffer_free(kv.buffer)
+    ggml.ggml_free(kv.ctx)
+
+
+def copy_kv_rows(ggml, src: KVCache, dst: KVCache, n: int) -> None:
+    """Positions [0, n) of every layer's K and V from `src` to `dst` (same type and row layout)."""
+    if (src.type_id, src.head_dim_kv) != (dst.type_id, dst.head_dim_kv) or n > min(src.n_ctx, dst.n_ctx):
+        raise ValueError("copy_kv_rows: caches of different layouts, or too few positions")
+    for a, b in zip((*src.k, *src.v), (*dst.k, *dst.v), strict=True):
+        ta, tb = cast(Any, a).contents, cast(Any, b).contents  # ggml_tensor pointers
+        nbytes = n * ta.nb[1]
+        if nbytes:
+            ctypes.memmove(tb.data, ta.data, nbytes)

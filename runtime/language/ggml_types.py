@@ -37,12 +37,20 @@ GGML_TYPES = {
     12: GGMLType("Q4_K", 256, 144),
     13: GGMLType("Q5_K", 256, 176),
     14: GGMLType("Q6_K", 256, 210),
+    # i-quants: codebook ("grid") types; ggml_quantize_init builds their tables before quantizing
+    20: GGMLType("IQ4_NL", 32, 18),
+    21: GGMLType("IQ3_S", 256, 110),
+    22: GGMLType("IQ2_S", 256, 82),
+    23: GGMLType("IQ4_XS", 256, 136),
     30: GGMLType("BF16", 1, 2),
 }
 TYPE_IDS = {t.name: i for i, t in GGML_TYPES.items()}
 BY_NAME = {t.name: t for t in GGML_TYPES.values()}
 
 # the types a 2-D weight may have in a tinygptv GGUF: what the exporter writes and the decoder runs
-WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+WEIGHT_TYPES = (
+    *("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"),
+    *("Q2_K", "Q3_K", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ2_S"),  # the smaller levels (two-gigabyte boards)
+)
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # 256-element super-blocks; runtime/language/kernels/ takes these
 QK_K = 256

@@ -52,6 +52,10 @@ FIELDS = {
     "Q4_K": FloatFields(unsigned=(0, 2)),
     "Q5_K": FloatFields(unsigned=(0, 2)),
     "Q6_K": FloatFields(fp16=(208,)),
+    "IQ4_NL": FloatFields(fp16=(0,)),
+    "IQ4_XS": FloatFields(fp16=(0,)),
+    "IQ3_S": FloatFields(fp16=(0,)),
+    "IQ2_S": FloatFields(fp16=(0,)),
 }
 
 

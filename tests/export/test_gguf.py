@@ -21,7 +21,14 @@ from gguf.quants import dequantize, quantize  # noqa: E402
 
 from tinygptv_edge.export.gguf.export import export_gguf, export_source, qkv_to_gguf  # noqa: E402
 from tinygptv_edge.export.gguf.imatrix import collect_imatrix  # noqa: E402
-from tinygptv_edge.export.gguf.quant import LEVELS, Q, fit_type, get_level, use_more_bits  # noqa: E402
+from tinygptv_edge.export.gguf.quant import (  # noqa: E402
+    LEVELS,
+    Q,
+    choose_type,
+    fit_type,
+    get_level,
+    use_more_bits,
+)
 from tinygptv_edge.export.gguf.source import model_source, single_source  # noqa: E402
 from tinygptv_edge.runtime import contract as C  # noqa: E402
 from tinygptv_edge.runtime.errors import (  # noqa: E402
@@ -196,6 +203,96 @@ def test_k_mixes_raise_qkv_ffn_down_and_output(wide, tiny, tmp_path):
             assert types[f"blk.{i}.ffn_up.weight"] == types[f"blk.{i}.attn_output.weight"] == base
 
 
+SMALL_LEVELS = ("Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ3_S", "IQ2_M")
+
+
+def phi2_mix(level: str, has_imatrix: bool = True) -> dict[tuple[str, str], int]:
+    """(tensor kind, type) -> count at the full model's shapes (32 layers, hidden 2560)."""
+    E, F, V, n = 2560, 10240, 51200, 32
+    shapes = {"token_embd.weight": (V, E), "output.weight": (V, E)}
+    for i in range(n):
+        shapes |= {f"blk.{i}.attn_qkv.weight": (3 * E, E), f"blk.{i}.attn_output.weight": (E, E)}
+        shapes |= {f"blk.{i}.ffn_up.weight": (F, E), f"blk.{i}.ffn_down.weight": (E, F)}
+    out: dict[tuple[str, str], int] = {}
+    for name, shape in shapes.items():
+        kind = name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
+        key = (kind, choose_type(get_level(level), name, shape, n, has_imatrix=has_imatrix).name)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_small_level_mixes_follow_llama_cpp():
+    """llama.cpp's llama_tensor_get_type for Phi-2 (fused qkv counted with attn_v, n_gqa 1)."""
+    assert phi2_mix("Q3_K_M") == {
+        ("token_embd", "Q3_K"): 1,
+        ("output", "Q6_K"): 1,
+        ("attn_qkv", "Q5_K"): 2,  # layers 0-1
+        ("attn_qkv", "Q4_K"): 30,
+        ("attn_output", "Q4_K"): 32,
+        ("ffn_up", "Q3_K"): 32,
+        ("ffn_down", "Q5_K"): 2,  # the first sixteenth
+        ("ffn_down", "Q4_K"): 30,
+    }
+    assert phi2_mix("Q3_K_S") == {
+        ("token_embd", "Q3_K"): 1,
+        ("output", "Q6_K"): 1,
+        **{(k, "Q3_K"): 32 for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")},
+    }
+    assert phi2_mix("Q2_K") == {
+        ("token_embd", "Q2_K"): 1,
+        ("output", "Q6_K"): 1,
+        ("attn_qkv", "Q3_K"): 32,
+        ("attn_output", "Q3_K"): 32,
+        ("ffn_up", "Q2_K"): 32,
+        ("ffn_down", "Q3_K"): 32,
+    }
+    iq4 = {("token_embd", "IQ4_XS"): 1, ("output", "Q6_K"): 1, ("attn_qkv", "IQ4_XS"): 32}
+    iq4 |= {("attn_output", "IQ4_XS"): 32, ("ffn_up", "IQ4_XS"): 32}
+    assert phi2_mix("IQ4_XS") == iq4 | {("ffn_down", "IQ4_XS"): 32}
+    assert phi2_mix("IQ4_XS", has_imatrix=False) == iq4 | {
+        ("ffn_down", "Q5_K"): 4,
+        ("ffn_down", "IQ4_XS"): 28,
+    }
+    assert phi2_mix("IQ3_S") == {
+        ("token_embd", "IQ3_S"): 1,
+        ("output", "Q6_K"): 1,
+        **{(k, "IQ3_S"): 32 for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")},
+    }
+    assert phi2_mix("IQ2_M") == {
+        ("token_embd", "IQ3_S"): 1,
+        ("output", "Q5_K"): 1,
+        ("attn_qkv", "IQ3_S"): 32,
+        ("attn_output", "IQ3_S"): 32,
+        ("ffn_up", "IQ2_S"): 32,
+        ("ffn_down", "IQ3_S"): 4,  # the first eighth
+        ("ffn_down", "IQ2_S"): 28,
+    }
+
+
+@pytest.mark.parametrize("level", SMALL_LEVELS)
+def test_small_levels_export_with_an_imatrix(wide, tiny, tmp_path, level):
+    """Each smaller level on the wide model (rows of 256) with an importance matrix: the planned
+    types written (no fallback), verified within BOUNDS; IQ2_M refused without one."""
+    pairs = [(pixels(wide.cfg, 1)[0], "What is in the image?"), (None, "Say something about cats.")]
+    im = collect_imatrix(wide, tiny.tokenizer, pairs)
+    report = export_gguf(wide, tiny.tokenizer, tmp_path / "lm.gguf", level, imatrix=im)
+    assert not report.fallbacks and report.imatrix_used
+    n = wide.cfg.language.layers
+    _, tensors = read(report.path)
+    for plan in report.tensors:
+        assert Q(tensors[plan.name].tensor_type) == plan.qtype
+        want = choose_type(get_level(level), plan.name, plan.shape, n, has_imatrix=True)
+        assert plan.qtype == want, plan.name
+    assert all(e <= 1.0 for e in report.max_rel_error.values())
+    if level == "IQ2_M":
+        assert report.type_counts()["IQ2_S"] == 2 * n - sum(
+            use_more_bits(i, n) and i < n // 8 for i in range(n)
+        )
+        with pytest.raises(ExportError, match="needs an importance matrix"):
+            export_gguf(wide, tiny.tokenizer, tmp_path / "plain.gguf", level)
+        export_gguf(wide, tiny.tokenizer, tmp_path / "pure.gguf", level, pure=True, imatrix=im)
+
+
 def test_fallback_table():
     assert fit_type(Q.Q4_K, 64) == Q.Q5_0
     assert fit_type(Q.Q5_K, 64) == Q.Q5_1
@@ -203,6 +300,9 @@ def test_fallback_table():
     assert fit_type(Q.Q4_0, 48) == Q.F16
     assert fit_type(Q.Q4_K, 48) == Q.F16
     assert fit_type(Q.Q4_K, 2560) == Q.Q4_K
+    assert fit_type(Q.Q3_K, 64) == fit_type(Q.Q2_K, 64) == Q.Q4_0
+    assert fit_type(Q.IQ2_S, 64) == fit_type(Q.IQ3_S, 64) == fit_type(Q.IQ4_XS, 96) == Q.IQ4_NL
+    assert fit_type(Q.IQ3_S, 48) == Q.F16
     assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, *range(6, 28, 3), 28, 29, 30, 31]
     with pytest.raises(ConfigError, match="Q3_K"):
         get_level("Q3_K")

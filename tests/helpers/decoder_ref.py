@@ -40,3 +40,28 @@ def greedy_dec(dec, ids, steps):
         out.append(nxt)
         logits = dec.eval_tokens([nxt])
     return out
+
+
+def text_imatrix(phi, ids) -> dict[str, np.ndarray]:
+    """An importance matrix of reference PhiModel `phi` from token ids alone: GGUF weight name -> mean
+    x^2 of each input column (the quantity export/gguf/imatrix.py collects from images)."""
+    import torch
+
+    from tinygptv_edge.export.gguf.imatrix import linear_modules
+
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, name in linear_modules(phi).items():
+
+        def hook(_m, args, n=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[n] = sums.get(n, 0) + x.pow(2).mean(0)
+
+        hooks.append(phi.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            phi(phi.embed(torch.tensor([list(ids)])))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: s.float().numpy() for n, s in sums.items()}

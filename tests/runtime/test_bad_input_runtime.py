@@ -571,7 +571,7 @@ def test_non_finite_weights_are_refused_before_any_weight_is_allocated(dist, tmp
 
 def test_q4_0_bytes_relabelled_as_q4_k_are_refused(tiny, tmp_path):
     """Same byte count for rows of 256; the K-quant super-block scales give the relabelling away."""
-    from conftest import wide_source
+    from helpers.wide import wide_source
 
     from tinygptv_edge.export.gguf.export import export_source
 

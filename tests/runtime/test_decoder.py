@@ -16,14 +16,15 @@ pytestmark = pytest.mark.torch
 
 torch = pytest.importorskip("torch")
 
-from conftest import WIDE_LEVELS  # noqa: E402
 from helpers.decoder_gguf import randomize_norms  # noqa: E402
-from helpers.decoder_ref import greedy_dec, greedy_ref, kl_top1, ref_logits  # noqa: E402
+from helpers.decoder_ref import greedy_dec, greedy_ref, kl_top1, ref_logits, text_imatrix  # noqa: E402
+from helpers.wide import WIDE_LEVELS, wide_source  # noqa: E402
 
 from tinygptv_edge.export.gguf.export import export_gguf, export_source  # noqa: E402
 from tinygptv_edge.export.gguf.source import model_source  # noqa: E402
 from tinygptv_edge.runtime.errors import ConfigError, ContextOverflowError  # noqa: E402
 from tinygptv_edge.runtime.language.decoder import Decoder  # noqa: E402
+from tinygptv_edge.runtime.language.ggml_runtime import kv_row_nbytes  # noqa: E402
 
 LEVELS = ("F32", "F16", "Q8_0", "Q4_0")
 PROMPT = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3, 200, 45, 18, 2]
@@ -88,6 +89,39 @@ def test_wide_f32_and_kquants(wide):
         assert kl <= 0.05 and top1 >= 0.6, (wtype, kl, top1)
 
 
+# the smaller levels on the wide model with an importance matrix from 64 random tokens: KL against the
+# reference and top-1 agreement over PROMPT, tolerances about 3x / 0.2 off what was measured when written
+SMALL = [
+    ("Q3_K_M", 0.02, 0.5),
+    ("Q3_K_S", 0.03, 0.35),
+    ("Q2_K", 0.075, 0.2),
+    ("IQ4_XS", 0.012, 0.5),
+    ("IQ3_S", 0.04, 0.45),
+    ("IQ2_M", 0.04, 0.45),
+]
+
+
+@pytest.fixture(scope="module")
+def wide_small(tiny, tmp_path_factory):
+    """`wide_source` (hidden 256: every matmul at the level's types) exported at the smaller levels."""
+    model, src = wide_source(tiny, seed=0)
+    im = text_imatrix(model, np.random.default_rng(5).integers(0, model.cfg.vocab_size, 64).tolist())
+    out = tmp_path_factory.mktemp("small")
+    files = {lv: export_source(src, out / f"wide.{lv}.gguf", lv, imatrix=im) for lv, _, _ in SMALL}
+    return model, files
+
+
+@pytest.mark.parametrize(("level", "max_kl", "min_top1"), SMALL)
+def test_small_levels_close(wide_small, level, max_kl, min_top1):
+    model, files = wide_small
+    report = files[level]
+    assert not report.fallbacks
+    with Decoder(report.path, n_ctx=64, n_threads=2) as dec:
+        got = dec.eval_tokens(PROMPT, all_logits=True)
+    kl, top1 = kl_top1(ref_logits(model, PROMPT), got)
+    assert kl <= max_kl and top1 >= min_top1, (level, kl, top1)
+
+
 @pytest.fixture(scope="module")
 def long_ctx(tiny, tmp_path_factory):
     """A 1024-position context: long enough for each flash-attention path (see test below)."""
@@ -123,6 +157,52 @@ def test_attention_paths_match_reference(long_ctx, kv_type, tol):
         dec.truncate(40)
         few = dec.eval_tokens(ids[40:60], all_logits=True)  # 20 queries: padded to one tile
         assert np.abs(few - ref[40:60]).max() / span <= tol
+
+
+# KL against the F16 cache over a 580-position prompt (batches of 150) and 20 decode steps on the long
+# model (head_dim 16, padded to one block of 32); the measured values are in docs/decoder.md
+@pytest.mark.parametrize(("kv_type", "max_kl", "min_top1"), [("q8_0", 1e-5, 0.97), ("q4_0", 1e-3, 0.9)])
+def test_quantized_kv_close(long_ctx, kv_type, max_kl, min_top1):
+    _, path = long_ctx
+    ids = np.random.default_rng(2).integers(0, 512, 600).tolist()
+    out = {}
+    for kv in ("f16", kv_type):
+        with Decoder(path, n_ctx=1024, n_threads=2, kv_type=kv, n_batch=150) as dec:
+            prompt = dec.eval_tokens(ids[:580], all_logits=True)
+            steps = np.stack([dec.eval_tokens([t]) for t in ids[580:]])
+            out[kv] = np.concatenate([prompt, steps])
+            hp = dec.hparams  # head_dim 16 padded to 32: this cache's rows are larger than F16's
+            assert dec.kv_row_bytes == 2 * hp.n_layer * kv_row_nbytes(kv, hp.n_head, hp.head_dim)
+    kl, top1 = kl_top1(out["f16"], out[kv_type])
+    assert kl <= max_kl and top1 >= min_top1, (kv_type, kl, top1)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_growing_cache_equals_a_full_one(long_ctx, kv_type):
+    """A cache allocated for 64 positions grows (256, then 512) and gives the numbers of one allocated
+    in full; rows read from it continue in a fresh small decoder, written past its allocation."""
+    _, path = long_ctx
+    ids = np.random.default_rng(4).integers(0, 512, 300).tolist()
+    runs = {}
+    for alloc in (None, 64):
+        with Decoder(path, n_ctx=1024, n_threads=2, kv_type=kv_type, n_ctx_alloc=alloc) as dec:
+            assert dec.n_ctx_alloc == (1024 if alloc is None else 256)
+            prompt = dec.eval_tokens(ids[:250], all_logits=True)
+            steps = np.stack([dec.eval_tokens([t]) for t in ids[250:270]])  # grows at position 256
+            assert dec.n_ctx_alloc == (1024 if alloc is None else 512)
+            runs[alloc] = np.concatenate([prompt, steps])
+            rows = dec.read_kv(0, 270).copy()
+    np.testing.assert_array_equal(runs[64], runs[None])
+    with Decoder(path, n_ctx=1024, n_threads=2, kv_type=kv_type, n_ctx_alloc=64) as dec:
+        dec.write_kv(rows, 0)  # 270 positions into a cache of 256: grows first
+        assert dec.n_past == 270 and dec.n_ctx_alloc == 512
+        cont = np.stack([dec.eval_tokens([t]) for t in ids[270:280]])
+    with Decoder(path, n_ctx=1024, n_threads=2, kv_type=kv_type) as dec:
+        dec.eval_tokens(ids[:250])
+        for t in ids[250:270]:
+            dec.eval_tokens([t])
+        want = np.stack([dec.eval_tokens([t]) for t in ids[270:280]])
+    np.testing.assert_array_equal(cont, want)
 
 
 def test_embeddings_equal_tokens(gguf_files):
@@ -212,3 +292,5 @@ def test_context_and_argument_errors(gguf_files):
         Decoder(gguf_files["F32"], n_ctx=100000)
     with pytest.raises(ConfigError, match="kv_type"):
         Decoder(gguf_files["F32"], kv_type="q8")
+    with pytest.raises(ConfigError, match="n_ctx_alloc"):
+        Decoder(gguf_files["F32"], n_ctx_alloc=0)

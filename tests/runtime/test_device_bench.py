@@ -169,3 +169,25 @@ def test_low_memory_flag_is_the_same_everywhere(command):
     assert parser.parse_args([command, "--low-memory"]).low_memory == "on"  # the bare flag run had
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--low-memory", "maybe"])
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])  # serve: its CLI is to call add_kv_type_arg too
+def test_kv_type_flag_is_the_same_everywhere(command):
+    from tinygptv_edge.cli import build_parser
+
+    parser = build_parser(only=command)
+    assert parser.parse_args([command]).kv_type == "f16"
+    assert parser.parse_args([command, "--kv-type", "q8_0"]).kv_type == "q8_0"
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--kv-type", "q8"])
+
+
+def test_plan_memory_counts_the_kv_type(dist):
+    v, lang = dist / "vision.fp32.onnx", dist / "language.q8_0.gguf"
+    from tinygptv_edge.runtime.memory_plan import kv_bytes_per_position
+
+    f16, q8 = (plan_memory("on", v, lang, available=1 << 40, kv_type=k) for k in ("f16", "q8_0"))
+    (p16, trained), (p8, _) = kv_bytes_per_position(lang), kv_bytes_per_position(lang, "q8_0")
+    assert p8 != p16 and q8.resident_need - f16.resident_need == (p8 - p16) * trained
+    with pytest.raises(ConfigError, match="kv-type"):
+        plan_memory("on", v, lang, kv_type="q8")

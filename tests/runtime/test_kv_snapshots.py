@@ -17,7 +17,7 @@ A = [50, 7, 300, 12, 99, 4, 250, 31, 8, 77, 140, 3]
 B = [*A[:2], 30, 112, 9]  # shares A's first two positions
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+@pytest.mark.parametrize("kv_type", ["f16", "f32", "q8_0", "q4_0"])
 def test_written_back_rows_continue_as_the_original(kv_type):
     with Decoder(S.language_file("Q4_0"), n_ctx=64, n_threads=2, kv_type=kv_type) as dec:
         dec.eval_tokens(A)
