@@ -116,7 +116,7 @@ def test_rejects_what_it_cannot_compute():
 
 
 def _export(tiny, tmp_path, level: str):
-    from conftest import wide_source
+    from helpers.wide import wide_source
 
     from tinygptv_edge.export.gguf.export import export_source
 
