@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
-        config.timeout_graceful_shutdown = shutdown_timeout + GRACE
+        config.timeout_graceful_shutdown = math.ceil(shutdown_timeout + GRACE)  # uvicorn's is whole seconds
         super().__init__(config)
         self.engine, self.shutdown_timeout = engine, shutdown_timeout
 
@@ -72,7 +73,7 @@ def idle_closing_h11(idle_timeout: float) -> type[H11Protocol]:
         _timer: asyncio.TimerHandle | None = None
         _stall: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 

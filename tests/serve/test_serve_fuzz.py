@@ -212,7 +212,10 @@ def check(path: str, error_shape: dict, body: dict, status: int, ctype: str, dat
     assert status == 200, (status, data[:300])
     if ctype.startswith("text/event-stream"):
         events = [line[6:] for line in data.decode().splitlines() if line.startswith("data: ")]
-        assert events and (events[-1] == "[DONE]" or "error" in json.loads(events[-1])), events[-3:]
+        assert events, data[:300]
+        last = events[-1] if events[-1] == "[DONE]" else json.loads(events[-1])
+        # OpenAI's streams end with [DONE], llama-server's /completion with `"stop": true`
+        assert last == "[DONE]" or "error" in last or last.get("stop") is True, events[-3:]
         for e in events[:-1]:
             parsed = json.loads(e)
             if "error" not in parsed and path == "/v1/chat/completions":
