@@ -264,3 +264,13 @@ def test_any_body_on_any_route_gets_no_5xx(server, body):
             check(path, error_shape, {"raw": body}, r.status, r.headers.get("content-type", ""), r.read())
         finally:
             conn.close()
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-310, 1e308])
+def test_found_by_fuzzing_an_extreme_repeat_penalty_is_answered(server, penalty):
+    """repeat_penalty 5e-324 made a seen token's logit infinite and sampling raised (a 500)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi hi hi"}], "max_tokens": 4}
+    body |= {"temperature": 1.0, "repeat_penalty": penalty, "seed": 1}
+    status, ctype, data = send(server.port, "/v1/chat/completions", body)
+    assert status == 200, data[:300]
+    check("/v1/chat/completions", OPENAI_ERROR, body, status, ctype, data)
