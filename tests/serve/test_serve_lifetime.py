@@ -107,7 +107,7 @@ def start_server(files, port: int, cache, shutdown_timeout: float) -> subprocess
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_with_requests_in_flight_exits_0_with_whole_answers_or_clean_errors(files, tmp_path, sig):
     """Streamed and plain requests, new and cached images, in flight when the signal comes: exit 0
     within the bound; each client has a whole answer or a clean error; every cache entry verifies.
