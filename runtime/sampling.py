@@ -116,7 +116,10 @@ class Sampler:
         if cfg.repetition_penalty != 1.0 and len(previous):
             ids = np.unique(np.asarray(previous, dtype=np.int64))
             seen = x[ids]
-            x[ids] = np.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+            big = np.finfo(np.float64).max  # a penalty near 0 or 1e308 must not make a logit infinite
+            with np.errstate(over="ignore"):
+                penalized = np.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+            x[ids] = np.clip(penalized, -big, big)
         if allowed is not None:
             keep = np.zeros(x.size, dtype=bool)
             n = min(x.size, len(allowed))
@@ -129,7 +132,8 @@ class Sampler:
         return self._draw(warp(x, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p))
 
     def _draw(self, x: np.ndarray) -> int:
-        p = np.exp(x - x.max())  # masked entries are -inf -> 0
+        with np.errstate(over="ignore"):  # finite logits ~1e308 apart: the far ones go to -inf -> 0
+            p = np.exp(x - x.max())  # masked entries are -inf -> 0
         p /= p.sum()
         return int(self.rng.choice(p.size, p=p))
 

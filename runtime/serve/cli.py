@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on shutdown"
     )
     h.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a connection may stay open with no request in progress, or not read what it is "
+        "sent, before the server closes it",
+    )
+    h.add_argument(
         "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: data: URIs only)"
     )
     h.add_argument(
@@ -84,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling import GREEDY, TINYGPTV
 
     try:
-        import uvicorn
-
         from .app import create_app
         from .engine import Engine, ServeConfig
+        from .server import Server, config
     except ImportError as e:
         raise ConfigError(
             f"serve needs the serve extra: pip install 'tinygptv-edge[serve]' (missing {e.name})"
@@ -130,14 +136,14 @@ def run(args: argparse.Namespace) -> int:
         "language": str(language),
         "quantization_level": _level(language),
     }
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, cors_origins=args.cors),
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=args.shutdown_timeout,
-        )
+    for name in ("shutdown_timeout", "idle_timeout"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected seconds > 0, got {getattr(args, name)}")
+    app = create_app(engine, cors_origins=args.cors)
+    server = Server(
+        config(app, args.host, args.port, args.idle_timeout, log_level=args.log_level),
+        engine,
+        args.shutdown_timeout,
     )
 
     def failed(e: BaseException) -> None:  # in the engine's worker thread

@@ -172,10 +172,15 @@ class Engine:
         if self.state == "closed":
             return
         self.state = "closed"
-        for job in list(self._jobs):
-            job.stop("shutdown")
+        self.cancel_all()
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close_pipe)
         self._executor.shutdown(wait=True)
+
+    def cancel_all(self, reason: str = "shutdown") -> None:
+        """Stop every job (event loop side): queued ones are answered at once, a running answer ends at
+        its next token; their clients get `Job.error()` (503 shutting_down for "shutdown")."""
+        for job in list(self._jobs):
+            job.stop(reason)
 
     def _close_pipe(self) -> None:
         if self.pipe is not None:

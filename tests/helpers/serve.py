@@ -80,21 +80,23 @@ class SlowDecoder:
 class LiveServer:
     """`create_app(Engine(load, cfg))` served by uvicorn on an ephemeral loopback port."""
 
-    def __init__(self, load, cfg=None, shutdown_timeout: float = 5.0, wait_ready: bool = True):
-        import uvicorn
-
+    def __init__(
+        self,
+        load,
+        cfg=None,
+        shutdown_timeout: float = 5.0,
+        wait_ready: bool = True,
+        idle_timeout: float = 15.0,
+    ):
         from tinygptv_edge.runtime.serve.app import create_app
         from tinygptv_edge.runtime.serve.engine import Engine
+        from tinygptv_edge.runtime.serve.server import Server, config
 
         self.engine = Engine(load, cfg)
-        config = uvicorn.Config(
-            create_app(self.engine),
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            timeout_graceful_shutdown=shutdown_timeout,
+        app = create_app(self.engine)
+        self.server = Server(
+            config(app, "127.0.0.1", 0, idle_timeout, log_level="warning"), self.engine, shutdown_timeout
         )
-        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

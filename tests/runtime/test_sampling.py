@@ -122,3 +122,16 @@ def test_allowed_mask_restricts_the_choice():
     assert {sampled(logits, allowed=np.array([False, True, False, True])) for _ in range(50)} == {1, 3}
     with pytest.raises(ValueError, match="allows no token"):
         Sampler(GREEDY)(logits, allowed=np.zeros(4, bool))
+
+
+@pytest.mark.parametrize("penalty", [1e-310, 5e-324, 1e308])
+def test_an_extreme_repetition_penalty_still_samples_a_token(penalty):
+    """A penalty near 0 divides a positive logit to infinity (and 1e308 multiplies a negative one to
+    -infinity): found by the server's fuzzing as a 500 ("Probabilities contain NaN"). Clamped to the
+    largest finite logit, sampling picks a token, and the penalty still acts in its direction."""
+    logits = np.array([1.0, 2.0, -0.5, -3.0])
+    for previous in ([0, 1], [0, 1, 2, 3], [2, 3]):
+        token = Sampler(SamplingConfig(do_sample=True, repetition_penalty=penalty, seed=0))(logits, previous)
+        assert 0 <= token < 4
+    greedy = Sampler(SamplingConfig(repetition_penalty=penalty))(logits, [1])
+    assert greedy == (1 if penalty < 1 else 0)  # the seen token boosted to the top / pushed below 1.0

@@ -580,8 +580,8 @@ def test_serve_command_starts_answers_and_stops_on_sigterm(files, tmp_path, pipe
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
         err = proc.stderr.read()
-        # uvicorn shuts down gracefully, then re-raises the signal (exit status -SIGTERM)
-        assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in err, err
+        # a graceful stop exits 0 (uvicorn alone would re-raise the signal: runtime/serve/server.py)
+        assert code == 0 and "Application shutdown complete" in err, err
         ready = next(line for line in err.splitlines() if line.startswith("ready: "))
         for word in (
             str(files[0]),
