@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli.args import add_model_args, add_runtime_args
+from ..cli.args import add_kv_type_arg, add_model_args, add_runtime_args
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = p.add_argument_group("runtime")
     add_runtime_args(r)
+    add_kv_type_arg(r)
     r.add_argument("--cache-dir", help="keep image embeddings on disk here too (reused across restarts)")
     r.add_argument("--image-cache-size", type=int, default=64, help="image embeddings kept in memory")
     r.add_argument(
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=sampling,
     )
     vision, language = default_model_paths(args.dist, args.vision, args.language)  # fail before binding
-    plan = plan_memory(args.low_memory, vision, language, args.n_ctx)
+    plan = plan_memory(args.low_memory, vision, language, args.n_ctx, kv_type=args.kv_type)
     if (plan.low_memory and plan.mode == "auto") or plan.tight:
         print(f"note: {plan.reason}", file=sys.stderr)
 
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             language,
             n_ctx=args.n_ctx,
             n_threads=args.threads,
+            kv_type=args.kv_type,
             low_memory=plan.low_memory,
             image_cache_size=args.image_cache_size,
             image_cache_dir=args.cache_dir,
