@@ -21,7 +21,6 @@ answer and its separator as the target).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -98,20 +97,6 @@ def encode_samples(samples: Iterable[Sample], cfg: TinyGPTVConfig, tokenizer: To
     )
 
 
-class _LayoutPipe:
-    """What `Chat` reads of a pipeline to lay out turns: the tokenizer and the image slot size. Images
-    are their sample index as a key; nothing is evaluated."""
-
-    def __init__(self, tokenizer: Tokenizer, image_tokens: int, prompt: PromptConfig):
-        self.tokenizer, self.image_tokens, self.prompt = tokenizer, image_tokens, prompt
-        self.n_ctx = 1 << 30
-        self.max_token_bytes = 1
-        self.gate = contextlib.nullcontext()
-
-    def encode_image(self, image, timings) -> tuple[str, np.ndarray]:
-        return str(image), np.zeros(0, np.float32)
-
-
 @dataclass(frozen=True)
 class TurnLayout:
     """A conversation as `Chat` holds it: `positions` (token ids, and (image key, row) per image
@@ -128,16 +113,18 @@ def conversation_layout(
 ) -> TurnLayout:
     """Lay `conv` out with the runtime's `Chat`: each past turn recorded by `Chat.add_turn` with its
     answer, the last turn's prompt by `Chat.next_positions`."""
-    from tinygptv_edge.runtime.pipeline import Chat
+    from tinygptv_edge.runtime.pipeline import chat_positions
 
-    chat = Chat(_LayoutPipe(tokenizer, image_tokens, prompt), prompt=prompt)  # type: ignore[arg-type]
-    answers = []
-    for turn in conv.turns[:-1]:
-        chat.add_turn(turn.question, None if turn.attach is None else turn.attach, turn.answer)
-        ids = tokenizer.encode(turn.answer)
-        answers.append((len(chat.positions) - len(ids), ids))
+    history = [(t.question, None if t.attach is None else str(t.attach), t.answer) for t in conv.turns[:-1]]
     last = conv.turns[-1]
-    positions = chat.next_positions(last.question, [] if last.attach is None else [str(last.attach)])
+    positions, answers = chat_positions(
+        tokenizer,
+        image_tokens,
+        prompt,
+        history,
+        last.question,
+        None if last.attach is None else str(last.attach),
+    )
     return TurnLayout(positions, answers, tokenizer.encode(last.answer + prompt.separator))
 
 

@@ -517,8 +517,7 @@ def evaluate_conversations(
     "turn k" (k-th turn), "follow-ups" (questions after the first turn), "second image" (questions about
     a second image attached mid-conversation), "chat" (greetings, thanks), and "alone: ..." of the same
     image questions each asked alone (a first turn with its image)."""
-    from tinygptv_edge.export.train.data import _LayoutPipe
-    from tinygptv_edge.runtime.pipeline import Chat
+    from tinygptv_edge.runtime.pipeline import layout_chat
     from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     stream, scene_cfg = eval_split(split)
@@ -536,7 +535,7 @@ def evaluate_conversations(
         c[0], c[1], c[2] = c[0] + ok, c[1] + 1, c[2] + typed
 
     for ci, conv in enumerate(convs):
-        chat = Chat(_LayoutPipe(tok, q, prompt), prompt=prompt)  # type: ignore[arg-type]
+        chat = layout_chat(tok, q, prompt)
         attached_second = False
         for k, turn in enumerate(conv.turns):
             positions = chat.next_positions(turn.question, [] if turn.attach is None else [str(turn.attach)])

@@ -50,7 +50,7 @@ PHRASINGS = {k: tuple(t for t, _ in v) for k, v in CLASSIC.items()}  # the test 
 PHRASING_SETS = tuple(SETS)
 CAMERA_FRAMES = ((640, 480), (480, 640), (800, 600), (1280, 720), (720, 1280), (480, 480))
 EXISTS_MODES = ("one", "pair")
-CAMERA_STYLES = ("v1", "v2")
+CAMERA_STYLES = ("v1", "v2", "pad43")
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ EVAL_SPLITS = {
     "test-phrasing": ("test", VQAConfig(phrasings="heldout")),  # test's images and questions, reworded
     "test-layout": ("test", VQAConfig(layout="free", **WIDE)),  # shapes anywhere, radii 0.05-0.2
     "test-camera": ("test", VQAConfig(camera=1.0)),  # test's scenes as camera frames
+    "test-camera-padded": ("test", VQAConfig(camera=1.0, camera_style="pad43")),  # ... padded into 4:3 frames
     "test-conversation": ("test", VQAConfig()),  # test's questions, 3-4 to a conversation (below)
 }
 
@@ -473,7 +474,8 @@ def camera_frame(
     `style` "v2" (training for camera robustness): the scene padded 60% of the time, 4:3 frames
     (640x480, 800x600) drawn twice as often, blur up to 1.6 px at 480 px, an exposure gain of
     0.7-1.35 and a white balance of 0.85-1.15 per channel, noise up to sigma 8, JPEG quality 40-90.
-    "v1" draws exactly what it always drew (the shipped model's data)."""
+    "v1" draws exactly what it always drew (the shipped model's data); "pad43" is v1 with every scene
+    padded into a 4:3 frame (640x480 or 800x600), the camera split's hardest case."""
     import io
 
     from PIL import ImageFilter
@@ -481,12 +483,14 @@ def camera_frame(
     if style not in CAMERA_STYLES:
         raise ConfigError(f"camera_frame: expected style one of {', '.join(CAMERA_STYLES)}, got {style!r}")
     v2 = style == "v2"
-    if v2:
+    if style == "pad43":
+        w, h = ((640, 480), (800, 600))[int(rng.integers(2))]
+    elif v2:
         weights = np.array([2.0 if w * 3 == h * 4 else 1.0 for w, h in CAMERA_FRAMES])
         w, h = CAMERA_FRAMES[int(rng.choice(len(CAMERA_FRAMES), p=weights / weights.sum()))]
     else:
         w, h = CAMERA_FRAMES[int(rng.integers(len(CAMERA_FRAMES)))]
-    if rng.random() < (0.6 if v2 else 0.5):
+    if rng.random() < (0.6 if v2 else 0.5) or style == "pad43":
         side = min(w, h)
         ox, oy = (w - side) // 2, (h - side) // 2
         bar = tuple(int(v) for v in rng.integers(0, 70) + rng.integers(0, 12, size=3))
