@@ -86,7 +86,7 @@ def print_tables(tables: dict[str, dict]) -> None:
     print(f"  {'questions':<10} " + " ".join(f"{t['all']['total']:>13}" for t in tables.values()))
     print(f"  {'of type':<10} " + " ".join(f"{t['all']['of_type']:>13.1%}" for t in tables.values()))
     for name, t in tables.items():
-        extra = [k for k in t if k.startswith(("turn ", "follow", "second", "alone", "chat"))]
+        extra = [k for k in t if k.startswith(("turn ", "question ", "follow", "second", "alone", "chat"))]
         if extra:
             print(f"  {name}: " + ", ".join(f"{k} {t[k]['accuracy']:.1%} ({t[k]['total']})" for k in extra))
 

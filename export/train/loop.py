@@ -514,7 +514,8 @@ def evaluate_conversations(
     """Greedy exact match in conversations (`vqa.CONVERSATION_SPLITS`): every image opens one, each
     turn's prompt laid out by the runtime's `Chat` after the model's own earlier answers (as `run --chat`
     and `Pipeline.chat` hold them). Per question type and "all" (every turn) as `evaluate_greedy`; and
-    "turn k" (k-th turn), "follow-ups" (questions after the first turn), "second image" (questions about
+    "turn k" (k-th turn), "question k" (k-th question about an image: small talk not counted),
+    "follow-ups" (questions after the first turn), "second image" (questions about
     a second image attached mid-conversation), "chat" (greetings, thanks), and "alone: ..." of the same
     image questions each asked alone (a first turn with its image)."""
     from tinygptv_edge.runtime.pipeline import layout_chat
@@ -536,7 +537,7 @@ def evaluate_conversations(
 
     for ci, conv in enumerate(convs):
         chat = layout_chat(tok, q, prompt)
-        attached_second = False
+        attached_second, n_asked = False, 0
         for k, turn in enumerate(conv.turns):
             positions = chat.next_positions(turn.question, [] if turn.attach is None else [str(turn.attach)])
             parts, run = [], []
@@ -557,6 +558,9 @@ def evaluate_conversations(
             add(turn.qtype, ok, typed)
             add("all", ok, typed)
             add(f"turn {k + 1}", ok, typed)
+            if turn.about is not None:
+                n_asked += 1
+                add(f"question {n_asked}", ok, typed)
             if turn.attach is not None and turn.attach != conv.image:
                 attached_second = True
             if turn.about is not None:
@@ -586,7 +590,7 @@ def evaluate_conversations(
             chat.extend(positions + kept, {}, leftover + sep)
         if progress:
             progress(ci + 1, len(convs))
-    order = sorted(counts, key=lambda t: (t.startswith("alone"), t.startswith("turn"), t))
+    order = sorted(counts, key=lambda t: (t.startswith("alone"), t.startswith(("turn", "question")), t))
     return _table({t: counts[t] for t in order})
 
 
