@@ -140,7 +140,8 @@ def add_conversations(
         first = conv.image
         pre: list[int] = []
         suffix: list[int] = []
-        spans: list[tuple[int, int]] = []
+        spans: list[tuple[int, int]] = []  # (index into suffix, token) of past answers after the image
+        pre_spans: list[tuple[int, int]] = []  # (index into pre, token): a greeting's answer before it
         starts = {start: ids for start, ids in lay.answers}
         seen_first = False
         p = 0
@@ -156,12 +157,12 @@ def add_conversations(
                     suffix.append(-(1 + img))
                 p += q
                 continue
-            if p in starts:  # before the first image (a greeting's answer): a negative index into pre
-                at = len(suffix) if seen_first else len(pre) - len(data.prefix) - 10**6
-                spans.extend((at + k, t) for k, t in enumerate(starts[p]))
+            if p in starts:
+                at, into = (len(suffix), spans) if seen_first else (len(pre), pre_spans)
+                into.extend((at + k, t) for k, t in enumerate(starts[p]))
             (suffix if seen_first else pre).append(pos)
             p += 1
-        rows.setdefault(first, []).append((pre, suffix, spans, lay.target, conv.turns[-1]))
+        rows.setdefault(first, []).append((pre, pre_spans, suffix, spans, lay.target, conv.turns[-1]))
     if not rows:
         return data
     conv_pre = {i: [r[0] for r in rs] for i, rs in rows.items()}
@@ -202,14 +203,10 @@ def add_conversations(
             old_conv[r],
         )
         if r + 1 == len(imgs) or imgs[r + 1] != img:
-            for pre, suffix, spans, target, last in rows.pop(img, []):
-                pre = pre[len(common) :]
-                # answers in pre: index k of pre as k - len(pre) (negative), suffix indices as they are
-                spans = [
-                    (k + 10**6 + len(data.prefix) - len(common) - len(pre), t) if k < 0 else (k, t)
-                    for k, t in spans
-                ]
-                put(img, pre, suffix, target, last.qtype, last.answer, spans, True)
+            for pre, pre_spans, suffix, spans, target, last in rows.pop(img, []):
+                # the shared prefix comes off pre; an answer in pre is indexed k - len(pre) (negative)
+                spans = [(k - len(pre), t) for k, t in pre_spans] + spans
+                put(img, pre[len(common) :], suffix, target, last.qtype, last.answer, spans, True)
     if rows:
         raise ConfigError(f"conversations about images without rows: {sorted(rows)[:5]}")
     out.image = torch.tensor(image)
