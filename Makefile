@@ -79,10 +79,15 @@ export-gguf: setup
 # (weights, config, tokenizer, training.json, loss curve). Its recipe (training.json records it): the
 # varied data, a 128 px input in 16 px patches, stage 1 on 10000 images with half of each batch
 # mirrored; run on 1 thread (its time: docs/benchmarks.md).
+# TRAIN_EXTRA: flags after TRAIN_ARGS, e.g. the issue #31 candidate (conversations, paired exists
+# questions, camera chain v2; not the shipped model, docs/default-model.md) into a scratch folder:
+#   make train-default TRAIN_EXTRA='$(CONVO_ARGS) --out /tmp/m'
+CONVO_ARGS := --conversations 0.3 --exists pair --camera-style v2 --camera 0.4 --noisy-sigma 16 28
+TRAIN_EXTRA ?=
 TRAIN_ARGS ?= --seed 0 --data varied --image-size 128 --patch-size 16 --pretrain-steps 6000 \
 	--train-images 10000 --pretrain-mirror --test-images 90 --eval-images 90 --threads 1
 train-default: setup
-	$(PY) -m tinygptv_edge.cli train $(TRAIN_ARGS)
+	$(PY) -m tinygptv_edge.cli train $(TRAIN_ARGS) $(TRAIN_EXTRA)
 
 DEMO_IMAGE    ?= export/data/example.png
 DEMO_QUESTION ?= What colour is the circle?

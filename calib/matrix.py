@@ -4,6 +4,8 @@
     per language level l: Decoder[l], prompt prefix ([BOS] + system + "Human: <Img>") evaluated once
       per vision level v, per question:
         truncate(prefix) -> eval_embeddings(E[v][image]) -> eval_tokens(suffix + target[:-1], all_logits)
+        (a conversation's turn: the earlier turns, with their reference answers, and any later image
+        between the image and the suffix: `Prepared.pieces`)
         logits (len(target), V) over the reference answer ("answer###"), teacher-forced
           -> KL / same-top-1 / delta p / NLL vs the reference cell's logits
           -> greedy answer: while argmax == target the teacher-forced logits are the greedy ones;
@@ -43,6 +45,12 @@ class Prepared:
     target: list[list[int]]  # answer + separator, per question
     image_index: list[int]  # question -> row of the pixel / embedding arrays
     pixels: np.ndarray  # (N_images, 3, S, S)
+    # per question, what goes between the prefix and `suffix`: (text tokens, image row or None) pieces;
+    # None: the question's image alone. Conversations: the earlier turns and any later image.
+    pieces: list[list[tuple[list[int], int | None]]] | None = None
+
+    def pieces_of(self, q: int) -> list[tuple[list[int], int | None]]:
+        return self.pieces[q] if self.pieces is not None else [([], self.image_index[q])]
 
 
 @dataclass
@@ -82,24 +90,64 @@ class MatrixResult:
 
 
 def prepare(evalset: EvalSet, tokenizer, prompt, preprocess_cfg) -> Prepared:
+    """Tokenize every question as its first turn, or, in a conversation (`EvalItem.conversation`), after
+    the earlier turns with their reference answers, laid out by the runtime's `Chat`
+    (`runtime.pipeline.chat_positions`). The prefix is the text every question starts with."""
+    from tinygptv_edge.runtime.pipeline import chat_positions
     from tinygptv_edge.runtime.text.prompt import split_prompt
     from tinygptv_edge.runtime.vision.preprocess import preprocess
 
     keys = evalset.images
     row = {k: i for i, k in enumerate(keys)}
     pixels = np.stack([preprocess(evalset.load_image(k), preprocess_cfg) for k in keys])
-    prefix: list[int] | None = None
-    suffix, target = [], []
+    heads: list[list[int]] = []  # per question: the text before its first image
+    rest: list[list[tuple[list[int], int | None]]] = []  # then (tokens, image) pieces, tokens last
+    target = []
+    history: list[tuple[str, str | None, str]] = []
     for it in evalset.items:
-        text = prompt.first_turn(it.question, with_image=True)
-        seg = split_prompt(text, tokenizer, n_images=1, add_bos=prompt.add_bos)
-        if prefix is None:
-            prefix = list(seg.texts[0])
-        elif list(seg.texts[0]) != prefix:
-            raise ReportError("the prompt text before the image differs between questions; cannot share it")
-        suffix.append(list(seg.texts[1]))
+        if it.conversation is None:
+            text = prompt.first_turn(it.question, with_image=True)
+            seg = split_prompt(text, tokenizer, n_images=1, add_bos=prompt.add_bos)
+            heads.append(list(seg.texts[0]))
+            rest.append([([], row[it.image]), (list(seg.texts[1]), None)])
+        else:
+            if it.turn == 1:
+                history = []
+            key = it.image if it.attach else None
+            positions, _ = chat_positions(tokenizer, 1, prompt, history, it.question, key)
+            history.append((it.question, key, it.answer))
+            pieces: list[tuple[list[int], int | None]] = []
+            run: list[int] = []
+            head: list[int] | None = None
+            for pos in positions:
+                if isinstance(pos, int):
+                    run.append(pos)
+                elif head is None:
+                    head, run = run, []
+                    pieces.append(([], row[pos[0]]))
+                else:
+                    pieces.append((run, row[pos[0]]))
+                    run = []
+            if head is None:  # text only so far (a greeting): the last token is the suffix
+                head, run = run[:-1], run[-1:]
+                pieces.append(([], None))
+            heads.append(head)
+            rest.append([*pieces, (run, None)])
         target.append(tokenizer.encode(it.answer + prompt.separator))
-    return Prepared(prefix or [], suffix, target, [row[it.image] for it in evalset.items], pixels)
+    prefix = heads[0] if heads else []
+    for h in heads:
+        k = 0
+        while k < min(len(prefix), len(h)) and prefix[k] == h[k]:
+            k += 1
+        prefix = prefix[:k]
+    suffix, all_pieces, image_index = [], [], []
+    for it, h, r in zip(evalset.items, heads, rest, strict=True):
+        (first_toks, first_img), *middle, (last, _) = r
+        all_pieces.append([(h[len(prefix) :] + first_toks, first_img), *middle])
+        suffix.append(last)
+        image_index.append(row[it.image] if first_img is None else first_img)
+    simple = all(len(pc) == 1 and not pc[0][0] for pc in all_pieces)
+    return Prepared(prefix, suffix, target, image_index, pixels, None if simple else all_pieces)
 
 
 def embed_all(path: str, pixels: np.ndarray, n_threads: int | None) -> tuple[np.ndarray, float]:
@@ -140,7 +188,11 @@ class Runner:
         p = self.prep
         width = max(len(s) + len(t) - 1 for s, t in zip(p.suffix, p.target, strict=True))
         tail = max(width, max(map(len, p.suffix)) + self.max_new_tokens)
-        need = len(p.prefix) + image_tokens + tail + 1
+        middle = max(
+            sum(len(toks) + (image_tokens if img is not None else 0) for toks, img in p.pieces_of(q))
+            for q in range(len(p.suffix))
+        )
+        need = len(p.prefix) + middle + tail + 1
         if need > n_ctx_train:
             raise ReportError(f"a question needs {need} positions, the model's context holds {n_ctx_train}")
         return min(-(-need // 256) * 256, n_ctx_train)
@@ -165,7 +217,11 @@ class Runner:
         logits_all, answers = [], []
         for q in range(min(n or len(p.suffix), len(p.suffix))):
             dec.truncate(n0)
-            dec.eval_embeddings(embeds[p.image_index[q]])
+            for toks, img in p.pieces_of(q):  # the question's image (conversations: the turns before)
+                if toks:
+                    dec.eval_tokens(toks)
+                if img is not None:
+                    dec.eval_embeddings(embeds[img])
             n_prompt = dec.n_past + len(p.suffix[q])
             target, s = p.target[q], len(p.suffix[q])
             ids = p.suffix[q] + target[:-1]

@@ -23,10 +23,11 @@ a failed turn is not added to the chat, and the cache is re-synchronised on the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -560,6 +561,47 @@ class Turn:
         else:
             text = stream.text
         self.answer = Answer(text.strip(), tuple(ids), stop, timings, len(positions))
+
+
+class _Layout:
+    """What `Chat` reads of a pipeline to lay out turns without running anything: the tokenizer and the
+    image slot size; an image is its key (a string the caller picks), nothing is encoded."""
+
+    def __init__(self, tokenizer: Any, image_tokens: int, prompt: PromptConfig):
+        self.tokenizer, self.image_tokens, self.prompt = tokenizer, image_tokens, prompt
+        self.n_ctx = 1 << 30
+        self.max_token_bytes = 1
+        self.gate = contextlib.nullcontext()
+
+    def encode_image(self, image: object, timings: Timings) -> tuple[str, np.ndarray]:
+        return str(image), np.zeros(0, np.float32)
+
+
+def layout_chat(tokenizer: Any, image_tokens: int, prompt: PromptConfig) -> Chat:
+    """A `Chat` that only lays turns out (`add_turn`, `next_positions`, `extend`), for training data and
+    evaluation sets built in the exact layout the runtime prefills: images are keys (`str(image)`),
+    (key, row) in the positions; `tokenizer` needs `encode` and `bos_id`."""
+    return Chat(cast(Pipeline, _Layout(tokenizer, image_tokens, prompt)), prompt=prompt)
+
+
+def chat_positions(
+    tokenizer: Any,
+    image_tokens: int,
+    prompt: PromptConfig,
+    history: Sequence[tuple[str, str | None, str]],
+    question: str,
+    image: str | None = None,
+) -> tuple[list[Position], list[tuple[int, list[int]]]]:
+    """The positions the runtime prefills for `question` (with image key `image`, or text only) after
+    the past turns `history` (question, image key or None, answer), each recorded as `Chat.add_turn`
+    records a conversation sent back whole; and (start, token ids) of each past answer in them."""
+    chat = layout_chat(tokenizer, image_tokens, prompt)
+    answers = []
+    for q, key, answer in history:
+        chat.add_turn(q, key, answer)
+        ids = tokenizer.encode(answer)
+        answers.append((len(chat.positions) - len(ids), ids))
+    return chat.next_positions(question, [] if image is None else [image]), answers
 
 
 def _history_ids(ids: list[int], stream: AnswerStream, token_bytes: TokenBytes) -> tuple[list[int], str]:

@@ -35,6 +35,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="vision pretraining mirrors half of each batch left-right",
     )
     p.add_argument(
+        "--conversations",
+        type=float,
+        default=d.conversations,
+        help="share of training images that also open a multi-turn conversation (0: the shipped recipe)",
+    )
+    p.add_argument(
+        "--exists", default=d.exists, help='exists questions: "one" (shipped) or "pair" (yes and no)'
+    )
+    p.add_argument("--camera-style", default=d.camera_style, help='camera chain: "v1" (shipped) or "v2"')
+    p.add_argument(
+        "--camera", type=float, default=d.camera, help="share of camera frames (default: the data's)"
+    )
+    p.add_argument(
+        "--noisy-sigma",
+        type=float,
+        nargs=2,
+        default=d.noisy_sigma,
+        metavar=("LOW", "HIGH"),
+        help="a noisy background's pixel noise range",
+    )
+    p.add_argument(
         "--eval-only",
         action="store_true",
         help="train nothing: greedy exact match of --model (default: the shipped model) on every split",
@@ -64,6 +85,10 @@ def print_tables(tables: dict[str, dict]) -> None:
         print(f"  {qtype:<10} " + " ".join(f"{v:>13.1%}" for v in cells))
     print(f"  {'questions':<10} " + " ".join(f"{t['all']['total']:>13}" for t in tables.values()))
     print(f"  {'of type':<10} " + " ".join(f"{t['all']['of_type']:>13.1%}" for t in tables.values()))
+    for name, t in tables.items():
+        extra = [k for k in t if k.startswith(("turn ", "question ", "follow", "second", "alone", "chat"))]
+        if extra:
+            print(f"  {name}: " + ", ".join(f"{k} {t[k]['accuracy']:.1%} ({t[k]['total']})" for k in extra))
 
 
 def run_eval_only(args: argparse.Namespace) -> int:
@@ -104,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         vision_depth=args.vision_depth,
         pretrain_lr=args.pretrain_lr,
         pretrain_mirror=args.pretrain_mirror,
+        conversations=args.conversations,
+        exists=args.exists,
+        camera_style=args.camera_style,
+        camera=args.camera,
+        noisy_sigma=tuple(args.noisy_sigma),
     )
     bars: dict[str, tqdm] = {}
 

@@ -30,10 +30,12 @@ from tinygptv_edge.export.model.phi import RMSNorm
 from tinygptv_edge.export.model.tinygptv import TinyGPTV
 from tinygptv_edge.export.train.data import (
     Encoded,
+    add_conversations,
     encode_samples,
     exact_by_type,
     forward_rows,
     loss_and_exact,
+    row_offsets,
 )
 from tinygptv_edge.export.train.scene import (
     AnchorHeads,
@@ -47,8 +49,18 @@ from tinygptv_edge.export.train.scene import (
     scene_targets,
 )
 from tinygptv_edge.export.train.vqa import (
+    CAMERA_STYLES,
+    CONVERSATION_SPLITS,
     DATASETS,
+    EXISTS_MODES,
+    GREETINGS,
+    HELLO_ANSWER,
+    THANKS,
+    THANKS_ANSWER,
+    ConversationConfig,
+    VQAConfig,
     answer_of_type,
+    conversations,
     eval_split,
     iter_samples,
     vocabulary_text,
@@ -95,6 +107,15 @@ class TrainConfig:
     eval_every: int = 300
     easy_weight: float = 0.4  # count and caption questions are drawn this much less often (learnt first)
     threads: int = 1  # OpenMP threads oversubscribe a shared CPU: 1 ran faster than 2 (docs/benchmarks.md)
+    # issue #31 (defaults: the shipped model's recipe): a conversation (vqa.conversation, 2-4 questions,
+    # greetings, thanks, a second image) about this share of the training images, each a row of its own
+    # in every batch that holds its image; the exists questions ("one" or "pair"); the camera chain
+    # ("v1" or "v2") and share of camera frames (None: the data's own); a noisy background's sigma range.
+    conversations: float = 0.0
+    exists: str = "one"
+    camera_style: str = "v1"
+    camera: float | None = None
+    noisy_sigma: tuple[float, float] = (10.0, 25.0)
 
     def __post_init__(self) -> None:
         if self.data not in DATASETS:
@@ -105,6 +126,14 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}: expected > 0, got {getattr(self, name)}")
         check_threads(self.threads, "TrainConfig.threads")
+        if not 0 <= self.conversations <= 1:
+            raise ConfigError(f"TrainConfig.conversations: expected 0..1, got {self.conversations}")
+        if self.exists not in EXISTS_MODES or self.camera_style not in CAMERA_STYLES:
+            raise ConfigError(
+                f"TrainConfig: expected exists in {EXISTS_MODES} and camera_style in {CAMERA_STYLES}, "
+                f"got {self.exists!r}, {self.camera_style!r}"
+            )
+        self.scene_data()  # checks camera and noisy_sigma
         for name in ("pretrain_steps", "scene_weight", "anchor_weight", "anchor_layer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
@@ -126,6 +155,18 @@ class TrainConfig:
                 raise ConfigError(
                     f"TrainConfig: {name} {getattr(self, name)} > train_images {self.train_images}"
                 )
+
+    def scene_data(self) -> VQAConfig:
+        """The scene settings of the training and validation images: `data` with this recipe's exists
+        questions, camera chain and noisy backgrounds."""
+        base = DATASETS[self.data]
+        return replace(
+            base,
+            exists=self.exists,
+            camera_style=self.camera_style,
+            camera=base.camera if self.camera is None else self.camera,
+            noisy_sigma=tuple(self.noisy_sigma),
+        )
 
 
 @dataclass
@@ -164,11 +205,20 @@ def build_tokenizer(cfg: TrainConfig, model_cfg: TinyGPTVConfig, folder: Path) -
     """Train the BPE on the shipped prose plus full prompts and answers of the first training images."""
     from tinygptv_edge.export.checkpoints.tokenizer_train import save_tokenizer, train_bpe
 
-    data = DATASETS[cfg.data]
+    data = cfg.scene_data()
     lines = vocabulary_text(data.phrasings)
+    prompt = model_cfg.prompt
     for s in iter_samples("train", min(cfg.train_images, 500), cfg.seed, data):
         for qa in s.qas:
-            lines.append(model_cfg.prompt.first_turn(qa.question) + qa.answer + model_cfg.prompt.separator)
+            lines.append(prompt.first_turn(qa.question) + qa.answer + prompt.separator)
+            if cfg.conversations:  # the later-turn template, as Chat writes it after an answer
+                lines.append(
+                    prompt.separator + prompt.turn(qa.question, False) + qa.answer + prompt.separator
+                )
+    if cfg.conversations:
+        for text, answer in [(g, HELLO_ANSWER) for g in GREETINGS] + [(t, THANKS_ANSWER) for t in THANKS]:
+            lines.append(prompt.first_turn(text, False) + answer + prompt.separator)
+            lines.append(prompt.separator + prompt.turn(text, False) + answer + prompt.separator)
     save_tokenizer(train_bpe(cfg.vocab_size, extra_text=lines), folder)
     return Tokenizer.from_file(folder)
 
@@ -239,16 +289,27 @@ def pick_questions(rng: np.random.Generator, rows: np.ndarray, weight: np.ndarra
 
 
 def encode_split(
-    split: str, n: int, cfg: TrainConfig, model_cfg: TinyGPTVConfig, tok: Tokenizer
+    split: str,
+    n: int,
+    cfg: TrainConfig,
+    model_cfg: TinyGPTVConfig,
+    tok: Tokenizer,
+    conversation_share: float = 0.0,
 ) -> tuple[Encoded, SceneTargets]:
-    scenes = []
+    """The split's images and questions, and with `conversation_share` a conversation about that share
+    of its images (`vqa.conversations`, laid out as the runtime's Chat does: `data.add_conversations`)."""
+    scenes, qas = [], []
 
     def samples():
-        for s in iter_samples(split, n, cfg.seed, DATASETS[cfg.data]):
+        for s in iter_samples(split, n, cfg.seed, cfg.scene_data()):
             scenes.append(s.scene)
+            qas.append(s.qas)
             yield s
 
     encoded = encode_samples(samples(), model_cfg, tok)
+    if conversation_share:
+        convs = conversations(qas, split, cfg.seed, conversation_share, ConversationConfig())
+        encoded = add_conversations(encoded, convs, model_cfg, tok)
     return encoded, scene_targets(scenes, model_cfg)
 
 
@@ -300,7 +361,7 @@ def train(
             f"got {cfg.anchor_layer}"
         )
     progress("data", 0, 1, {})
-    train_set, train_scenes = encode_split("train", cfg.train_images, cfg, model_cfg, tok)
+    train_set, train_scenes = encode_split("train", cfg.train_images, cfg, model_cfg, tok, cfg.conversations)
     val_set, val_scenes = encode_split("validation", cfg.val_images, cfg, model_cfg, tok)
     progress("data", 1, 1, {"rows": len(train_set.image)})
 
@@ -312,7 +373,9 @@ def train(
     progress("scene", 1, 1, scene)
 
     anchor_heads = AnchorHeads(model_cfg.language.hidden)
-    anchors = find_anchors(train_set.suffix, tok)
+    conv_rows = train_set.conversation or [False] * len(train_set.suffix)
+    # word anchors on questions of one turn (a conversation's words may be about another image)
+    anchors = find_anchors([[] if c else t for t, c in zip(train_set.suffix, conv_rows, strict=True)], tok)
     captured: list[torch.Tensor] = []  # the anchor layer's output of each forward (only if it is used)
     hook = model.language.layers[cfg.anchor_layer].register_forward_hook(
         lambda m, i, o: captured.append(o) if cfg.anchor_weight else None
@@ -327,6 +390,8 @@ def train(
     perm, pos = order.permutation(n_img), 0
     by_image = np.split(np.arange(len(train_set.image)), np.flatnonzero(np.diff(train_set.image.numpy())) + 1)
     weight = np.array([cfg.easy_weight if t in ("count", "caption") else 1.0 for t in train_set.qtype])
+    is_conv = np.array(conv_rows, dtype=bool)
+    weight[is_conv] = 0.0  # a conversation row is added to every batch that holds its image
     losses: list[float] = []
     val: list[tuple[int, dict[str, float]]] = []
     for step in range(cfg.steps):
@@ -336,13 +401,27 @@ def train(
         pos += cfg.images_per_step
         rows = torch.tensor(
             [r for i in images for r in pick_questions(order, by_image[i], weight, cfg.questions_per_image)]
+            + [r for i in images for r in by_image[i] if is_conv[r]]
         )
         model.train()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_scale"] * lr_at(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
         captured.clear()
-        logits, targets = forward_rows(model, train_set, rows, tok.eos_id)
-        loss, exact = loss_and_exact(logits, targets)
+        if is_conv.any():  # conversation rows apart (not padding the short rows to their length)
+            conv_sel = torch.from_numpy(is_conv[rows.numpy()])
+            rows_c, rows = rows[conv_sel], rows[~conv_sel]
+            vision: dict[int, torch.Tensor] = {}
+            if len(rows_c):
+                loss_c, exact_c = loss_and_exact(*forward_rows(model, train_set, rows_c, tok.eos_id, vision))
+            captured.clear()
+            logits, targets = forward_rows(model, train_set, rows, tok.eos_id, vision)
+            loss, exact = loss_and_exact(logits, targets)
+            if len(rows_c):
+                loss = (loss * len(rows) + loss_c * len(rows_c)) / (len(rows) + len(rows_c))
+                exact = torch.cat([exact, exact_c])
+        else:
+            logits, targets = forward_rows(model, train_set, rows, tok.eos_id)
+            loss, exact = loss_and_exact(logits, targets)
         total = loss
         if cfg.anchor_weight:
             hidden = captured[-1]  # (N, Q + width, H): the batch rows, after the prefix
@@ -353,7 +432,9 @@ def train(
                 train_set.image,
                 anchors,
                 train_scenes,
-                model_cfg.qformer.num_query_tokens,
+                row_offsets(train_set, rows.tolist(), model_cfg.qformer.num_query_tokens)
+                if train_set.general
+                else model_cfg.qformer.num_query_tokens,
             )
         if cfg.scene_weight:
             idx = torch.from_numpy(images)
@@ -386,8 +467,12 @@ def evaluate_greedy(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Exact match of `TinyGPTV.answer` (greedy, cut at the separator) per question type, on an
-    evaluation split (`vqa.EVAL_SPLITS`: test, test-phrasing, test-layout, test-camera)."""
+    evaluation split (`vqa.EVAL_SPLITS`: test, test-phrasing, test-layout, test-camera; a conversation
+    split such as test-conversation: `evaluate_conversations`)."""
     from tinygptv_edge.runtime.vision.preprocess import preprocess
+
+    if split in CONVERSATION_SPLITS:
+        return evaluate_conversations(model, tok, split, n_images, seed, progress)
 
     counts: dict[str, list[int]] = {}
     stream, scene_cfg = eval_split(split)
@@ -408,6 +493,105 @@ def evaluate_greedy(
     correct, total, typed = (sum(c[i] for c in counts.values()) for i in range(3))
     table["all"] = {"correct": correct, "total": total, "accuracy": correct / total, "of_type": typed / total}
     return table
+
+
+def _table(counts: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    return {
+        t: {"correct": c, "total": n, "accuracy": c / n if n else 0.0, "of_type": k / n if n else 0.0}
+        for t, (c, n, k) in counts.items()
+    }
+
+
+@torch.no_grad()
+def evaluate_conversations(
+    model: TinyGPTV,
+    tok: Tokenizer,
+    split: str = "test-conversation",
+    n_images: int = 150,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Greedy exact match in conversations (`vqa.CONVERSATION_SPLITS`): every image opens one, each
+    turn's prompt laid out by the runtime's `Chat` after the model's own earlier answers (as `run --chat`
+    and `Pipeline.chat` hold them). Per question type and "all" (every turn) as `evaluate_greedy`; and
+    "turn k" (k-th turn), "question k" (k-th question about an image: small talk not counted),
+    "follow-ups" (questions after the first turn), "second image" (questions about
+    a second image attached mid-conversation), "chat" (greetings, thanks), and "alone: ..." of the same
+    image questions each asked alone (a first turn with its image)."""
+    from tinygptv_edge.runtime.pipeline import layout_chat
+    from tinygptv_edge.runtime.vision.preprocess import preprocess
+
+    stream, scene_cfg = eval_split(split)
+    samples = list(iter_samples(stream, n_images, seed, scene_cfg))
+    pixels = torch.from_numpy(np.stack([preprocess(s.image, model.cfg.preprocess) for s in samples]))
+    embeds = model.embed_image(pixels)  # (N, Q, H)
+    convs = conversations([s.qas for s in samples], stream, seed, 1.0, CONVERSATION_SPLITS[split])
+    prompt, q, sep = model.cfg.prompt, model.cfg.qformer.num_query_tokens, model.cfg.prompt.separator
+    lm = model.language
+    counts: dict[str, list[int]] = {}
+    alone_cache: dict[tuple[int, str], str] = {}
+
+    def add(key: str, ok: bool, typed: bool) -> None:
+        c = counts.setdefault(key, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + ok, c[1] + 1, c[2] + typed
+
+    for ci, conv in enumerate(convs):
+        chat = layout_chat(tok, q, prompt)
+        attached_second, n_asked = False, 0
+        for k, turn in enumerate(conv.turns):
+            positions = chat.next_positions(turn.question, [] if turn.attach is None else [str(turn.attach)])
+            parts, run = [], []
+            for pos in positions:
+                if isinstance(pos, int):
+                    run.append(pos)
+                    continue
+                if run:
+                    parts.append(lm.embed(torch.tensor(run)))
+                    run = []
+                parts.append(embeds[int(pos[0]), pos[1]][None])
+            if run:
+                parts.append(lm.embed(torch.tensor(run)))
+            ids = model.generate(torch.cat(parts)[None], 16, (tok.eos_id,), tok, sep)
+            got = model.answer_text(ids, tok)
+            ok = got == turn.answer
+            typed = answer_of_type(turn.qtype, turn.question, got)
+            add(turn.qtype, ok, typed)
+            add("all", ok, typed)
+            add(f"turn {k + 1}", ok, typed)
+            if turn.about is not None:
+                n_asked += 1
+                add(f"question {n_asked}", ok, typed)
+            if turn.attach is not None and turn.attach != conv.image:
+                attached_second = True
+            if turn.about is not None:
+                key = (turn.about, turn.question)
+                if key not in alone_cache:
+                    alone_cache[key] = model.answer(
+                        turn.question, tok, pixels[turn.about][None], max_new_tokens=16
+                    )
+                alone = alone_cache[key] == turn.answer
+                add("alone: all", alone, True)
+                if k > 0:
+                    add("follow-ups", ok, typed)
+                    add("alone: follow-ups", alone, True)
+                if attached_second:
+                    add("second image", ok, typed)
+                    add("alone: second image", alone, True)
+            else:
+                add("chat", ok, typed)
+            # the history as Turn._commit records it: the tokens before the separator, then the separator
+            text = tok.decode(ids)
+            cut = text.find(sep)
+            kept = list(ids)
+            if cut >= 0:
+                while kept and len(tok.decode(kept)) > cut:
+                    kept.pop()
+            leftover = text[len(tok.decode(kept)) : cut] if cut >= 0 else ""
+            chat.extend(positions + kept, {}, leftover + sep)
+        if progress:
+            progress(ci + 1, len(convs))
+    order = sorted(counts, key=lambda t: (t.startswith("alone"), t.startswith(("turn", "question")), t))
+    return _table({t: counts[t] for t in order})
 
 
 def write_loss_curve(losses: list[float], folder: Path, smooth: int = 20) -> None:

@@ -264,16 +264,17 @@ def anchor_loss(
     image_of_row: torch.Tensor,
     anchors: Anchors,
     scenes: SceneTargets,
-    offset: int,
+    offset: int | torch.Tensor,
 ) -> torch.Tensor:
-    """`hidden` (N, T, H) for batch rows `rows`; suffix position p sits at `offset + p`."""
+    """`hidden` (N, T, H) for batch rows `rows`; suffix position p sits at `offset + p` (`offset`: one
+    for every row, or per batch row)."""
     where = {r: j for j, r in enumerate(rows)}
     loss = hidden.new_zeros(())
     col = [(where[r], p, c) for r, p, c in anchors.colour if r in where]
     if col:
         j, p, c = (torch.tensor(v) for v in zip(*col, strict=True))
         img = image_of_row[torch.tensor(rows)[j]]
-        out = heads.colour(hidden[j, offset + p])  # (A, 9)
+        out = heads.colour(hidden[j, p + (offset if isinstance(offset, int) else offset[j])])  # (A, 9)
         present = scenes.present[img, c].bool()
         kind = torch.where(present, scenes.kind[img, c], N_KINDS)
         side = (scenes.xy[img, c] > 0.5).long()  # (A, 2)
@@ -288,5 +289,6 @@ def anchor_loss(
         has = scenes.kind[img] == k[:, None]  # (A, C): colours whose shape is of kind k
         n = has.sum(1)
         target = torch.where(n == 1, has.long().argmax(1), torch.where(n == 0, N_COLOURS, N_COLOURS + 1))
-        loss = loss + F.cross_entropy(heads.kind(hidden[j, offset + p]), target)
+        at = p + (offset if isinstance(offset, int) else offset[j])
+        loss = loss + F.cross_entropy(heads.kind(hidden[j, at]), target)
     return loss

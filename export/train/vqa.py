@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +49,8 @@ QTYPES = ("colour", "shape", "count", "position", "relation", "exists", "caption
 PHRASINGS = {k: tuple(t for t, _ in v) for k, v in CLASSIC.items()}  # the test split's wording
 PHRASING_SETS = tuple(SETS)
 CAMERA_FRAMES = ((640, 480), (480, 640), (800, 600), (1280, 720), (720, 1280), (480, 480))
+EXISTS_MODES = ("one", "pair")
+CAMERA_STYLES = ("v1", "v2", "pad43")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class VQAConfig:
     phrasings: str = "classic"  # wording: "classic" (the test split's), "train" or "heldout" (phrasings.py)
     camera: float = 0.0  # share of images shown as camera frames (non-square, JPEG, blur, noise)
     word_noise: float = 0.0  # share of non-classic questions with one word made up, dropped or added
+    exists: str = "one"  # "one": one exists question (half yes, half a hard or any absent object);
+    # "pair": also the opposite answer, the absent object sharing a colour or a kind with a present one
+    camera_style: str = "v1"  # "v1": the first camera chain; "v2": more 4:3 padding, stronger blur and
+    # noise, exposure and white balance (`camera_frame`)
+    noisy_sigma: tuple[float, float] = (10.0, 25.0)  # a "noisy" background's pixel noise, drawn in this range
 
     def __post_init__(self) -> None:
         if not 16 <= self.image_size <= 4096:
@@ -89,6 +96,19 @@ class VQAConfig:
         if self.phrasings not in PHRASING_SETS:
             raise ConfigError(
                 f"VQAConfig.phrasings: expected one of {', '.join(PHRASING_SETS)}, got {self.phrasings!r}"
+            )
+        if self.exists not in EXISTS_MODES:
+            raise ConfigError(
+                f"VQAConfig.exists: expected one of {', '.join(EXISTS_MODES)}, got {self.exists!r}"
+            )
+        if self.camera_style not in CAMERA_STYLES:
+            raise ConfigError(
+                f"VQAConfig.camera_style: expected one of {', '.join(CAMERA_STYLES)}, "
+                f"got {self.camera_style!r}"
+            )
+        if not 0 <= self.noisy_sigma[0] <= self.noisy_sigma[1] <= 64:
+            raise ConfigError(
+                f"VQAConfig.noisy_sigma: expected 0 <= low <= high <= 64, got {self.noisy_sigma}"
             )
         for name in ("min_visible", "camera", "word_noise"):
             if not 0 <= getattr(self, name) <= 1:
@@ -169,6 +189,8 @@ EVAL_SPLITS = {
     "test-phrasing": ("test", VQAConfig(phrasings="heldout")),  # test's images and questions, reworded
     "test-layout": ("test", VQAConfig(layout="free", **WIDE)),  # shapes anywhere, radii 0.05-0.2
     "test-camera": ("test", VQAConfig(camera=1.0)),  # test's scenes as camera frames
+    "test-camera-padded": ("test", VQAConfig(camera=1.0, camera_style="pad43")),  # ... padded into 4:3 frames
+    "test-conversation": ("test", VQAConfig()),  # test's questions, 3-4 to a conversation (below)
 }
 
 
@@ -186,6 +208,7 @@ _ANSWERS = {
     "position": {"left", "right", "top", "bottom"},
     "relation": {"left", "right", "above", "below", "higher", "lower", "over", "under"},
     "exists": {"yes", "no"},
+    "chat": set(),  # filled below: the small-talk answers
 }
 _CAPTION = re.compile(rf"(one shape|(two|three|four) shapes) on an? ({'|'.join(BACKGROUNDS)}) background")
 
@@ -202,9 +225,120 @@ def answer_of_type(qtype: str, question: str, answer: str) -> bool:
     return answer in _ANSWERS[qtype]
 
 
+# -- conversations ---------------------------------------------------------------------------------
+# A conversation is 2-4 questions about one image in one chat (the image attached on the first of
+# them; follow-ups text only), sometimes with a text-only greeting first or a "thanks" turn between,
+# sometimes with a second image attached mid-conversation and the questions after it about that image.
+# The training data (`data.encode_conversations`) and the conversation split lay them out exactly as the
+# runtime's `Chat` does. Small talk has its own question type and answers:
+CHAT = "chat"
+GREETINGS = ("Hello!", "Hi", "hello there", "Hi there!", "Good morning.", "hey", "Hello, can you help me?")
+THANKS = ("Thanks!", "thank you", "Thank you.", "thanks a lot", "Great, thanks!", "OK, thank you!")
+HELLO_ANSWER = "hello"
+THANKS_ANSWER = "you are welcome"
+_ANSWERS[CHAT] = {HELLO_ANSWER, THANKS_ANSWER}
+
+
+@dataclass(frozen=True)
+class ConversationConfig:
+    """How conversations are drawn (shares are of conversations)."""
+
+    min_questions: int = 2  # questions about images, per conversation
+    max_questions: int = 4
+    greeting: float = 0.2  # open with a text-only greeting; the image comes with the first question
+    thanks: float = 0.2  # a "thanks" turn after one of the answers (also as the last turn)
+    second_image: float = 0.25  # a second image attached on a later question; the questions from it on
+    # are about the new image
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_questions <= self.max_questions <= 6:
+            raise ConfigError(
+                "ConversationConfig: expected 1 <= min_questions <= max_questions <= 6, "
+                f"got {self.min_questions}, {self.max_questions}"
+            )
+        for name in ("greeting", "thanks", "second_image"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"ConversationConfig.{name}: expected 0..1, got {getattr(self, name)}")
+
+
+# Evaluation splits asked as conversations (every image opens one; `EVAL_SPLITS` names their images):
+# accuracy per turn in the conversation and of the same questions asked alone (a first turn with the image).
+CONVERSATION_SPLITS = {
+    "test-conversation": ConversationConfig(
+        min_questions=3, max_questions=4, greeting=0.15, thanks=0.15, second_image=0.3
+    )
+}
+
+
+@dataclass(frozen=True)
+class ConvTurn:
+    question: str
+    answer: str
+    qtype: str
+    attach: int | None  # the image attached on this turn (an index into the samples), or None
+    about: int | None  # the image the question is about (None: small talk)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: tuple[ConvTurn, ...]
+
+    @property
+    def image(self) -> int:
+        """The first image attached (every conversation has one)."""
+        return next(t.attach for t in self.turns if t.attach is not None)
+
+
+def conversation(
+    qas: Sequence[Sequence[QA]], index: int, rng: np.random.Generator, ccfg: ConversationConfig
+) -> Conversation:
+    """A conversation about image `index` (and, with a second image, another one), its questions drawn
+    without repeats from each image's own questions (`qas[i]`: image i's), in a random order."""
+    n_q = int(rng.integers(ccfg.min_questions, ccfg.max_questions + 1))
+    second = len(qas) > 1 and n_q >= 2 and rng.random() < ccfg.second_image
+    first_qas = list(qas[index])
+    order = rng.permutation(len(first_qas))
+    if second:
+        other = int(rng.integers(len(qas) - 1))
+        other += other >= index  # any image but this one
+        switch = int(rng.integers(1, n_q))  # the question that comes with the new image
+        second_qas = list(qas[other])
+        order2 = rng.permutation(len(second_qas))
+        picks = [(index, first_qas[i]) for i in order[:switch]]
+        picks += [(other, second_qas[i]) for i in order2[: n_q - switch]]
+    else:
+        picks = [(index, first_qas[i]) for i in order[:n_q]]
+    turns: list[ConvTurn] = []
+    if rng.random() < ccfg.greeting:
+        turns.append(ConvTurn(GREETINGS[int(rng.integers(len(GREETINGS)))], HELLO_ANSWER, CHAT, None, None))
+    thanks_after = int(rng.integers(len(picks))) if rng.random() < ccfg.thanks else -1
+    attached: set[int] = set()
+    for k, (img, qa) in enumerate(picks):
+        attach = img if img not in attached else None
+        attached.add(img)
+        turns.append(ConvTurn(qa.question, qa.answer, qa.qtype, attach, img))
+        if k == thanks_after:
+            turns.append(ConvTurn(THANKS[int(rng.integers(len(THANKS)))], THANKS_ANSWER, CHAT, None, None))
+    return Conversation(tuple(turns))
+
+
+def conversations(
+    qas: Sequence[Sequence[QA]], split: str, seed: int, share: float, ccfg: ConversationConfig
+) -> list[Conversation]:
+    """A conversation about each image (`qas[i]`: the questions of image i of `split`) with probability
+    `share`, each drawn from its own stream (4), so the images and their questions stay the same."""
+    out = []
+    for i in range(len(qas)):
+        rng = _rng(seed, split, i, 4)
+        if share >= 1 or rng.random() < share:
+            out.append(conversation(qas, i, rng, ccfg))
+    return out
+
+
 def _rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
     """Stream 0 draws the scene, its pixels and its questions; 1 the wording of non-classic phrasings;
-    2 the camera frame. So a split's images and questions stay the same whatever the wording or frame."""
+    2 the camera frame; 3 the second exists question (`VQAConfig.exists`); 4 conversations. So a
+    split's images and questions stay the same whatever the wording, frame or conversation."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     return np.random.default_rng([seed, SPLITS[split], index] + ([stream] if stream else []))
@@ -258,7 +392,9 @@ def visible_shares(scene: Scene, size: int = 96) -> list[float]:
     return shares
 
 
-def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def _background(
+    kind: str, size: int, rng: np.random.Generator, noisy_sigma: tuple[float, float] = (10.0, 25.0)
+) -> np.ndarray:
     """(size, size, 3) uint8 greyish background: low saturation, value 25..165."""
     base = rng.uniform(25, 165) + rng.uniform(-15, 15, size=3)  # (3,) slight tint
     img = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
@@ -270,7 +406,7 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         t = np.clip(t, 0, 1)[..., None]
         img = base * (1 - t) + other * t
     elif kind == "noisy":
-        img = img + rng.normal(0, rng.uniform(10, 25), size=(size, size, 1))
+        img = img + rng.normal(0, rng.uniform(*noisy_sigma), size=(size, size, 1))
     elif kind == "striped":
         period = rng.uniform(0.06, 0.15) * size
         yy, xx = np.mgrid[0:size, 0:size]
@@ -311,7 +447,7 @@ def _draw(
 def render(scene: Scene, cfg: VQAConfig, rng: np.random.Generator) -> Image.Image:
     """Draw at twice the size, then downsample (LANCZOS) for smooth edges."""
     big = 2 * cfg.image_size
-    img = Image.fromarray(_background(scene.background, big, rng), "RGB")
+    img = Image.fromarray(_background(scene.background, big, rng, cfg.noisy_sigma), "RGB")
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
         _draw(draw, s, big)
@@ -328,16 +464,33 @@ def shape_mask(scene: Scene, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def camera_frame(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, Frame]:
+def camera_frame(
+    image: Image.Image, rng: np.random.Generator, style: str = "v1"
+) -> tuple[Image.Image, Frame]:
     """The square scene as a camera would pass it on: a non-square frame (`CAMERA_FRAMES`), the scene
     either padded (centred, bars of one dark colour) or stretched to it, mild blur and sensor noise,
-    then JPEG. Returns the frame and where the scene lands once the frame is resized to a square."""
+    then JPEG. Returns the frame and where the scene lands once the frame is resized to a square.
+
+    `style` "v2" (training for camera robustness): the scene padded 60% of the time, 4:3 frames
+    (640x480, 800x600) drawn twice as often, blur up to 1.6 px at 480 px, an exposure gain of
+    0.7-1.35 and a white balance of 0.85-1.15 per channel, noise up to sigma 8, JPEG quality 40-90.
+    "v1" draws exactly what it always drew (the shipped model's data); "pad43" is v1 with every scene
+    padded into a 4:3 frame (640x480 or 800x600), the camera split's hardest case."""
     import io
 
     from PIL import ImageFilter
 
-    w, h = CAMERA_FRAMES[int(rng.integers(len(CAMERA_FRAMES)))]
-    if rng.random() < 0.5:
+    if style not in CAMERA_STYLES:
+        raise ConfigError(f"camera_frame: expected style one of {', '.join(CAMERA_STYLES)}, got {style!r}")
+    v2 = style == "v2"
+    if style == "pad43":
+        w, h = ((640, 480), (800, 600))[int(rng.integers(2))]
+    elif v2:
+        weights = np.array([2.0 if w * 3 == h * 4 else 1.0 for w, h in CAMERA_FRAMES])
+        w, h = CAMERA_FRAMES[int(rng.choice(len(CAMERA_FRAMES), p=weights / weights.sum()))]
+    else:
+        w, h = CAMERA_FRAMES[int(rng.integers(len(CAMERA_FRAMES)))]
+    if rng.random() < (0.6 if v2 else 0.5) or style == "pad43":
         side = min(w, h)
         ox, oy = (w - side) // 2, (h - side) // 2
         bar = tuple(int(v) for v in rng.integers(0, 70) + rng.integers(0, 12, size=3))
@@ -346,12 +499,16 @@ def camera_frame(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Im
         frame = Frame(ox / w, oy / h, side / w, side / h)
     else:
         out, frame = image.resize((w, h), Image.Resampling.BICUBIC), IDENTITY
-    out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.2)) * min(w, h) / 480))
-    sigma = float(rng.uniform(0.0, 6.0))
-    pixels = np.asarray(out, dtype=np.float32) + sigma * rng.standard_normal((h, w, 1), dtype=np.float32)
+    out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.6 if v2 else 1.2)) * min(w, h) / 480))
+    sigma = float(rng.uniform(0.0, 8.0 if v2 else 6.0))
+    pixels = np.asarray(out, dtype=np.float32)
+    if v2:  # exposure and white balance, as an auto-exposed, auto-balanced camera gets them slightly wrong
+        gain = float(rng.uniform(0.7, 1.35)) * rng.uniform(0.85, 1.15, size=3).astype(np.float32)
+        pixels = pixels * gain
+    pixels = pixels + sigma * rng.standard_normal((h, w, 1), dtype=np.float32)
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(
-        buf, format="JPEG", quality=int(rng.integers(50, 91))
+        buf, format="JPEG", quality=int(rng.integers(40 if v2 else 50, 91))
     )
     buf.seek(0)
     with Image.open(buf) as im:
@@ -359,10 +516,18 @@ def camera_frame(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Im
 
 
 def ask(
-    scene: Scene, rng: np.random.Generator, cfg: VQAConfig, wording: np.random.Generator | None = None
+    scene: Scene,
+    rng: np.random.Generator,
+    cfg: VQAConfig,
+    wording: np.random.Generator | None = None,
+    extra: np.random.Generator | None = None,
 ) -> tuple[QA, ...]:
     """One question per type the scene can answer unambiguously; what is asked is drawn from `rng`,
-    the phrasing (`cfg.phrasings`, other than classic) from `wording` (default: `rng`)."""
+    the phrasing (`cfg.phrasings`, other than classic) from `wording` (default: `rng`).
+
+    `cfg.exists == "pair"`: a second exists question with the other answer, drawn from `extra` (its own
+    stream, so the other questions stay those of "one"): for a "yes", an absent object that shares a
+    colour or a kind with a present one; for a "no", a present object."""
     shapes = scene.shapes
     words = wording or rng  # the wording's own stream (non-classic phrasings)
 
@@ -424,6 +589,24 @@ def ask(
         near = [(c, k) for c, k in absent if c == s.colour or k == s.kind]
         c, k = pick(near if near and rng.random() < 0.7 else absent)
     qas.append(QA(phrase("exists")[0].format(c=c, s=k), "yes" if (c, k) in present else "no", "exists"))
+    if cfg.exists == "pair":
+        ex = extra if extra is not None else rng
+        if (c, k) in present:
+            near = [
+                (c2, k2)
+                for c2 in COLOURS
+                for k2 in SHAPES
+                if (c2, k2) not in present and any(c2 == s.colour or k2 == s.kind for s in shapes)
+            ]
+            c, k = near[int(ex.integers(len(near)))]
+        else:
+            ordered = sorted(present)
+            c, k = ordered[int(ex.integers(len(ordered)))]
+        table = SETS["classic" if cfg.phrasings == "classic" else cfg.phrasings]["exists"]
+        text = table[int(ex.integers(len(table)))][0]
+        if cfg.phrasings != "classic":
+            text = surface(noise(text, ex, cfg.word_noise), ex)
+        qas.append(QA(text.format(c=c, s=k), "yes" if (c, k) in present else "no", "exists"))
 
     n = len(shapes)
     caption = f"{NUMBERS[n]} shape{'s' if n > 1 else ''} on a {scene.background} background"
@@ -438,11 +621,12 @@ def sample(split: str, index: int, seed: int = 0, cfg: VQAConfig | None = None) 
     scene = make_scene(rng, cfg)
     image = render(scene, cfg, rng)
     wording = _rng(seed, split, index, 1) if cfg.phrasings != "classic" else None
-    qas = ask(scene, rng, cfg, wording)
+    extra = _rng(seed, split, index, 3) if cfg.exists == "pair" else None
+    qas = ask(scene, rng, cfg, wording, extra)
     if cfg.camera:
         cam = _rng(seed, split, index, 2)
         if cam.random() < cfg.camera:
-            image, frame = camera_frame(image, cam)
+            image, frame = camera_frame(image, cam, cfg.camera_style)
             scene = replace(scene, frame=frame)
     return Sample(image, scene, qas)
 

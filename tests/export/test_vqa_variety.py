@@ -157,7 +157,9 @@ def test_camera_frames_are_non_square_and_their_frame_places_the_shapes():
 
 
 def test_evaluation_splits_have_enough_questions():
-    assert list(vqa.EVAL_SPLITS) == ["test", "test-phrasing", "test-layout", "test-camera"]
+    assert list(vqa.EVAL_SPLITS) == [
+        "test", "test-phrasing", "test-layout", "test-camera", "test-camera-padded", "test-conversation"
+    ]  # fmt: skip
     split, cfg = vqa.eval_split("test-layout")
     assert split == "test" and sum(len(s.qas) for s in vqa.iter_samples(split, 80, 0, cfg)) >= 500
     with pytest.raises(ConfigError, match="unknown evaluation split"):
@@ -230,7 +232,7 @@ def test_eval_only_prints_every_split(capsys):
     out = capsys.readouterr().out
     header = next(ln for ln in out.splitlines() if ln.strip().startswith("type"))
     assert header.split()[1:] == list(vqa.EVAL_SPLITS)
-    assert re.search(r"^\s+all(\s+\d+\.\d%){4}$", out, re.M)
+    assert re.search(r"^\s+all(\s+\d+\.\d%){" + str(len(vqa.EVAL_SPLITS)) + "}$", out, re.M)
 
 
 def test_answer_of_type_accepts_any_answer_of_the_kind_asked():
