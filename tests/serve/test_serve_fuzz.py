@@ -27,9 +27,6 @@ pytest.importorskip("torch")  # the fixture exports the tiny model
 pytest.importorskip("tinygptv_edge.runtime.language.decoder")
 for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
     pytest.importorskip(_mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
-hjs = pytest.importorskip(
-    "hypothesis_jsonschema", reason="hypothesis-jsonschema (dev extra) is not installed"
-)
 jsonschema = pytest.importorskip("jsonschema")
 
 from helpers.serve import LiveServer, export_files, loader  # noqa: E402
