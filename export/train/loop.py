@@ -486,13 +486,9 @@ def evaluate_greedy(
             c[2] += answer_of_type(qa.qtype, qa.question, got)
         if progress:
             progress(i + 1, n_images)
-    table = {
-        t: {"correct": c, "total": n, "accuracy": c / n, "of_type": k / n}
-        for t, (c, n, k) in sorted(counts.items())
-    }
-    correct, total, typed = (sum(c[i] for c in counts.values()) for i in range(3))
-    table["all"] = {"correct": correct, "total": total, "accuracy": correct / total, "of_type": typed / total}
-    return table
+    counts = dict(sorted(counts.items()))
+    counts["all"] = [sum(c[i] for c in counts.values()) for i in range(3)]
+    return _table(counts)
 
 
 def _table(counts: dict[str, list[int]]) -> dict[str, dict[str, float]]:

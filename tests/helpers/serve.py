@@ -144,3 +144,11 @@ def require_serve_stack() -> None:
     pytest.importorskip("tinygptv_edge.runtime.language.decoder")
     for mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
         pytest.importorskip(mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+
+def serve_argv(vision, language, *more: str) -> list[str]:
+    """The `tinygptv-edge serve` command line on these two files, as a subprocess runs it."""
+    import sys
+
+    return [sys.executable, "-m", "tinygptv_edge.cli", "serve", "--vision", str(vision), "--language",
+            str(language), *more]  # fmt: skip

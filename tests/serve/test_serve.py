@@ -29,7 +29,7 @@ from helpers.serve import require_serve_stack  # noqa: E402
 require_serve_stack()
 openai = pytest.importorskip("openai", reason="the openai client (dev extra) is not installed")
 
-from helpers.serve import LiveServer, data_uri, loader, png, user  # noqa: E402
+from helpers.serve import LiveServer, data_uri, loader, png, serve_argv, user  # noqa: E402
 
 from tinygptv_edge.runtime.config import IMAGE_PLACEHOLDER  # noqa: E402
 from tinygptv_edge.runtime.sampling import SamplingConfig  # noqa: E402
@@ -547,16 +547,7 @@ def free_port() -> int:
 
 def test_serve_command_starts_answers_and_stops_on_sigterm(files, tmp_path, pipe):
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinygptv_edge.cli",
-        "serve",
-        "--vision",
-        str(files[0]),
-        "--language",
-        str(files[1]),
-    ]
+    cmd = serve_argv(str(files[0]), str(files[1]))
     cmd += ["--port", str(port), "--threads", "1", "--max-tokens", str(N), "--log-level", "info"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -604,16 +595,7 @@ def test_serve_command_exits_2_when_the_model_does_not_load(files, tmp_path):
     bad = tmp_path / "vision.int8.onnx"
     bad.write_bytes(b"\x00" * 4096)
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinygptv_edge.cli",
-        "serve",
-        "--vision",
-        str(bad),
-        "--language",
-        str(files[1]),
-    ]
+    cmd = serve_argv(str(bad), str(files[1]))
     t0 = time.monotonic()
     out = subprocess.run(
         [*cmd, "--port", str(port), "--threads", "1"], capture_output=True, text=True, timeout=60
@@ -622,16 +604,7 @@ def test_serve_command_exits_2_when_the_model_does_not_load(files, tmp_path):
     assert out.returncode == 2 and took < 10, (out.returncode, took, out.stderr)
     assert "error: the model did not load" in out.stderr and str(bad) in out.stderr, out.stderr
     # swapped files are named before the port is bound
-    cmd = [
-        sys.executable,
-        "-m",
-        "tinygptv_edge.cli",
-        "serve",
-        "--vision",
-        str(files[1]),
-        "--language",
-        str(files[1]),
-    ]
+    cmd = serve_argv(str(files[1]), str(files[1]))
     out = subprocess.run([*cmd, "--port", str(port)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "this looks like a GGUF file" in out.stderr and "--language" in out.stderr
     assert "Uvicorn running" not in out.stderr

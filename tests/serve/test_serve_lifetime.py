@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,7 +23,7 @@ pytest.importorskip("tinygptv_edge.runtime.language.decoder")
 for _mod in ("starlette", "uvicorn", "pydantic", "llguidance"):
     pytest.importorskip(_mod, reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from helpers.serve import LiveServer, export_files, loader, png, user  # noqa: E402
+from helpers.serve import LiveServer, export_files, loader, png, serve_argv, user  # noqa: E402
 
 from tinygptv_edge.runtime.image_cache import decode_entry  # noqa: E402
 
@@ -90,8 +89,7 @@ def outcome(port: int, stream: bool, text: str, image: bytes | None, tokens: int
 
 
 def start_server(files, port: int, cache, shutdown_timeout: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tinygptv_edge.cli", "serve", "--vision", str(files[0]), "--language"]
-    cmd += [str(files[1]), "--port", str(port), "--threads", "1", "--cache-dir", str(cache)]
+    cmd = serve_argv(files[0], files[1], "--port", str(port), "--threads", "1", "--cache-dir", str(cache))
     cmd += ["--shutdown-timeout", str(shutdown_timeout), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
