@@ -1,17 +1,20 @@
 """Decoder speed and memory, side by side with stock llama.cpp (not a test).
 
-    .venv/bin/python bench/decoder.py                       # full size, Q4_0 and Q4_K_M, 2 threads
+    .venv/bin/python bench/decoder.py                       # full size, Q4_0, Q4_K_M, Q8_0, 2 threads
     .venv/bin/python bench/decoder.py --levels Q4_0 --layers 4 --reps 1    # a quick look
 
 Writes two GGUFs of identical dimensions and per-tensor types with random weights: ours
 (`tinygptv-phi2`) and a vanilla `phi2` for llama.cpp (llama-cpp-python, the `bench` extra). Each side
 runs in its own subprocess (the two ship different builds of libggml): prompt processing of
-`--pp` tokens in one batch, then `--tg` single-token steps; best of `--reps`. Ours runs twice, with
+`--pp` tokens in one batch, then `--tg` single-token steps, then `--tg` steps again with `--long`
+positions cached (1500); best of `--reps`. Both sides run under the same OpenMP settings (the
+runtime's defaults, or `--omp-env`). Ours runs twice, with
 prompt batches through runtime/language/kernels/ (matmuls, and attention on x86: the default) and through
 ggml's own kernels (`kquant=False`),
 also on the short prompts of `--pp-short`; without llama-cpp-python only that comparison prints.
 llama.cpp runs with flash attention off and on, and each ratio is taken against its faster setting.
-Also prints the effective weight bandwidth beside a measured memory copy, peak RSS against weights +
+Also prints each side's effective weight bandwidth (2-D weight bytes x generated tok/s) beside a
+measured memory copy, peak RSS against weights +
 KV cache, and (with --omp) our generation speed under OpenMP settings.
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygptv_edge.runtime.language.ggml_runtime import OMP_DEFAULTS, OMP_KEYS
 from tinygptv_edge.runtime.memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,8 +145,8 @@ def worker_ours(a) -> dict:
     t0 = time.perf_counter()
     dec = Decoder(a.model, n_ctx=a.ctx, n_threads=a.threads, kquant=not a.no_kquant)
     load = time.perf_counter() - t0
-    ids = np.random.default_rng(1).integers(0, 50000, a.pp + a.tg).tolist()
-    best_pp = best_tg = float("inf")
+    ids = np.random.default_rng(1).integers(0, 50000, max(a.pp, a.long) + a.tg).tolist()
+    best_pp = best_tg = best_long = float("inf")
     short = {n: float("inf") for n in a.pp_short}
     for _ in range(a.reps):
         for n in short:  # the short batches a server evaluates: a new question, an image and its question
@@ -158,10 +162,18 @@ def worker_ours(a) -> dict:
         for t in ids[a.pp : a.pp + a.tg]:
             dec.eval_tokens([t])
         best_tg = min(best_tg, time.perf_counter() - t0)
+        if a.long:  # generation with `long` positions cached
+            dec.reset()
+            dec.eval_tokens(ids[: a.long])
+            t0 = time.perf_counter()
+            for t in ids[a.long : a.long + a.tg]:
+                dec.eval_tokens([t])
+            best_long = min(best_long, time.perf_counter() - t0)
     out = {
         "load_s": load,
         "pp_tok_s": a.pp / best_pp,
         "tg_tok_s": a.tg / best_tg,
+        **({"tg_long_tok_s": a.tg / best_long} if a.long else {}),
         **{f"pp{n}_tok_s": n / t for n, t in short.items()},
         "peak_rss": peak_rss_bytes(),
         "weight_bytes": dec.weight_bytes,
@@ -171,7 +183,7 @@ def worker_ours(a) -> dict:
         "matmul_bytes": sum(
             t.nbytes for n, t in dec._gf.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight"
         ),
-        "omp": {k: os.environ[k] for k in ("OMP_PROC_BIND", "OMP_WAIT_POLICY") if k in os.environ},
+        "omp": {k: os.environ[k] for k in OMP_KEYS if k in os.environ},
     }
     dec.close()
     return out
@@ -192,8 +204,8 @@ def worker_llama(a) -> dict:
         verbose=False,
     )
     load = time.perf_counter() - t0
-    ids = np.random.default_rng(1).integers(0, 50000, a.pp + a.tg).tolist()
-    best_pp = best_tg = float("inf")
+    ids = np.random.default_rng(1).integers(0, 50000, max(a.pp, a.long) + a.tg).tolist()
+    best_pp = best_tg = best_long = float("inf")
     for _ in range(a.reps):
         llm.reset()
         llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
@@ -204,12 +216,31 @@ def worker_llama(a) -> dict:
         for t in ids[a.pp : a.pp + a.tg]:
             llm.eval([t])
         best_tg = min(best_tg, time.perf_counter() - t0)
+        if a.long:
+            llm.reset()
+            llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+            llm.eval(ids[: a.long])
+            t0 = time.perf_counter()
+            for t in ids[a.long : a.long + a.tg]:
+                llm.eval([t])
+            best_long = min(best_long, time.perf_counter() - t0)
     return {
         "load_s": load,
         "pp_tok_s": a.pp / best_pp,
         "tg_tok_s": a.tg / best_tg,
+        **({"tg_long_tok_s": a.tg / best_long} if a.long else {}),
         "peak_rss": peak_rss_bytes(),
+        "matmul_bytes": _matmul_bytes(a.model),
+        "omp": {k: os.environ[k] for k in OMP_KEYS if k in os.environ},
     }
+
+
+def _matmul_bytes(path: Path) -> int:
+    """Bytes of the 2-D weights a one-token step reads (all but the embedding table's lookup)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in r.tensors if len(t.shape) == 2 and t.name != "token_embd.weight")
 
 
 def memcpy_gbs(nbytes: int = 1 << 29, reps: int = 5) -> float:
@@ -230,12 +261,10 @@ def run_worker(kind: str, model: Path, a, env: dict | None = None) -> dict:
     extra += ["--pp-short", ",".join(map(str, a.pp_short))] if worker == "ours" else []
     cmd = [sys.executable, __file__, "--worker", worker, "--model", str(model), *extra]
     cmd += ["--threads", str(a.threads), "--ctx", str(a.ctx), "--pp", str(a.pp), "--tg", str(a.tg)]
-    cmd += ["--reps", str(a.reps)]
-    from tinygptv_edge.runtime.language.ggml_runtime import OMP_DEFAULTS, OMP_KEYS
-
+    cmd += ["--reps", str(a.reps), "--long", str(a.long)]
     base = {k: v for k, v in os.environ.items() if k not in OMP_KEYS}
     # both sides under the runtime's OpenMP defaults (llama.cpp also runs on OpenMP), unless `env`
-    env = {**base, **(OMP_DEFAULTS if env is None else env)}
+    env = {**base, **(a.omp_env or OMP_DEFAULTS if env is None else env)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
         return {"error": f"exit {res.returncode}: {res.stderr.strip()[-800:]}"}
@@ -255,7 +284,7 @@ def _best(results: list[dict]) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--levels", nargs="+", default=["Q4_0", "Q4_K_M"])
+    p.add_argument("--levels", nargs="+", default=["Q4_0", "Q4_K_M", "Q8_0"])
     p.add_argument("--layers", type=int, default=32, help="fewer for a quick look (full size: 32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=2048)
@@ -268,9 +297,18 @@ def main(argv=None) -> None:
     )
     p.add_argument("--no-kquant", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tg", type=int, default=64)
+    p.add_argument(
+        "--long", type=int, default=1500, help="also time generation with this many positions cached (0: off)"
+    )
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tinygptv-bench"))
     p.add_argument("--omp", action="store_true", help="also time our generation under OpenMP settings")
+    p.add_argument(
+        "--omp-env",
+        type=lambda v: dict(kv.split("=", 1) for kv in v.split(",") if kv),
+        default=None,
+        help="OpenMP variables for both sides, K=V,K=V (default: the runtime's, OMP_DEFAULTS)",
+    )
     p.add_argument("--worker", choices=["ours", "llama"], help=argparse.SUPPRESS)
     p.add_argument("--flash-attn", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -280,7 +318,10 @@ def main(argv=None) -> None:
         return
 
     a.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"threads {a.threads}, ctx {a.ctx}, pp {a.pp}, tg {a.tg}, layers {a.layers}, best of {a.reps}")
+    print(
+        f"threads {a.threads}, ctx {a.ctx}, pp {a.pp}, tg {a.tg}, long {a.long}, layers {a.layers}, "
+        f"best of {a.reps}, OpenMP (both sides) {a.omp_env or OMP_DEFAULTS}"
+    )
     print(f"load average now: {os.getloadavg()[0]:.1f} (other jobs on this machine skew both sides)")
     bw = memcpy_gbs()
     print(f"memory copy: {bw:.1f} GB/s")
@@ -317,7 +358,9 @@ def main(argv=None) -> None:
             print(f"llama.cpp: {best['llama'].get('error', best['llama-fa'].get('error'))[-200:]}")
             continue
         r_llama = {}
-        for key, label in (("pp_tok_s", f"prompt {a.pp} tok/s"), ("tg_tok_s", f"generation {a.tg} tok/s")):
+        keys = [("pp_tok_s", f"prompt {a.pp} tok/s"), ("tg_tok_s", f"generation {a.tg} tok/s")]
+        keys += [("tg_long_tok_s", f"gen. at {a.long} cached")] if a.long else []
+        for key, label in keys:
             off, on = best["llama"][key], best["llama-fa"][key]
             r_llama[key] = max(off, on)
             ratio = r_ours[key] / r_llama[key]
@@ -326,10 +369,15 @@ def main(argv=None) -> None:
                 f"{on:7.2f} (on)   ratio to the faster {ratio:.3f}"
             )
         print(f"weights               {r_ours['repacked']} repacked, {r_ours['kquant']} on our kernels")
+        r_llama["matmul_bytes"] = best["llama"]["matmul_bytes"]
         r_llama["peak_rss"] = best["llama"]["peak_rss"]
         r_llama["load_s"] = best["llama"]["load_s"]
         eff = r_ours["matmul_bytes"] * r_ours["tg_tok_s"] / 1e9
-        print(f"weight bandwidth      ours {eff:.1f} GB/s of {bw:.1f} GB/s memory copy ({eff / bw:.0%})")
+        eff_l = r_llama["matmul_bytes"] * r_llama["tg_tok_s"] / 1e9
+        print(
+            f"weight bandwidth      ours {eff:.1f} GB/s ({eff / bw:.0%}), llama.cpp {eff_l:.1f} GB/s "
+            f"({eff_l / bw:.0%}) of {bw:.1f} GB/s memory copy (2-D weights read per generated token)"
+        )
         need = r_ours["weight_bytes"] + r_ours["kv_bytes"]
         print(
             f"peak RSS              ours {r_ours['peak_rss'] / 2**20:.0f} MiB, weights + KV "
@@ -343,6 +391,9 @@ def main(argv=None) -> None:
                 {"OMP_PROC_BIND": "true"},
                 {"OMP_WAIT_POLICY": "passive"},  # the runtime's default
                 {"OMP_PROC_BIND": "true", "OMP_WAIT_POLICY": "passive"},
+                {"GOMP_SPINCOUNT": "1000"},
+                {"GOMP_SPINCOUNT": "10000"},
+                {"GOMP_SPINCOUNT": "100000"},
             ):
                 r = run_worker("ours", ours, argparse.Namespace(**{**vars(a), "pp": 16, "reps": 1}), env)
                 print(f"omp {env}: generation {r.get('tg_tok_s', float('nan')):.2f} tok/s")

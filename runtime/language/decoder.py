@@ -170,6 +170,7 @@ class Decoder:
             tensors = cast(dict[str, object], w)  # the type kernels/ops.py declares (it only reads)
             self._w.kquant |= kq.repacked_q4_0(ggml, self._file_bytes, tensors, self._w.repacked)
             self._w.kquant_attention = kq.attention_available()
+            self._w.kquant_decode_attention = kq.decode_attention_available()
         add_qk_norms(ggml, self._w, hp.n_layer, hp.n_head, hp.head_dim)
         self._kv = new_kv_cache(ggml, hp.n_layer, hp.n_head, hp.head_dim, self._n_alloc, self.kv_type)
 

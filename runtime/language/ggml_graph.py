@@ -24,9 +24,12 @@ as in one of 2 (runtime/prefix_cache.py relies on it). On x86 with AVX-512 that 
 attention op (`KQuantOps.attention`: fp32, a full softmax per query, no padding). Elsewhere it is
 ggml's fused flash-attention op as tiled fp32 GEMMs over 64 queries x 64 slots, skipping whole masked
 tiles; ggml tiles only from 64 queries on, so shorter batches are padded with zero queries whose mask
-rows are all -inf. One-position calls (decode steps) keep ggml's one-query flash attention, whose q
-and V sum are fp16. When only the last position's logits are wanted, the last layer computes its attention
-output and FFN for that position alone (its keys and values are still written for all T).
+rows are all -inf. One-position calls (decode steps) run the native kernels' one-query attention
+(`KQuantOps.attention(decode=True)`: fp32, each cached row read once, heads split between threads)
+where the CPU's path has one (AVX-512, NEON dotprod) and the cache is F16/F32; elsewhere ggml's
+one-query flash attention, whose q and V sum are fp16. When only the last position's logits are
+wanted, the last layer computes its attention output and FFN for that position alone (its keys and
+values are still written for all T).
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def build_graph(
         return ggml.ggml_add(ctx, ggml.ggml_mul(ctx, ggml.ggml_norm(ctx, x, eps), t[wn]), t[bn])
 
     own_attention = prompt and w.kquant_attention and not kv.quantized  # the native kernels', unpadded
-    kq = KQuantOps(ggml) if w.kquant or own_attention else None
+    own_decode = not prompt and T == 1 and w.kquant_decode_attention and not kv.quantized
+    kq = KQuantOps(ggml) if w.kquant or own_attention or own_decode else None
 
     def linear(x, wn: str, bn: str, gelu: bool = False):
         """W x + b, then GELU if asked: through our kernels in one node (bias and GELU in the op,
@@ -146,9 +150,9 @@ def build_graph(
                 ggml.ggml_view_2d(ctx, a, a.contents.ne[0], 1, a.contents.nb[1], t0 * a.contents.nb[1])
                 for a in (h, x)
             )
-        if own_attention and kq is not None:  # each query alone, T' of them: runtime/language/kernels/
+        if (own_attention or own_decode) and kq is not None:  # runtime/language/kernels/: each query
             m = ggml.ggml_view_2d(ctx, mask, n_kv, T - t0, mask.contents.nb[1], t0 * mask.contents.nb[1])
-            o = kq.attention(ctx, q, K, V, m, scale)  # (D, H, T')
+            o = kq.attention(ctx, q, K, V, m, scale, decode=own_decode)  # alone, T' of them: (D, H, T')
         else:
             n_q = max(T - t0, FA_TILE_Q) if prompt else T - t0  # queries the kernel sees, padding included
             if n_q > T - t0 or dk != D:  # zero queries (their mask rows are -inf), zero head dims

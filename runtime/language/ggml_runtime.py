@@ -149,6 +149,7 @@ class Weights:
     qk_ctx: int = 0
     kquant: dict[str, int] = field(default_factory=dict)  # batches through the native kernels: layout
     kquant_attention: bool = False  # prompts' attention through the native kernels (x86 with AVX-512)
+    kquant_decode_attention: bool = False  # decode steps' attention too (AVX-512, NEON dotprod)
 
 
 def place_weights(ggml, gf: GGUFFile, dev, matmul_weights: set[str], repack: bool = True) -> Weights:

@@ -5,9 +5,9 @@
  *     harness IN OUT
  * prints the path the CPU gets (`path=NAME`) and the compiled ones; then for each case of IN writes
  * to OUT three outputs: the plain path's (kq_plain), the detected path's (kq_dispatch), and the
- * detected path's again split over HARNESS_THREADS threads as ggml runs the op (the custom ops kq_op
- * and kq_attn_op, called for each ith in turn; the epilogue by column ranges); it prints `cases=N` and
- * the count per op. Exit status 0, or 1 with a message on stderr.
+ * detected path's again split over HARNESS_THREADS threads as ggml runs the op (the custom ops kq_op,
+ * kq_attn_op and kq_attn1_op, called for each ith in turn; the epilogue by column ranges); it prints
+ * `cases=N` and the count per op. Exit status 0, or 1 with a message on stderr.
  *
  * A case is 8 int32 (op and its sizes) and its inputs, all little-endian:
  *   op 0, matmul:    type, n, k, t;  n rows of type's blocks (TYPE_Q4_0_X8: ggml's 8-row repack);
@@ -18,15 +18,16 @@
  *                    q (T x q_heads x D float32: head h of query t at [t][h]);
  *                    k, v (n_kv x H x D, F16 or F32); mask (m_rows x n_kv F16: query t's row t)
  *                                                                        -> out (T x H x D float32)
+ *   op 3, decode attention: as op 2, T = 1
  */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "native.h"
 
-enum { OP_MATMUL = 0, OP_EPILOGUE = 1, OP_ATTENTION = 2, N_OPS = 3 };
+enum { OP_MATMUL = 0, OP_EPILOGUE = 1, OP_ATTENTION = 2, OP_ATTENTION1 = 3, N_OPS = 4 };
 #define HARNESS_THREADS 3
-static const char *const op_names[N_OPS] = {"matmul", "epilogue", "attention"};
+static const char *const op_names[N_OPS] = {"matmul", "epilogue", "attention", "attention1"};
 
 static int fail(const char *what) {
     fprintf(stderr, "harness: %s\n", what);
@@ -94,7 +95,8 @@ static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
         free(y), free(bias);
         return 0;
     }
-    if (h[0] == OP_ATTENTION) {
+    if (h[0] == OP_ATTENTION || h[0] == OP_ATTENTION1) {
+        const int decode = h[0] == OP_ATTENTION1;
         const int D = h[1], H = h[2], T = h[3], n_kv = h[4], f16 = h[5], qh = h[6], m_rows = h[7];
         if (D <= 0 || H <= 0 || T <= 0 || n_kv <= 0 || qh < H || m_rows < T || D > 4096 || H > 256 || T > 4096 ||
             n_kv > 65536)
@@ -113,10 +115,10 @@ static int run_case(FILE *in, const int32_t h[8], float **o, size_t *on) {
                           .mask = mask, .m_nb1 = (int64_t)n_kv * 2, .scale = scale};
         for (int i = 0; i < 2; i++) {
             a.out = *o + i * *on;
-            if (kq_attention(paths[i], &a, 0, 1)) return fail("attention failed");
+            if ((decode ? kq_attention1 : kq_attention)(paths[i], &a, 0, 1)) return fail("attention failed");
         }
         a.out = *o + 2 * *on;
-        for (int ith = 0; ith < HARNESS_THREADS; ith++) kq_attn_op(NULL, ith, HARNESS_THREADS, &a);
+        for (int ith = 0; ith < HARNESS_THREADS; ith++) (decode ? kq_attn1_op : kq_attn_op)(NULL, ith, HARNESS_THREADS, &a);
         if (a.status) return fail("the attention op failed");
         free(q), free(k), free(v), free(mask);
         return 0;

@@ -84,27 +84,29 @@ def attention_args(a: dict, out: np.ndarray) -> ops.KQAttnArgs:
     )
 
 
-def attention(native, a: dict, path: str) -> np.ndarray:
-    """The prompt attention of `attention_inputs` on one thread through `path`: (T, H, D)."""
+def attention(native, a: dict, path: str, decode: bool = False) -> np.ndarray:
+    """The prompt attention of `attention_inputs` (or with `decode` the decode step's, T = 1) on one
+    thread through `path`: (T, H, D)."""
     out = np.full((a["T"], a["H"], a["D"]), np.nan, np.float32)
     args = attention_args(a, out)
-    native.attention(ctypes.addressof(args), path)
+    (native.attention1 if decode else native.attention)(ctypes.addressof(args), path)
     return out
 
 
 def run(native, op: str, params: dict, arrays: dict, path: str) -> np.ndarray:
-    """One case of test_kernel_paths.py (op 'matmul', 'epilogue' or 'attention') through `path`."""
+    """One case of test_kernel_paths.py (op 'matmul', 'epilogue', 'attention', 'attention1') through
+    `path`."""
     if op == "matmul":
         return matmul(native, params["type_id"], arrays["raw"], params["n"], params["k"], arrays["x"], path)
     if op == "epilogue":
         return epilogue(native, arrays["y"], arrays.get("bias"), params["act"], path)
-    return attention(native, {**params, **arrays}, path)
+    return attention(native, {**params, **arrays}, path, decode=op == "attention1")
 
 
 # ---- harness.c's cases -------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "runtime" / "language" / "kernels"
-OPS = ("matmul", "epilogue", "attention")  # harness.c's op numbers 0, 1, 2
+OPS = ("matmul", "epilogue", "attention", "attention1")  # harness.c's op numbers 0, 1, 2, 3
 
 # (type, rows, columns, tokens): one token; one 16-token block; pairs of blocks with tails. Q4_0_X8:
 # ggml's 8-row repack (its own AVX-512 kernel: 16-row stripes, one and a half or three; passes of up to
@@ -115,6 +117,10 @@ MATMUL = [("Q4_K", 8, 512, 37), ("Q5_K", 24, 512, 16), ("Q6_K", 8, 768, 1), ("Q6
           ("Q4_0_X8", 48, 320, 37)]  # fmt: skip
 EPILOGUE = [(0, True), (1, True), (1, False)]  # (act: 1 GELU, with a bias)
 ATTENTION = [(80, "f16"), (80, "f32"), (20, "f16"), (20, "f32")]  # Phi-2's head; a masked AVX-512 tail
+# decode attention (one query): (D, kv, n_kv, cached positions p0; the query sees p0 + 1 slots):
+# 16-slot tails of 5 and 0, a head with a masked tail, a long context
+ATTENTION1 = [(80, "f16", 256, 100), (80, "f32", 256, 100), (20, "f16", 256, 47), (20, "f32", 128, 15),
+              (80, "f16", 1536, 1499)]  # fmt: skip
 
 
 def kernel_type(native, type_name: str) -> int:
@@ -159,6 +165,13 @@ def build_cases(native) -> list[dict]:
         header = [2, D, a["H"], a["T"], a["n_kv"], int(kv == "f16"), a["qk"].shape[1], a["mask"].shape[0]]
         cases.append({"op": "attention", "label": f"attention D={D} {kv}", "params": params, "arrays": arrays,
                       "header": header})  # fmt: skip
+    for D, kv, n_kv, p0 in ATTENTION1:
+        a = attention_inputs(D, kv, H=4, T=1, n_kv=n_kv, p0=p0)
+        params = {key: a[key] for key in ("D", "H", "T", "n_kv", "scale")}
+        arrays = {key: a[key] for key in ("qk", "k", "v", "mask")}
+        header = [3, D, a["H"], 1, n_kv, int(kv == "f16"), a["qk"].shape[1], a["mask"].shape[0]]
+        cases.append({"op": "attention1", "label": f"decode attention D={D} {kv} {p0 + 1} slots",
+                      "params": params, "arrays": arrays, "header": header})  # fmt: skip
     for c in cases:
         c["ref"] = {p: run(native, c["op"], c["params"], c["arrays"], p) for p in native.SUPPORTED}
     return cases
@@ -170,7 +183,7 @@ def write_cases(path: Path, cases) -> None:
         for c in cases:
             f.write(np.array(c["header"] + [0] * (8 - len(c["header"])), "<i4").tobytes())
             a = c["arrays"]
-            if c["op"] == "attention":
+            if c["op"] in ("attention", "attention1"):
                 f.write(np.float32(c["params"]["scale"]).tobytes())
                 parts = [a["qk"], a["k"], a["v"], a["mask"]]
             elif c["op"] == "matmul":

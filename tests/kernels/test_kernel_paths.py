@@ -1,6 +1,6 @@
 """runtime/language/kernels/ on CPUs this machine is not, under qemu-user emulation: every op on
 every path. The ops: the matmul of Q4_0 (plain rows, and ggml's x86 8-row repack), Q4_K, Q5_K and
-Q6_K; the bias + GELU epilogue; prompt attention.
+Q6_K; the bias + GELU epilogue; prompt attention; decode (one-query) attention.
 
 - aarch64: tests/kernels/harness.c and the folder's .c files (all but module.c, the Python glue)
   cross-compiled (gcc-aarch64-linux-gnu, static) and run as a Cortex-A76 (Raspberry Pi 5: dotprod,

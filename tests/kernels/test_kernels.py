@@ -205,13 +205,13 @@ def test_every_prompt_batch_of_repacked_q4_0_comes_here_and_is_the_same_in_any_b
         decode = [bool(g.kq and g.kq.nodes) for key, g in dec._graphs.items() if not key[4]]
         attention = {(key[0], key[4]): bool(g.kq and g.kq.attn) for key, g in dec._graphs.items()}
     assert kernel == {5: True, 1: True, 3: True, 2: True} and decode == [False]
-    # prompts' attention through the kernel too; a decode step's through ggml's
+    # prompts' attention through the kernel too; a decode step's through its one-query op
     assert attention == {
         (5, True): True,
         (1, True): True,
         (3, True): True,
         (2, True): True,
-        (1, False): False,
+        (1, False): True,
     }
 
 
@@ -309,6 +309,58 @@ def test_prompt_attention_matches_float64_and_every_path_alike(kv, D):
     a.D = 300  # past the kernel's head size
     with pytest.raises(ValueError, match="bad arguments"):
         _native.attention(ctypes.addressof(a), "plain")
+
+
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize(("D", "p0"), [(80, 100), (20, 47), (80, 1499)])  # 16-slot tails; a long context
+def test_decode_attention_matches_float64_and_every_path_alike(kv, D, p0):
+    """The decode attention op (one query per head, read straight from cache-like rows) against float64,
+    and every path this CPU runs against plain C bit for bit; T other than 1 is refused."""
+    inp = attention_inputs(D, kv, H=4, T=1, n_kv=max(256, p0 + 37), p0=p0)
+    H, qk, k, v, mask = (inp[key] for key in ("H", "qk", "k", "v", "mask"))
+    outs = {}
+    for path in PATHS:
+        out = np.full((1, H, D), np.nan, np.float32)
+        a = attention_args(inp, out)
+        _native.attention1(ctypes.addressof(a), path)
+        outs[path] = out
+    ref = np.empty((1, H, D))
+    for h in range(H):
+        cols = slice(h * D, (h + 1) * D)
+        s = qk[0, h].astype(np.float64) @ k[:, cols].astype(np.float64).T * D**-0.5 + mask[0]
+        p = np.exp(s - s.max())
+        ref[0, h] = p @ v[:, cols].astype(np.float64) / p.sum()
+    np.testing.assert_allclose(outs["plain"], ref, rtol=0, atol=2e-6)
+    for o in outs.values():
+        np.testing.assert_array_equal(o, outs["plain"])
+    a.T = 2
+    with pytest.raises(ValueError, match="attention1: bad arguments"):
+        _native.attention1(ctypes.addressof(a), "plain")
+
+
+def test_decode_steps_through_the_one_query_op_match_ggmls_flash_attention(tiny, tmp_path):
+    """A decode step's attention through kernels/ (where the CPU's path has its own) against ggml's
+    one-query flash attention on the same cache: the logits of a few greedy steps agree within ggml's
+    fp16 rounding of q and of the V sum, and the same tokens are chosen."""
+    if not ops.decode_attention_available():
+        pytest.skip(f"no decode attention of its own on this CPU's path ({_native.PATH})")
+    from tinygptv_edge.runtime.language.decoder import Decoder
+
+    path = _export(tiny, tmp_path, "F32")
+    ids = np.random.default_rng(3).integers(0, 512, 20).tolist()
+    runs = {}
+    for own in (True, False):
+        with Decoder(path, n_ctx=64, n_threads=2) as dec:
+            dec._w.kquant_decode_attention = own
+            logits, tok = [dec.eval_tokens(ids)], None
+            for _ in range(6):
+                tok = int(np.argmax(logits[-1]))
+                logits.append(dec.eval_tokens([tok]))
+            runs[own] = np.stack(logits[1:])
+            steps = [g for key, g in dec._graphs.items() if not key[4]]
+            assert steps and all(bool(g.kq and g.kq.attn) == own for g in steps)
+    np.testing.assert_allclose(runs[True], runs[False], rtol=0, atol=2e-3 * np.abs(runs[False]).max())
+    np.testing.assert_array_equal(runs[True].argmax(-1), runs[False].argmax(-1))
 
 
 def test_harness_runs_every_op_and_splits_it_over_threads_as_the_module_does(tmp_path):

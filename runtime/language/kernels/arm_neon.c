@@ -1,7 +1,8 @@
 /* The aarch64 NEON dotprod path: the matmul's activation quantizing and micro-tile (sdot by lane, one
- * q register = 4 tokens). Compiled with KQ_NEON_FN (a target attribute, no -march), so the build runs
- * on any aarch64 and dispatch.c puts these in the table only where kq_cpu_has_dotprod(); weight
- * unpacking, the epilogue and attention run the plain C there. Each does the plain path's IEEE
+ * q register = 4 tokens), and the decode attention (four q registers = the 16 lanes native.h defines).
+ * Compiled with KQ_NEON_FN (a target attribute, no -march), so the build runs on any aarch64 and
+ * dispatch.c puts these in the table only where kq_cpu_has_dotprod(); weight unpacking, the epilogue
+ * and prompt attention run the plain C there. Each does the plain path's IEEE
  * operations in the same order, so its results equal plain C's bit for bit (native.h says how). */
 #include "native.h"
 
@@ -86,6 +87,91 @@ KQ_NEON_FN void kq_tile_neon(const acts *p, int blk, int nb, const uint8_t *c, c
         }
         for (int r = 0; r < ROWS; r++)
             for (int i = 0; i < 4; i++) vst1q_f32(res[j][r] + 4 * i, acc[r][i]);
+    }
+}
+
+/* ---- decode attention (attention.c, native.h: ATT1_CHUNKS) ---------------------------------------- */
+/* dimensions d..d + 3 of an F16 or F32 row, zeros past D (fp16 -> fp32 is exact, as half_to_float) */
+KQ_NEON_FN static KQ_INLINE float32x4_t att1_ld4(const char *row, int32_t f16, int d, int D) {
+    if (d + 4 <= D)
+        return f16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)row + d)))
+                   : vld1q_f32((const float *)row + d);
+    float x[4];
+    for (int i = 0; i < 4; i++)
+        x[i] = d + i >= D ? 0.0f : f16 ? half_to_float(((const uint16_t *)row)[d + i]) : ((const float *)row)[d + i];
+    return vld1q_f32(x);
+}
+
+/* att_exp of 4 lanes: the same operations (rint: nearest even; p 2^n exact or rounded once, as ldexpf) */
+KQ_NEON_FN static KQ_INLINE float32x4_t att1_exp4(float32x4_t x) {
+    const uint32x4_t ok = vcgeq_f32(x, vdupq_n_f32(-87.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    float32x4_t r = vfmaq_f32(x, n, vdupq_n_f32(-0.693145751953125f));
+    r = vfmaq_f32(r, n, vdupq_n_f32(-1.428606765330187045e-06f));
+    float32x4_t p = vdupq_n_f32(1.0f / 720.0f);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    /* x in [-87, 0]: n in [-126, 0], so 2^n is a normal float */
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(vbslq_f32(ok, n, vdupq_n_f32(0.0f))), vdupq_n_s32(127)), 23);
+    return vbslq_f32(ok, vmulq_f32(p, vreinterpretq_f32_s32(e)), vdupq_n_f32(0.0f));
+}
+
+#define ATT1_NEON_VCH 8 /* 4-dimension chains of the V sum computed together */
+
+KQ_NEON_FN void kq_attn1_neon(const kq_attn_args *a, int h0, int h1, int n, float *sc) {
+    const int D = a->D, nc = ATT1_CHUNKS(D), nd4 = (D + 3) / 4;
+    const uint16_t *m = (const uint16_t *)a->mask;
+    for (int h = h0; h < h1; h++) {
+        const char *q = a->q + h * a->q_nb1, *kh = a->k + h * a->k_nb2, *vh = a->v + h * a->v_nb2;
+        float32x4_t qc[ATT_D_MAX / 4];
+        for (int i = 0; i < 4 * nc; i++) qc[i] = att1_ld4(q, 0, 4 * i, D);
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const char *row = kh + j * a->k_nb1;
+            float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+            for (int c = 0; c < nc; c++)
+                for (int i = 0; i < 4; i++) acc[i] = vfmaq_f32(acc[i], qc[4 * c + i], att1_ld4(row, a->kv_f16, 16 * c + 4 * i, D));
+            const float32x4_t t = vaddq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3])); /* +8, +4 */
+            const float32x2_t u = vadd_f32(vget_low_f32(t), vget_high_f32(t));                    /* +2 */
+            sc[j] = fmaf(vget_lane_f32(u, 0) + vget_lane_f32(u, 1), a->scale, half_to_float(m[j]));
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        float32x4_t lanes[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+        int j = 0;
+        for (; j + 16 <= n; j += 16)
+            for (int i = 0; i < 4; i++) {
+                const float32x4_t e = att1_exp4(vsubq_f32(vld1q_f32(sc + j + 4 * i), vdupq_n_f32(mx)));
+                vst1q_f32(sc + j + 4 * i, e);
+                lanes[i] = vaddq_f32(lanes[i], e);
+            }
+        float l16[ATT_LANES];
+        for (int i = 0; i < 4; i++) vst1q_f32(l16 + 4 * i, lanes[i]);
+        for (; j < n; j++) { /* the tail: lane j mod 16, as the plain path adds it */
+            sc[j] = vgetq_lane_f32(att1_exp4(vdupq_n_f32(sc[j] - mx)), 0);
+            l16[j % ATT_LANES] += sc[j];
+        }
+        const float sum = att_tree(l16);
+        float *o = a->out + (size_t)h * D;
+        for (int c0 = 0; c0 < nd4; c0 += ATT1_NEON_VCH) {
+            const int cn = nd4 - c0 < ATT1_NEON_VCH ? nd4 - c0 : ATT1_NEON_VCH;
+            float32x4_t acc[ATT1_NEON_VCH];
+            for (int c = 0; c < ATT1_NEON_VCH; c++) acc[c] = vdupq_n_f32(0.0f);
+            for (int jj = 0; jj < n; jj++) {
+                const char *row = vh + jj * a->v_nb1;
+                for (int c = 0; c < cn; c++)
+                    acc[c] = vfmaq_f32(acc[c], vdupq_n_f32(sc[jj]), att1_ld4(row, a->kv_f16, 4 * (c0 + c), D));
+            }
+            for (int c = 0; c < cn; c++) {
+                const int d = 4 * (c0 + c);
+                float y[4];
+                vst1q_f32(y, vdivq_f32(acc[c], vdupq_n_f32(sum)));
+                for (int i = 0; i < 4 && d + i < D; i++) o[d + i] = y[i];
+            }
+        }
     }
 }
 #endif

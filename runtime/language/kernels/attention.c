@@ -1,15 +1,21 @@
-/* The prompt attention op: softmax(scale q K^T + mask) V per head and query, its plain C path, and
- * the op as ggml_custom_op_t (x86_avx512.c holds the AVX-512 path).
+/* The attention ops, their plain C paths, and the ops as ggml_custom_op_t (x86_avx512.c and
+ * arm_neon.c hold the SIMD paths).
  *
- * For a prompt's queries on x86, instead of ggml's flash attention, whose tiled kernel needs 64
- * queries (a shorter prompt is padded to 64, and ggml_pad copies them one float at a time; what that
- * cost: docs/benchmarks.md). Each query is computed alone, in a fixed order, so its result does not
- * depend on the batch. Per head: K and V rows up to the last slot any query sees are converted to fp32
- * once (K transposed), then for each query: 16 scores at a time, each a sequential fma over the head's
- * dimensions; the mask added; a full softmax (max, exp, a sum of 16 lanes reduced in a fixed tree);
- * the V rows summed with those weights, one fma per slot, in slot order; divided by the sum. The plain
- * C path does the same operations in the same order, with the same exp, so the paths agree bit for
- * bit. */
+ * Prompt attention: for a prompt's queries on x86, instead of ggml's flash attention, whose tiled
+ * kernel needs 64 queries (a shorter prompt is padded to 64, and ggml_pad copies them one float at a
+ * time; what that cost: docs/benchmarks.md). Each query is computed alone, in a fixed order, so its
+ * result does not depend on the batch. Per head: K and V rows up to the last slot any query sees are
+ * converted to fp32 once (K transposed), then for each query: 16 scores at a time, each a sequential
+ * fma over the head's dimensions; the mask added; a full softmax (max, exp, a sum of 16 lanes reduced
+ * in a fixed tree); the V rows summed with those weights, one fma per slot, in slot order; divided by
+ * the sum. The plain C path does the same operations in the same order, with the same exp, so the
+ * paths agree bit for bit.
+ *
+ * Decode attention (one query per head, a generated token's step): ggml's one-query flash attention
+ * rounds q and its running V sum to fp16 and, for Phi-2's head of 80, runs 16 of every 80 dimensions
+ * in a scalar loop; at 1500 cached positions it took most of a step (docs/decoder.md, where the time
+ * goes). This op reads each cached row once, straight from the cache (F16 or F32), with fp32
+ * arithmetic laid out for SIMD lanes (native.h, ATT1_CHUNKS); heads are split between threads. */
 #include "native.h"
 
 /* e^x for x <= 0 (a score minus the row's max): 2^n e^r with n = round(x / ln 2) and a degree-6
@@ -31,6 +37,14 @@ static KQ_INLINE float att_exp(float x) {
 
 static KQ_INLINE float att_load(const char *base, int32_t f16, int i) {
     return f16 ? half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* a head's 16-dimension chunk c of row `base` (F16 or F32), zeros past D */
+static KQ_INLINE void att_chunk(const char *base, int32_t f16, int c, int D, float x[ATT_LANES]) {
+    for (int l = 0; l < ATT_LANES; l++) {
+        const int d = ATT_LANES * c + l;
+        x[l] = d < D ? att_load(base, f16, d) : 0.0f;
+    }
 }
 
 /* one past the last slot any of the T queries sees */
@@ -80,6 +94,39 @@ void kq_attn_plain(const kq_attn_args *a, int h0, int h1, int n, float *kt, floa
     }
 }
 
+/* the decode attention's plain C path (native.h: the definition every path computes) */
+void kq_attn1_plain(const kq_attn_args *a, int h0, int h1, int n, float *sc) {
+    const int D = a->D, nc = ATT1_CHUNKS(D);
+    const uint16_t *m = (const uint16_t *)a->mask;
+    for (int h = h0; h < h1; h++) {
+        const float *q = (const float *)(a->q + h * a->q_nb1);
+        const char *kh = a->k + h * a->k_nb2, *vh = a->v + h * a->v_nb2;
+        float qc[ATT_D_MAX / ATT_LANES][ATT_LANES], x[ATT_LANES], mx = -INFINITY, lanes[ATT_LANES] = {0};
+        for (int c = 0; c < nc; c++)
+            for (int l = 0; l < ATT_LANES; l++) qc[c][l] = ATT_LANES * c + l < D ? q[ATT_LANES * c + l] : 0.0f;
+        for (int j = 0; j < n; j++) {
+            float acc[ATT_LANES] = {0};
+            for (int c = 0; c < nc; c++) {
+                att_chunk(kh + j * a->k_nb1, a->kv_f16, c, D, x);
+                for (int l = 0; l < ATT_LANES; l++) acc[l] = fmaf(qc[c][l], x[l], acc[l]);
+            }
+            sc[j] = fmaf(att_tree(acc), a->scale, half_to_float(m[j]));
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        for (int j = 0; j < n; j++) {
+            sc[j] = att_exp(sc[j] - mx);
+            lanes[j % ATT_LANES] += sc[j];
+        }
+        const float sum = att_tree(lanes);
+        float *o = a->out + (size_t)h * D;
+        for (int d = 0; d < D; d++) {
+            float acc = 0.0f;
+            for (int j = 0; j < n; j++) acc = fmaf(sc[j], att_load(vh + j * a->v_nb1, a->kv_f16, d), acc);
+            o[d] = acc / sum;
+        }
+    }
+}
+
 /* thread ith of nth: heads split evenly; -1 when out of memory, -2 on bad arguments */
 int kq_attention(const kq_ops *ops, const kq_attn_args *a, int ith, int nth) {
     if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T <= 0 || a->n_kv <= 0) return -2;
@@ -106,5 +153,28 @@ void kq_attn_op(void *dst, int ith, int nth, void *userdata) {
     (void)dst;
     kq_attn_args *a = userdata;
     const int rc = kq_attention(&kq_dispatch, a, ith, nth);
+    if (rc) a->status = rc;
+}
+
+/* the decode attention, thread ith of nth: heads split evenly; -1 when out of memory, -2 on bad
+ * arguments (T other than 1 among them) */
+int kq_attention1(const kq_ops *ops, const kq_attn_args *a, int ith, int nth) {
+    if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T != 1 || a->n_kv <= 0) return -2;
+    int h0, h1;
+    kq_share(a->H, ith, nth, &h0, &h1);
+    if (h0 >= h1) return 0;
+    const int n = att_slots(a);
+    if (n == 0) return -2; /* a query that sees nothing */
+    float *sc = malloc((size_t)n * sizeof(float));
+    if (!sc) return -1;
+    ops->attention1(a, h0, h1, n, sc);
+    free(sc);
+    return 0;
+}
+
+void kq_attn1_op(void *dst, int ith, int nth, void *userdata) {
+    (void)dst;
+    kq_attn_args *a = userdata;
+    const int rc = kq_attention1(&kq_dispatch, a, ith, nth);
     if (rc) a->status = rc;
 }

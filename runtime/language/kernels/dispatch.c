@@ -2,7 +2,7 @@
  * every op; kq_dispatch, the one table the ops run from, starts as kq_plain and takes the fast path's
  * functions where kq_dispatch_init() (called once, when the module loads) finds the CPU runs it. No op
  * checks the CPU again. A path without its own version of a step keeps the plain one (NEON: weight
- * unpacking, the epilogue, attention). */
+ * unpacking, the epilogue, prompt attention). */
 #include "native.h"
 
 const char *const kq_path_names[KQ_NPATHS] = {"plain", "avx512vnni", "neon-dotprod"};
@@ -18,6 +18,8 @@ const kq_ops kq_plain = {
     .q40x8_rows = 0,
     .epilogue = kq_epilogue_plain,
     .attention = kq_attn_plain,
+    .attention1 = kq_attn1_plain,
+    .attention1_own = 0,
 };
 
 kq_ops kq_dispatch;
@@ -35,6 +37,8 @@ void kq_dispatch_init(void) {
         kq_dispatch.q40x8_rows = KQ_Q40X8_ROWS;
         kq_dispatch.epilogue = kq_epilogue_avx512;
         kq_dispatch.attention = kq_attn_avx512;
+        kq_dispatch.attention1 = kq_attn1_avx512;
+        kq_dispatch.attention1_own = 1;
     }
 #endif
 #if KQ_HAVE_NEON_DOT
@@ -43,6 +47,8 @@ void kq_dispatch_init(void) {
         kq_dispatch.id = KQ_NEON_DOTPROD;
         kq_dispatch.quantize = kq_quantize_neon;
         kq_dispatch.tile = kq_tile_neon;
+        kq_dispatch.attention1 = kq_attn1_neon;
+        kq_dispatch.attention1_own = 1;
     }
 #endif
     kq_init_gelu();

@@ -43,26 +43,42 @@ static PyObject *py_attn_op_address(PyObject *self, PyObject *args) {
     return PyLong_FromVoidPtr((void *)kq_attn_op);
 }
 
-static PyObject *py_attention(PyObject *self, PyObject *args) {
+static PyObject *py_attn1_op_address(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyLong_FromVoidPtr((void *)kq_attn1_op);
+}
+
+/* attention(args, path) or attention1(args, path): the op on one thread */
+static PyObject *run_attention(PyObject *args, int decode) {
     unsigned long long p;
-    const char *name;
-    (void)self;
+    const char *name, *op = decode ? "attention1" : "attention";
     if (!PyArg_ParseTuple(args, "Ks", &p, &name)) return NULL;
     const kq_ops *ops = kq_ops_named(name);
     if (!ops) {
-        PyErr_Format(PyExc_ValueError, "attention: unknown path '%s'", name);
+        PyErr_Format(PyExc_ValueError, "%s: unknown path '%s'", op, name);
         return NULL;
     }
+    const kq_attn_args *a = (const kq_attn_args *)(uintptr_t)p;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = kq_attention(ops, (const kq_attn_args *)(uintptr_t)p, 0, 1);
+    rc = decode ? kq_attention1(ops, a, 0, 1) : kq_attention(ops, a, 0, 1);
     Py_END_ALLOW_THREADS
     if (rc == -2) {
-        PyErr_SetString(PyExc_ValueError, "attention: bad arguments (head size, counts, or a query seeing no slot)");
+        PyErr_Format(PyExc_ValueError, "%s: bad arguments (head size, counts, or a query seeing no slot)", op);
         return NULL;
     }
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_attention(args, 0);
+}
+
+static PyObject *py_attention1(PyObject *self, PyObject *args) {
+    (void)self;
+    return run_attention(args, 1);
 }
 
 static PyObject *py_epilogue(PyObject *self, PyObject *args) {
@@ -101,8 +117,11 @@ static PyObject *path_tuple(const int *mask) {
 static PyMethodDef methods[] = {
     {"op_address", py_op_address, METH_NOARGS, "Address of the ggml custom op (ggml_custom_op_t)."},
     {"attn_op_address", py_attn_op_address, METH_NOARGS, "Address of the prompt attention custom op."},
+    {"attn1_op_address", py_attn1_op_address, METH_NOARGS, "Address of the decode attention custom op."},
     {"attention", py_attention, METH_VARARGS,
      "attention(args_address, path): the prompt attention of a kq_attn_args struct on one thread."},
+    {"attention1", py_attention1, METH_VARARGS,
+     "attention1(args_address, path): the decode attention (T = 1) of a kq_attn_args struct, one thread."},
     {"epilogue", py_epilogue, METH_VARARGS,
      "epilogue(out, ldo, t, n, bias, act, path): out[:t, :n] += bias (0: none), then GELU if act == 1."},
     {"matmul", py_matmul, METH_VARARGS,
@@ -125,7 +144,8 @@ PyMODINIT_FUNC PyInit__native(void) {
                     PyModule_AddStringConstant(m, "PATH", kq_dispatch.name) ||
                     PyModule_AddIntConstant(m, "ROWS", ROWS) || PyModule_AddIntConstant(m, "QK", QK) ||
                     PyModule_AddIntConstant(m, "Q4_0_X8", TYPE_Q4_0_X8) ||
-                    PyModule_AddIntConstant(m, "ACT_GELU", KQ_ACT_GELU);
+                    PyModule_AddIntConstant(m, "ACT_GELU", KQ_ACT_GELU) ||
+                    PyModule_AddIntConstant(m, "ATTENTION1_OWN", kq_dispatch.attention1_own);
     Py_XDECREF(compiled);
     Py_XDECREF(supported);
     if (bad) {

@@ -8,7 +8,8 @@
  *   x86_avx512.c  x86-64 AVX512-VNNI: every op, and Q4_0 in ggml's 8-row repack by its own kernel
  *   arm_neon.c    aarch64 NEON dotprod: the matmul's activation quantizing and tile
  *   epilogue.c    the bias + GELU op (ggml's GELU table) and its plain C path
- *   attention.c   the prompt attention op (+ its ggml custom op) and its plain C path
+ *   attention.c   the attention ops (+ their ggml custom ops) and their plain C paths: a prompt's
+ *                 queries, and one decode step's query
  *   module.c      the CPython module `_native` (ops.py is its Python side)
  *
  * The matmul: out (T x N) = X (T x K) W^T for W in Q4_0 (plain rows, or ggml's x86 8-row repack),
@@ -147,7 +148,7 @@ typedef struct { /* the matmul op: filled by the runtime once the graph's buffer
     int32_t act;       /* KQ_ACT_NONE or KQ_ACT_GELU, after the bias */
 } kq_args;
 
-typedef struct { /* the prompt attention op */
+typedef struct { /* the attention ops (prompt, and decode: T = 1) */
     int32_t D, H, T, n_kv; /* head dim, heads, queries, cache slots in the views */
     int32_t kv_f16;        /* K and V elements: 1 F16, 0 F32 */
     const char *q;         /* F32; query t, head h at q + t * q_nb2 + h * q_nb1 */
@@ -167,6 +168,15 @@ typedef struct { /* the prompt attention op */
 #define ATT_BLOCKS 4 /* AVX-512: blocks of 16 scores computed together */
 #define ATT_VCHUNK 5 /* AVX-512: 16-dimension chunks of the V sum computed together (Phi-2: D = 80) */
 #define ATT_JPAD(n) (((n) + ATT_BLOCKS * ATT_LANES - 1) / (ATT_BLOCKS * ATT_LANES) * (ATT_BLOCKS * ATT_LANES))
+
+/* The decode attention (one query per head, T = 1), defined so that 16- and 4-lane SIMD compute it
+ * directly from the cache rows, with no converted copies:
+ *     s_j = fma(dot(q, K_j), scale, mask_j)   dot: 16 lanes, lane l the fma chain over dimensions
+ *                                             l, l + 16, ... (zeros past D), summed by att_tree
+ *     e_j = att_exp(s_j - max s);  sum = att_tree(lanes), lane l the sum of e_j over j = l mod 16
+ *     o[d] = (the fma chain over slots j = 0.. of e_j K.. V_j[d]) / sum
+ * (the prompt op takes its dot products in dimension order instead, 16 slots at a time) */
+#define ATT1_CHUNKS(D) (((D) + ATT_LANES - 1) / ATT_LANES) /* 16-dimension chunks of a head */
 
 /* the sum of 16 lanes: l + (l + 8), + (l + 4), + (l + 2), + (l + 1), as every path does it */
 static KQ_INLINE float att_tree(float *s) {
@@ -194,6 +204,8 @@ typedef void (*epilogue_fn)(float *out, size_t ldo, int T, int n0, int n1, const
 /* the attention of heads h0..h1 - 1 over slots 0..n - 1; kt: D x ATT_JPAD(n), vf: n x D, sc:
  * ATT_JPAD(n) floats of scratch */
 typedef void (*attn_fn)(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf, float *sc);
+/* the decode attention (T = 1) of heads h0..h1 - 1 over slots 0..n - 1; sc: n floats of scratch */
+typedef void (*attn1_fn)(const kq_attn_args *a, int h0, int h1, int n, float *sc);
 
 /* ---- the dispatch table: one path's functions for every op -------------------------------------- */
 typedef struct {
@@ -206,6 +218,8 @@ typedef struct {
     int q40x8_rows;        /* the rows of one unit of its work split (q40x8 only) */
     epilogue_fn epilogue;  /* bias + GELU */
     attn_fn attention;     /* prompt attention */
+    attn1_fn attention1;   /* decode attention (one query) */
+    int attention1_own;    /* 1: attention1 is this path's own (not the plain one) */
 } kq_ops;
 
 extern const kq_ops kq_plain; /* the plain C reference of every op (dispatch.c) */
@@ -221,6 +235,7 @@ void kq_tile_plain(const acts *p, int blk, int nb, const uint8_t *c, const float
                    float res[2][ROWS][TB]);
 void kq_epilogue_plain(float *out, size_t ldo, int T, int n0, int n1, const float *bias, int act);
 void kq_attn_plain(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf, float *sc);
+void kq_attn1_plain(const kq_attn_args *a, int h0, int h1, int n, float *sc);
 
 #if KQ_HAVE_AVX512 /* x86_avx512.c */
 int kq_cpu_has_avx512vnni(void);
@@ -233,6 +248,7 @@ int kq_q40x8_avx512(const void *W, int N, int K, const float *X, int T, size_t l
                     int n0, int n1);
 void kq_epilogue_avx512(float *out, size_t ldo, int T, int n0, int n1, const float *bias, int act);
 void kq_attn_avx512(const kq_attn_args *a, int h0, int h1, int n, float *kt, float *vf, float *sc);
+void kq_attn1_avx512(const kq_attn_args *a, int h0, int h1, int n, float *sc);
 #define KQ_Q40X8_ROWS 16 /* kq_q40x8_avx512 works on stripes of 16 rows */
 #endif
 
@@ -241,6 +257,7 @@ int kq_cpu_has_dotprod(void);
 void kq_quantize_neon(const float *x, int blk, int lane, acts *p);
 void kq_tile_neon(const acts *p, int blk, int nb, const uint8_t *c, const float *a, const float *b,
                   float res[2][ROWS][TB]);
+void kq_attn1_neon(const kq_attn_args *a, int h0, int h1, int n, float *sc);
 #endif
 
 /* ---- the ops (thread ith of nth; ops: kq_plain, kq_dispatch) ------------------------------------ */
@@ -263,5 +280,7 @@ extern float kq_gelu_table[1 << 16];
 /* attention.c: 0, -1 out of memory, -2 bad arguments */
 int kq_attention(const kq_ops *ops, const kq_attn_args *a, int ith, int nth);
 void kq_attn_op(void *dst, int ith, int nth, void *userdata); /* as ggml_custom_op_t */
+int kq_attention1(const kq_ops *ops, const kq_attn_args *a, int ith, int nth); /* T must be 1 */
+void kq_attn1_op(void *dst, int ith, int nth, void *userdata);                  /* as ggml_custom_op_t */
 
 #endif

@@ -10,7 +10,9 @@ when the module loads: dispatch.c), for batches of at least MIN_TOKENS, and for 
 Q4_0 in ggml's x86 layout (`takes`); elsewhere ggml's mul_mat runs. The node adds the layer's bias and
 applies GELU where asked (epilogue.c). A second op, `KQuantOps.attention` (attention.c), computes a
 prompt's attention on x86 with AVX-512 (`attention_available`), each query alone and unpadded, in
-place of ggml's flash attention. The C side's map: native.h.
+place of ggml's flash attention; with `decode=True` it is a decode step's one query, on every path
+with its own SIMD version of it (`decode_attention_available`: AVX-512, NEON dotprod). The C side's
+map: native.h.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def repacked_q4_0(ggml, file_rows, tensors: dict[str, Any], repacked: list[str])
 
 _OP = None  # the C functions as ggml_custom_op_t, kept alive with the module
 _ATTN_OP = None
+_ATTN1_OP = None
 
 
 def attention_available() -> bool:
@@ -150,14 +153,21 @@ def attention_available() -> bool:
     return active_path() == "avx512vnni"
 
 
+def decode_attention_available() -> bool:
+    """Whether a decode step's attention runs attention.c's one-query op: where this CPU's path has its
+    own SIMD version (AVX-512, NEON dotprod); elsewhere ggml's flash attention keeps it."""
+    return _native is not None and bool(_native.ATTENTION1_OWN)
+
+
 class KQuantOps:
     """The custom matmul nodes of one graph: make them, bind their pointers, check their status."""
 
     def __init__(self, ggml):
-        global _OP, _ATTN_OP
+        global _OP, _ATTN_OP, _ATTN1_OP
         if _OP is None:
             _OP = ggml.ggml_custom_op_t(_native.op_address())
             _ATTN_OP = ggml.ggml_custom_op_t(_native.attn_op_address())
+            _ATTN1_OP = ggml.ggml_custom_op_t(_native.attn1_op_address())
         self.ggml = ggml
         self.nodes: list[tuple[KQArgs, Any, Any, Any, Any]] = []  # (args, w, x, out, bias): ggml tensors
         self.attn: list[tuple[KQAttnArgs, Any, Any, Any, Any, Any]] = []  # (args, q, k, v, mask, out)
@@ -179,10 +189,11 @@ class KQuantOps:
         self.nodes.append((args, w, x, out, bias))
         return out
 
-    def attention(self, ctx, q, k, v, mask, scale: float):
+    def attention(self, ctx, q, k, v, mask, scale: float, decode: bool = False):
         """softmax(scale q K^T + mask) V for a prompt's queries, each computed alone (kq_attention in
-        attention.c): q F32 (D, H, T) with contiguous heads; k, v (D, n_kv, H) F16 or F32 cache views;
-        mask F16 (n_kv, T), 0 or -inf. An F32 (D, H, T) node, contiguous."""
+        attention.c), or with `decode` a decode step's one query (kq_attention1: T must be 1): q F32
+        (D, H, T) with contiguous heads; k, v (D, n_kv, H) F16 or F32 cache views; mask F16 (n_kv, T),
+        0 or -inf. An F32 (D, H, T) node, contiguous."""
         ggml = self.ggml
         qc, kc, vc, mc = (t.contents for t in (q, k, v, mask))
         D, H, T, n_kv = qc.ne[0], qc.ne[1], qc.ne[2], kc.ne[1]
@@ -195,13 +206,15 @@ class KQuantOps:
             and (kc.ne[0], kc.ne[2], vc.ne[0], vc.ne[1], vc.ne[2]) == (D, H, D, n_kv, H)
             and mc.type == ggml.GGML_TYPE_F16
             and (mc.ne[0], mc.ne[1]) == (n_kv, T)
+            and (T == 1 or not decode)
         )
         if not ok:
             raise RuntimeError("native attention: unexpected operand shapes or types")
         args = KQAttnArgs(D=D, H=H, T=T, n_kv=n_kv, kv_f16=int(f16), scale=scale)
         srcs = (ctypes.POINTER(ggml.ggml_tensor) * 4)(q, k, v, mask)
         user = ctypes.cast(ctypes.pointer(args), ctypes.c_void_p)
-        out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, D, H, T, 1, srcs, 4, _ATTN_OP, -1, user)
+        op = _ATTN1_OP if decode else _ATTN_OP
+        out = ggml.ggml_custom_4d(ctx, ggml.GGML_TYPE_F32, D, H, T, 1, srcs, 4, op, -1, user)
         self.attn.append((args, q, k, v, mask, out))
         return out
 

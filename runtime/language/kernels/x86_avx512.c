@@ -393,4 +393,73 @@ KQ_AVX512_FN void kq_attn_avx512(const kq_attn_args *a, int h0, int h1, int n, f
         }
     }
 }
+
+/* ---- decode attention (attention.c, native.h: ATT1_CHUNKS): one query, rows read from the cache --- */
+KQ_AVX512_FN static KQ_INLINE __mmask16 att1_mask(int left) {
+    return left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+}
+
+/* chunk c (16 dimensions, zeros past D) of an F16 or F32 row */
+KQ_AVX512_FN static KQ_INLINE __m512 att1_load(const char *row, int32_t f16, int c, int D) {
+    const __mmask16 k = att1_mask(D - 16 * c);
+    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)row + 16 * c))
+               : _mm512_maskz_loadu_ps(k, (const float *)row + 16 * c);
+}
+
+/* att_tree of the 16 lanes: l + (l + 8), then + (l + 4), + (l + 2), + (l + 1) */
+KQ_AVX512_FN static KQ_INLINE float att1_tree(__m512 v) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+KQ_AVX512_FN void kq_attn1_avx512(const kq_attn_args *a, int h0, int h1, int n, float *sc) {
+    const int D = a->D, nc = ATT1_CHUNKS(D);
+    const uint16_t *m = (const uint16_t *)a->mask;
+    for (int h = h0; h < h1; h++) {
+        const float *q = (const float *)(a->q + h * a->q_nb1);
+        const char *kh = a->k + h * a->k_nb2, *vh = a->v + h * a->v_nb2;
+        __m512 qc[ATT_D_MAX / 16];
+        for (int c = 0; c < nc; c++) qc[c] = _mm512_maskz_loadu_ps(att1_mask(D - 16 * c), q + 16 * c);
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const char *row = kh + j * a->k_nb1;
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++) acc = _mm512_fmadd_ps(qc[c], att1_load(row, a->kv_f16, c, D), acc);
+            sc[j] = fmaf(att1_tree(acc), a->scale, half_to_float(m[j]));
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        const __m512 mxv = _mm512_set1_ps(mx);
+        __m512 lanes = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 16 <= n; j += 16) {
+            const __m512 e = att_exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), mxv));
+            _mm512_storeu_ps(sc + j, e);
+            lanes = _mm512_add_ps(lanes, e);
+        }
+        if (j < n) { /* the tail: its missing lanes add nothing (the plain path's lanes skip them) */
+            const __mmask16 k = att1_mask(n - j);
+            const __m512 e = att_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), mxv));
+            _mm512_mask_storeu_ps(sc + j, k, e);
+            lanes = _mm512_mask_add_ps(lanes, k, lanes, e);
+        }
+        float l16[ATT_LANES];
+        _mm512_storeu_ps(l16, lanes);
+        const __m512 sum = _mm512_set1_ps(att_tree(l16));
+        float *o = a->out + (size_t)h * D;
+        for (int c0 = 0; c0 < nc; c0 += ATT_VCHUNK) { /* ATT_VCHUNK chains of 16 dimensions */
+            const int cn = nc - c0 < ATT_VCHUNK ? nc - c0 : ATT_VCHUNK;
+            __m512 acc[ATT_VCHUNK];
+            for (int c = 0; c < cn; c++) acc[c] = _mm512_setzero_ps();
+            for (int jj = 0; jj < n; jj++) {
+                const __m512 p = _mm512_set1_ps(sc[jj]);
+                const char *row = vh + jj * a->v_nb1;
+                for (int c = 0; c < cn; c++) acc[c] = _mm512_fmadd_ps(p, att1_load(row, a->kv_f16, c0 + c, D), acc[c]);
+            }
+            for (int c = 0; c < cn; c++)
+                _mm512_mask_storeu_ps(o + 16 * (c0 + c), att1_mask(D - 16 * (c0 + c)), _mm512_div_ps(acc[c], sum));
+        }
+    }
+}
 #endif
