@@ -111,6 +111,16 @@ async def events(job: Job, first: tuple) -> AsyncGenerator[tuple, None]:
             job.stop("disconnected")
 
 
+def package_version() -> str:
+    """tinygptv-edge's installed version ("dev" from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinygptv-edge")
+    except PackageNotFoundError:
+        return "dev"
+
+
 def usage(r: Result) -> dict:
     return {
         "prompt_tokens": r.prompt_tokens,
