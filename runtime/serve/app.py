@@ -2,6 +2,7 @@
 llama.py; both in ROUTES too).
 
     GET  /                     the web page (static/index.html: no build step, no CDN)
+    GET  /openapi.json         the OpenAPI 3.1 document of every route (openapi.py)
     GET  /health               200 {"status": "ok", ...} when ready, 503 while loading
     GET  /v1/models[/{id}]     the one model (404 for another id)
     POST /v1/chat/completions  text + image_url parts, stream (SSE), sampling, stop, response_format
@@ -37,9 +38,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from . import llama, ollama
-from .common import auth, collect, engine_of, events, next_event, read_body, start, usage
+from .common import auth, collect, engine_of, events, next_event, package_version, read_body, start, usage
 from .engine import Engine, Job
 from .errors import APIError, BadRequest, NotFound, ServerError
+from .openapi import document
 from .schema import ChatRequest, EmbeddingRequest, image_ref, parse, plan_chat
 
 
@@ -81,6 +83,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 async def index(request: Request) -> Response:
     page = resources.files(__package__).joinpath("static/index.html").read_text("utf-8")
     return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"})
+
+
+async def openapi(request: Request) -> Response:
+    """The OpenAPI 3.1 document of every route (openapi.py), made once per app."""
+    doc = getattr(request.app.state, "openapi", None)
+    if doc is None:
+        doc = request.app.state.openapi = document(request.app.routes, package_version())
+    return JSONResponse(doc)
 
 
 async def health(request: Request) -> Response:
@@ -177,6 +187,7 @@ async def embeddings(request: Request) -> Response:
 
 ROUTES = [
     Route("/", index),
+    Route("/openapi.json", openapi),
     Route("/health", health),
     Route("/v1/models", models),
     Route("/v1/models/{model_id:path}", model),

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 
+from ..errors import ConfigError
+from ..text.tokenizer import check_text
 from .engine import Engine, Job, Result
 from .errors import APIError, BadRequest, PayloadTooLarge, Unauthorized
 from .schema import ChatPlan
 
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a UTF-16 surrogate gets into JSON text
 
 
 def engine_of(request: Request) -> Engine:
@@ -58,7 +62,26 @@ async def read_body(request: Request, cap: int) -> dict:
         ) from None
     if not isinstance(parsed, dict):
         raise BadRequest("the JSON body must be an object", code="invalid_json")
+    if SURROGATE_ESCAPE.search(data):
+        _check_strings(parsed, "")
     return parsed
+
+
+def _check_strings(value: object, param: str) -> None:
+    """Every string in a body is UTF-8 text. JSON can spell a lone surrogate (`"\\ud800"`), which no
+    tokenizer, encoder or image decoder takes: refused here, once for every route, naming where it is."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k, param or "body")
+            _check_strings(v, f"{param}.{k}" if param else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_strings(v, f"{param}.{i}" if param else str(i))
+    elif isinstance(value, str):
+        try:
+            check_text(value, param)
+        except ConfigError as e:
+            raise BadRequest(str(e), param, "invalid_value") from None
 
 
 async def next_event(job: Job, request: Request) -> tuple:
@@ -109,6 +132,16 @@ async def events(job: Job, first: tuple) -> AsyncGenerator[tuple, None]:
     finally:
         if not finished:
             job.stop("disconnected")
+
+
+def package_version() -> str:
+    """tinygptv-edge's installed version ("dev" from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinygptv-edge")
+    except PackageNotFoundError:
+        return "dev"
 
 
 def usage(r: Result) -> dict:

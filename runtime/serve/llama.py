@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .common import auth, collect, engine_of, events, read_body, start, usage
+from .common import auth, collect, engine_of, events, package_version, read_body, start, usage
 from .engine import Engine, Result
 from .errors import BadRequest
 from .schema import ChatPlan, ResponseFormat, StreamOptions, constraint_format, image_ref, parse, sampling
@@ -229,7 +229,7 @@ async def props(request: Request) -> Response:
             "chat_template": pipe.prompt.first_turn("{{ prompt }}", with_image=pipe.vision is not None),
             "bos_token": pipe.tokenizer.hf.id_to_token(pipe.tokenizer.bos_id),
             "eos_token": pipe.tokenizer.hf.id_to_token(pipe.tokenizer.eos_id),
-            "build_info": f"tinygptv-edge {_version()}",
+            "build_info": f"tinygptv-edge {package_version()}",
         }
     )
 
@@ -355,12 +355,3 @@ def _settings(s: Any) -> dict:
         "repeat_penalty": s.repetition_penalty,
         "seed": s.seed if s.seed is not None else -1,
     }
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tinygptv-edge")
-    except PackageNotFoundError:
-        return "dev"

@@ -271,3 +271,34 @@ def test_found_by_fuzzing_an_extreme_repeat_penalty_is_answered(server, penalty)
     status, ctype, data = send(server.port, "/v1/chat/completions", body)
     assert status == 200, data[:300]
     check("/v1/chat/completions", OPENAI_ERROR, body, status, ctype, data)
+
+
+LONE_SURROGATE = {  # JSON can spell a lone UTF-16 surrogate; hypothesis' text() never draws one
+    "/tokenize": '{"content": "a\\ud800b"}',
+    "/v1/embeddings": '{"model": "m", "input": "data:,\\udfff"}',
+    "/v1/chat/completions": '{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    "/api/generate": '{"model": "m", "prompt": "\\ud800", "stream": false}',
+    "/completion": '{"prompt": "hi", "stop": ["\\udc80"]}',
+}
+
+
+@pytest.mark.parametrize("path", list(LONE_SURROGATE))
+def test_found_by_probing_a_lone_surrogate_in_any_string_is_a_400_naming_it(server, path):
+    """/tokenize (ConfigError from the tokenizer) and /v1/embeddings (UnicodeEncodeError unquoting the
+    data: URI) answered a lone surrogate with a 500; read_body now refuses one in any string."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, LONE_SURROGATE[path].encode(), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        status, data = r.status, r.read()
+    finally:
+        conn.close()
+    assert status == 400, data[:300]
+    body = json.loads(data)
+    message = body["error"] if path.startswith("/api/") else body["error"]["message"]
+    assert "expected UTF-8 text" in message, body
+    if not path.startswith("/api/"):
+        assert body["error"]["param"] in {"content", "input", "messages.0.content", "stop.0"}, body
+    # a surrogate pair is one character, not an error
+    ok = send(server.port, "/tokenize", {"content": "\U0001f600"})
+    assert ok[0] == 200, ok
