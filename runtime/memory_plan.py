@@ -54,7 +54,9 @@ def parse_size(text: str, flag: str) -> int:
 
 def format_size(n: int) -> str:
     """Bytes for people: GiB from 1 GiB on, else MiB."""
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / MIB:.0f} MiB" if n >= 10 * MIB else f"{n / MIB:.2f} MiB"
 
 
 def _meminfo(key: str, meminfo: str | Path) -> int | None:

@@ -101,7 +101,7 @@ def test_level_tables_are_the_exporters():
         level = Q.LEVELS[name]
         assert base == level.base.name, name
         assert output == (level.output.name if level.quantized and base != "Q8_0" else base), name
-    assert FALLBACK == {a.name: b.name for a, b in Q.FALLBACK.items()} and LAST_RESORT == Q.LAST_RESORT.name
+    assert {a.name: b.name for a, b in Q.FALLBACK.items()} == FALLBACK and Q.LAST_RESORT.name == LAST_RESORT
     # tensors of several row lengths (numpy order): the exporter's type without the bumps (pure), and its
     # output rule for output.weight
     shapes = {"output.weight": (96, 64), "blk.0.attn_qkv.weight": (64, 192), "blk.0.attn_norm.weight": (64,),
