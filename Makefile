@@ -63,17 +63,23 @@ SOURCE ?=
 
 # Vision graph: dist/vision.fp32.onnx + dist/vision.int8.onnx from the shipped model.
 # CALIB_IMAGES=DIR picks the calibration images (default: synthetic VQA images in dist/calib-images).
+# MEMORY_BUDGET=1.5G (both export targets): export the vision x language pair `make report` measured
+# best among those whose predicted low-memory peak fits (from $(DIST)/report/report.json; docs/report.md),
+# instead of INT8 + GGUF_LEVEL.
 CALIB_IMAGES ?=
+MEMORY_BUDGET ?=
+BUDGET_FLAGS = $(if $(MEMORY_BUDGET),--memory-budget $(MEMORY_BUDGET) --report $(DIST)/report/report.json)
 export-onnx: setup
-	$(PY) -m tinygptv_edge export-onnx --out $(DIST) $(SOURCE) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))
+	$(PY) -m tinygptv_edge export-onnx --out $(DIST) $(SOURCE) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
+		$(BUDGET_FLAGS)
 
 # Language model as GGUF in $(DIST)/: GGUF_LEVEL (default Q4_0), GGUF_MODEL (single-checkpoint folder;
 # default: the shipped model), GGUF_ARGS (more flags, e.g. --imatrix-images DIR).
 GGUF_LEVEL ?= Q4_0
 .PHONY: export-gguf
 export-gguf: setup
-	$(VENV)/bin/tinygptv-edge export-gguf --level $(GGUF_LEVEL) --out $(DIST) $(SOURCE) \
-		$(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
+	$(VENV)/bin/tinygptv-edge export-gguf $(if $(MEMORY_BUDGET),$(BUDGET_FLAGS),--level $(GGUF_LEVEL)) \
+		--out $(DIST) $(SOURCE) $(if $(GGUF_MODEL),--model $(GGUF_MODEL)) $(GGUF_ARGS)
 
 # The shipped default model: train from scratch on the synthetic VQA set, writing export/default_model/
 # (weights, config, tokenizer, training.json, loss curve). Its recipe (training.json records it): the

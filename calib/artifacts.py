@@ -18,13 +18,14 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tinygptv_edge.export.onnx.presets import QuantPreset
 from tinygptv_edge.runtime.errors import TinyGPTVError
+from tinygptv_edge.runtime.memory_plan import BUDGET_KV_TYPES, kv_bytes_per_position, vision_file_bytes
 
 from .levels import LanguageLevel, VisionLevel
 from .metrics import bits_per_weight
@@ -62,14 +63,13 @@ class Artifact:
     bpw: float = math.nan  # 8 * weight bytes / parameters
     note: str = ""  # e.g. the exporter's gate, fallbacks
     error: str = ""  # the build failed: the level is reported, not evaluated
+    # language: the KV cache's bytes per position for each budget KV type, and the trained context
+    # (from the GGUF header): with file_bytes, what the predicted low-memory peak is made of
+    kv_bytes_per_position: dict[str, int] = field(default_factory=dict)
+    n_ctx_train: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def onnx_files(path: Path) -> list[Path]:
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.exists() else [path]
 
 
 def onnx_params(path: Path) -> int:
@@ -144,7 +144,7 @@ class Builder:
         if not self._vision_params:
             self._vision_params = onnx_params(self.folder / "vision.fp32.onnx")
         art.path = str(path)
-        art.file_bytes = sum(p.stat().st_size for p in onnx_files(path))
+        art.file_bytes = vision_file_bytes(path)
         art.params = self._vision_params
         art.bpw = bits_per_weight(art.file_bytes, art.params)
         art.note = self.manifest[level.file]["note"]
@@ -213,6 +213,8 @@ class Builder:
         art.path, art.file_bytes, art.params = str(path), path.stat().st_size, params
         art.bpw = bits_per_weight(data_bytes, params)
         art.note = self.manifest[level.file]["note"]
+        for kv in BUDGET_KV_TYPES:
+            art.kv_bytes_per_position[kv], art.n_ctx_train = kv_bytes_per_position(path, kv)
         return art
 
     def imatrix(self):

@@ -3,7 +3,8 @@
 Default: the shipped model, its synthetic VQA evaluation splits (test, test-phrasing, test-layout,
 test-camera), every vision level x every language level,
 written to dist/report/. `--vision` / `--language` / `--cells axes` / `--limit` shrink the run;
-`--max-size-mib`, `--min-accuracy`, `--max-drop` set the budget the recommendation must meet.
+`--max-size-mib`, `--min-accuracy`, `--max-drop`, `--memory-budget` (+ `--kv-type`) set the budget the
+recommendation must meet.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 def register(sub: argparse._SubParsersAction) -> None:
     from tinygptv_edge.export.checkpoints.source import add_source_args
+    from tinygptv_edge.runtime.memory_plan import BUDGET_KV_TYPES, SIZE_HELP
 
     from .levels import LANGUAGE_LEVELS, VISION_LEVELS
 
@@ -82,6 +84,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-size-mib", type=float, help="total size (vision + language) at most")
     b.add_argument("--min-accuracy", type=float, help="exact match %% at least")
     b.add_argument("--max-drop", type=float, help="exact-match drop vs the reference, points, at most")
+    b.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help=f"predicted low-memory peak at most (the lowest measured drop that fits); {SIZE_HELP}",
+    )
+    b.add_argument(
+        "--kv-type",
+        choices=BUDGET_KV_TYPES,
+        default="f16",
+        help="the KV cache type --memory-budget is priced with (as `run --kv-type`; default f16)",
+    )
     add_source_args(p)
     p.set_defaults(func=run)
 
@@ -89,10 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tinygptv_edge.export.checkpoints.source import spec_from_args
     from tinygptv_edge.export.staging import check_writable
+    from tinygptv_edge.runtime.memory_plan import parse_size
 
     from .report import Budget
     from .report_run import ReportConfig, make_report
 
+    memory = None if args.memory_budget is None else parse_size(args.memory_budget, "--memory-budget")
     cfg = ReportConfig(
         out=args.out,
         source=spec_from_args(args),
@@ -114,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         noise_floor=not args.no_noise_floor,
         probe=not args.no_probe,
-        budget=Budget(args.max_size_mib, args.min_accuracy, args.max_drop),
+        budget=Budget(args.max_size_mib, args.min_accuracy, args.max_drop, memory, args.kv_type),
     )
     bars: dict[str, tqdm] = {}
 
@@ -155,11 +170,15 @@ def _render_only(cfg) -> int:
     if not src.is_file():
         raise ReportError(f"--render-only: expected {src} from an earlier run, found none")
     doc = json.loads(src.read_text())
+    if cfg.budget.memory_bytes is not None:
+        from tinygptv_edge.export.budget import read_report
+
+        read_report(src)  # an older report has no predicted peaks: say to measure again
     # a new budget applies at once, to the measured cells only
     doc["recommendation"] = recommend(doc["cells"], cfg.budget, doc.get("unmeasured", []))
     n = next(r["questions"] for r in doc["cells"] if r["reference"])
     doc["sample"] = sample_note(doc["cells"], n, cfg.budget.max_drop or MATTERS_PTS)
-    doc["budget"] = {k: getattr(cfg.budget, k) for k in ("max_size_mib", "min_accuracy", "max_drop")}
+    doc["budget"] = cfg.budget.to_dict()
     for p in write_outputs(doc, cfg.out).values():
         print(f"wrote {p}")
     print(doc["recommendation"]["text"])

@@ -16,14 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinygptv_edge.export import budget as B
 from tinygptv_edge.runtime.errors import ReportError
+from tinygptv_edge.runtime.memory_plan import BUDGET_KV_TYPES, format_size, low_memory_need
 
 from . import metrics as M
 from .evalset import EvalSet
 from .levels import REFERENCE_LANGUAGE, REFERENCE_VISION
 from .matrix import Cell, MatrixResult, VisionAxis
 
-SCHEMA = 2  # 2: cells_mode, unmeasured, sample, examples_kind; probes as repeated runs
+SCHEMA = 3  # 2: cells_mode, unmeasured, sample, examples_kind; probes as repeated runs; 3: predicted peaks
 MIB = 2**20
 MATTERS_PTS = 1.0  # the exact-match change (points) the project's accuracy targets are stated in
 RULE_OF_THREE = 3.0  # no event in n trials: the 95% upper bound of its rate is about 3 / n
@@ -31,13 +33,26 @@ RULE_OF_THREE = 3.0  # no event in n trials: the 95% upper bound of its rate is 
 
 @dataclass(frozen=True)
 class Budget:
-    """What the user can afford: total size (MiB), minimum exact match (%), maximum drop (points)."""
+    """What the user can afford: total size (MiB), minimum exact match (%), maximum drop (points), memory
+    (bytes: the predicted low-memory peak with a KV cache of `kv_type` at most)."""
 
     max_size_mib: float | None = None
     min_accuracy: float | None = None
     max_drop: float | None = None
+    memory_bytes: int | None = None
+    kv_type: str = "f16"
 
     def __post_init__(self) -> None:
+        if self.memory_bytes is not None and (
+            not isinstance(self.memory_bytes, int)
+            or isinstance(self.memory_bytes, bool)
+            or self.memory_bytes < 1
+        ):
+            raise ReportError(f"budget memory_bytes: expected a positive integer, got {self.memory_bytes!r}")
+        if self.kv_type not in BUDGET_KV_TYPES:
+            raise ReportError(
+                f"budget kv_type: expected one of {', '.join(BUDGET_KV_TYPES)}, got {self.kv_type!r}"
+            )
         for name in ("max_size_mib", "min_accuracy", "max_drop"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v < 0):
@@ -47,7 +62,13 @@ class Budget:
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in (self.max_size_mib, self.min_accuracy, self.max_drop))
+        return any(
+            v is not None for v in (self.max_size_mib, self.min_accuracy, self.max_drop, self.memory_bytes)
+        )
+
+    def to_dict(self) -> dict:
+        names = ("max_size_mib", "min_accuracy", "max_drop", "memory_bytes", "kv_type")
+        return {k: getattr(self, k) for k in names}
 
 
 def _pct(x: float) -> float:
@@ -173,6 +194,19 @@ def split_drops(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def pair_peaks(vision: dict, language: dict) -> dict[str, int]:
+    """KV type -> predicted low-memory peak of a pair of built files (runtime/memory_plan.py's formula over
+    the vision graph with its .onnx.data, the GGUF, and the KV bytes per position its header gives)."""
+    per_pos, trained = language.get("kv_bytes_per_position"), language.get("n_ctx_train")
+    if not isinstance(per_pos, dict) or set(per_pos) < set(BUDGET_KV_TYPES) or not trained:
+        raise ReportError(
+            f"language artifact {language.get('level', '?')}: kv_bytes_per_position: expected bytes for "
+            f"{', '.join(BUDGET_KV_TYPES)} and n_ctx_train from the GGUF header, got {per_pos!r}, {trained!r}"
+        )
+    v, lg = vision["file_bytes"], language["file_bytes"]
+    return {kv: low_memory_need(v, lg, per_pos[kv], trained) for kv in BUDGET_KV_TYPES}
+
+
 def unmeasured_pairs(artifacts: dict, measured: set[tuple[str, str]]) -> list[dict]:
     """The (vision, language) pairs whose files were built but which the run did not measure (`--cells
     axes`, or a level the matrix refused), smallest first: never to be read as pairs that failed."""
@@ -185,6 +219,7 @@ def unmeasured_pairs(artifacts: dict, measured: set[tuple[str, str]]) -> list[di
             "language": lg,
             "name": f"{v} + {lg}",
             "size_bytes": va[v]["file_bytes"] + la[lg]["file_bytes"],
+            B.PEAK: pair_peaks(va[v], la[lg]),
         }
         for lg in ok_l
         for v in ok_v
@@ -193,8 +228,13 @@ def unmeasured_pairs(artifacts: dict, measured: set[tuple[str, str]]) -> list[di
     return sorted(pairs, key=lambda x: x["size_bytes"])
 
 
-def _names(pairs: Sequence[dict], most: int = 6) -> str:
-    shown = [f"{x['name']} ({x['size_bytes'] / MIB:.2f} MiB)" for x in pairs[:most]]
+def _names(pairs: Sequence[dict], most: int = 6, kv_type: str | None = None) -> str:
+    def cost(x: dict) -> str:
+        if kv_type is None:
+            return f"{x['size_bytes'] / MIB:.2f} MiB"
+        return f"predicted peak {format_size(B.cell_peak(x, kv_type))}"
+
+    shown = [f"{x['name']} ({cost(x)})" for x in pairs[:most]]
     return ", ".join(shown) + (f" and {len(pairs) - most} more" if len(pairs) > most else "")
 
 
@@ -205,7 +245,8 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
     a size budget are named, so a budget no measured cell meets reads as "not measured", never as "no
     level fits". `ok` is False when no measured cell meets the budget (rendered as a failure).
 
-    Size budget: the highest exact match that fits (ties: lower mean KL, then smaller). Accuracy budget
+    Size or memory budget: the lowest exact-match drop that fits (ties: lower mean KL, then smaller;
+    memory: the predicted low-memory peak, export/budget.py, the rule the exporters use). Accuracy budget
     alone: the smallest cell that reaches it (ties: higher exact match). No budget: the smallest cell
     whose exact-match change vs the reference is not significant (its 95% CI includes 0 or is above),
     on the whole set and, for a set in splits, on every split. With splits the text also says, for
@@ -226,6 +267,10 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
     if budget.max_drop is not None:
         ok = [r for r in ok if r["em_change"] >= -budget.max_drop]
         rules.append(f"exact-match drop <= {budget.max_drop:g} points")
+    kv = budget.kv_type
+    if budget.memory_bytes is not None:
+        ok = B.fitting(ok, budget.memory_bytes, kv)
+        rules.append(f"predicted low-memory peak (KV {kv}) <= {format_size(budget.memory_bytes)}")
     if not budget.given:
         ok = [r for r in ok if r["em_change_ci"][1] >= 0]
         rules.append("exact match not significantly below the reference (paired bootstrap, 95%)")
@@ -237,33 +282,43 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
         if not within:
             return ""
         n = len(within)
+        shown = _names(within, kv_type=kv if budget.memory_bytes is not None else None)
         return (
-            f" Not measured ({n} pair{'s' if n != 1 else ''}{where}): {_names(within)}; measure them with "
+            f" Not measured ({n} pair{'s' if n != 1 else ''}{where}): {shown}; measure them with "
             "--cells full, or --vision/--language naming them."
         )
 
+    fitting, where = list(unmeasured), ""
     if budget.max_size_mib is not None:
-        fitting = [x for x in unmeasured if x["size_bytes"] <= budget.max_size_mib * MIB]
+        fitting = [x for x in fitting if x["size_bytes"] <= budget.max_size_mib * MIB]
         where = " within the size budget"
-    else:
-        fitting, where = list(unmeasured), ""
+    if budget.memory_bytes is not None:
+        fitting = B.fitting(fitting, budget.memory_bytes, kv)
+        where = " within the memory budget" if budget.max_size_mib is None else " within the budget"
     if not ok:
-        smallest = min(rows, key=lambda r: r["size_bytes"])
+        if budget.memory_bytes is not None:  # what a memory budget asks is the peak: name the lowest
+            low = B.smallest_peak(rows, kv)
+            smallest = (
+                f" The smallest predicted low-memory peak (KV {kv}) is {format_size(B.cell_peak(low, kv))}, "
+                f"{_describe(low, ref)}."
+            )
+        else:
+            smallest = (
+                f" The smallest measured is {_describe(min(rows, key=lambda r: r['size_bytes']), ref)}."
+            )
         return {
             "cell": None,
             "ok": False,
             "rule": "; ".join(rules),
             "text": f"No measured pair meets {' and '.join(rules)}."
             + not_measured(fitting, where)
-            + " The smallest measured is "
-            + _describe(smallest, ref)
-            + "."
+            + smallest
             + where_drops,
             "split_drops": drops,
             "unmeasured_fitting": [x["name"] for x in fitting],
         }
-    if budget.max_size_mib is not None:
-        best = max(ok, key=lambda r: (r["em"], -r["kl"]["mean"], -r["size_bytes"]))
+    if budget.max_size_mib is not None or budget.memory_bytes is not None:
+        best = B.lowest_drop(ok)
     else:
         best = min(ok, key=lambda r: (r["size_bytes"], -r["em"]))
         # without a size budget, an unmeasured pair matters only if it would be smaller than the choice
@@ -277,6 +332,11 @@ def recommend(rows: list[dict], budget: Budget, unmeasured: Sequence[dict] = ())
         "rule": "; ".join(rules),
         "text": f"Under {' and '.join(rules)}: "
         + _describe(best, ref)
+        + (
+            f", predicted low-memory peak (KV {kv}) {format_size(B.cell_peak(best, kv))}"
+            if budget.memory_bytes is not None
+            else ""
+        )
         + "."
         + where_drops
         + not_measured(fitting, where),
@@ -390,6 +450,7 @@ def build_document(
     for (v, lang), cell in result.cells.items():
         size = va[v]["file_bytes"] + la[lang]["file_bytes"]
         rows.append(summarize_cell(cell, ref, evalset, size, n_boot, seed))
+        rows[-1][B.PEAK] = pair_peaks(va[v], la[lang])
     front = set(pareto(rows))
     for r in rows:
         r["pareto"] = r["name"] in front
@@ -422,11 +483,7 @@ def build_document(
         "unmeasured": unmeasured,
         "sample": sample_note(rows, next(r["questions"] for r in rows if r["reference"]), matter),
         "recommendation": recommend(rows, budget, unmeasured),
-        "budget": {
-            "max_size_mib": budget.max_size_mib,
-            "min_accuracy": budget.min_accuracy,
-            "max_drop": budget.max_drop,
-        },
+        "budget": budget.to_dict(),
         "examples": examples,
         "examples_kind": examples_kind,
         "answers": {r["name"]: c.answers for r, c in zip(rows, result.cells.values(), strict=True)},

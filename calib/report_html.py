@@ -276,6 +276,11 @@ def render_html(doc: dict) -> str:
         "<h2>Exact match % per cell (* Pareto front; green: as the reference, red: 10 points or more below)"
         "</h2>",
         _table_html(*R.matrix_rows(doc, "em"), heat=(ref_em - 10, ref_em)),
+        *(
+            [f"<h2>{html.escape(R.peak_title(doc))}</h2>", _table_html(*R.peak_rows(doc))]
+            if doc.get("schema", 0) >= 3
+            else []
+        ),
         "<h2>Answers flipped vs the reference, % (red: 20% or more)</h2>",
         _table_html(*R.matrix_rows(doc, "flip_rate"), heat=(20, 0)),
         f"<h2>Worst examples</h2><p class=muted>{html.escape(R.examples_title(doc))} The level's answer is "

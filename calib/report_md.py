@@ -165,6 +165,43 @@ def matrix_rows(doc: dict, key: str = "em") -> tuple[list[str], list[list[str]]]
     return ["vision \\ language", *lang], rows
 
 
+def peak_kv(doc: dict) -> str:
+    return (doc.get("budget") or {}).get("kv_type") or "f16"
+
+
+def peak_title(doc: dict) -> str:
+    memory = (doc.get("budget") or {}).get("memory_bytes")
+    over = f"; over = above the memory budget of {memory / MIB:.0f} MiB" if memory else ""
+    return (
+        f"Predicted low-memory peak, MiB per cell (KV {peak_kv(doc)}: max(vision file, language file + KV "
+        f"cache at the low-memory allocation) + margin, runtime/memory_plan.py{over})"
+    )
+
+
+def peak_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows: vision levels; columns: language levels; values: the predicted low-memory peak (MiB) with the
+    budget's KV type, for measured cells and built pairs left unmeasured alike."""
+    kv = peak_kv(doc)
+    memory = (doc.get("budget") or {}).get("memory_bytes")
+    pairs = {(r["vision"], r["language"]): (r, "") for r in doc["cells"]}
+    for x in doc.get("unmeasured", []):
+        pairs[(x["vision"], x["language"])] = (x, f" ({NOT_MEASURED})")
+    vis = list(dict.fromkeys(v for v, _ in pairs))
+    lang = list(dict.fromkeys(lg for _, lg in pairs))
+    rows = []
+    for v in vis:
+        row = [v]
+        for lg in lang:
+            r, tag = pairs.get((v, lg), (None, ""))
+            peak = (r or {}).get("low_memory_peak_bytes", {}).get(kv)
+            if peak is None:
+                row.append("failed" if r is None else "-")
+                continue
+            row.append(f"{peak / MIB:.0f}{' over' if memory and peak > memory else ''}{tag}")
+        rows.append(row)
+    return ["vision \\ language", *lang], rows
+
+
 def type_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     types = doc["evalset"]["types"]
     rows = [
@@ -269,6 +306,7 @@ def render_markdown(doc: dict) -> str:
         table(*vision_rows(doc)),
         "## End task: exact match % per cell (* = on the size/accuracy Pareto front)\n",
         table(*matrix_rows(doc, "em")),
+        *([f"## {peak_title(doc)}\n", table(*peak_rows(doc))] if doc.get("schema", 0) >= 3 else []),
         "## Answers flipped vs the reference, % per cell\n",
         table(*matrix_rows(doc, "flip_rate")),
         "## Exact match % per question type\n",

@@ -2,7 +2,10 @@
 
 Source flags as on every command (export/checkpoints/source.py): `--model DIR`, or the official files
 `--phi2 --eva --blip2 [--stage-ckpt] [--stage-num]`, `--config JSON`, `--template`, `--bos/--no-bos`
-(written as `tokenizer.ggml.add_bos_token`).
+(written as `tokenizer.ggml.add_bos_token`). `--memory-budget SIZE [--report PATH]` instead of `--level`:
+the language level of the pair `make report` measured best that fits (export/budget.py; export-onnx
+picks the vision level of the same pair), with an importance matrix from `--imatrix-images`, else the
+calibration images export-onnx draws into OUT/calib-images, when that level was measured with one.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tinygptv_edge.export.budget import add_budget_args
     from tinygptv_edge.export.checkpoints.source import add_source_args
     from tinygptv_edge.export.gguf.quant import DEFAULT_LEVEL, LEVELS
     from tinygptv_edge.runtime.contract import LANGUAGE_FILE
 
     p = sub.add_parser("export-gguf", help="write the language model (LoRA merged) as a GGUF file")
-    p.add_argument("--level", "-q", default=DEFAULT_LEVEL, choices=list(LEVELS), help="quantization level")
+    p.add_argument(
+        "--level", "-q", choices=list(LEVELS), help=f"quantization level (default {DEFAULT_LEVEL})"
+    )
     p.add_argument(
         "--out", default="dist", help=f"output folder (file {LANGUAGE_FILE}) or a path ending in .gguf"
     )
@@ -36,16 +42,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     im.add_argument("--answer-tokens", type=int, default=0, help="greedy answer tokens also counted")
     im.add_argument("--imatrix-out", help="also save the collected importance matrix (.npz)")
     im.add_argument("--imatrix", help="use a saved importance matrix (.npz) instead of collecting one")
+    add_budget_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tinygptv_edge.export.budget import choice_from_args, language_level
     from tinygptv_edge.export.checkpoints.source import spec_from_args
     from tinygptv_edge.export.gguf.export import export_source
-    from tinygptv_edge.export.gguf.quant import get_level
+    from tinygptv_edge.export.gguf.quant import DEFAULT_LEVEL, get_level
     from tinygptv_edge.runtime.contract import LANGUAGE_FILE
+    from tinygptv_edge.runtime.errors import ConfigError
 
-    level = get_level(args.level)
+    choice = choice_from_args(args)
+    with_imatrix = False
+    if choice is not None:
+        if args.level is not None:
+            raise ConfigError(
+                f"--level {args.level} and --memory-budget: expected one of them (the budget picks the "
+                "level from the report), got both"
+            )
+        name, with_imatrix = language_level(choice.language)
+        print(choice.describe())
+    level = get_level(name if choice is not None else args.level or DEFAULT_LEVEL)
+    if with_imatrix and not (args.imatrix or args.imatrix_images):
+        from tinygptv_edge.export.onnx.cli import DEFAULT_CALIB_IMAGES, default_calibration_folder
+
+        folder = Path(args.out).parent if Path(args.out).suffix == ".gguf" else Path(args.out)
+        folder = default_calibration_folder(folder, DEFAULT_CALIB_IMAGES)
+        args.imatrix_images = str(folder)
+        print(f"  {choice.language} was measured with an importance matrix: collecting one on {folder}")
     spec = spec_from_args(args)
     out = Path(args.out)
     if out.suffix != ".gguf":

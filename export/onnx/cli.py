@@ -7,7 +7,10 @@ vision.fp32.onnx, vision.int8.onnx (+ vision.int4.onnx with --int4, vision.int8-
 --dynamic, SQNR tables and the held-out report with --diagnostics). Calibration images: `--calib-images
 DIR`, or by default images drawn by the synthetic VQA generator (`export/train/vqa.py`) into
 OUT/calib-images. The gate runs on held-out images: `--check-images DIR`, or else the last quarter
-(at most 8) of the calibration images, which are then not calibrated on.
+(at most 8) of the calibration images, which are then not calibrated on. `--memory-budget SIZE
+[--report PATH]`: the vision level of the pair `make report` measured best that fits (export/budget.py;
+export-gguf picks the language level of the same pair): FP32 alone, INT8 with that calibration method,
+dynamic INT8 or INT4, instead of `--no-int8` / `--method` / `--dynamic` / `--int4`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import importlib
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,6 +28,7 @@ DEFAULT_CALIB_IMAGES = 32
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tinygptv_edge.export.budget import add_budget_args
     from tinygptv_edge.export.checkpoints.source import add_source_args
     from tinygptv_edge.export.onnx.presets import CALIBRATION_METHODS, PRESETS
 
@@ -68,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q4.add_argument("--int4", action="store_true", help="also write vision.int4.onnx (MatMulNBits)")
     q4.add_argument("--int4-block", type=int, default=None, help="INT4 block size along K (32)")
     q4.add_argument("--int4-accuracy", type=int, default=None, help="MatMulNBits accuracy_level (4: int8)")
+    add_budget_args(p)
     p.set_defaults(func=run)
 
 
@@ -116,6 +122,37 @@ def _gate_lines(res, what: str) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class VisionPlan:
+    """Which graphs to write after the FP32 one."""
+
+    static: bool  # vision.int8.onnx (calibrated)
+    dynamic: bool  # vision.int8-dynamic.onnx
+    int4: bool  # vision.int4.onnx
+    method: str | None = None  # the calibration method, when not the preset's
+
+
+def vision_plan(args: argparse.Namespace) -> tuple[VisionPlan, str | None]:
+    """What the flags ask for, or what `--memory-budget` picks from the report (with a line saying so)."""
+    from tinygptv_edge.export.budget import choice_from_args, vision_level
+    from tinygptv_edge.runtime.errors import ConfigError
+
+    choice = choice_from_args(args)
+    if choice is None:
+        return VisionPlan(not args.no_int8, not args.no_int8 and args.dynamic, not args.no_int8 and args.int4,
+                          args.method), None  # fmt: skip
+    asked = [f for f, on in (("--no-int8", args.no_int8), ("--dynamic", args.dynamic), ("--int4", args.int4),
+                             ("--method", args.method)) if on]  # fmt: skip
+    if asked:
+        raise ConfigError(
+            f"--memory-budget and {', '.join(asked)}: expected one of them (the budget picks the vision "
+            "level from the report), got both"
+        )
+    kind, method = vision_level(choice.vision)
+    plan = VisionPlan(kind == "static", kind == "dynamic", kind == "int4", method or None)
+    return plan, choice.describe()
+
+
 def run(args: argparse.Namespace) -> int:
     from tinygptv_edge.export.checkpoints.source import spec_from_args
     from tinygptv_edge.export.onnx.check import ParityConfig
@@ -130,13 +167,16 @@ def run(args: argparse.Namespace) -> int:
         split_holdout,
     )
 
+    plan, picked = vision_plan(args)
+    if picked:
+        print(picked)
     overrides = {"exclude": tuple(args.exclude), "fallback_k": args.fallback_k, "max_images": args.n_calib}
     overrides["fuse"] = not args.no_fuse
     gate = {
         k: v for k, v in (("min_cosine", args.min_cosine), ("mean_cosine", args.mean_cosine)) if v is not None
     }
-    if args.method:
-        overrides["method"] = args.method
+    if plan.method:
+        overrides["method"] = plan.method
     preset = get_preset(args.preset, **overrides, **gate)  # validate flags before the slow steps
     int4 = {
         k: v
@@ -146,7 +186,10 @@ def run(args: argparse.Namespace) -> int:
     int4_cfg = Int4Config(fuse=not args.no_fuse, **int4, **gate)
     spec = spec_from_args(args)
     out = Path(args.out)
-    steps = tqdm(total=3 if args.no_int8 else 5 + args.dynamic + args.int4, desc="export-onnx", unit="step")
+    quantized = plan.static or plan.dynamic or plan.int4
+    steps = tqdm(
+        total=3 + (2 + plan.dynamic + plan.int4 if quantized else 0), desc="export-onnx", unit="step"
+    )
 
     def progress(msg: str) -> None:
         steps.set_postfix_str(msg[:60])
@@ -159,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     fp32 = export_vision(loaded.model, out, loaded.sha256, cfg, progress=progress)
     steps.update()
     lines = [loaded.summary.format(), f"wrote {fp32.path} ({fp32.n_nodes} nodes); {fp32.parity.format()}"]
-    if not args.no_int8:
+    if quantized:
         progress("reading calibration images")
         pre = preprocess_config(fp32.path)
         folder = (
@@ -176,35 +219,43 @@ def run(args: argparse.Namespace) -> int:
             names = names[len(pixels) :]
         steps.update()
         diag_dir = out / "diagnostics" if args.diagnostics else None
-        q = quantize_vision(
-            fp32.path,
-            pixels,
-            preset,
-            check=check,
-            check_names=names,
-            diagnostics_dir=diag_dir,
-            progress=progress,
-        )
         steps.update()
-        lines.append(f"wrote {q.path} ({preset.name}, {preset.method}, {len(pixels)} images from {folder})")
-        lines += _gate_lines(q, "INT8")
-        if q.fallback:
-            lines.append(f"  kept in float (most sensitive, until the gate passed): {', '.join(q.fallback)}")
-        if diag_dir:
-            lines.append(
-                f"  SQNR per activation: {diag_dir}/sqnr.txt; held-out images: {diag_dir}/heldout.txt"
+        if plan.static:
+            q = quantize_vision(
+                fp32.path,
+                pixels,
+                preset,
+                check=check,
+                check_names=names,
+                diagnostics_dir=diag_dir,
+                progress=progress,
             )
-        if args.int4:
+            lines.append(
+                f"wrote {q.path} ({preset.name}, {preset.method}, {len(pixels)} images from {folder})"
+            )
+            lines += _gate_lines(q, "INT8")
+            if q.fallback:
+                lines.append(
+                    f"  kept in float (most sensitive, until the gate passed): {', '.join(q.fallback)}"
+                )
+            if diag_dir:
+                lines.append(
+                    f"  SQNR per activation: {diag_dir}/sqnr.txt; held-out images: {diag_dir}/heldout.txt"
+                )
+        if plan.int4:
             progress("INT4 weights")
             q4 = quantize_vision_int4(fp32.path, check, int4_cfg, check_names=names, progress=progress)
             steps.update()
             lines.append(f"wrote {q4.path} (INT4 weights, block {int4_cfg.block_size})")
             lines += _gate_lines(q4, "INT4")
-        if args.dynamic:
+        if plan.dynamic:
             progress("dynamic INT8 baseline")
             d = quantize_vision_dynamic(fp32.path, preset, check)
             steps.update()
             lines.append(f"wrote {d.path} (dynamic); {d.check.summary()}")
+    if picked:  # `run` takes vision.int8.onnx when there is one: name the graph the budget chose
+        chosen = q.path if plan.static else q4.path if plan.int4 else d.path if plan.dynamic else fp32.path
+        lines.append(f"the budget's vision graph: {chosen} (tinygptv-edge run --vision {chosen} ...)")
     steps.update()
     steps.close()
     print("\n".join(lines))

@@ -10,8 +10,10 @@ tinygptv-edge bench --vision V.onnx --language L.gguf --threads 4 --json
    steps (medians of --repeats runs after a warm-up)
 3. peak RSS (VmHWM) of 1 and 2; then the memory read bandwidth (runtime/cli/sysinfo.py) and the decode
    ceiling it implies: bytes of weights read per token / bandwidth
-plus the CPU features ggml and onnxruntime report, the native kernels' path, and the low-memory choice
-(`--low-memory auto`: runtime/memory_plan.py).
+plus the CPU features ggml and onnxruntime report, the native kernels' path, the low-memory choice
+(`--low-memory auto`: runtime/memory_plan.py) and what fits this board (runtime/memory_fit.py):
+MemTotal, MemAvailable, these files' predicted peaks, and every language level's predicted low-memory
+peak with each KV type, from this GGUF's header (nothing is exported).
 """
 
 from __future__ import annotations
@@ -206,13 +208,15 @@ def run_device_bench(
     from ..language.ggml_runtime import load_ggml
     from ..language.kernels import ops as kquant
     from ..memory import peak_rss_bytes, release_heap
-    from ..memory_plan import mem_available_bytes, plan_memory
+    from ..memory_fit import what_fits
+    from ..memory_plan import mem_available_bytes, mem_total_bytes, plan_memory
     from .sysinfo import ggml_cpu_features, machine_info, memory_bandwidth, onnxruntime_info
 
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
         raise ConfigError(f"--threads: expected a positive integer, got {n_threads!r}")
     plan = plan_memory(low_memory, vision, language, n_ctx, kv_type=kv_type)
     say(plan.reason)
+    fits = what_fits(vision, language, plan.available, mem_total_bytes(), n_ctx, kv_type)
     features = {
         "ggml": ggml_cpu_features(load_ggml()),
         "onnxruntime": onnxruntime_info(),
@@ -237,7 +241,7 @@ def run_device_bench(
         "features": features,
         "models": {
             "vision": str(vision),
-            "vision_bytes": Path(vision).stat().st_size,
+            "vision_bytes": plan.vision_bytes,
             "language": str(language),
             "language_bytes": Path(language).stat().st_size,
             "weight_bytes_per_token": per_token,
@@ -251,6 +255,7 @@ def run_device_bench(
             "low_memory_need_bytes": plan.low_memory_need,
             "peak_rss_bytes": peak,
         },
+        "fits": fits,
         "settings": {
             **asdict(cfg),
             "threads": stage2["threads"],
@@ -300,5 +305,34 @@ def format_table(r: dict) -> str:
     ]  # fmt: skip
     if mem["available_bytes"] is not None:
         rows.insert(5, ("available memory", f"{mem['available_bytes'] / gib:.2f} GiB"))
+    rows += fits_rows(r["fits"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def fits_rows(f: dict) -> list[tuple[str, str]]:
+    """What fits this board: these files, then every language level, against MemAvailable."""
+    from ..memory_plan import format_size
+
+    def verdict(ok: bool | None) -> str:
+        return "MemAvailable unknown" if ok is None else "fits" if ok else "does not fit"
+
+    total, avail = f["mem_total_bytes"], f["mem_available_bytes"]
+    rows = [
+        ("MemTotal / MemAvailable",
+         f"{'unknown' if total is None else format_size(total)} / "
+         f"{'unknown' if avail is None else format_size(avail)}"),
+        ("these files, resident",
+         f"predicted peak {format_size(f['resident_need_bytes'])} (KV {f['kv_type']}): "
+         f"{verdict(f['fits_resident'])}"),
+        ("these files, low-memory",
+         f"predicted peak {format_size(f['low_memory_need_bytes'])}: {verdict(f['fits_low_memory'])}"),
+        ("--low-memory auto picks", f"{f['auto_mode']} mode"),
+    ]  # fmt: skip
+    for lv in f["levels"]:
+        peaks = ", ".join(
+            f"KV {kv} {format_size(p)} {verdict(lv['fits'][kv])}"
+            for kv, p in lv["low_memory_peak_bytes"].items()
+        )
+        rows.append((f"{lv['level']} ({format_size(lv['language_bytes'])})", f"low-memory peak: {peaks}"))
+    return rows

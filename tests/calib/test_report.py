@@ -239,3 +239,102 @@ def test_shipped_model_report(tmp_path):
     for name in ("fp32 + F16", "fp32 + Q8_0"):
         assert rows[name]["kl"]["mean"] < 1e-3 and rows[name]["flip_rate"] <= 3.0, rows[name]
     assert rows["int8-minmax + F32"]["em_change_ci"][1] >= 0.0
+
+
+def test_memory_budget_from_report_to_exports(tiny_single, eval_dir, calib_dir, tmp_path, capsys):
+    """`report --memory-budget` prices every cell from its real files; `export-onnx` and `export-gguf
+    --memory-budget --report` then export the two levels of the pair the report recommends."""
+    from tinygptv_edge.cli import main
+    from tinygptv_edge.runtime.memory_plan import kv_bytes_per_position, low_memory_need, vision_file_bytes
+
+    out = tmp_path / "report"
+    argv = ["report", "--out", str(out), "--model", str(tiny_single), "--eval-dir", str(eval_dir),
+            "--calib-images", str(calib_dir), "--vision", "int8-minmax", "--language", "Q8_0",
+            "--n-boot", "50",
+            "--no-probe", "--no-noise-floor", "--memory-budget", "64G", "--kv-type", "q4_0"]  # fmt: skip
+    assert main(argv) == 0
+    assert "predicted low-memory peak (KV q4_0) <= 64.00 GiB" in capsys.readouterr().out
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["schema"] >= 3 and doc["budget"]["memory_bytes"] == 64 * 2**30
+    arts = doc["artifacts"]
+    for r in doc["cells"]:  # each cell's peak, from its own files
+        v, lg = arts["vision"][r["vision"]]["path"], arts["language"][r["language"]]["path"]
+        for kv in ("f16", "q8_0", "q4_0"):
+            per_pos, trained = kv_bytes_per_position(lg, kv)
+            want = low_memory_need(vision_file_bytes(v), Path(lg).stat().st_size, per_pos, trained)
+            assert r["low_memory_peak_bytes"][kv] == want, (r["name"], kv)
+    assert "Predicted low-memory peak" in (out / "report.md").read_text()
+
+    # a budget only the smallest peak meets (in bytes, as a bare number): that cell, or one that ties it
+    peaks = {r["name"]: r["low_memory_peak_bytes"]["f16"] for r in doc["cells"]}
+    tight = min(peaks.values())
+    assert main(["report", "--out", str(out), "--render-only", "--memory-budget", str(tight)]) == 0
+    rec = json.loads((out / "report.json").read_text())["recommendation"]
+    assert rec["ok"] and peaks[rec["cell"]] == tight
+    chosen = next(r for r in doc["cells"] if r["name"] == rec["cell"])
+    capsys.readouterr()
+    assert main(["report", "--out", str(out), "--render-only", "--memory-budget", str(tight - 1)]) == 0
+    rec = json.loads((out / "report.json").read_text())["recommendation"]
+    assert rec["ok"] is False and "smallest predicted low-memory peak (KV f16)" in rec["text"]
+
+    # the exporters: the same pair, each its half
+    dist = tmp_path / "dist"
+    budget = ["--memory-budget", str(tight), "--report", str(out / "report.json")]
+    capsys.readouterr()
+    assert main(["export-gguf", "--model", str(tiny_single), "--out", str(dist), *budget]) == 0
+    printed = capsys.readouterr().out
+    assert f"picks vision {chosen['vision']} + language {chosen['language']}" in printed
+    assert sorted(p.name for p in dist.glob("*.gguf")) == [f"language.{chosen['language'].lower()}.gguf"]
+    onnx_argv = ["export-onnx", "--model", str(tiny_single), "--out", str(dist),
+                 "--calib-images", str(calib_dir),
+                 *budget]  # fmt: skip
+    assert main(onnx_argv) == 0
+    printed = capsys.readouterr().out
+    assert f"picks vision {chosen['vision']} + language {chosen['language']}" in printed
+    graphs = sorted(p.name for p in dist.glob("*.onnx"))
+    want = ["vision.fp32.onnx"] if chosen["vision"] == "fp32" else ["vision.fp32.onnx", "vision.int8.onnx"]
+    assert graphs == want and "the budget's vision graph" in printed
+
+
+def test_export_memory_budget_errors_say_what_to_do(tiny_single, tmp_path, capsys):
+    from tinygptv_edge.cli import main
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"schema": 2, "cells": [{"name": "fp32 + F32"}]}))
+    missing = tmp_path / "none.json"
+    for command in ("export-onnx", "export-gguf"):
+        base = [command, "--model", str(tiny_single), "--out", str(tmp_path / "d")]
+        cases = {
+            ("--memory-budget", "1.5X", "--report", str(old)): "--memory-budget: expected a size",
+            ("--memory-budget", "1.5G", "--report", str(missing)): "found none; run `make report`",
+            ("--memory-budget", "1.5G", "--report", str(old)): "schema: expected 3 or later",
+        }
+        for extra, msg in cases.items():
+            assert main([*base, *extra]) == 2, (command, extra)
+            err = capsys.readouterr().err
+            assert msg in err, (command, err)
+        assert not (tmp_path / "d").exists()  # refused before anything was written
+    # a report with predicted peaks: flags that pick a level themselves conflict with the budget
+    good = tmp_path / "report.json"
+    cell = {"name": "int8-minmax + Q8_0", "vision": "int8-minmax", "language": "Q8_0", "em_change": -1.0,
+            "kl": {"mean": 0.1}, "size_bytes": 5, "low_memory_peak_bytes": {"f16": 2**30, "q8_0": 2**30,
+            "q4_0": 2**30}}  # fmt: skip
+    good.write_text(json.dumps({"schema": 3, "cells": [cell]}))
+    budget = ["--memory-budget", "1G", "--report", str(good)]
+    cases = {
+        ("export-gguf", "--level", "Q4_0"): "--level Q4_0 and --memory-budget: expected one of them",
+        ("export-onnx", "--int4"): "--memory-budget and --int4: expected one of them",
+        ("export-onnx", "--no-int8", "--method", "entropy"): "--memory-budget and --no-int8, --method",
+    }
+    for (command, *extra), msg in cases.items():
+        assert (
+            main([command, "--model", str(tiny_single), "--out", str(tmp_path / "d"), *budget, *extra]) == 2
+        )
+        assert msg in capsys.readouterr().err
+    argv = ["export-gguf", "--model", str(tiny_single), "--out", str(tmp_path / "d"),
+            "--memory-budget", "1023M",
+            "--report", str(good)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no measured pair" in err and "int8-minmax + Q8_0's, 1.00 GiB" in err
+    assert not (tmp_path / "d").exists()

@@ -42,6 +42,9 @@ def _axis(level: str) -> VisionAxis:
 def _artifacts(probe_runs: int | None = 3) -> dict:
     def art(mib: float, half: str) -> dict:
         a = {"file_bytes": int(mib * MIB), "bpw": 8.0}
+        if half == "language":  # the KV cache per position (F16: 4 layers x 2 x 64 x 2 bytes), as read
+            a["kv_bytes_per_position"] = {"f16": 1024, "q8_0": 544, "q4_0": 288}  # from the GGUF header
+            a["n_ctx_train"] = 2048
         if probe_runs is not None:
             figures = (
                 {"ms_per_image": 10.0} if half == "vision" else {"prefill_tok_s": 900.0, "decode_tok_s": 80.0}
@@ -199,3 +202,107 @@ def test_size_axis_reads_in_plain_mib():
     plt.close(fig)
     assert labels and all(re.fullmatch(r"[0-9.]+", t) for t in labels), labels
     assert "5" in labels and "10" in labels
+
+
+# -- a memory budget (`--memory-budget`): the predicted low-memory peak of each cell's real files --------
+
+
+def _mem_row(name: str, drop: float, peak_mib: float, kl: float = 0.01, size_mib: float = 50.0) -> dict:
+    """A measured cell with its predicted low-memory peak per KV type (q8_0 / q4_0: less KV cache)."""
+    peaks = {
+        "f16": int(peak_mib * MIB),
+        "q8_0": int((peak_mib - 40) * MIB),
+        "q4_0": int((peak_mib - 60) * MIB),
+    }
+    v, lg = name.split(" + ")
+    return {"name": name, "vision": v, "language": lg, "reference": drop == 0,
+            "size_bytes": int(size_mib * MIB), "em": 90.0 + drop, "em_ci": [85.0, 95.0], "em_change": drop,
+            "em_change_ci": [drop - 2, drop + 2], "flip_rate": 1.0, "kl": {"mean": kl},
+            "low_memory_peak_bytes": peaks}  # fmt: skip
+
+
+MEM_ROWS = [
+    _mem_row("fp32 + F32", 0.0, 3000, kl=0.0, size_mib=900),
+    _mem_row("int8-minmax + Q8_0", -0.5, 1700, kl=0.02, size_mib=400),
+    _mem_row("fp32 + Q4_0", -0.5, 1600, kl=0.01, size_mib=500),  # same drop as Q8_0, lower KL
+    _mem_row("int8-minmax + Q4_0", -3.0, 1200, size_mib=300),
+    _mem_row("int8-minmax + Q2_K", -9.0, 1000, size_mib=200),
+]
+
+
+def test_a_memory_budget_picks_the_lowest_measured_drop_whose_peak_fits():
+    from tinygptv_edge.export.budget import pick_for_memory
+
+    def pick(mib: float, kv: str = "f16") -> str | None:
+        return recommend(MEM_ROWS, Budget(memory_bytes=int(mib * MIB), kv_type=kv))["cell"]
+
+    assert pick(4000) == "fp32 + F32"
+    assert pick(1700) == "fp32 + Q4_0"  # ties on the drop: the lower mean KL
+    assert pick(1599) == "int8-minmax + Q4_0"  # not the smallest peak: the lowest drop that fits
+    assert pick(1599, "q4_0") == "fp32 + Q4_0"  # a smaller KV cache lets the better pair fit
+    assert pick(1000) == "int8-minmax + Q2_K"
+    rec = recommend(MEM_ROWS, Budget(memory_bytes=1200 * MIB))
+    assert rec["ok"] and "predicted low-memory peak (KV f16) <= 1.17 GiB" in rec["text"]
+    assert "predicted low-memory peak (KV f16) 1.17 GiB" in rec["text"]
+    # the exporters' choice is the report's, from the same rows
+    for mib in (4000, 1700, 1599, 1200, 1000):
+        for kv in ("f16", "q4_0"):
+            doc = {"cells": MEM_ROWS}
+            assert pick_for_memory(doc, int(mib * MIB), kv)["name"] == pick(mib, kv), (mib, kv)
+
+
+def test_a_memory_budget_no_cell_meets_is_a_failure_naming_the_smallest_peak():
+    from tinygptv_edge.export.budget import pick_for_memory
+    from tinygptv_edge.runtime.errors import ReportError
+
+    rec = recommend(MEM_ROWS, Budget(memory_bytes=900 * MIB))
+    assert rec["cell"] is None and rec["ok"] is False
+    assert "No measured pair meets predicted low-memory peak (KV f16) <= 900 MiB" in rec["text"]
+    assert (
+        "smallest predicted low-memory peak (KV f16) is 1000 MiB, vision int8-minmax + language Q2_K"
+        in (rec["text"])
+    )
+    with pytest.raises(ReportError, match=r"no measured pair .* fits .*int8-minmax \+ Q2_K's, 1000 MiB"):
+        pick_for_memory({"cells": MEM_ROWS}, 900 * MIB)
+    # an unmeasured built pair under the budget is named, so the failure reads "not measured"
+    spare = {"vision": "int8-minmax", "language": "Q3_K_M", "name": "int8-minmax + Q3_K_M",
+             "size_bytes": 150 * MIB,
+             "low_memory_peak_bytes": {k: 800 * MIB for k in ("f16", "q8_0", "q4_0")}}  # fmt: skip
+    rec = recommend(MEM_ROWS, Budget(memory_bytes=900 * MIB), [spare])
+    assert rec["unmeasured_fitting"] == ["int8-minmax + Q3_K_M"] and "within the memory budget" in rec["text"]
+    assert "predicted peak 800 MiB" in rec["text"]
+    with pytest.raises(ReportError, match="kv_type"):
+        Budget(memory_bytes=MIB, kv_type="q8")
+    with pytest.raises(ReportError, match="memory_bytes: expected a positive integer, got 0"):
+        Budget(memory_bytes=0)
+
+
+def test_every_cell_carries_its_predicted_peak_and_every_rendering_shows_it():
+    pytest.importorskip("matplotlib")
+    from tinygptv_edge.calib.report_html import render_html
+    from tinygptv_edge.runtime.memory_plan import MARGIN, low_memory_need
+
+    doc = _doc("axes", Budget(memory_bytes=MARGIN + 3 * MIB, kv_type="q8_0"))
+    # from the files: max(vision, language + KV at the low-memory allocation (256 positions)) + margin
+    by = {(r["vision"], r["language"]): r for r in [*doc["cells"], *doc["unmeasured"]]}
+    assert len(by) == 6
+    for (v, lg), r in by.items():
+        for kv, per_pos in {"f16": 1024, "q8_0": 544, "q4_0": 288}.items():
+            want = low_memory_need(int(VISION[v] * MIB), int(LANGUAGE[lg] * MIB), per_pos, 2048)
+            assert (
+                r["low_memory_peak_bytes"][kv]
+                == want
+                == max(int(VISION[v] * MIB), int(LANGUAGE[lg] * MIB) + 256 * per_pos) + MARGIN
+            )
+    assert doc["budget"]["memory_bytes"] == MARGIN + 3 * MIB and doc["budget"]["kv_type"] == "q8_0"
+    # the int8 pairs (peaks 602.2 and 601.4 MiB) fit 603 MiB but were not measured; no measured pair fits
+    rec = doc["recommendation"]
+    assert rec["ok"] is False and rec["unmeasured_fitting"] == ["int8-minmax + Q4_0", "int8-minmax + Q8_0"]
+    md, page = render_markdown(doc), render_html(doc)
+    for text in (md, page):
+        assert "Predicted low-memory peak, MiB per cell (KV q8_0" in text
+    peaks = md.split("## Predicted low-memory peak")[1].split("## ")[0]
+    row = next(ln for ln in peaks.splitlines() if ln.startswith("| fp32 |"))
+    assert row == "| fp32 | 608 over | 604 over | 604 over |"
+    row = next(ln for ln in peaks.splitlines() if ln.startswith("| int8-minmax |"))
+    assert row == "| int8-minmax | 608 over | 602 (not measured) | 601 (not measured) |"

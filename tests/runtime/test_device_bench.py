@@ -75,6 +75,24 @@ def test_json_fields_exist_and_agree(dist, capsys):
     assert r["features"]["kernel_path"] == kquant.active_path()
     assert r["features"]["onnxruntime"]["device"] == "CPU"
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
+    # what fits this board: the files measured and every language level, from the same formulas
+    fits = r["fits"]
+    assert fits["resident_need_bytes"] == mem["resident_need_bytes"]
+    assert fits["low_memory_need_bytes"] == mem["low_memory_need_bytes"]
+    assert (
+        fits["vision_bytes"] == models["vision_bytes"] and fits["language_bytes"] == models["language_bytes"]
+    )
+    if fits["mem_available_bytes"] is not None:  # Linux
+        assert fits["mem_total_bytes"] >= fits["mem_available_bytes"] == mem["available_bytes"]
+        assert fits["fits_resident"] is (fits["resident_need_bytes"] <= fits["mem_available_bytes"])
+        auto = plan_memory("auto", dist / "vision.fp32.onnx", dist / "language.q8_0.gguf",
+                           available=fits["mem_available_bytes"])  # fmt: skip
+        assert fits["auto_mode"] == ("low-memory" if auto.low_memory else "resident")
+    levels = {lv["level"]: lv for lv in fits["levels"]}
+    assert {"F32", "Q8_0", "Q4_0", "Q4_K_M", "Q2_K"} <= set(levels)
+    assert levels["Q8_0"]["language_bytes"] == models["language_bytes"]  # the measured file's own level
+    for lv in levels.values():
+        assert set(lv["low_memory_peak_bytes"]) == {"f16", "q8_0", "q4_0"} == set(lv["fits"])
 
 
 def test_low_memory_on_and_the_table(dist, capsys):
@@ -86,7 +104,9 @@ def test_low_memory_on_and_the_table(dist, capsys):
     code = main(["bench", "--dist", str(dist), *FAST, "--bandwidth-mib", "4"])
     out, _ = capsys.readouterr()
     assert code == 0
-    labels = ("ggml CPU features", "native kernel path", "time to first token", "decode ceiling", "peak RSS")
+    labels = ("ggml CPU features", "native kernel path", "time to first token", "decode ceiling", "peak RSS",
+              "MemTotal / MemAvailable", "these files, low-memory", "--low-memory auto picks",
+              "Q4_0 (")  # fmt: skip
     for label in labels:
         assert label in out
 
