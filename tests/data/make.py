@@ -35,7 +35,7 @@ ROOT = HERE.parents[1]
 N_IMAGES = 16  # held-out test-split images (embeddings)
 N_QUESTION_IMAGES = 6  # the first few of them get questions
 MAX_NEW_TOKENS = 32  # the reference's default (export/reference/answer.py)
-GGUF_LEVELS = ("Q4_0", "Q8_0", "Q4_K_M")
+GGUF_LEVELS = ("Q4_0", "Q8_0", "Q4_K_M", "Q3_K_S", "Q2_K", "IQ4_XS")  # the small levels: 2 GB boards
 DEMO_QUESTION = "What colour is the circle?"  # the README's demo (Makefile DEMO_QUESTION)
 FORMAT = 1  # of goldens.json
 

@@ -23,15 +23,14 @@ import numpy as np
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 VISION_FILES = ("vision.fp32.onnx", "vision.int8.onnx", "vision.int8-arm.onnx")
-GGUF_LEVELS = ("Q8_0", "Q4_0", "Q4_K_M")
+GGUF_LEVELS = ("Q8_0", "Q4_0", "Q4_K_M", "Q3_K_S", "Q2_K", "IQ4_XS")  # the last three: 2 GB boards
 # (vision, language) pairs whose greedy answers must equal the reference's: FP32 vision with each
-# level, and each INT8 graph with the demo's Q4_0
+# level, each INT8 graph with the demo's Q4_0, and the x86 INT8 graph with the 2 GB boards' Q3_K_S
 ANSWER_PAIRS = (
-    ("vision.fp32.onnx", "Q8_0"),
-    ("vision.fp32.onnx", "Q4_0"),
-    ("vision.fp32.onnx", "Q4_K_M"),
+    *(("vision.fp32.onnx", level) for level in GGUF_LEVELS),
     ("vision.int8.onnx", "Q4_0"),
     ("vision.int8-arm.onnx", "Q4_0"),
+    ("vision.int8.onnx", "Q3_K_S"),
 )
 N_THREADS = 2
 
