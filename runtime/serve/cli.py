@@ -167,6 +167,7 @@ def startup_summary(
 ) -> str:
     """What was chosen, in one line: files and levels, context, threads, memory mode, cache budgets."""
     from ..checks import cpu_count
+    from ..memory_plan import vision_file_bytes
 
     mib = 1 << 20
     snapshots = pipe.prefix.snapshot_bytes // mib
@@ -174,7 +175,7 @@ def startup_summary(
     s = cfg.sampling
     sampling = f"sampled (temperature {s.temperature}, top_p {s.top_p})" if s.do_sample else "greedy"
     return (
-        f"vision {vision} ({_level(vision)}, {vision.stat().st_size // mib} MiB), "
+        f"vision {vision} ({_level(vision)}, {vision_file_bytes(vision) // mib} MiB), "
         f"language {language} ({_level(language)}, {language.stat().st_size // mib} MiB); "
         f"context {pipe.n_ctx} positions; threads {args.threads or cpu_count()}; "
         f"memory mode {'low-memory (one model resident)' if pipe.low_memory else 'resident'}; "
