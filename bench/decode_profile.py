@@ -9,7 +9,7 @@ Runs in a child process: a Decoder on bench/decoder.py's random full-size GGUF (
 (weights' gemv by type, the quantization of the activations, attention, norms, rope, element-wise ops,
 OpenMP barriers and thread wake-ups, the kernel's scheduler and futexes, Python, other) and the top
 symbols, with the wall time per step measured outside perf. `--env K=V` sets OpenMP variables for the
-child (the runtime's default otherwise: OMP_WAIT_POLICY=passive unless set).
+child (the runtime's default otherwise: OMP_DEFAULTS in runtime/language/ggml_runtime.py).
 
 Needs `perf` (linux-perf) and permission to sample (root, or kernel.perf_event_paranoid <= 1).
 """

@@ -389,7 +389,7 @@ def main(argv=None) -> None:
             for env in (
                 {"OMP_PROC_BIND": "false"},  # OpenMP's default: unbound, spinning
                 {"OMP_PROC_BIND": "true"},
-                {"OMP_WAIT_POLICY": "passive"},  # the runtime's default
+                {"OMP_WAIT_POLICY": "passive"},  # the runtime's default before 2026-12-07
                 {"OMP_PROC_BIND": "true", "OMP_WAIT_POLICY": "passive"},
                 {"GOMP_SPINCOUNT": "1000"},
                 {"GOMP_SPINCOUNT": "10000"},

@@ -7,7 +7,8 @@
         the same at each of --levels (Q3_K_M, ...; IQ2 levels with a uniform importance matrix)
     measure (each mode x level x KV type in its own fresh process, so peak RSS is that run's alone):
         Pipeline(int8 vision, language level[, low_memory], kv_type) -> one image question, greedy
-        peak RSS per phase (VmHWM reset between load, vision, language), the KV cache allocated
+        peak RSS per phase (VmHWM reset between load, vision, language), the KV cache allocated,
+        decode tok/s (fewer bytes a token decode faster where memory bandwidth bounds it: a board)
     print one table with the targets (resident 3.2 GB, low-memory 1.4 GB: issue #29)
 
 Random weights give the real sizes and speeds, not meaningful answers; the answer is cut at
@@ -257,7 +258,7 @@ def main() -> int:
     print(f"\nfull size, random weights, {what}, threads={args.threads}, {args.tokens} tokens")
     print("peak RSS per phase, each from its own reset; KV MiB: the cache allocated (GB: GiB)")
     head = f"{'level':<8}{'GGUF GB':>8}{'kv':>6}{'mode':>12}{'n_ctx':>7}{'alloc':>7}{'KV MiB':>8}"
-    print(head + f"{'load':>7}{'vision':>8}{'language':>9}{'peak':>7}{'target':>10}")
+    print(head + f"{'load':>7}{'vision':>8}{'language':>9}{'peak':>7}{'target':>10}{'decode tok/s':>13}")
     for (level, kv_type, mode), r in rows.items():
         pk, limit = r["peaks_gb"], TARGETS[mode]
         vis = f"{pk['vision']:>8.2f}" if "vision" in pk else f"{'-':>8}"
@@ -266,6 +267,7 @@ def main() -> int:
             f"{level:<8}{languages[level].stat().st_size / GB:>8.2f}{kv_type:>6}{mode:>12}{r['n_ctx']:>7}"
             f"{r['n_ctx_alloc']:>7}{kv_mib:>8.1f}{pk['load']:>7.2f}{vis}{pk['language']:>9.2f}"
             f"{r['peak_rss_gb']:>7.2f}{('PASS' if r['peak_rss_gb'] <= limit else 'FAIL') + f' {limit}':>10}"
+            f"{r['decode_tok_s'] or 0:>13.2f}"
         )
     if not all(r["peaks_per_phase"] for r in rows.values()):
         print("note: VmHWM could not be reset: each phase's peak includes the phases before it")

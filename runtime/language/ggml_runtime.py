@@ -1,11 +1,14 @@
 """ggml plumbing for the decoder: OpenMP defaults, weight placement (mapped or repacked), the KV cache.
 
 Import ggml only through `load_ggml()`: ggml's CPU backend runs on OpenMP, which reads its settings
-once, when the library is loaded. With OpenMP's default (threads spin at every barrier, unbound) a
-2-vCPU VM shared with other jobs ran a forward many times slower; of spinning, OMP_PROC_BIND=true,
-OMP_WAIT_POLICY=passive and both, passive was the fastest there (docs/benchmarks.md, OpenMP settings).
-The runtime sets OMP_WAIT_POLICY=passive itself, unless the user set any OpenMP wait/bind variable
-(then theirs stand; on an idle machine OMP_PROC_BIND=true may be the better pick).
+once, when the library is loaded. ggml waits at an OpenMP barrier after every graph node (about 740 in
+a full-size decode step). Threads that sleep there at once (OMP_WAIT_POLICY=passive) pay a futex
+wake-up per node: a third of a step's time on an idle machine. Threads that spin long (OpenMP's
+default, or active) collapse when the cores are shared with other jobs. The runtime's default is
+passive waiting after a short spin (GOMP_SPINCOUNT=1000, libgomp's; other OpenMP runtimes see
+passive): on the 2-core machine, as fast as spinning when idle and as fast as passive when other jobs
+load both cores (docs/benchmarks.md, OpenMP settings). It is set unless the user set any OpenMP
+wait/bind variable (then theirs stand).
 
 Weights stay in the memory-mapped GGUF (no copy): a CPU buffer is laid over the mapping and each
 tensor points into it. Matmul weights that llama.cpp's CPU backend can repack for its SIMD kernels
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from ggml import ggml_tensor_p  # ctypes pointer to a ggml_tensor (ggml is imported on use)
 
 # OpenMP settings the runtime wants unless the user set one of OMP_KEYS (see bench/decoder.py --omp).
-OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive"}
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000"}
 OMP_KEYS = ("OMP_WAIT_POLICY", "OMP_PROC_BIND", "GOMP_SPINCOUNT", "OMP_PLACES")
 SMALL_TENSOR = 1 << 20  # bytes: copied instead of mapped
 

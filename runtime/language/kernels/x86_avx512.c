@@ -395,6 +395,12 @@ KQ_AVX512_FN void kq_attn_avx512(const kq_attn_args *a, int h0, int h1, int n, f
 }
 
 /* ---- decode attention (attention.c, native.h: ATT1_CHUNKS): one query, rows read from the cache --- */
+#define ATT1_AHEAD 8 /* slots fetched ahead (prefetches never fault, past the end included) */
+
+/* the cache lines of a head's `bytes` at p (a head's rows are a whole cache row apart: strided) */
+KQ_AVX512_FN static KQ_INLINE void att1_prefetch(const char *p, int bytes) {
+    for (int o = 0; o < bytes + 63; o += 64) _mm_prefetch(p + (o < bytes ? o : bytes - 1), _MM_HINT_T0);
+}
 KQ_AVX512_FN static KQ_INLINE __mmask16 att1_mask(int left) {
     return left >= 16 ? 0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
 }
@@ -415,7 +421,7 @@ KQ_AVX512_FN static KQ_INLINE float att1_tree(__m512 v) {
 }
 
 KQ_AVX512_FN void kq_attn1_avx512(const kq_attn_args *a, int h0, int h1, int n, float *sc) {
-    const int D = a->D, nc = ATT1_CHUNKS(D);
+    const int D = a->D, nc = ATT1_CHUNKS(D), bytes = D * (a->kv_f16 ? 2 : 4);
     const uint16_t *m = (const uint16_t *)a->mask;
     for (int h = h0; h < h1; h++) {
         const float *q = (const float *)(a->q + h * a->q_nb1);
@@ -425,6 +431,8 @@ KQ_AVX512_FN void kq_attn1_avx512(const kq_attn_args *a, int h0, int h1, int n, 
         float mx = -INFINITY;
         for (int j = 0; j < n; j++) {
             const char *row = kh + j * a->k_nb1;
+            /* a head's rows are one row of the cache apart: fetch a few slots ahead (strided reads) */
+            att1_prefetch(row + ATT1_AHEAD * a->k_nb1, bytes);
             __m512 acc = _mm512_setzero_ps();
             for (int c = 0; c < nc; c++) acc = _mm512_fmadd_ps(qc[c], att1_load(row, a->kv_f16, c, D), acc);
             sc[j] = fmaf(att1_tree(acc), a->scale, half_to_float(m[j]));
@@ -455,6 +463,7 @@ KQ_AVX512_FN void kq_attn1_avx512(const kq_attn_args *a, int h0, int h1, int n, 
             for (int jj = 0; jj < n; jj++) {
                 const __m512 p = _mm512_set1_ps(sc[jj]);
                 const char *row = vh + jj * a->v_nb1;
+                att1_prefetch(row + ATT1_AHEAD * a->v_nb1, bytes);
                 for (int c = 0; c < cn; c++) acc[c] = _mm512_fmadd_ps(p, att1_load(row, a->kv_f16, c0 + c, D), acc[c]);
             }
             for (int c = 0; c < cn; c++)
