@@ -352,7 +352,7 @@ def main(argv=None) -> None:
         print(
             f"generation tok/s      ours     {r_ours['tg_tok_s']:7.2f}   "
             f"ggml's kernels {r_ggml['tg_tok_s']:7.2f}   ratio {r_ours['tg_tok_s'] / r_ggml['tg_tok_s']:.3f} "
-            "(one-token steps: ggml's gemv both times)"
+            "(one-token steps: ggml's gemv both times; attention: the kernels' one-query op vs ggml's)"
         )
         if any("error" in best[k] for k in ("llama", "llama-fa")):
             print(f"llama.cpp: {best['llama'].get('error', best['llama-fa'].get('error'))[-200:]}")
