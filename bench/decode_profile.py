@@ -51,6 +51,9 @@ GROUPS = [
         r"|binary_op|unary_op|apply_binary|apply_unary",
     ),
     ("OpenMP barrier / spin (libgomp)", r"libgomp"),
+    # ggml-python's libggml-cpu is stripped: its static functions show as addresses; on x86 the hot
+    # ones are the repacked gemv (arch/x86/repack.cpp: vpdpbusd over the 8x8 Q4_0 / Q4_K layout)
+    ("ggml-cpu, unnamed (x86: the repacked Q4_0 / Q4_K gemv)", r"libggml-cpu\.so\s+0x"),
     ("graph walk (ggml-cpu, other)", r"ggml_graph_compute|ggml_compute_forward|ggml_barrier"),
     ("kernel: futex / scheduler / idle", r"\[kernel|futex|schedule|do_syscall|entry_SYSCALL|native_queued"),
     ("Python", r"python|libpython|_PyEval|PyObject|numpy|_multiarray"),
