@@ -5,11 +5,12 @@
     peak vs MemAvailable --> fits / does not
 
 A level's size is computed, not exported: every 2-D weight at the level's base type (`output.weight`
-at its output type), re-typed when its rows are not whole blocks of that type (the exporter's fallback
-chain), 1-D tensors at F32, each tensor aligned as the file aligns them, plus this file's own header.
+at its output type), re-typed when its rows are not whole blocks of that type (ggml_types.fit_type,
+the exporter's fallback chain too), 1-D tensors at F32, each tensor aligned as the file aligns them,
+plus this file's own header.
 The mixes' bumps (Q4_K_M's Q5_K attn_qkv and Q6_K ffn_down on some layers, ...) are not modelled, so a
-mixed level reads a few percent small; `tests/runtime/test_memory_fit.py` holds the tables against the
-exporter's (export/gguf/quant.py), which the runtime may not import.
+mixed level reads a few percent small; `tests/runtime/test_memory_fit.py` holds LEVEL_TYPES against the
+exporter's levels (export/gguf/quant.py), which the runtime may not import.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .language.ggml_types import BY_NAME
+from .language.ggml_types import BY_NAME, fit_type
 from .memory_plan import BUDGET_KV_TYPES, kv_bytes_per_position, low_memory_need, plan_memory
 
 # level -> (type of its 2-D weights, type of output.weight): export/gguf/quant.py LEVELS' `base` and
@@ -37,18 +38,6 @@ LEVEL_TYPES: dict[str, tuple[str, str]] = {
     "Q2_K": ("Q2_K", "Q6_K"),
     "IQ2_M": ("IQ2_S", "Q5_K"),
 }
-# a row length the type cannot take -> the type used instead (export/gguf/quant.py FALLBACK); else F16
-FALLBACK = {
-    "Q4_K": "Q5_0",
-    "Q5_K": "Q5_1",
-    "Q6_K": "Q8_0",
-    "Q2_K": "Q4_0",
-    "Q3_K": "Q4_0",
-    "IQ4_XS": "IQ4_NL",
-    "IQ3_S": "IQ4_NL",
-    "IQ2_S": "IQ4_NL",
-}
-LAST_RESORT = "F16"
 OUTPUT_TENSOR = "output.weight"
 
 
@@ -62,9 +51,7 @@ def tensor_type(level: str, name: str, shape: tuple[int, ...]) -> str:
     qtype = base
     if name == OUTPUT_TENSOR and base not in ("F32", "F16"):
         qtype = "Q8_0" if shape[0] % BY_NAME[base].block else output
-    while shape[0] % BY_NAME[qtype].block:
-        qtype = FALLBACK.get(qtype, LAST_RESORT)
-    return qtype
+    return fit_type(qtype, shape[0])
 
 
 def estimate_level_bytes(language: str | Path) -> dict[str, int]:

@@ -168,18 +168,10 @@ LEVELS: dict[str, Level] = {
 }
 DEFAULT_LEVEL = "Q4_0"
 
-# a row length the type cannot take -> the type to use instead (then checked again; llama.cpp's table)
-FALLBACK: dict[Q, Q] = {
-    Q.Q4_K: Q.Q5_0,
-    Q.Q5_K: Q.Q5_1,
-    Q.Q6_K: Q.Q8_0,
-    Q.Q2_K: Q.Q4_0,
-    Q.Q3_K: Q.Q4_0,
-    Q.IQ4_XS: Q.IQ4_NL,
-    Q.IQ3_S: Q.IQ4_NL,
-    Q.IQ2_S: Q.IQ4_NL,
-}
-LAST_RESORT = Q.F16  # every row length fits
+# a row length the type cannot take -> the type to use instead (runtime/language/ggml_types.py's table,
+# which the runtime's memory estimate follows too)
+FALLBACK: dict[Q, Q] = {Q[a]: Q[b] for a, b in ggml_types.ROW_FALLBACK.items()}
+LAST_RESORT = Q[ggml_types.LAST_RESORT]  # every row length fits
 # types ggml quantizes badly without an importance matrix: the exporter refuses them without one
 # (llama.cpp's rule for IQ2_S, which spares token_embd)
 NEEDS_IMATRIX = (Q.IQ2_S,)
@@ -277,9 +269,7 @@ def wanted_type(
 
 def fit_type(qtype: Q, n_per_row: int) -> Q:
     """Follow the fallback table until the row length is a multiple of the type's block."""
-    while n_per_row % block_size(qtype):
-        qtype = FALLBACK.get(qtype, LAST_RESORT)
-    return qtype
+    return Q[ggml_types.fit_type(qtype.name, n_per_row)]
 
 
 def choose_type(

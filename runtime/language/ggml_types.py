@@ -54,3 +54,24 @@ WEIGHT_TYPES = (
 )
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # 256-element super-blocks; runtime/language/kernels/ takes these
 QK_K = 256
+
+# a row length the type cannot take (not whole blocks) -> the type used instead, checked again;
+# LAST_RESORT takes every row length (llama.cpp's table; the exporter and the memory estimate follow it)
+ROW_FALLBACK = {
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "IQ4_XS": "IQ4_NL",
+    "IQ3_S": "IQ4_NL",
+    "IQ2_S": "IQ4_NL",
+}
+LAST_RESORT = "F16"
+
+
+def fit_type(name: str, n_per_row: int) -> str:
+    """Follow ROW_FALLBACK from type `name` until rows of `n_per_row` are whole blocks."""
+    while n_per_row % BY_NAME[name].block:
+        name = ROW_FALLBACK.get(name, LAST_RESORT)
+    return name

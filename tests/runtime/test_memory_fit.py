@@ -94,7 +94,9 @@ def test_level_tables_are_the_exporters():
     pytest.importorskip("gguf")
     from tinygptv_edge.calib.levels import LANGUAGE_LEVELS
     from tinygptv_edge.export.gguf import quant as Q
-    from tinygptv_edge.runtime.memory_fit import FALLBACK, LAST_RESORT, LEVEL_TYPES, tensor_type
+    from tinygptv_edge.runtime.language.ggml_types import LAST_RESORT
+    from tinygptv_edge.runtime.language.ggml_types import ROW_FALLBACK as FALLBACK
+    from tinygptv_edge.runtime.memory_fit import LEVEL_TYPES, tensor_type
 
     assert set(LEVEL_TYPES) == {lv.ftype for lv in LANGUAGE_LEVELS.values()}  # the report's levels
     for name, (base, output) in LEVEL_TYPES.items():
