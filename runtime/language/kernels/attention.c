@@ -127,14 +127,21 @@ void kq_attn1_plain(const kq_attn_args *a, int h0, int h1, int n, float *sc) {
     }
 }
 
+/* both ops' checks and work split: thread ith of nth gets heads h0..h1 - 1 over slots 0..n - 1;
+ * 1: work to do, 0: none for this thread, -2: bad arguments (a query that sees nothing among them) */
+static int att_plan(const kq_attn_args *a, int ith, int nth, int *h0, int *h1, int *n) {
+    if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T <= 0 || a->n_kv <= 0) return -2;
+    kq_share(a->H, ith, nth, h0, h1);
+    if (*h0 >= *h1) return 0;
+    *n = att_slots(a);
+    return *n == 0 ? -2 : 1;
+}
+
 /* thread ith of nth: heads split evenly; -1 when out of memory, -2 on bad arguments */
 int kq_attention(const kq_ops *ops, const kq_attn_args *a, int ith, int nth) {
-    if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T <= 0 || a->n_kv <= 0) return -2;
-    int h0, h1;
-    kq_share(a->H, ith, nth, &h0, &h1);
-    if (h0 >= h1) return 0;
-    const int n = att_slots(a);
-    if (n == 0) return -2; /* a query that sees nothing */
+    int h0, h1, n;
+    const int plan = att_plan(a, ith, nth, &h0, &h1, &n);
+    if (plan <= 0) return plan;
     const size_t jpad = (size_t)ATT_JPAD(n); /* enough for both paths */
     float *kt = aligned_alloc(64, (jpad * a->D * sizeof(float) + 63) / 64 * 64);
     float *vf = aligned_alloc(64, ((size_t)n * a->D * sizeof(float) + 63) / 64 * 64);
@@ -159,12 +166,10 @@ void kq_attn_op(void *dst, int ith, int nth, void *userdata) {
 /* the decode attention, thread ith of nth: heads split evenly; -1 when out of memory, -2 on bad
  * arguments (T other than 1 among them) */
 int kq_attention1(const kq_ops *ops, const kq_attn_args *a, int ith, int nth) {
-    if (a->D <= 0 || a->D > ATT_D_MAX || a->H <= 0 || a->T != 1 || a->n_kv <= 0) return -2;
-    int h0, h1;
-    kq_share(a->H, ith, nth, &h0, &h1);
-    if (h0 >= h1) return 0;
-    const int n = att_slots(a);
-    if (n == 0) return -2; /* a query that sees nothing */
+    if (a->T != 1) return -2;
+    int h0, h1, n;
+    const int plan = att_plan(a, ith, nth, &h0, &h1, &n);
+    if (plan <= 0) return plan;
     float *sc = malloc((size_t)n * sizeof(float));
     if (!sc) return -1;
     ops->attention1(a, h0, h1, n, sc);
